@@ -1,0 +1,90 @@
+"""Checkpoint files: safe loading, fingerprints, model compatibility, atomic saving.
+
+A checkpoint is either a bare ``state_dict`` or a dict with a ``state_dict`` entry plus
+metadata (epoch, losses). Loading uses ``weights_only=True``: a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+
+
+def load_state_dict(path: str | Path, field: str = "model.checkpoint") -> dict:
+    """The model ``state_dict`` stored in ``path``, loaded on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{field}: file {path} does not exist; train first or fix the path")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"{field}: cannot read {path} as a torch checkpoint ({reason}); "
+            "the file is corrupt or truncated, re-save it"
+        ) from None
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(
+            f"{field}: {path} holds no state_dict of tensors; save model.state_dict()"
+        )
+    return state
+
+
+def check_compatible(model: nn.Module, state: dict, path: str | Path) -> None:
+    """Fail with the list of missing, unexpected and mis-shaped keys if they don't match."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mis_shaped = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mis_shaped)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise UserError(
+            f"model.checkpoint: {path} does not fit model ({'; '.join(problems)}); "
+            "check model.name and model.kwargs against the checkpoint"
+        )
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, **metadata) -> None:
+    """Write ``{"state_dict": ..., **metadata}`` atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, **metadata}, temporary)
+    os.replace(temporary, path)
+
+
+def verify_fingerprint(path: str | Path, expected_sha256: str, surface: str | Path) -> None:
+    """Fail unless the checkpoint still has the bytes ``surface`` was planned with."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model.checkpoint: {path} (planned in {surface}) is missing; restore it")
+    if file_sha256(path) != expected_sha256:
+        raise UserError(
+            f"model.checkpoint: {path} changed since {surface} was planned (sha256 differs); "
+            "restore it or plan a new surface file"
+        )

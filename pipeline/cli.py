@@ -1,0 +1,110 @@
+"""The ``landscape`` command: train, plan, run, status, plot, demo.
+
+Each subcommand is a thin shell over one module; a :class:`UserError` anywhere prints
+one line and exits with status 2, a bug keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.errors import UserError
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set grid.x.num=11 (repeatable)")
+
+
+def command_train(args) -> None:
+    from pipeline.config import load_config
+    from pipeline.train import train
+
+    print(train(load_config(args.config, args.overrides)))
+
+
+def command_plan(args) -> None:
+    from pipeline.config import load_config
+    from pipeline.plan import plan_surface
+
+    print(plan_surface(load_config(args.config, args.overrides)))
+
+
+def command_run(args) -> None:
+    from pipeline.workers import run_surface
+
+    run_surface(args.surface, device=args.device, show_progress=not args.no_progress)
+
+
+def command_status(args) -> None:
+    from pipeline.status import surface_status
+
+    print(surface_status(args.surface))
+
+
+def command_plot(args) -> None:
+    from pipeline.plot import plot_surface_file
+
+    for path in plot_surface_file(args.surface, args.out, tuple(args.format)):
+        print(path)
+
+
+def command_demo(args) -> None:
+    from pipeline.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="landscape", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model, one checkpoint per epoch")
+    add_config_arguments(train)
+    train.set_defaults(handler=command_train)
+
+    plan = commands.add_parser("plan", help="create the surface file (no-op if already planned)")
+    add_config_arguments(plan)
+    plan.set_defaults(handler=command_plan)
+
+    run = commands.add_parser("run", help="evaluate the pending points of a surface file")
+    run.add_argument("surface")
+    run.add_argument("--device", help="override evaluation.device (e.g. cpu, cuda:1)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(handler=command_run)
+
+    status = commands.add_parser("status", help="points done, rate and time left")
+    status.add_argument("surface")
+    status.set_defaults(handler=command_status)
+
+    plot = commands.add_parser("plot", help="draw the figures of a surface file")
+    plot.add_argument("surface")
+    plot.add_argument("--out", help="folder for the figures (default: <surface>_plots/)")
+    plot.add_argument("--format", nargs="+", default=["png", "pdf"], choices=["png", "pdf", "svg"])
+    plot.set_defaults(handler=command_plot)
+
+    demo = commands.add_parser("demo", help="train on digits, plan, run and plot 2D + 1D")
+    demo.add_argument("--out", default="results/demo")
+    demo.add_argument("--quick", action="store_true", help="tiny grid and 1 epoch (smoke test)")
+    demo.set_defaults(handler=command_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.handler(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Schema of an experiment: every field typed and validated at load, errors name the field.
+
+A config is plain YAML mapped onto frozen dataclasses. The parser walks the type hints,
+so adding a field is one line here; unknown keys, wrong types and out-of-range values
+are rejected with the dotted path of the offending field (``grid.x.num``) and the fix.
+Relative paths are resolved against the working directory at load time and stored
+absolute, so workers started elsewhere (SLURM, another node) find the same files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import UserError
+
+MAP_NAMES = ("train_loss", "train_acc", "test_loss", "test_acc")
+
+
+class ConfigError(UserError):
+    """A config field is missing, unknown, of the wrong type or out of range."""
+
+
+def choice(default: str, options: tuple[str, ...]) -> Any:
+    """A string field restricted to ``options``."""
+    return field(default=default, metadata={"choices": options})
+
+
+def path_field(default: str | None = None) -> Any:
+    """A filesystem path, resolved to an absolute path at load time."""
+    return field(default=default, metadata={"path": True})
+
+
+@dataclass(frozen=True)
+class AxisConfig:
+    """One grid axis: ``num`` evenly spaced coordinates from ``min`` to ``max`` inclusive."""
+
+    min: float
+    max: float
+    num: int
+
+    def check(self, where: str) -> None:
+        if self.num < 2:
+            raise ConfigError(f"{where}.num: must be >= 2 (got {self.num}); use at least 2 points")
+        if self.min >= self.max:
+            raise ConfigError(
+                f"{where}: min ({self.min}) must be < max ({self.max}); swap or widen the range"
+            )
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """The (alpha, beta) grid; a 1D run has no ``y`` axis."""
+
+    x: AxisConfig
+    y: AxisConfig | None = None
+    shard_size: int = 0
+
+    def check(self, where: str) -> None:
+        if self.shard_size < 0:
+            raise ConfigError(
+                f"{where}.shard_size: must be >= 0 (got {self.shard_size}); 0 picks a size"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A zoo name or ``package.module:factory``, its keyword arguments and its checkpoint."""
+
+    name: str
+    checkpoint: str | None = path_field()
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A built-in data set name or ``package.module:function``, with its keyword arguments."""
+
+    name: str = "digits"
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DirectionsConfig:
+    """How the two plotting directions are drawn and scaled (Li et al. 2018, section 4)."""
+
+    kind: str = choice("random", ("random",))
+    normalization: str = choice("filter", ("filter", "layer", "weight", "none"))
+    ignore: str = choice("biasbn", ("biasbn", "none"))
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """How each grid point is evaluated: batch size only changes speed, never the value."""
+
+    batch_size: int = 1024
+    device: str = "auto"
+    dtype: str = choice("float32", ("float32", "float64"))
+    loss: str = choice("cross_entropy", ("cross_entropy", "mse"))
+    threads: int = 0
+
+    def check(self, where: str) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size: must be >= 1 (got {self.batch_size})")
+        if self.threads < 0:
+            raise ConfigError(f"{where}.threads: must be >= 0 (got {self.threads}); 0 = default")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Plain supervised training that leaves one checkpoint per epoch (a trajectory)."""
+
+    checkpoint_dir: str = path_field()
+    optimizer: str = choice("sgd", ("sgd", "adam"))
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    epochs: int = 10
+    schedule: str = choice("cosine", ("constant", "step", "cosine"))
+    step_epochs: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+
+    def check(self, where: str) -> None:
+        if self.checkpoint_dir is None:
+            raise ConfigError(f"{where}.checkpoint_dir: required; name a folder for checkpoints")
+        for name in ("lr", "epochs", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}.{name}: must be > 0 (got {getattr(self, name)})")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: what to load, which directions, which grid, which maps, where to write."""
+
+    model: ModelConfig
+    output: str = path_field()
+    data: DataConfig = field(default_factory=DataConfig)
+    directions: DirectionsConfig = field(default_factory=DirectionsConfig)
+    grid: GridConfig | None = None
+    maps: list[str] = field(default_factory=lambda: ["train_loss", "train_acc"])
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    train: TrainConfig | None = None
+
+    def check(self, where: str) -> None:
+        for name in self.maps:
+            if name not in MAP_NAMES:
+                raise ConfigError(
+                    f"maps: unknown map {name!r}; choose from {', '.join(MAP_NAMES)}"
+                )
+        if not self.maps:
+            raise ConfigError("maps: empty; list at least one of " + ", ".join(MAP_NAMES))
+        if self.evaluation.loss == "mse" and any(n.endswith("_acc") for n in self.maps):
+            raise ConfigError("maps: accuracy is undefined for evaluation.loss 'mse'; drop *_acc")
+
+    def require_surface(self) -> None:
+        """Fail unless the fields a surface run needs are present."""
+        if self.grid is None:
+            raise ConfigError("grid: required to plan a surface; add grid.x (and grid.y for 2D)")
+        if self.output is None:
+            raise ConfigError("output: required; name the surface file to write (e.g. out.h5)")
+        if self.model.checkpoint is None:
+            raise ConfigError("model.checkpoint: required; name the trained checkpoint file")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=True)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read and validate an experiment config file, after ``key.path=value`` overrides."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror}); check the path") from None
+    return parse_config(text, source=str(path), overrides=overrides)
+
+
+def parse_config(text: str, source: str = "<config>", overrides: list[str] = ()) -> ExperimentConfig:
+    """Validate YAML text into an :class:`ExperimentConfig`."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"{source}: not valid YAML ({reason})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of fields at the top level")
+    for override in overrides:
+        apply_override(data, override)
+    return _build(ExperimentConfig, data, "")
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Set ``a.b.c=value`` in a raw config dict; the value is read as YAML (``5``, ``[1, 2]``)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected key.path=value, e.g. grid.x.num=11")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {override!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(text)
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields whose values differ between two config dicts."""
+    keys = sorted(set(old) | set(new))
+    diffs = []
+    for key in keys:
+        where = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, where + ".")
+        elif a != b:
+            diffs.append(where)
+    return diffs
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(
+                f"{where}{key}: unknown field; valid fields here are {', '.join(fields)}"
+            )
+    values = {}
+    for name, spec in fields.items():
+        path = f"{where}{name}"
+        if name not in data:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{path}: required field is missing; add it to the config")
+            continue
+        values[name] = _convert(hints[name], data[name], path, spec.metadata)
+    obj = cls(**values)
+    if hasattr(obj, "check"):
+        obj.check(where.rstrip("."))
+    return obj
+
+
+def _convert(hint: Any, value: Any, path: str, metadata: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(options[0], value, path, metadata)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of fields, got {value!r}")
+        return _build(hint, value, path + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_convert(item, v, f"{path}[{i}]", {}) for i, v in enumerate(value)]
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{path}: expected {hint.__name__}, got {value!r} ({type(value).__name__})"
+        )
+    if "choices" in metadata and value not in metadata["choices"]:
+        raise ConfigError(
+            f"{path}: {value!r} is not one of {', '.join(metadata['choices'])}"
+        )
+    if metadata.get("path"):
+        return str(Path(value).expanduser().resolve())
+    return value

@@ -1,0 +1,73 @@
+"""An experiment made concrete: the model with its checkpoint and the data, on one device.
+
+Plan, run and train all start here, so a model or data error is caught the same way
+everywhere, at the boundary, with the config field named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.checkpoint import check_compatible, file_sha256, load_state_dict
+from pipeline.config import ExperimentConfig
+from pipeline.data import Dataset, load_dataset
+from pipeline.errors import UserError
+from pipeline.models import build_model
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Experiment:
+    """A model (checkpoint loaded, eval mode) and its data set, both on ``device``."""
+
+    config: ExperimentConfig
+    model: nn.Module
+    data: Dataset
+    device: torch.device
+    dtype: torch.dtype
+    checkpoint_sha256: str | None
+
+    @classmethod
+    def load(
+        cls, config: ExperimentConfig, with_checkpoint: bool = True, device: str | None = None
+    ) -> Experiment:
+        evaluation = config.evaluation
+        if evaluation.threads:
+            torch.set_num_threads(evaluation.threads)
+        device = resolve_device(device or evaluation.device)
+        dtype = DTYPES[evaluation.dtype]
+        data = load_dataset(config.data.name, config.data.kwargs)
+        model = build_model(config.model.name, data.input_shape, data.num_classes, config.model.kwargs)
+        sha256 = None
+        if with_checkpoint:
+            if config.model.checkpoint is None:
+                raise UserError("model.checkpoint: required; name the trained checkpoint file")
+            state = load_state_dict(config.model.checkpoint)
+            check_compatible(model, state, config.model.checkpoint)
+            model.load_state_dict(state)
+            sha256 = file_sha256(config.model.checkpoint)
+        model.to(device=device, dtype=dtype).eval()
+        data = Dataset(
+            *(t.to(device, dtype if t.is_floating_point() else t.dtype) for t in (
+                data.train_x, data.train_y, data.test_x, data.test_y
+            )),
+            data.num_classes,
+        )
+        return cls(config, model, data, device, dtype, sha256)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks the GPU when there is one; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"evaluation.device: {name!r} is not a device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("evaluation.device: cuda requested but no GPU is visible; use auto or cpu")
+    return device

@@ -1,0 +1,58 @@
+"""The grid of (alpha, beta) coordinates and its split into shards of points.
+
+Points are numbered in row-major order of the map shape: (nx,) for 1D and (ny, nx)
+for 2D, so ``map[j, i]`` is the value at ``(x[i], y[j])``, the orientation
+matplotlib's ``contour(x, y, Z)`` expects. A shard is a contiguous range of point
+numbers: the unit of work a worker claims and flushes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.config import GridConfig
+
+TARGET_SHARDS = 64
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Coordinates along x and, for a 2D surface, y."""
+
+    x: np.ndarray
+    y: np.ndarray | None = None
+
+    @classmethod
+    def from_config(cls, config: GridConfig) -> Grid:
+        axis = lambda a: np.linspace(a.min, a.max, a.num)  # noqa: E731
+        return cls(axis(config.x), axis(config.y) if config.y is not None else None)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.x.size,) if self.y is None else (self.y.size, self.x.size)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def index(self, point: int) -> tuple[int, ...]:
+        """The map index of point number ``point``."""
+        return tuple(int(i) for i in np.unravel_index(point, self.shape))
+
+    def coordinates(self, point: int) -> tuple[float, float]:
+        """``(alpha, beta)`` of point number ``point``; beta is 0 on a 1D grid."""
+        if self.y is None:
+            return float(self.x[point]), 0.0
+        j, i = self.index(point)
+        return float(self.x[i]), float(self.y[j])
+
+
+def shard_ranges(size: int, shard_size: int = 0) -> np.ndarray:
+    """``[start, stop)`` point ranges of ``shard_size`` points (0: about 64 shards)."""
+    if shard_size <= 0:
+        shard_size = max(1, math.ceil(size / TARGET_SHARDS))
+    starts = np.arange(0, size, shard_size, dtype=np.int64)
+    return np.stack([starts, np.minimum(starts + shard_size, size)], axis=1)

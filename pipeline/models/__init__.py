@@ -1,0 +1,49 @@
+"""The model zoo: Li et al.'s CIFAR networks, small nets, and user factories by import path.
+
+Every entry is a factory ``(input_shape, num_classes, **kwargs) -> nn.Module``, so one
+class serves 8x8 digits and 32x32 CIFAR-10 alike. A name containing ``:`` is imported
+as ``package.module:factory`` with the same signature.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.models.resnet import resnet_factory
+from pipeline.models.small import MLP, Linear, SmallCNN
+from pipeline.models.vgg import VGG
+from pipeline.plugins import import_object
+
+ZOO = {
+    "linear": Linear,
+    "mlp": MLP,
+    "small_cnn": SmallCNN,
+    "vgg9": VGG,
+    **{f"resnet{d}": resnet_factory(d) for d in (20, 56, 110)},
+    **{f"resnet{d}_noshort": resnet_factory(d, shortcut=False) for d in (20, 56, 110)},
+    **{f"wrn56_{k}": resnet_factory(56, width=k) for k in (2, 4, 8)},
+}
+
+
+def build_model(name: str, input_shape: tuple, num_classes: int, kwargs: dict) -> nn.Module:
+    """Instantiate a zoo model or a user factory for the given input shape and classes."""
+    factory = resolve_factory(name)
+    try:
+        return factory(tuple(input_shape), num_classes, **kwargs)
+    except TypeError as exc:
+        raise UserError(f"model.kwargs: {name} rejects {kwargs} ({exc}); fix model.kwargs") from None
+
+
+@functools.cache
+def resolve_factory(name: str):
+    if ":" in name:
+        return import_object(name, "model.name")
+    if name not in ZOO:
+        raise UserError(
+            f"model.name: unknown model {name!r}; choose from {', '.join(ZOO)} "
+            "or give package.module:factory"
+        )
+    return ZOO[name]

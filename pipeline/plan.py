@@ -1,0 +1,75 @@
+"""The coordinator: turn a config into a surface file, or confirm an existing one matches.
+
+Planning loads the checkpoint once, draws the directions and writes them into the
+file, so every worker, wherever it runs, applies the same vectors. Planning a file
+that exists is a resume: a no-op when the config and checkpoint are unchanged, an
+error naming the differing fields otherwise. An existing file is never overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipeline.checkpoint import verify_fingerprint
+from pipeline.config import ExperimentConfig, config_differences
+from pipeline.directions import ignored_parameters, random_directions
+from pipeline.errors import UserError
+from pipeline.experiment import Experiment
+from pipeline.grid import Grid, shard_ranges
+from pipeline.store import SurfaceFile, create_surface_file
+
+log = logging.getLogger(__name__)
+
+
+def plan_surface(config: ExperimentConfig) -> Path:
+    """Create the surface file for ``config`` (or check the existing one); returns its path."""
+    config.require_surface()
+    path = Path(config.output)
+    if path.exists():
+        check_same_plan(path, config)
+        log.info("%s already planned with this config: nothing to do (resume with run)", path)
+        return path
+    experiment = Experiment.load(config, device="cpu")
+    grid = Grid.from_config(config.grid)
+    count = 1 if grid.y is None else 2
+    directions = random_directions(experiment.model, config.directions, count)
+    direction_attrs = {
+        "kind": config.directions.kind,
+        "normalization": config.directions.normalization,
+        "ignore": config.directions.ignore,
+        "seed": config.directions.seed,
+        "ignored": ignored_parameters(experiment.model, config.directions.ignore),
+    }
+    shards = shard_ranges(grid.size, config.grid.shard_size)
+    metadata = {
+        "checkpoint_path": config.model.checkpoint,
+        "checkpoint_sha256": experiment.checkpoint_sha256,
+        "model": config.model.name,
+        "dataset": config.data.name,
+    }
+    create_surface_file(
+        path,
+        config,
+        grid,
+        [{name: t.numpy() for name, t in d.items()} for d in directions],
+        direction_attrs,
+        shards,
+        metadata,
+    )
+    log.info("planned %s: %s grid, %d shards, maps %s", path, "x".join(map(str, grid.shape[::-1])),
+             len(shards), ", ".join(config.maps))
+    return path
+
+
+def check_same_plan(path: Path, config: ExperimentConfig) -> None:
+    """Fail unless ``path`` was planned from ``config`` and the same checkpoint bytes."""
+    with SurfaceFile.open(path) as surface:
+        differences = config_differences(surface.stored_config, config.to_dict())
+        planned_sha = surface.attrs.get("checkpoint_sha256")
+    if differences:
+        raise UserError(
+            f"output: {path} was planned with a different config (differs in "
+            f"{', '.join(differences)}); choose another output path or delete the file"
+        )
+    verify_fingerprint(config.model.checkpoint, planned_sha, path)

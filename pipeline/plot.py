@@ -1,0 +1,158 @@
+"""Figures of a surface file: 1D curves, 2D contours (Li et al. style), heatmaps, 3D surfaces.
+
+Orientation is fixed once: ``Z[j, i]`` is the value at ``(x[i], y[j])``, which is what
+``contour(x, y, Z)`` and ``imshow(Z, origin="lower")`` draw, so non-square grids are
+never transposed. Every axis is labelled with the direction kind and normalization.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from pipeline.grid import Grid  # noqa: E402
+from pipeline.store import SurfaceFile  # noqa: E402
+
+FORMATS = ("png", "pdf")
+STYLE = {"font.size": 11, "axes.labelsize": 12, "axes.titlesize": 12, "savefig.dpi": 200}
+TITLES = {
+    "train_loss": "training loss",
+    "test_loss": "test loss",
+    "train_acc": "training accuracy",
+    "test_acc": "test accuracy",
+}
+
+
+def axis_label(axis: str, direction_attrs: dict) -> str:
+    """E.g. ``x: random direction (filter-normalized, biases/BN zero)``."""
+    normalization = direction_attrs.get("normalization", "none")
+    details = [f"{normalization}-normalized" if normalization != "none" else "unnormalized"]
+    if direction_attrs.get("ignore") == "biasbn":
+        details.append("biases/BN zero")
+    return f"{axis}: {direction_attrs.get('kind', 'random')} direction ({', '.join(details)})"
+
+
+def contour_levels(values: np.ndarray, count: int = 20) -> np.ndarray:
+    """Level values: log-spaced when a positive map spans decades (loss bowls), else linear."""
+    finite = values[np.isfinite(values)]
+    low, high = float(finite.min()), float(finite.max())
+    if high <= low:
+        return np.array([low])
+    if low > 0 and high / low > 100:
+        return np.geomspace(low, high, count)
+    return np.linspace(low, high, count)
+
+
+def plot_curves(grid: Grid, maps: dict[str, np.ndarray], direction_attrs: dict) -> Figure:
+    """1D: loss on the left axis, accuracy on the right; train solid, test dashed."""
+    figure, loss_axis = plt.subplots(figsize=(6, 4.2))
+    accuracy_axis = None
+    for name, values in maps.items():
+        style = "-" if name.startswith("train") else "--"
+        if name.endswith("loss"):
+            loss_axis.plot(grid.x, values, style, color="tab:blue", lw=2, label=TITLES[name])
+        else:
+            accuracy_axis = accuracy_axis or loss_axis.twinx()
+            accuracy_axis.plot(grid.x, 100 * values, style, color="tab:red", lw=2,
+                               label=TITLES[name])
+    loss_axis.set_xlabel(axis_label("x", direction_attrs))
+    loss_axis.set_ylabel("loss", color="tab:blue")
+    handles, labels = loss_axis.get_legend_handles_labels()
+    if accuracy_axis is not None:
+        accuracy_axis.set_ylabel("accuracy (%)", color="tab:red")
+        accuracy_axis.set_ylim(0, 100)
+        more_handles, more_labels = accuracy_axis.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    loss_axis.legend(handles, labels, loc="upper center", fontsize=9, frameon=False)
+    figure.tight_layout()
+    return figure
+
+
+def plot_contour(grid: Grid, values: np.ndarray, title: str, direction_attrs: dict,
+                 filled: bool = False) -> Figure:
+    """2D contour lines with labelled levels (or filled contours with a colour bar)."""
+    figure, axis = plt.subplots(figsize=(5.6, 5))
+    levels = contour_levels(values)
+    if filled:
+        drawn = axis.contourf(grid.x, grid.y, values, levels=levels, cmap="viridis")
+        figure.colorbar(drawn, ax=axis, label=title)
+    else:
+        drawn = axis.contour(grid.x, grid.y, values, levels=levels, cmap="viridis", linewidths=1.2)
+        axis.clabel(drawn, drawn.levels[::2], inline=True, fontsize=8, fmt="%.3g")
+    axis.plot([0], [0], marker="*", color="black", markersize=10, linestyle="none")
+    _label_plane(axis, title, direction_attrs)
+    figure.tight_layout()
+    return figure
+
+
+def plot_heatmap(grid: Grid, values: np.ndarray, title: str, direction_attrs: dict) -> Figure:
+    """Cell (i, j) centred on (x[i], y[j]); NaN (not yet computed) cells stay blank."""
+    figure, axis = plt.subplots(figsize=(5.8, 5))
+    dx = (grid.x[-1] - grid.x[0]) / (grid.x.size - 1) / 2
+    dy = (grid.y[-1] - grid.y[0]) / (grid.y.size - 1) / 2
+    extent = (grid.x[0] - dx, grid.x[-1] + dx, grid.y[0] - dy, grid.y[-1] + dy)
+    image = axis.imshow(values, origin="lower", extent=extent, aspect="auto", cmap="viridis",
+                        interpolation="nearest")
+    figure.colorbar(image, ax=axis, label=title)
+    _label_plane(axis, title, direction_attrs)
+    figure.tight_layout()
+    return figure
+
+
+def plot_surface3d(grid: Grid, values: np.ndarray, title: str, direction_attrs: dict) -> Figure:
+    """A shaded 3D surface over the (alpha, beta) plane."""
+    figure = plt.figure(figsize=(6.4, 5.2))
+    axis = figure.add_subplot(projection="3d")
+    xx, yy = np.meshgrid(grid.x, grid.y)
+    axis.plot_surface(xx, yy, values, cmap="viridis", linewidth=0, antialiased=True,
+                      rstride=1, cstride=1)
+    axis.set_xlabel(axis_label("x", direction_attrs), fontsize=8)
+    axis.set_ylabel(axis_label("y", direction_attrs), fontsize=8)
+    axis.set_zlabel(title)
+    axis.set_title(title)
+    figure.tight_layout()
+    return figure
+
+
+def _label_plane(axis, title: str, direction_attrs: dict) -> None:
+    axis.set_xlabel(axis_label("x", direction_attrs))
+    axis.set_ylabel(axis_label("y", direction_attrs))
+    axis.set_title(title)
+
+
+def plot_surface_file(path: str | Path, out_dir: str | Path | None = None,
+                      formats: tuple[str, ...] = FORMATS) -> list[Path]:
+    """Draw every figure the file supports into ``out_dir``; returns the files written."""
+    path = Path(path)
+    out_dir = Path(out_dir) if out_dir else path.with_name(path.stem + "_plots")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with SurfaceFile.open(path) as surface:
+        grid, maps, attrs = surface.grid, surface.maps(), surface.direction_attrs()
+    figures = {}
+    with plt.rc_context(STYLE):
+        if grid.y is None:
+            figures["curves"] = plot_curves(grid, maps, attrs)
+        else:
+            for name, values in maps.items():
+                if not np.isfinite(values).any():
+                    continue
+                title = TITLES[name]
+                figures[f"{name}_contour"] = plot_contour(grid, values, title, attrs)
+                figures[f"{name}_contourf"] = plot_contour(grid, values, title, attrs, filled=True)
+                figures[f"{name}_heatmap"] = plot_heatmap(grid, values, title, attrs)
+                figures[f"{name}_surface3d"] = plot_surface3d(grid, values, title, attrs)
+        written = []
+        for stem, figure in figures.items():
+            for extension in formats:
+                target = out_dir / f"{path.stem}_{stem}.{extension}"
+                figure.savefig(target, bbox_inches="tight")
+                written.append(target)
+            plt.close(figure)
+    return written

@@ -1,0 +1,56 @@
+"""What a surface file holds right now: points done per job, rate, time left, map ranges.
+
+Reads without locking, so it works while a job is writing the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.store import SurfaceFile
+
+RATE_WINDOW = 20
+
+
+def finish_rate(finished: np.ndarray) -> float | None:
+    """Points per second over the last ``RATE_WINDOW`` finished points (None if < 2)."""
+    times = np.sort(finished[np.isfinite(finished)])[-RATE_WINDOW:]
+    if times.size < 2 or times[-1] <= times[0]:
+        return None
+    return (times.size - 1) / (times[-1] - times[0])
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def surface_status(path: str | Path) -> str:
+    """A few human-readable lines describing the state of a surface file."""
+    with SurfaceFile.open(path) as surface:
+        grid, attrs = surface.grid, surface.attrs
+        shape = " x ".join(str(n) for n in grid.shape[::-1])
+        lines = [
+            f"{path}: {len(grid.shape)}D grid {shape}, model {attrs['model']} on "
+            f"{attrs['dataset']}, planned {attrs['created']}"
+        ]
+        for job in surface.jobs:
+            done = surface.done(job)
+            line = f"  {job}: {int(done.sum())}/{done.size} points done ({done.mean():.1%})"
+            rate = finish_rate(surface.finished(job))
+            if rate is not None:
+                line += f", {rate:.2f} points/s"
+                if not done.all():
+                    line += f", about {format_duration((~done).sum() / rate)} left"
+            lines.append(line)
+        for name, values in surface.maps().items():
+            known = np.isfinite(values)
+            line = f"  {name}: {int(known.sum())}/{values.size} values"
+            if known.any():
+                line += f", min {np.nanmin(values):.6g}, max {np.nanmax(values):.6g}"
+            lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""The surface file: one HDF5 file per experiment holding everything workers need and produce.
+
+Layout (schema version 1)::
+
+    /                    attrs: schema_version, config (YAML), created, package_version,
+                         checkpoint_path, checkpoint_sha256, model, dataset
+    /directions/x|y/<p>  float64, one dataset per parameter name; group attrs: kind,
+                         normalization, ignore, seed, ignored (parameter names)
+    /grid/x, /grid/y     coordinates (no y for a 1D surface)
+    /maps/<name>         float64 (ny, nx) or (nx,), NaN until computed
+    /done/<job>          uint8, 1 once every map of that job has its value at the point
+    /finished/<job>      float64 unix time each point was finished (progress and rate)
+    /shards/<job>        int64 (n, 2) [start, stop) ranges of row-major point numbers
+
+Every dataset is created, with its storage allocated, when the file is planned; workers
+only overwrite raw values, never metadata, so a worker killed at any moment leaves a
+file that opens cleanly. A point's values are written before its done flag.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import yaml
+
+from pipeline import __version__
+from pipeline.config import ExperimentConfig, parse_config
+from pipeline.errors import UserError
+from pipeline.grid import Grid
+
+SCHEMA_VERSION = 1
+MAP_JOBS = {
+    "train_loss": "surface",
+    "train_acc": "surface",
+    "test_loss": "surface",
+    "test_acc": "surface",
+}
+
+
+def create_surface_file(
+    path: Path,
+    config: ExperimentConfig,
+    grid: Grid,
+    directions: list[dict[str, np.ndarray]],
+    direction_attrs: dict,
+    shards: np.ndarray,
+    metadata: dict,
+) -> None:
+    """Write a complete, empty surface file atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with h5py.File(temporary, "w") as handle:
+        handle.attrs.update(
+            schema_version=SCHEMA_VERSION,
+            config=config.to_yaml(),
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            package_version=__version__,
+            **metadata,
+        )
+        for axis, direction in zip("xy", directions):
+            group = handle.create_group(f"directions/{axis}")
+            group.attrs.update(direction_attrs)
+            for name, values in direction.items():
+                group.create_dataset(name, data=values)
+        handle["grid/x"] = grid.x
+        if grid.y is not None:
+            handle["grid/y"] = grid.y
+        # Storage is written out now (no lazy allocation), so workers never allocate.
+        for name in config.maps:
+            handle.create_dataset(f"maps/{name}", data=np.full(grid.shape, np.nan))
+        for job in sorted({MAP_JOBS[name] for name in config.maps}):
+            handle.create_dataset(f"done/{job}", data=np.zeros(grid.shape, np.uint8))
+            handle.create_dataset(f"finished/{job}", data=np.full(grid.shape, np.nan))
+            handle.create_dataset(f"shards/{job}", data=shards)
+    os.replace(temporary, path)
+
+
+class SurfaceFile:
+    """An open surface file: typed reads of its parts and point-wise writes of results."""
+
+    def __init__(self, handle: h5py.File, path: Path):
+        self.handle = handle
+        self.path = path
+        self.config: ExperimentConfig = parse_config(handle.attrs["config"], source=str(path))
+        y = handle["grid/y"][()] if "grid/y" in handle else None
+        self.grid = Grid(handle["grid/x"][()], y)
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> SurfaceFile:
+        """Open for reading (``"r"``, never locks, so it works beside a running job) or
+        for writing results (``"r+"``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such surface file; create it with `landscape plan CONFIG`")
+        try:
+            handle = h5py.File(path, mode, locking=mode != "r")
+        except OSError as exc:
+            raise UserError(
+                f"{path}: cannot open as HDF5 ({exc}); is another job writing it, or is it "
+                "not a surface file?"
+            ) from None
+        version = handle.attrs.get("schema_version")
+        if version != SCHEMA_VERSION or "config" not in handle.attrs:
+            handle.close()
+            raise UserError(
+                f"{path}: not a surface file of schema {SCHEMA_VERSION} (found {version}); "
+                "plan it again with this version"
+            )
+        return cls(handle, path)
+
+    def __enter__(self) -> SurfaceFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.handle.close()
+
+    @property
+    def stored_config(self) -> dict:
+        return yaml.safe_load(self.handle.attrs["config"])
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.handle.attrs)
+
+    @property
+    def jobs(self) -> list[str]:
+        return list(self.handle["done"])
+
+    @property
+    def map_names(self) -> list[str]:
+        return list(self.handle["maps"])
+
+    def maps(self) -> dict[str, np.ndarray]:
+        return {name: self.handle[f"maps/{name}"][()] for name in self.map_names}
+
+    def done(self, job: str) -> np.ndarray:
+        return self.handle[f"done/{job}"][()].astype(bool)
+
+    def finished(self, job: str) -> np.ndarray:
+        return self.handle[f"finished/{job}"][()]
+
+    def shards(self, job: str) -> np.ndarray:
+        return self.handle[f"shards/{job}"][()]
+
+    def job_maps(self, job: str) -> list[str]:
+        return [name for name in self.map_names if MAP_JOBS[name] == job]
+
+    def directions(self) -> list[dict[str, np.ndarray]]:
+        groups = [self.handle[f"directions/{axis}"] for axis in "xy" if axis in self.handle["directions"]]
+        return [{name: group[name][()] for name in group} for group in groups]
+
+    def direction_attrs(self) -> dict:
+        return dict(self.handle["directions/x"].attrs)
+
+    def write_point(self, job: str, point: int, values: dict[str, float]) -> None:
+        """Store one point's values, then its finish time and done flag (in that order)."""
+        index = self.grid.index(point)
+        for name, value in values.items():
+            self.handle[f"maps/{name}"][index] = value
+        self.handle[f"finished/{job}"][index] = time.time()
+        self.handle[f"done/{job}"][index] = 1
+
+    def flush(self) -> None:
+        self.handle.flush()

@@ -1,0 +1,79 @@
+"""Train a model to a real minimizer, leaving one checkpoint per epoch (the trajectory).
+
+``epoch_000.pt`` is the initialization and ``epoch_NNN.pt`` the weights after epoch
+NNN, each with its BatchNorm buffers and metadata (epoch, losses, accuracy, lr), so
+PCA-trajectory directions and interpolation plots have every step they need.
+Minibatches are drawn from a seeded generator on the data's own device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.config import ExperimentConfig, TrainConfig
+from pipeline.evaluate import evaluate, per_sample_loss
+from pipeline.experiment import Experiment
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_path(config: TrainConfig, epoch: int) -> Path:
+    return Path(config.checkpoint_dir) / f"epoch_{epoch:03d}.pt"
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The learning rate during ``epoch`` (0-based) under the configured schedule."""
+    if config.schedule == "cosine":
+        return 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
+    if config.schedule == "step":
+        return config.lr * config.gamma ** sum(epoch >= e for e in config.step_epochs)
+    return config.lr
+
+
+def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
+                           nesterov=config.nesterov, weight_decay=config.weight_decay)
+
+
+def train(config: ExperimentConfig) -> Path:
+    """Train per ``config.train``; returns the last checkpoint written."""
+    if config.train is None:
+        raise UserError("train: section missing; add train.checkpoint_dir, epochs, lr, ...")
+    settings = config.train
+    torch.manual_seed(settings.seed)
+    experiment = Experiment.load(config, with_checkpoint=False, device=settings.device)
+    model, data, loss_name = experiment.model, experiment.data, config.evaluation.loss
+    optimizer = make_optimizer(settings, model.parameters())
+    generator = torch.Generator(device=data.train_x.device).manual_seed(settings.seed)
+    save_checkpoint(checkpoint_path(settings, 0), model, epoch=0)
+    for epoch in range(settings.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(settings, epoch)
+        model.train()
+        order = torch.randperm(len(data.train_x), generator=generator, device=data.train_x.device)
+        for start in range(0, len(order), settings.batch_size):
+            batch = order[start : start + settings.batch_size]
+            outputs = model(data.train_x[batch])
+            loss = per_sample_loss(outputs, data.train_y[batch], loss_name).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        batch_size = config.evaluation.batch_size
+        train_loss, train_acc = evaluate(model, data.train_x, data.train_y, batch_size, loss_name)
+        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, batch_size, loss_name)
+        path = checkpoint_path(settings, epoch + 1)
+        save_checkpoint(path, model, epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc,
+                        test_loss=test_loss, test_acc=test_acc, lr=learning_rate(settings, epoch))
+        log.info("epoch %d/%d  lr %.4g  train loss %.4f acc %.4f  test loss %.4f acc %.4f",
+                 epoch + 1, settings.epochs, learning_rate(settings, epoch), train_loss,
+                 train_acc, test_loss, test_acc)
+    return path
