@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from pipeline.grid import Grid  # noqa: E402
@@ -80,11 +81,13 @@ def plot_contour(grid: Grid, values: np.ndarray, title: str, direction_attrs: di
     """2D contour lines with labelled levels (or filled contours with a colour bar)."""
     figure, axis = plt.subplots(figsize=(5.6, 5))
     levels = contour_levels(values)
+    logarithmic = levels.size > 2 and np.allclose(levels[2] / levels[1], levels[1] / levels[0])
+    style = {"levels": levels, "cmap": "viridis", "norm": LogNorm() if logarithmic else None}
     if filled:
-        drawn = axis.contourf(grid.x, grid.y, values, levels=levels, cmap="viridis")
+        drawn = axis.contourf(grid.x, grid.y, values, **style)
         figure.colorbar(drawn, ax=axis, label=title)
     else:
-        drawn = axis.contour(grid.x, grid.y, values, levels=levels, cmap="viridis", linewidths=1.2)
+        drawn = axis.contour(grid.x, grid.y, values, linewidths=1.2, **style)
         axis.clabel(drawn, drawn.levels[::2], inline=True, fontsize=8, fmt="%.3g")
     axis.plot([0], [0], marker="*", color="black", markersize=10, linestyle="none")
     _label_plane(axis, title, direction_attrs)
