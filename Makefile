@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m pipeline.demo --out results/demo
+	$(VENV)/bin/landscape demo --out results/demo
 
 test: install
 	$(PY) -m pytest -q

@@ -1,0 +1,58 @@
+"""Shared fixtures: small experiments (config file + checkpoint) written into a temp folder."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.data import load_dataset
+from pipeline.models import build_model
+
+TESTS = Path(__file__).resolve().parent
+
+BASE = {
+    "model": {"name": "mlp", "kwargs": {"hidden": [8]}},
+    "data": {"name": "gaussian_clusters",
+             "kwargs": {"num_classes": 3, "dim": 5, "train_per_class": 20, "test_per_class": 10}},
+    "directions": {"seed": 0},
+    "grid": {"x": {"min": -1.0, "max": 1.0, "num": 5}, "y": {"min": -1.0, "max": 1.0, "num": 4}},
+    "maps": ["train_loss", "train_acc", "test_loss", "test_acc"],
+    "evaluation": {"batch_size": 16, "dtype": "float64", "device": "cpu", "threads": 1},
+}
+
+
+MERGED_SECTIONS = ("evaluation", "directions")
+
+
+def merge(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes``: evaluation/directions fields merge, other sections replace."""
+    result = copy.deepcopy(base)
+    for key, value in changes.items():
+        result[key] = {**result[key], **value} if key in MERGED_SECTIONS else value
+    return result
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    """``experiment(**changes) -> config path``: a config and a seeded random-init checkpoint."""
+
+    def write(name: str = "exp", seed: int = 0, **changes) -> Path:
+        config = merge(BASE, changes)
+        checkpoint = tmp_path / f"{name}.pt"
+        config["model"]["checkpoint"] = str(checkpoint)
+        config.setdefault("output", str(tmp_path / f"{name}.h5"))
+        data = load_dataset(config["data"]["name"], config["data"].get("kwargs", {}))
+        torch.manual_seed(seed)
+        model = build_model(config["model"]["name"], data.input_shape, data.num_classes,
+                            config["model"].get("kwargs", {}))
+        save_checkpoint(checkpoint, model)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    return write
