@@ -9,6 +9,7 @@ stores a point (``write_point``) and makes a shard durable (``flush``), and
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -102,7 +103,8 @@ def run_surface(path: str | Path, device: str | None = None, show_progress: bool
                  done.size, experiment.device, config.evaluation.dtype, torch.get_num_threads())
         evaluator = SurfaceEvaluator(experiment, surface.directions(), surface.job_maps(JOB))
         started = time.perf_counter()
-        with tqdm(total=pending, unit="pt", desc="surface", mininterval=1.0,
+        interactive = sys.stderr.isatty()  # in a log file, one line every 30 s is enough
+        with tqdm(total=pending, unit="pt", desc="surface", mininterval=1 if interactive else 30,
                   disable=not show_progress) as progress:
             count = evaluate_shards(evaluator, surface.grid, surface.shards(JOB), done, surface, progress)
         elapsed = time.perf_counter() - started
