@@ -1,0 +1,95 @@
+"""Bad input: a one-line error naming the field or file, exit code 2, results on disk untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.store import SurfaceFile
+
+
+def fails_with(capsys, argv: list[str], *fragments: str) -> None:
+    assert main(argv) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0, message
+    assert message.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def edit(path, change) -> None:
+    config = yaml.safe_load(path.read_text())
+    change(config)
+    path.write_text(yaml.safe_dump(config))
+
+
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        (lambda c: c.update(colour="red"), ["colour: unknown field"]),
+        (lambda c: c["grid"]["x"].update(num="ten"), ["grid.x.num: expected int", "'ten'"]),
+        (lambda c: c["grid"]["y"].update(num=1), ["grid.y.num: must be >= 2"]),
+        (lambda c: c["grid"]["x"].update(min=1.0, max=-1.0), ["grid.x: min (1.0) must be < max"]),
+        (lambda c: c["evaluation"].update(dtype="float16"), ["evaluation.dtype", "float32, float64"]),
+        (lambda c: c["directions"].update(normalization="filters"), ["directions.normalization"]),
+        (lambda c: c.update(maps=["train_los"]), ["maps: unknown map 'train_los'"]),
+        (lambda c: c["model"].update(checkpoint="/nowhere/model.pt"),
+         ["model.checkpoint", "/nowhere/model.pt does not exist"]),
+        (lambda c: c["model"].update(kwargs={"hidden": [9]}),
+         ["model.checkpoint", "does not fit model", "shape: net.1.weight (8, 5) vs model (9, 5)"]),
+        (lambda c: c["model"].update(name="small_cnn", kwargs={}),
+         ["missing: net.0.weight", "unexpected: net.3.bias"]),
+        (lambda c: c["model"].update(name="resnet7"), ["model.name: unknown model 'resnet7'"]),
+        (lambda c: c["data"].update(name="imagenet"), ["data.name: unknown data set 'imagenet'"]),
+    ],
+)
+def test_config_errors_name_the_field(experiment, capsys, change, fragments):
+    config = experiment()
+    edit(config, change)
+    fails_with(capsys, ["plan", str(config)], *fragments)
+
+
+def test_truncated_checkpoint_is_reported_as_corrupt(experiment, capsys):
+    config = experiment()
+    checkpoint = yaml.safe_load(config.read_text())["model"]["checkpoint"]
+    data = open(checkpoint, "rb").read()
+    open(checkpoint, "wb").write(data[: len(data) // 2])
+    fails_with(capsys, ["plan", str(config)], "model.checkpoint", "corrupt or truncated")
+
+
+def map_bytes(path) -> dict[str, bytes]:
+    with SurfaceFile.open(path) as surface:
+        return {k: v.tobytes() for k, v in surface.maps().items()} | {
+            "done": surface.done("surface").tobytes()
+        }
+
+
+def test_existing_surface_is_never_overwritten_or_corrupted(experiment, capsys):
+    config = experiment()
+    surface = yaml.safe_load(config.read_text())["output"]
+    assert main(["plan", str(config)]) == 0 and main(["run", surface, "--no-progress"]) == 0
+    before = map_bytes(surface)
+    assert np.isfinite(np.frombuffer(before["train_loss"])).all()
+
+    # Same config again: a no-op.
+    assert main(["plan", str(config)]) == 0
+    # Another config aimed at the same file: refused, with the differing fields named.
+    edit(config, lambda c: (c["grid"]["x"].update(num=9), c["directions"].update(seed=5)))
+    fails_with(capsys, ["plan", str(config)], "different config", "directions.seed", "grid.x.num")
+    # The checkpoint changed under the file: plan and run refuse.
+    edit(config, lambda c: (c["grid"]["x"].update(num=5), c["directions"].update(seed=0)))
+    checkpoint = yaml.safe_load(config.read_text())["model"]["checkpoint"]
+    with open(checkpoint, "ab") as handle:
+        handle.write(b"\0")
+    fails_with(capsys, ["plan", str(config)], "model.checkpoint", "changed since")
+    fails_with(capsys, ["run", surface], "model.checkpoint", "changed since")
+    # Not a surface file at all.
+    fails_with(capsys, ["run", checkpoint], "cannot open as HDF5")
+    fails_with(capsys, ["status", "/nowhere.h5"], "no such surface file")
+    assert map_bytes(surface) == before
+
+
+def test_override_syntax_is_checked(experiment, capsys):
+    fails_with(capsys, ["plan", str(experiment()), "--set", "grid.x.num"], "expected key.path=value")
