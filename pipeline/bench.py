@@ -90,12 +90,16 @@ def bench_case(name: str, spec: dict, folder: Path) -> dict:
     data = load_dataset(spec["data"]["name"], spec["data"].get("kwargs", {}))
     torch.manual_seed(0)
     save_checkpoint(checkpoint, build_model(spec["model"]["name"], data.input_shape, 10, {}))
-    config = parse_config(json.dumps({
-        **spec,
-        "model": {**spec["model"], "checkpoint": str(checkpoint)},
-        "maps": ["train_loss", "train_acc"],
-        "output": str(folder / f"{name}.h5"),
-    }))
+    config = parse_config(
+        json.dumps(
+            {
+                **spec,
+                "model": {**spec["model"], "checkpoint": str(checkpoint)},
+                "maps": ["train_loss", "train_acc"],
+                "output": str(folder / f"{name}.h5"),
+            }
+        )
+    )
     path = plan_surface(config)
     experiment = Experiment.load(config)
     with SurfaceFile.open(path, "r+") as surface:
@@ -103,8 +107,9 @@ def bench_case(name: str, spec: dict, folder: Path) -> dict:
         evaluator(0.0, 0.0)  # warm-up, not written
         timer = InterleavedTimer(evaluator, experiment)
         started = time.perf_counter()
-        points = evaluate_shards(timer, surface.grid, surface.shards(JOB),
-                                 surface.done(JOB), surface)
+        points = evaluate_shards(
+            timer, surface.grid, surface.shards(JOB), surface.done(JOB), surface
+        )
         elapsed = time.perf_counter() - started
     # What the loop spends outside evaluation: moving nothing, writing and flushing the file.
     writing = (elapsed - sum(timer.point_times) - sum(timer.forward_times)) / points
@@ -128,17 +133,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="results/bench.json")
     args = parser.parse_args(argv)
     results = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cpu": platform.processor()},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor(),
+        },
         "surface": {},
     }
     with tempfile.TemporaryDirectory() as folder:
         for name, spec in CASES.items():
             result = bench_case(name, spec, Path(folder))
             results["surface"][name] = result
-            print(f"{name:24s} {result['points_per_s']:7.2f} points/s  "
-                  f"{1000 * result['seconds_per_point']:7.1f} ms/point  forward "
-                  f"{1000 * result['forward_seconds']:7.1f} ms  overhead {result['overhead']:.3f}x")
+            print(
+                f"{name:24s} {result['points_per_s']:7.2f} points/s  "
+                f"{1000 * result['seconds_per_point']:7.1f} ms/point  forward "
+                f"{1000 * result['forward_seconds']:7.1f} ms  overhead {result['overhead']:.3f}x"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

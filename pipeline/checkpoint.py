@@ -31,9 +31,7 @@ def load_state_dict(path: str | Path, field: str = "model.checkpoint") -> dict:
         ) from None
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(
-            f"{field}: {path} holds no state_dict of tensors; save model.state_dict()"
-        )
+        raise UserError(f"{field}: {path} holds no state_dict of tensors; save model.state_dict()")
     return state
 
 

@@ -155,9 +155,7 @@ class ExperimentConfig:
     def check(self, where: str) -> None:
         for name in self.maps:
             if name not in MAP_NAMES:
-                raise ConfigError(
-                    f"maps: unknown map {name!r}; choose from {', '.join(MAP_NAMES)}"
-                )
+                raise ConfigError(f"maps: unknown map {name!r}; choose from {', '.join(MAP_NAMES)}")
         if not self.maps:
             raise ConfigError("maps: empty; list at least one of " + ", ".join(MAP_NAMES))
         if self.evaluation.loss == "mse" and any(n.endswith("_acc") for n in self.maps):
@@ -189,7 +187,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
     return parse_config(text, source=str(path), overrides=overrides)
 
 
-def parse_config(text: str, source: str = "<config>", overrides: list[str] = ()) -> ExperimentConfig:
+def parse_config(
+    text: str, source: str = "<config>", overrides: list[str] = ()
+) -> ExperimentConfig:
     """Validate YAML text into an :class:`ExperimentConfig`."""
     try:
         data = yaml.safe_load(text)
@@ -280,9 +280,7 @@ def _convert(hint: Any, value: Any, path: str, metadata: Any) -> Any:
             f"{path}: expected {hint.__name__}, got {value!r} ({type(value).__name__})"
         )
     if "choices" in metadata and value not in metadata["choices"]:
-        raise ConfigError(
-            f"{path}: {value!r} is not one of {', '.join(metadata['choices'])}"
-        )
+        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(metadata['choices'])}")
     if metadata.get("path"):
         return str(Path(value).expanduser().resolve())
     return value

@@ -37,7 +37,10 @@ def random_directions(
             for name, w in theta.items()
         }
         directions.append(
-            {name: normalize(raw[name], w, config.normalization, config.ignore) for name, w in theta.items()}
+            {
+                name: normalize(raw[name], w, config.normalization, config.ignore)
+                for name, w in theta.items()
+            }
         )
     return directions
 
@@ -49,7 +52,9 @@ def ignored_parameters(model: nn.Module, ignore: str) -> list[str]:
     return [name for name, p in model.named_parameters() if p.dim() <= 1]
 
 
-def normalize(direction: torch.Tensor, weights: torch.Tensor, how: str, ignore: str) -> torch.Tensor:
+def normalize(
+    direction: torch.Tensor, weights: torch.Tensor, how: str, ignore: str
+) -> torch.Tensor:
     """Rescale one parameter's direction to the scale of its weights."""
     if weights.dim() <= 1:
         if ignore == "biasbn":

@@ -41,7 +41,9 @@ class Experiment:
         device = resolve_device(device or evaluation.device)
         dtype = DTYPES[evaluation.dtype]
         data = load_dataset(config.data.name, config.data.kwargs)
-        model = build_model(config.model.name, data.input_shape, data.num_classes, config.model.kwargs)
+        model = build_model(
+            config.model.name, data.input_shape, data.num_classes, config.model.kwargs
+        )
         sha256 = None
         if with_checkpoint:
             if config.model.checkpoint is None:
@@ -52,9 +54,10 @@ class Experiment:
             sha256 = file_sha256(config.model.checkpoint)
         model.to(device=device, dtype=dtype).eval()
         data = Dataset(
-            *(t.to(device, dtype if t.is_floating_point() else t.dtype) for t in (
-                data.train_x, data.train_y, data.test_x, data.test_y
-            )),
+            *(
+                t.to(device, dtype if t.is_floating_point() else t.dtype)
+                for t in (data.train_x, data.train_y, data.test_x, data.test_y)
+            ),
             data.num_classes,
         )
         return cls(config, model, data, device, dtype, sha256)
@@ -67,7 +70,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"evaluation.device: {name!r} is not a device; use auto, cpu or cuda") from None
+        raise UserError(
+            f"evaluation.device: {name!r} is not a device; use auto, cpu or cuda"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("evaluation.device: cuda requested but no GPU is visible; use auto or cpu")
     return device

@@ -57,8 +57,13 @@ def plan_surface(config: ExperimentConfig) -> Path:
         shards,
         metadata,
     )
-    log.info("planned %s: %s grid, %d shards, maps %s", path, "x".join(map(str, grid.shape[::-1])),
-             len(shards), ", ".join(config.maps))
+    log.info(
+        "planned %s: %s grid, %d shards, maps %s",
+        path,
+        "x".join(map(str, grid.shape[::-1])),
+        len(shards),
+        ", ".join(config.maps),
+    )
     return path
 
 

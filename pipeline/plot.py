@@ -61,8 +61,9 @@ def plot_curves(grid: Grid, maps: dict[str, np.ndarray], direction_attrs: dict) 
             loss_axis.plot(grid.x, values, style, color="tab:blue", lw=2, label=TITLES[name])
         else:
             accuracy_axis = accuracy_axis or loss_axis.twinx()
-            accuracy_axis.plot(grid.x, 100 * values, style, color="tab:red", lw=2,
-                               label=TITLES[name])
+            accuracy_axis.plot(
+                grid.x, 100 * values, style, color="tab:red", lw=2, label=TITLES[name]
+            )
     loss_axis.set_xlabel(axis_label("x", direction_attrs))
     loss_axis.set_ylabel("loss", color="tab:blue")
     handles, labels = loss_axis.get_legend_handles_labels()
@@ -76,8 +77,9 @@ def plot_curves(grid: Grid, maps: dict[str, np.ndarray], direction_attrs: dict) 
     return figure
 
 
-def plot_contour(grid: Grid, values: np.ndarray, title: str, direction_attrs: dict,
-                 filled: bool = False) -> Figure:
+def plot_contour(
+    grid: Grid, values: np.ndarray, title: str, direction_attrs: dict, filled: bool = False
+) -> Figure:
     """2D contour lines with labelled levels (or filled contours with a colour bar)."""
     figure, axis = plt.subplots(figsize=(5.6, 5))
     levels = contour_levels(values)
@@ -101,8 +103,14 @@ def plot_heatmap(grid: Grid, values: np.ndarray, title: str, direction_attrs: di
     dx = (grid.x[-1] - grid.x[0]) / (grid.x.size - 1) / 2
     dy = (grid.y[-1] - grid.y[0]) / (grid.y.size - 1) / 2
     extent = (grid.x[0] - dx, grid.x[-1] + dx, grid.y[0] - dy, grid.y[-1] + dy)
-    image = axis.imshow(values, origin="lower", extent=extent, aspect="auto", cmap="viridis",
-                        interpolation="nearest")
+    image = axis.imshow(
+        values,
+        origin="lower",
+        extent=extent,
+        aspect="auto",
+        cmap="viridis",
+        interpolation="nearest",
+    )
     figure.colorbar(image, ax=axis, label=title)
     _label_plane(axis, title, direction_attrs)
     figure.tight_layout()
@@ -114,8 +122,9 @@ def plot_surface3d(grid: Grid, values: np.ndarray, title: str, direction_attrs: 
     figure = plt.figure(figsize=(6.4, 5.2))
     axis = figure.add_subplot(projection="3d")
     xx, yy = np.meshgrid(grid.x, grid.y)
-    axis.plot_surface(xx, yy, values, cmap="viridis", linewidth=0, antialiased=True,
-                      rstride=1, cstride=1)
+    axis.plot_surface(
+        xx, yy, values, cmap="viridis", linewidth=0, antialiased=True, rstride=1, cstride=1
+    )
     axis.set_xlabel(axis_label("x", direction_attrs), fontsize=8)
     axis.set_ylabel(axis_label("y", direction_attrs), fontsize=8)
     axis.set_zlabel(title)
@@ -130,8 +139,9 @@ def _label_plane(axis, title: str, direction_attrs: dict) -> None:
     axis.set_title(title)
 
 
-def plot_surface_file(path: str | Path, out_dir: str | Path | None = None,
-                      formats: tuple[str, ...] = FORMATS) -> list[Path]:
+def plot_surface_file(
+    path: str | Path, out_dir: str | Path | None = None, formats: tuple[str, ...] = FORMATS
+) -> list[Path]:
     """Draw every figure the file supports into ``out_dir``; returns the files written."""
     path = Path(path)
     out_dir = Path(out_dir) if out_dir else path.with_name(path.stem + "_plots")

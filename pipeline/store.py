@@ -154,7 +154,9 @@ class SurfaceFile:
         return [name for name in self.map_names if MAP_JOBS[name] == job]
 
     def directions(self) -> list[dict[str, np.ndarray]]:
-        groups = [self.handle[f"directions/{axis}"] for axis in "xy" if axis in self.handle["directions"]]
+        groups = [
+            self.handle[f"directions/{axis}"] for axis in "xy" if axis in self.handle["directions"]
+        ]
         return [{name: group[name][()] for name in group} for group in groups]
 
     def direction_attrs(self) -> dict:

@@ -16,9 +16,9 @@ import torch
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ExperimentConfig, TrainConfig
+from pipeline.errors import UserError
 from pipeline.evaluate import evaluate, per_sample_loss
 from pipeline.experiment import Experiment
-from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,13 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
 def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
-                           nesterov=config.nesterov, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        parameters,
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
 
 
 def train(config: ExperimentConfig) -> Path:
@@ -71,9 +76,24 @@ def train(config: ExperimentConfig) -> Path:
         train_loss, train_acc = evaluate(model, data.train_x, data.train_y, batch_size, loss_name)
         test_loss, test_acc = evaluate(model, data.test_x, data.test_y, batch_size, loss_name)
         path = checkpoint_path(settings, epoch + 1)
-        save_checkpoint(path, model, epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc,
-                        test_loss=test_loss, test_acc=test_acc, lr=learning_rate(settings, epoch))
-        log.info("epoch %d/%d  lr %.4g  train loss %.4f acc %.4f  test loss %.4f acc %.4f",
-                 epoch + 1, settings.epochs, learning_rate(settings, epoch), train_loss,
-                 train_acc, test_loss, test_acc)
+        save_checkpoint(
+            path,
+            model,
+            epoch=epoch + 1,
+            train_loss=train_loss,
+            train_acc=train_acc,
+            test_loss=test_loss,
+            test_acc=test_acc,
+            lr=learning_rate(settings, epoch),
+        )
+        log.info(
+            "epoch %d/%d  lr %.4g  train loss %.4f acc %.4f  test loss %.4f acc %.4f",
+            epoch + 1,
+            settings.epochs,
+            learning_rate(settings, epoch),
+            train_loss,
+            train_acc,
+            test_loss,
+            test_acc,
+        )
     return path

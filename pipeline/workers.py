@@ -39,7 +39,9 @@ class PointWriter(Protocol):
 class SurfaceEvaluator:
     """Loss and accuracy maps at theta0 + a*d1 + b*d2 for one experiment on one device."""
 
-    def __init__(self, experiment: Experiment, directions: list[dict[str, np.ndarray]], maps: list[str]):
+    def __init__(
+        self, experiment: Experiment, directions: list[dict[str, np.ndarray]], maps: list[str]
+    ):
         self.experiment = experiment
         self.maps = maps
         self.parameters = FlatParameters(experiment.model)
@@ -99,14 +101,28 @@ def run_surface(path: str | Path, device: str | None = None, show_progress: bool
             log.info("%s: all %d points already done", path, done.size)
             return 0
         experiment = Experiment.load(config, device=device)
-        log.info("%s: %d of %d points to evaluate on %s (%s, %d threads)", path, pending,
-                 done.size, experiment.device, config.evaluation.dtype, torch.get_num_threads())
+        log.info(
+            "%s: %d of %d points to evaluate on %s (%s, %d threads)",
+            path,
+            pending,
+            done.size,
+            experiment.device,
+            config.evaluation.dtype,
+            torch.get_num_threads(),
+        )
         evaluator = SurfaceEvaluator(experiment, surface.directions(), surface.job_maps(JOB))
         started = time.perf_counter()
         interactive = sys.stderr.isatty()  # in a log file, one line every 30 s is enough
-        with tqdm(total=pending, unit="pt", desc="surface", mininterval=1 if interactive else 30,
-                  disable=not show_progress) as progress:
-            count = evaluate_shards(evaluator, surface.grid, surface.shards(JOB), done, surface, progress)
+        with tqdm(
+            total=pending,
+            unit="pt",
+            desc="surface",
+            mininterval=1 if interactive else 30,
+            disable=not show_progress,
+        ) as progress:
+            count = evaluate_shards(
+                evaluator, surface.grid, surface.shards(JOB), done, surface, progress
+            )
         elapsed = time.perf_counter() - started
         log.info("%s: %d points in %.1f s (%.2f points/s)", path, count, elapsed, count / elapsed)
         return count

@@ -17,8 +17,10 @@ TESTS = Path(__file__).resolve().parent
 
 BASE = {
     "model": {"name": "mlp", "kwargs": {"hidden": [8]}},
-    "data": {"name": "gaussian_clusters",
-             "kwargs": {"num_classes": 3, "dim": 5, "train_per_class": 20, "test_per_class": 10}},
+    "data": {
+        "name": "gaussian_clusters",
+        "kwargs": {"num_classes": 3, "dim": 5, "train_per_class": 20, "test_per_class": 10},
+    },
     "directions": {"seed": 0},
     "grid": {"x": {"min": -1.0, "max": 1.0, "num": 5}, "y": {"min": -1.0, "max": 1.0, "num": 4}},
     "maps": ["train_loss", "train_acc", "test_loss", "test_acc"],
@@ -48,8 +50,12 @@ def experiment(tmp_path):
         config.setdefault("output", str(tmp_path / f"{name}.h5"))
         data = load_dataset(config["data"]["name"], config["data"].get("kwargs", {}))
         torch.manual_seed(seed)
-        model = build_model(config["model"]["name"], data.input_shape, data.num_classes,
-                            config["model"].get("kwargs", {}))
+        model = build_model(
+            config["model"]["name"],
+            data.input_shape,
+            data.num_classes,
+            config["model"].get("kwargs", {}),
+        )
         save_checkpoint(checkpoint, model)
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))

@@ -32,15 +32,28 @@ def edit(path, change) -> None:
         (lambda c: c["grid"]["x"].update(num="ten"), ["grid.x.num: expected int", "'ten'"]),
         (lambda c: c["grid"]["y"].update(num=1), ["grid.y.num: must be >= 2"]),
         (lambda c: c["grid"]["x"].update(min=1.0, max=-1.0), ["grid.x: min (1.0) must be < max"]),
-        (lambda c: c["evaluation"].update(dtype="float16"), ["evaluation.dtype", "float32, float64"]),
+        (
+            lambda c: c["evaluation"].update(dtype="float16"),
+            ["evaluation.dtype", "float32, float64"],
+        ),
         (lambda c: c["directions"].update(normalization="filters"), ["directions.normalization"]),
         (lambda c: c.update(maps=["train_los"]), ["maps: unknown map 'train_los'"]),
-        (lambda c: c["model"].update(checkpoint="/nowhere/model.pt"),
-         ["model.checkpoint", "/nowhere/model.pt does not exist"]),
-        (lambda c: c["model"].update(kwargs={"hidden": [9]}),
-         ["model.checkpoint", "does not fit model", "shape: net.1.weight (8, 5) vs model (9, 5)"]),
-        (lambda c: c["model"].update(name="small_cnn", kwargs={}),
-         ["missing: net.0.weight", "unexpected: net.3.bias"]),
+        (
+            lambda c: c["model"].update(checkpoint="/nowhere/model.pt"),
+            ["model.checkpoint", "/nowhere/model.pt does not exist"],
+        ),
+        (
+            lambda c: c["model"].update(kwargs={"hidden": [9]}),
+            [
+                "model.checkpoint",
+                "does not fit model",
+                "shape: net.1.weight (8, 5) vs model (9, 5)",
+            ],
+        ),
+        (
+            lambda c: c["model"].update(name="small_cnn", kwargs={}),
+            ["missing: net.0.weight", "unexpected: net.3.bias"],
+        ),
         (lambda c: c["model"].update(name="resnet7"), ["model.name: unknown model 'resnet7'"]),
         (lambda c: c["data"].update(name="imagenet"), ["data.name: unknown data set 'imagenet'"]),
     ],
@@ -92,4 +105,6 @@ def test_existing_surface_is_never_overwritten_or_corrupted(experiment, capsys):
 
 
 def test_override_syntax_is_checked(experiment, capsys):
-    fails_with(capsys, ["plan", str(experiment()), "--set", "grid.x.num"], "expected key.path=value")
+    fails_with(
+        capsys, ["plan", str(experiment()), "--set", "grid.x.num"], "expected key.path=value"
+    )

@@ -43,15 +43,18 @@ def test_cifar10_reads_the_standard_pickled_folder(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
-                 b"labels": list(rng.integers(0, 10, 4))}
+        batch = {
+            b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+            b"labels": list(rng.integers(0, 10, 4)),
+        }
         (folder / name).write_bytes(pickle.dumps(batch))
     data = load_dataset("cifar10", {"root": str(folder)})
     assert data.train_x.shape == (20, 3, 32, 32) and data.test_x.shape == (4, 3, 32, 32)
     first = pickle.loads((folder / "data_batch_1").read_bytes())
     red = first[b"data"][0, :1024].reshape(32, 32) / 255.0
-    torch.testing.assert_close(data.train_x[0, 0].double(),
-                               torch.from_numpy((red - 0.4914) / 0.2470), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        data.train_x[0, 0].double(), torch.from_numpy((red - 0.4914) / 0.2470), atol=1e-5, rtol=0
+    )
     with pytest.raises(UserError, match="data.kwargs.root"):
         load_dataset("cifar10", {"root": str(tmp_path)})
 
@@ -63,19 +66,29 @@ def test_user_data_plugs_in_by_import_path():
         load_dataset("no_such_module:data", {})
 
 
-@pytest.mark.parametrize("name", ["resnet20", "resnet20_noshort", "vgg9", "wrn56_2", "small_cnn", "mlp"])
+@pytest.mark.parametrize(
+    "name", ["resnet20", "resnet20_noshort", "vgg9", "wrn56_2", "small_cnn", "mlp"]
+)
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32)])
 def test_zoo_models_run_on_digits_and_cifar_shapes(name, shape):
     model = build_model(name, shape, 10, {}).eval()
     assert model(torch.zeros(2, *shape)).shape == (2, 10)
 
 
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def convs(model) -> int:
+    return sum(isinstance(x, torch.nn.Conv2d) and x.kernel_size == (3, 3) for x in model.modules())
+
+
 def test_resnet_depths_and_shortcuts_match_the_papers():
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    convs = lambda m: sum(isinstance(x, torch.nn.Conv2d) and x.kernel_size == (3, 3)  # noqa: E731
-                          for x in m.modules())
     for depth in (20, 56, 110):
-        plain, short = ZOO[f"resnet{depth}_noshort"]((3, 32, 32), 10), ZOO[f"resnet{depth}"]((3, 32, 32), 10)
+        plain, short = (
+            ZOO[f"resnet{depth}_noshort"]((3, 32, 32), 10),
+            ZOO[f"resnet{depth}"]((3, 32, 32), 10),
+        )
         assert convs(plain) == depth - 1  # 3x3 convs + 1 linear = depth layers
         assert count(short) - count(plain) == 16 * 32 + 32 * 64 + 2 * (32 + 64)  # 2 projections
     # He et al.'s ResNet-20 has 0.27M parameters.

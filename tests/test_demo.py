@@ -12,8 +12,13 @@ from pipeline.store import SurfaceFile
 def test_quick_demo_trains_maps_and_draws_every_figure(tmp_path):
     figures = run_demo(tmp_path, quick=True)
     names = {f.name for f in figures}
-    for stem in ("train_loss_contour", "train_loss_contourf", "train_loss_heatmap",
-                 "train_loss_surface3d", "train_acc_contour"):
+    for stem in (
+        "train_loss_contour",
+        "train_loss_contourf",
+        "train_loss_heatmap",
+        "train_loss_surface3d",
+        "train_acc_contour",
+    ):
         assert f"surface_2d_{stem}.png" in names and f"surface_2d_{stem}.pdf" in names
     assert {"surface_1d_curves.png", "surface_1d_curves.pdf"} <= names
     assert all(f.stat().st_size > 1000 for f in figures)

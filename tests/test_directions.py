@@ -34,9 +34,9 @@ def test_every_filter_gets_the_norm_of_its_weights_and_1d_tensors_are_zero(resne
 
 
 def test_layer_and_weight_normalizations(resnet):
-    layer, = random_directions(resnet, DirectionsConfig(normalization="layer"), 1)
-    weight, = random_directions(resnet, DirectionsConfig(normalization="weight"), 1)
-    raw, = random_directions(resnet, DirectionsConfig(normalization="none"), 1)
+    (layer,) = random_directions(resnet, DirectionsConfig(normalization="layer"), 1)
+    (weight,) = random_directions(resnet, DirectionsConfig(normalization="weight"), 1)
+    (raw,) = random_directions(resnet, DirectionsConfig(normalization="none"), 1)
     w = resnet.conv1.weight.detach().double()
     torch.testing.assert_close(layer["conv1.weight"].norm(), w.norm(), rtol=1e-12, atol=0)
     torch.testing.assert_close(weight["conv1.weight"], raw["conv1.weight"] * w.abs())

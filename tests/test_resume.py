@@ -17,10 +17,15 @@ from pipeline.plan import plan_surface
 from pipeline.store import SurfaceFile
 from pipeline.workers import run_surface
 
-SLOW_GRID = {"x": {"min": -1.0, "max": 1.0, "num": 8}, "y": {"min": -1.0, "max": 1.0, "num": 6},
-             "shard_size": 5}
-SLOW_DATA = {"name": "gaussian_clusters",
-             "kwargs": {"num_classes": 4, "dim": 32, "train_per_class": 1500, "test_per_class": 200}}
+SLOW_GRID = {
+    "x": {"min": -1.0, "max": 1.0, "num": 8},
+    "y": {"min": -1.0, "max": 1.0, "num": 6},
+    "shard_size": 5,
+}
+SLOW_DATA = {
+    "name": "gaussian_clusters",
+    "kwargs": {"num_classes": 4, "dim": 32, "train_per_class": 1500, "test_per_class": 200},
+}
 
 
 def run_command(surface) -> list[str]:
@@ -37,8 +42,11 @@ def done_count(surface) -> int:
 
 @pytest.mark.parametrize("kill_after", [3, 30])
 def test_killed_run_resumes_to_identical_maps(experiment, kill_after):
-    changes = {"grid": SLOW_GRID, "data": SLOW_DATA,
-               "model": {"name": "mlp", "kwargs": {"hidden": [128, 128]}}}
+    changes = {
+        "grid": SLOW_GRID,
+        "data": SLOW_DATA,
+        "model": {"name": "mlp", "kwargs": {"hidden": [128, 128]}},
+    }
     reference = plan_surface(load_config(experiment(name="reference", **changes)))
     run_surface(reference, show_progress=False)
     surface = plan_surface(load_config(experiment(name="killed", **changes)))

@@ -42,7 +42,9 @@ def test_linear_model_with_mse_has_the_exact_quadratic_landscape(experiment):
     u = x @ d1["linear.weight"].T + d1["linear.bias"]
     v = x @ d2["linear.weight"].T + d2["linear.bias"]
     # Expand the square: every coefficient of the quadratic in (a, b) is an exact mean.
-    c = [np.mean(q) for q in (residual**2, 2 * residual * u, 2 * residual * v, u**2, 2 * u * v, v**2)]
+    c = [
+        np.mean(q) for q in (residual**2, 2 * residual * u, 2 * residual * v, u**2, 2 * u * v, v**2)
+    ]
     a, b = np.meshgrid(grid.x, grid.y)
     expected = c[0] + c[1] * a + c[2] * b + c[3] * a**2 + c[4] * a * b + c[5] * b**2
     assert np.abs(u).max() > 0.1 and np.abs(v).max() > 0.1  # the directions really move it
@@ -94,7 +96,10 @@ def test_values_do_not_depend_on_the_evaluation_batch_size(experiment, tmp_path)
             model={"name": "small_cnn", "kwargs": {"channels": [4]}},
             data={"name": "digits", "kwargs": {}},
             evaluation={"batch_size": batch_size},
-            grid={"x": {"min": -1.0, "max": 1.0, "num": 3}, "y": {"min": -1.0, "max": 1.0, "num": 2}},
+            grid={
+                "x": {"min": -1.0, "max": 1.0, "num": 3},
+                "y": {"min": -1.0, "max": 1.0, "num": 2},
+            },
         )
         with plan_and_run(config) as surface:
             maps.append(surface.maps())

@@ -22,14 +22,17 @@ def test_training_saves_every_epoch_and_is_reproducible(tmp_path):
         config = parse_config(CONFIG % (tmp_path / name))
         last = train(config)
         assert last.name == "epoch_004.pt"
-        runs.append([torch.load(tmp_path / name / f"epoch_{e:03d}.pt", weights_only=True)
-                     for e in range(5)])
+        runs.append(
+            [torch.load(tmp_path / name / f"epoch_{e:03d}.pt", weights_only=True) for e in range(5)]
+        )
     first, second = runs
     for a, b in zip(first, second):
         assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert first[4]["epoch"] == 4 and first[4]["train_acc"] > 0.95
     assert first[4]["train_loss"] < first[1]["train_loss"]
-    assert not torch.equal(first[0]["state_dict"]["net.1.weight"], first[4]["state_dict"]["net.1.weight"])
+    assert not torch.equal(
+        first[0]["state_dict"]["net.1.weight"], first[4]["state_dict"]["net.1.weight"]
+    )
 
 
 def test_learning_rate_schedules():

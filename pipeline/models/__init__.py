@@ -34,7 +34,9 @@ def build_model(name: str, input_shape: tuple, num_classes: int, kwargs: dict) -
     try:
         return factory(tuple(input_shape), num_classes, **kwargs)
     except TypeError as exc:
-        raise UserError(f"model.kwargs: {name} rejects {kwargs} ({exc}); fix model.kwargs") from None
+        raise UserError(
+            f"model.kwargs: {name} rejects {kwargs} ({exc}); fix model.kwargs"
+        ) from None
 
 
 @functools.cache

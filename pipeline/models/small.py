@@ -39,9 +39,13 @@ class SmallCNN(nn.Module):
 
     def __init__(self, input_shape: tuple, num_classes: int, channels=(16, 32)):
         super().__init__()
-        conv, norm = (nn.Conv1d, nn.BatchNorm1d) if len(input_shape) == 2 else (
-            nn.Conv2d,
-            nn.BatchNorm2d,
+        conv, norm = (
+            (nn.Conv1d, nn.BatchNorm1d)
+            if len(input_shape) == 2
+            else (
+                nn.Conv2d,
+                nn.BatchNorm2d,
+            )
         )
         pool = nn.AdaptiveAvgPool1d if len(input_shape) == 2 else nn.AdaptiveAvgPool2d
         layers, in_channels = [], input_shape[0]
