@@ -55,7 +55,8 @@ def plot_curves(grid: Grid, maps: dict[str, np.ndarray], direction_attrs: dict) 
     """1D: loss on the left axis, accuracy on the right; train solid, test dashed."""
     figure, loss_axis = plt.subplots(figsize=(6, 4.2))
     accuracy_axis = None
-    for name, values in maps.items():
+    for name in [n for n in TITLES if n in maps]:  # train before test, loss before accuracy
+        values = maps[name]
         style = "-" if name.startswith("train") else "--"
         if name.endswith("loss"):
             loss_axis.plot(grid.x, values, style, color="tab:blue", lw=2, label=TITLES[name])
@@ -72,7 +73,7 @@ def plot_curves(grid: Grid, maps: dict[str, np.ndarray], direction_attrs: dict) 
         accuracy_axis.set_ylim(0, 100)
         more_handles, more_labels = accuracy_axis.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
-    loss_axis.legend(handles, labels, loc="upper center", fontsize=9, frameon=False)
+    loss_axis.legend(handles, labels, loc="center", fontsize=9, frameon=False)
     figure.tight_layout()
     return figure
 
