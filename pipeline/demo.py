@@ -14,35 +14,37 @@ from pathlib import Path
 from pipeline.config import load_config
 from pipeline.plan import plan_surface
 from pipeline.plot import plot_surface_file
-from pipeline.train import train
+from pipeline.train import checkpoint_path, train
 from pipeline.workers import run_surface
 
 log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-QUICK = ["grid.x.num=5", "grid.y.num=4", "train.epochs=1", "maps=[train_loss,train_acc]"]
-
-
-def demo_overrides(out: Path, name: str, quick: bool) -> list[str]:
-    """Redirect the demo config's outputs under ``out`` (and shrink it when ``quick``)."""
-    epochs = 1 if quick else 15
-    overrides = [
-        f"model.checkpoint={out / 'checkpoints' / f'epoch_{epochs:03d}.pt'}",
-        f"output={out / f'{name}.h5'}",
-    ]
-    if name == "surface_2d":
-        overrides.append(f"train.checkpoint_dir={out / 'checkpoints'}")
-        overrides += QUICK if quick else []
-    elif quick:
-        overrides.append("grid.x.num=5")
-    return overrides
+QUICK_2D = ["grid.x.num=5", "grid.y.num=4", "train.epochs=1", "maps=[train_loss,train_acc]"]
+QUICK_1D = ["grid.x.num=5"]
 
 
 def run_demo(out: str | Path = "results/demo", quick: bool = False) -> list[Path]:
-    """Run the whole demo; returns the figure files."""
+    """Run the whole demo with every output under ``out``; returns the figure files.
+
+    ``quick`` shrinks it to a 5x4 grid after one epoch (a smoke test).
+    """
     started = time.perf_counter()
     out = Path(out).resolve()
-    surface_config = load_config(CONFIGS / "demo.yaml", demo_overrides(out, "surface_2d", quick))
-    curve_config = load_config(CONFIGS / "demo_1d.yaml", demo_overrides(out, "surface_1d", quick))
+    training = [f"train.checkpoint_dir={out / 'checkpoints'}", *(QUICK_2D if quick else [])]
+    settings = load_config(CONFIGS / "demo.yaml", training).train
+    trained = checkpoint_path(settings, settings.epochs)
+    surface_config = load_config(
+        CONFIGS / "demo.yaml",
+        [*training, f"model.checkpoint={trained}", f"output={out / 'surface_2d.h5'}"],
+    )
+    curve_config = load_config(
+        CONFIGS / "demo_1d.yaml",
+        [
+            f"model.checkpoint={trained}",
+            f"output={out / 'surface_1d.h5'}",
+            *(QUICK_1D if quick else []),
+        ],
+    )
     if Path(surface_config.model.checkpoint).is_file():
         log.info("using the trained checkpoint %s", surface_config.model.checkpoint)
     else:
