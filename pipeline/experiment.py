@@ -44,6 +44,7 @@ class Experiment:
         model = build_model(
             config.model.name, data.input_shape, data.num_classes, config.model.kwargs
         )
+        check_loss_fits_targets(evaluation.loss, data, config.data.name)
         sha256 = None
         if with_checkpoint:
             if config.model.checkpoint is None:
@@ -61,6 +62,17 @@ class Experiment:
             data.num_classes,
         )
         return cls(config, model, data, device, dtype, sha256)
+
+
+def check_loss_fits_targets(loss: str, data: Dataset, name: str) -> None:
+    """Cross-entropy needs integer class labels; mse needs float targets."""
+    classification = not data.train_y.is_floating_point()
+    if classification != (loss == "cross_entropy"):
+        kind = "integer class labels" if classification else "float targets"
+        fitting = "cross_entropy" if classification else "mse"
+        raise UserError(
+            f"evaluation.loss: {loss!r} does not fit data {name!r}, which has {kind}; use {fitting}"
+        )
 
 
 def resolve_device(name: str) -> torch.device:

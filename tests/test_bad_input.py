@@ -56,6 +56,10 @@ def edit(path, change) -> None:
         ),
         (lambda c: c["model"].update(name="resnet7"), ["model.name: unknown model 'resnet7'"]),
         (lambda c: c["data"].update(name="imagenet"), ["data.name: unknown data set 'imagenet'"]),
+        (
+            lambda c: c.update(maps=["train_loss"], evaluation={"loss": "mse"}),
+            ["evaluation.loss: 'mse' does not fit data", "integer class labels; use cross_entropy"],
+        ),
     ],
 )
 def test_config_errors_name_the_field(experiment, capsys, change, fragments):
