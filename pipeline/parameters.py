@@ -26,14 +26,11 @@ class FlatParameters:
             offset += size
         self.origin = self.vector.clone()
 
-    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Concatenate per-parameter tensors (keyed by name) in this vector's order."""
-        return torch.cat([tensors[name].reshape(-1) for name in self.names]).to(self.vector)
-
-    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Split a flat vector back into per-parameter tensors keyed by name."""
-        pieces = torch.split(vector, self.sizes)
-        return {n: p.view(s) for n, p, s in zip(self.names, pieces, self.shapes)}
+    def flatten(self, tensors: dict) -> torch.Tensor:
+        """Concatenate per-parameter tensors or arrays (keyed by name) in this vector's order,
+        on this vector's device and in its dtype."""
+        pieces = [torch.as_tensor(tensors[name]).reshape(-1) for name in self.names]
+        return torch.cat(pieces).to(self.vector)
 
     def move_to(self, a: float, d1: torch.Tensor, b: float = 0.0, d2: torch.Tensor | None = None):
         """Set the parameters to ``origin + a*d1 (+ b*d2)`` in place."""

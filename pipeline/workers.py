@@ -45,8 +45,7 @@ class SurfaceEvaluator:
         self.experiment = experiment
         self.maps = maps
         self.parameters = FlatParameters(experiment.model)
-        as_tensors = lambda d: {k: torch.from_numpy(v) for k, v in d.items()}  # noqa: E731
-        self.directions = [self.parameters.flatten(as_tensors(d)) for d in directions]
+        self.directions = [self.parameters.flatten(d) for d in directions]
 
     def __call__(self, a: float, b: float) -> dict[str, float]:
         d2 = self.directions[1] if len(self.directions) > 1 else None
@@ -54,8 +53,7 @@ class SurfaceEvaluator:
         values = {}
         evaluation = self.experiment.config.evaluation
         for split in ("train", "test"):
-            wanted = [m for m in self.maps if m.startswith(split)]
-            if wanted:
+            if any(m.startswith(split) for m in self.maps):
                 inputs, targets = self.experiment.data.split(split)
                 loss, accuracy = evaluate(
                     self.experiment.model, inputs, targets, evaluation.batch_size, evaluation.loss
