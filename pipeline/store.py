@@ -89,6 +89,7 @@ class SurfaceFile:
         self.config: ExperimentConfig = parse_config(handle.attrs["config"], source=str(path))
         y = handle["grid/y"][()] if "grid/y" in handle else None
         self.grid = Grid(handle["grid/x"][()], y)
+        self.datasets: dict[str, h5py.Dataset] = {}
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> SurfaceFile:
@@ -166,9 +167,15 @@ class SurfaceFile:
         """Store one point's values, then its finish time and done flag (in that order)."""
         index = self.grid.index(point)
         for name, value in values.items():
-            self.handle[f"maps/{name}"][index] = value
-        self.handle[f"finished/{job}"][index] = time.time()
-        self.handle[f"done/{job}"][index] = 1
+            self.dataset(f"maps/{name}")[index] = value
+        self.dataset(f"finished/{job}")[index] = time.time()
+        self.dataset(f"done/{job}")[index] = 1
+
+    def dataset(self, name: str) -> h5py.Dataset:
+        """The dataset object, looked up once: a path lookup per point costs more than the write."""
+        if name not in self.datasets:
+            self.datasets[name] = self.handle[name]
+        return self.datasets[name]
 
     def flush(self) -> None:
         self.handle.flush()
