@@ -16,11 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from pipeline.errors import UserError
 
-MAP_NAMES = ("train_loss", "train_acc", "test_loss", "test_acc")
+# Every map a surface file can hold, and the job kind that computes it.
+MAP_JOBS = {
+    "train_loss": "surface",
+    "train_acc": "surface",
+    "test_loss": "surface",
+    "test_acc": "surface",
+}
+MAP_NAMES = tuple(MAP_JOBS)
 
 
 class ConfigError(UserError):
@@ -44,6 +52,9 @@ class AxisConfig:
     min: float
     max: float
     num: int
+
+    def coordinates(self) -> np.ndarray:
+        return np.linspace(self.min, self.max, self.num)
 
     def check(self, where: str) -> None:
         if self.num < 2:

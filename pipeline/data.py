@@ -115,8 +115,8 @@ def mnist1d(num_samples: int = 5000, seed: int = 42) -> Dataset:
         data = make_dataset(args)
     finally:
         np.random.set_state(saved)
-    as_signal = lambda x: x.astype(np.float32)[:, None, :]  # noqa: E731  (N, 1, 40)
-    return _tensors(as_signal(data["x"]), data["y"], as_signal(data["x_test"]), data["y_test"], 10)
+    signals = [data[k].astype(np.float32)[:, None, :] for k in ("x", "x_test")]  # (N, 1, 40)
+    return _tensors(signals[0], data["y"], signals[1], data["y_test"], 10)
 
 
 CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)

@@ -27,8 +27,7 @@ class Grid:
 
     @classmethod
     def from_config(cls, config: GridConfig) -> Grid:
-        axis = lambda a: np.linspace(a.min, a.max, a.num)  # noqa: E731
-        return cls(axis(config.x), axis(config.y) if config.y is not None else None)
+        return cls(config.x.coordinates(), config.y.coordinates() if config.y else None)
 
     @property
     def shape(self) -> tuple[int, ...]:

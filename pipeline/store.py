@@ -29,17 +29,11 @@ import numpy as np
 import yaml
 
 from pipeline import __version__
-from pipeline.config import ExperimentConfig, parse_config
+from pipeline.config import MAP_JOBS, ExperimentConfig, parse_config
 from pipeline.errors import UserError
 from pipeline.grid import Grid
 
 SCHEMA_VERSION = 1
-MAP_JOBS = {
-    "train_loss": "surface",
-    "train_acc": "surface",
-    "test_loss": "surface",
-    "test_acc": "surface",
-}
 
 
 def create_surface_file(

@@ -60,8 +60,9 @@ def train(config: ExperimentConfig) -> Path:
     generator = torch.Generator(device=data.train_x.device).manual_seed(settings.seed)
     save_checkpoint(checkpoint_path(settings, 0), model, epoch=0)
     for epoch in range(settings.epochs):
+        lr = learning_rate(settings, epoch)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(settings, epoch)
+            group["lr"] = lr
         model.train()
         order = torch.randperm(len(data.train_x), generator=generator, device=data.train_x.device)
         for start in range(0, len(order), settings.batch_size):
@@ -84,13 +85,13 @@ def train(config: ExperimentConfig) -> Path:
             train_acc=train_acc,
             test_loss=test_loss,
             test_acc=test_acc,
-            lr=learning_rate(settings, epoch),
+            lr=lr,
         )
         log.info(
             "epoch %d/%d  lr %.4g  train loss %.4f acc %.4f  test loss %.4f acc %.4f",
             epoch + 1,
             settings.epochs,
-            learning_rate(settings, epoch),
+            lr,
             train_loss,
             train_acc,
             test_loss,
