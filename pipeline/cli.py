@@ -1,4 +1,4 @@
-"""The ``landscape`` command: train, plan, run, status, plot, demo.
+"""The ``landscape`` command: train, plan, run, reduce, status, plot, demo.
 
 Each subcommand is a thin shell over one module; a :class:`UserError` anywhere prints
 one line and exits with status 2, a bug keeps its traceback.
@@ -10,7 +10,8 @@ import argparse
 import logging
 import sys
 
-from pipeline.errors import UserError
+from pipeline.errors import FailedElsewhere, UserError
+from pipeline.ranks import launcher_rank
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +43,15 @@ def command_plan(args) -> None:
 def command_run(args) -> None:
     from pipeline.workers import run_surface
 
-    run_surface(args.surface, device=args.device, show_progress=not args.no_progress)
+    run_surface(
+        args.surface, device=args.device, show_progress=not args.no_progress, writer=args.writer
+    )
+
+
+def command_reduce(args) -> None:
+    from pipeline.parts import reduce_parts
+
+    print(f"{reduce_parts(args.surface)} points merged into {args.surface}")
 
 
 def command_status(args) -> None:
@@ -81,7 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("surface")
     run.add_argument("--device", help="override evaluation.device (e.g. cpu, cuda:1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--writer",
+        choices=["auto", "serial", "mpio", "parts"],
+        default="auto",
+        help="how results reach the file (auto: serial for 1 rank, else mpio if h5py has MPI, "
+        "else part files)",
+    )
     run.set_defaults(handler=command_run)
+
+    reduce = commands.add_parser("reduce", help="merge the part files of a run into its surface")
+    reduce.add_argument("surface")
+    reduce.set_defaults(handler=command_reduce)
 
     status = commands.add_parser("status", help="points done, rate and time left")
     status.add_argument("surface")
@@ -102,15 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rank = launcher_rank()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s " + (f"[rank {rank}] " if rank else "") + "%(levelname)s %(name)s: "
+        "%(message)s",
         datefmt="%H:%M:%S",
     )
     try:
         args.handler(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not isinstance(exc, FailedElsewhere):
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 

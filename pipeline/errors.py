@@ -7,3 +7,7 @@ class UserError(Exception):
     The command-line entry point prints the message and exits non-zero without a
     traceback; everything else (a bug) keeps its traceback.
     """
+
+
+class FailedElsewhere(UserError):
+    """The error of another MPI rank, which rank 0 reports: this rank exits quietly."""

@@ -33,12 +33,17 @@ class Experiment:
 
     @classmethod
     def load(
-        cls, config: ExperimentConfig, with_checkpoint: bool = True, device: str | None = None
+        cls,
+        config: ExperimentConfig,
+        with_checkpoint: bool = True,
+        device: str | None = None,
+        local_rank: int = 0,
     ) -> Experiment:
+        """``device`` overrides the config's; ``local_rank`` picks this rank's GPU."""
         evaluation = config.evaluation
         if evaluation.threads:
             torch.set_num_threads(evaluation.threads)
-        device = resolve_device(device or evaluation.device)
+        device = resolve_device(device or evaluation.device, local_rank)
         dtype = DTYPES[evaluation.dtype]
         data = load_dataset(config.data.name, config.data.kwargs)
         model = build_model(
@@ -75,10 +80,11 @@ def check_loss_fits_targets(loss: str, data: Dataset, name: str) -> None:
         )
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks the GPU when there is one; anything else is passed to torch."""
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks a GPU when there is one, anything else is passed to torch. A GPU
+    without an index is the one of this rank: its rank on the node modulo visible GPUs."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -87,4 +93,6 @@ def resolve_device(name: str) -> torch.device:
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("evaluation.device: cuda requested but no GPU is visible; use auto or cpu")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return device

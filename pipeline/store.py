@@ -2,8 +2,9 @@
 
 Layout (schema version 1)::
 
-    /                    attrs: schema_version, config (YAML), created, package_version,
-                         checkpoint_path, checkpoint_sha256, model, dataset
+    /                    attrs: schema_version, plan_id (random, unique per plan),
+                         config (YAML), created, package_version, checkpoint_path,
+                         checkpoint_sha256, model, dataset
     /directions/x|y/<p>  float64, one dataset per parameter name; group attrs: kind,
                          normalization, ignore, seed, ignored (parameter names)
     /grid/x, /grid/y     coordinates (no y for a 1D surface)
@@ -14,7 +15,8 @@ Layout (schema version 1)::
 
 Every dataset is created, with its storage allocated, when the file is planned; workers
 only overwrite raw values, never metadata, so a worker killed at any moment leaves a
-file that opens cleanly. A point's values are written before its done flag.
+file that opens cleanly. A point's values are written before its done flag. With the
+``mpio`` driver every rank opens the file and writes its own points independently.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+import uuid
 from pathlib import Path
 
 import h5py
@@ -54,6 +57,7 @@ def create_surface_file(
             config=config.to_yaml(),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             package_version=__version__,
+            plan_id=uuid.uuid4().hex,
             **metadata,
         )
         for axis, direction in zip("xy", directions):
@@ -86,14 +90,25 @@ class SurfaceFile:
         self.datasets: dict[str, h5py.Dataset] = {}
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> SurfaceFile:
-        """Open for reading (``"r"``, never locks, so it works beside a running job) or
-        for writing results (``"r+"``)."""
+    def open(cls, path: str | Path, mode: str = "r", comm=None) -> SurfaceFile:
+        """Open for reading (``"r"``, never locks, so it works beside a running job), for
+        writing results from one process (``"r+"``, locked), or, given an MPI ``comm``, from
+        all its ranks at once with the ``mpio`` driver (a collective call).
+
+        Under ``mpio`` HDF5 file locking is switched off on every rank: ranks coordinate
+        through MPI, not ``flock``, and on NFS and Lustre the lock call itself fails with
+        errno 11 or 38. Only the planner and the reducer write metadata, and never while
+        workers run.
+        """
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such surface file; create it with `landscape plan CONFIG`")
+        if comm is None:
+            options = {"locking": mode != "r"}
+        else:
+            options = {"driver": "mpio", "comm": comm, "locking": False}
         try:
-            handle = h5py.File(path, mode, locking=mode != "r")
+            handle = h5py.File(path, mode, **options)
         except OSError as exc:
             raise UserError(
                 f"{path}: cannot open as HDF5 ({exc}); is another job writing it, or is it "
@@ -120,6 +135,10 @@ class SurfaceFile:
     @property
     def stored_config(self) -> dict:
         return yaml.safe_load(self.handle.attrs["config"])
+
+    @property
+    def plan_id(self) -> str:
+        return self.handle.attrs["plan_id"]
 
     @property
     def attrs(self) -> dict:
@@ -171,5 +190,30 @@ class SurfaceFile:
             self.datasets[name] = self.handle[name]
         return self.datasets[name]
 
-    def flush(self) -> None:
+    def write_points(
+        self, job: str, points: np.ndarray, values: dict[str, np.ndarray], finished: np.ndarray
+    ) -> None:
+        """Store many points at once (the reducer): maps, then finish times, then done
+        flags, each read, updated and written whole, then flushed."""
+        for name, column in values.items():
+            self.update_flat(f"maps/{name}", points, column)
+        self.update_flat(f"finished/{job}", points, finished)
+        self.update_flat(f"done/{job}", points, np.ones(len(points), np.uint8))
         self.handle.flush()
+
+    def update_flat(self, name: str, points: np.ndarray, values: np.ndarray) -> None:
+        dataset = self.handle[name]
+        array = dataset[()]
+        array.reshape(-1)[points] = values
+        dataset[...] = array
+
+    def commit(self) -> None:
+        """Make the points written so far survive a crash of this process.
+
+        A serial file is flushed. Under ``mpio`` flushing is a collective call, which ranks
+        working at their own pace cannot make; it is not needed either: the maps are
+        contiguous datasets, for which the MPI-IO driver keeps no cache, so each write is
+        in the operating system's hands when ``write_point`` returns.
+        """
+        if self.handle.driver != "mpio":
+            self.handle.flush()

@@ -1,9 +1,11 @@
-"""Workers: evaluate the not-yet-done points of a surface file's shards and write them back.
+"""Workers: evaluate the not-yet-done points of a surface file and write them back.
 
-The loop is split in three so that MPI and part-file writers can reuse it: a
-:class:`SurfaceEvaluator` turns coordinates into map values (pure compute), a writer
-stores a point (``write_point``) and makes a shard durable (``flush``), and
-:func:`evaluate_shards` walks the shards between the two, with progress.
+The same code runs as one process or as N MPI ranks (``mpirun -n N landscape run``).
+Four pieces meet here: the ranks (:mod:`pipeline.ranks`), which hand out shards;
+a :class:`SurfaceEvaluator`, which turns coordinates into map values (pure compute);
+a writer, which stores a point (``write_point``) and makes a shard durable
+(``commit``): the surface file itself, opened serially or with ``mpio`` by every rank,
+or a :class:`~pipeline.parts.PartWriter`; and :func:`evaluate_shards`, the loop.
 """
 
 from __future__ import annotations
@@ -11,19 +13,23 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from pipeline.checkpoint import verify_fingerprint
+from pipeline.errors import UserError
 from pipeline.evaluate import evaluate
 from pipeline.experiment import Experiment
 from pipeline.grid import Grid
 from pipeline.parameters import FlatParameters
+from pipeline.parts import PartWriter, reduce_parts
+from pipeline.ranks import CLAIMED, DONE, Solo, connect_ranks, cpu_threads_per_rank
 from pipeline.store import SurfaceFile
 
 log = logging.getLogger(__name__)
@@ -33,7 +39,7 @@ JOB = "surface"
 class PointWriter(Protocol):
     def write_point(self, job: str, point: int, values: dict[str, float]) -> None: ...
 
-    def flush(self) -> None: ...
+    def commit(self) -> None: ...
 
 
 class SurfaceEvaluator:
@@ -62,65 +68,188 @@ class SurfaceEvaluator:
         return {m: values[m] for m in self.maps}
 
 
+def pending_shards(shards: np.ndarray, done: np.ndarray) -> list[np.ndarray]:
+    """The point numbers not yet done in each shard, leaving out shards already finished."""
+    flat_done = done.reshape(-1)
+    shard_points = (np.arange(start, stop) for start, stop in shards)
+    return [points[~flat_done[points]] for points in shard_points if not flat_done[points].all()]
+
+
 def evaluate_shards(
     evaluate_point,
     grid: Grid,
-    shards: Iterable[tuple[int, int]],
-    done: np.ndarray,
+    claims: Iterable[np.ndarray],
     writer: PointWriter,
-    progress: tqdm | None = None,
+    on_point=None,
 ) -> int:
-    """Evaluate every point of ``shards`` not yet ``done``; flush after each shard.
+    """Evaluate and write every point of each claimed shard, committing after each shard.
 
     Returns the number of points evaluated.
     """
-    flat_done = done.reshape(-1)
     count = 0
-    for start, stop in shards:
-        pending = [p for p in range(start, stop) if not flat_done[p]]
-        for point in pending:
+    for points in claims:
+        for point in map(int, points):
             writer.write_point(JOB, point, evaluate_point(*grid.coordinates(point)))
             count += 1
-            if progress is not None:
-                progress.update(1)
-        if pending:
-            writer.flush()
+            if on_point is not None:
+                on_point()
+        writer.commit()
     return count
 
 
-def run_surface(path: str | Path, device: str | None = None, show_progress: bool = True) -> int:
-    """Evaluate all pending points of a surface file in this process; returns how many."""
-    with SurfaceFile.open(path, "r+") as surface:
-        config = surface.config
-        verify_fingerprint(config.model.checkpoint, surface.attrs["checkpoint_sha256"], path)
-        done = surface.done(JOB)
-        pending = int((~done).sum())
-        if pending == 0:
-            log.info("%s: all %d points already done", path, done.size)
-            return 0
-        experiment = Experiment.load(config, device=device)
-        log.info(
-            "%s: %d of %d points to evaluate on %s (%s, %d threads)",
-            path,
-            pending,
-            done.size,
-            experiment.device,
-            config.evaluation.dtype,
-            torch.get_num_threads(),
-        )
-        evaluator = SurfaceEvaluator(experiment, surface.directions(), surface.job_maps(JOB))
-        started = time.perf_counter()
+class ShardClaims:
+    """The shards this rank claims, one at a time, and rank 0's count of the whole run.
+
+    Iterating claims the next unclaimed shard from the shared counter; once the loop
+    has committed a shard, its points are added to the shared done count, which rank 0
+    reads after each of its own points to drive the progress bar (points, rate, ETA).
+    """
+
+    def __init__(self, ranks: Solo, pending: list[np.ndarray], show_progress: bool):
+        self.ranks = ranks
+        self.pending = pending
+        self.total = sum(len(points) for points in pending)
+        self.uncounted = 0  # points of the current shard, not yet in the shared count
         interactive = sys.stderr.isatty()  # in a log file, one line every 30 s is enough
-        with tqdm(
-            total=pending,
+        self.bar = tqdm(
+            total=self.total,
             unit="pt",
-            desc="surface",
+            desc=JOB,
             mininterval=1 if interactive else 30,
-            disable=not show_progress,
-        ) as progress:
-            count = evaluate_shards(
-                evaluator, surface.grid, surface.shards(JOB), done, surface, progress
+            disable=not show_progress or ranks.rank != 0,
+        )
+        self.claim_log_level = logging.INFO if ranks.size > 1 else logging.DEBUG
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while (index := self.ranks.fetch_add(CLAIMED, 1)) < len(self.pending):
+            points = self.pending[index]
+            log.log(
+                self.claim_log_level,
+                "claimed shard %d of %d: %d points from point %d",
+                index + 1,
+                len(self.pending),
+                len(points),
+                points[0],
             )
-        elapsed = time.perf_counter() - started
-        log.info("%s: %d points in %.1f s (%.2f points/s)", path, count, elapsed, count / elapsed)
+            yield points
+            self.ranks.fetch_add(DONE, len(points))
+            self.uncounted = 0
+
+    def point_done(self) -> None:
+        self.uncounted += 1
+        self.show_progress()
+
+    def show_progress(self) -> None:
+        """Rank 0 reads the shared count (an MPI call, which also lets other ranks' atomics
+        on its counters progress); the other ranks have nothing to show."""
+        if self.ranks.rank == 0:
+            self.bar.update(self.ranks.read(DONE) + self.uncounted - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+WRITERS = {
+    "serial": "one process writes the surface file",
+    "mpio": "every rank writes its own points into the surface file (parallel HDF5, mpio)",
+    "parts": "each rank writes part files, merged into the surface file at the end",
+}
+
+
+def choose_writer(requested: str, ranks: Solo) -> str:
+    """``auto``: serial for one rank, ``mpio`` for several when h5py has MPI, else parts."""
+    parallel_h5py = h5py.get_config().mpi
+    if requested == "auto":
+        if ranks.size == 1:
+            return "serial"
+        return "mpio" if parallel_h5py else "parts"
+    if requested == "mpio" and not (parallel_h5py and ranks.comm is not None):
+        raise UserError(
+            "--writer mpio: needs h5py built with MPI (h5py.get_config().mpi is "
+            f"{parallel_h5py}) and ranks started by mpirun or srun; run `make install`, or "
+            "use --writer parts"
+        )
+    if requested == "serial" and ranks.size > 1:
+        raise UserError(
+            f"--writer serial: {ranks.size} ranks cannot share one serially opened file; "
+            "use auto, mpio or parts"
+        )
+    return requested
+
+
+def open_surface(path: Path, writer: str, ranks: Solo) -> SurfaceFile:
+    """The surface file as this rank's writer needs it: read-only for part files."""
+    if writer == "mpio":
+        return SurfaceFile.open(path, "r+", comm=ranks.comm)
+    return SurfaceFile.open(path, "r" if writer == "parts" else "r+")
+
+
+def load_evaluator(surface: SurfaceFile, device: str | None, ranks: Solo) -> SurfaceEvaluator:
+    """Load the experiment on this rank's device and read the directions."""
+    config = surface.config
+    experiment = Experiment.load(config, device=device, local_rank=ranks.local_rank)
+    if ranks.size > 1 and not config.evaluation.threads:
+        torch.set_num_threads(cpu_threads_per_rank(ranks.local_size))
+    log.info(
+        "rank %d of %d (node rank %d of %d): %s, %s, %d CPU threads",
+        ranks.rank,
+        ranks.size,
+        ranks.local_rank,
+        ranks.local_size,
+        experiment.device,
+        config.evaluation.dtype,
+        torch.get_num_threads(),
+    )
+    return SurfaceEvaluator(experiment, surface.directions(), surface.job_maps(JOB))
+
+
+def run_surface(
+    path: str | Path, device: str | None = None, show_progress: bool = True, writer: str = "auto"
+) -> int:
+    """Evaluate every pending point of a surface file with all ranks of this run.
+
+    Returns the number of points this rank evaluated.
+    """
+    path = Path(path)
+    with connect_ranks() as ranks:
+        writer = choose_writer(writer, ranks)
+        if ranks.rank == 0:
+            log.info("%s: %d rank(s); %s", path, ranks.size, WRITERS[writer])
+        # What a killed part-file run left is merged before anyone reads the done flags.
+        ranks.agree(lambda: reduce_parts(path) if ranks.rank == 0 else 0)
+        with ranks.agree(lambda: open_surface(path, writer, ranks)) as surface:
+            # Every rank reads the checkpoint it will load: one node may see other bytes.
+            ranks.agree(
+                lambda: verify_fingerprint(
+                    surface.config.model.checkpoint, surface.attrs["checkpoint_sha256"], path
+                )
+            )
+            pending = ranks.broadcast(
+                pending_shards(surface.shards(JOB), surface.done(JOB)) if ranks.rank == 0 else None
+            )
+            if not pending:
+                if ranks.rank == 0:
+                    log.info("%s: all %d points already done", path, surface.grid.size)
+                return 0
+            evaluator = ranks.agree(lambda: load_evaluator(surface, device, ranks))
+            point_writer = PartWriter(path, surface.plan_id) if writer == "parts" else surface
+            claims = ShardClaims(ranks, pending, show_progress)
+            started = time.perf_counter()
+            with ranks.failing_together():
+                count = evaluate_shards(
+                    evaluator, surface.grid, claims, point_writer, claims.point_done
+                )
+                ranks.wait_for_all(claims.show_progress)
+            claims.close()
+        if ranks.rank == 0:
+            if writer == "parts":
+                reduce_parts(path)
+            elapsed = time.perf_counter() - started
+            log.info(
+                "%s: %d points in %.1f s (%.2f points/s)",
+                path,
+                claims.total,
+                elapsed,
+                claims.total / elapsed,
+            )
         return count

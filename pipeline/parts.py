@@ -1,0 +1,122 @@
+"""Part files: how ranks share one surface file when h5py has no MPI support.
+
+Each rank writes every shard it finishes to a small HDF5 file of its own beside the
+surface file, ``<surface>.parts/<job>-<first point>-<last point>.h5`` (to a temporary
+name, then renamed, so a part is either complete or absent). The reducer, one serial
+process, merges them into the surface file and deletes them: rank 0 does it when a
+run ends, ``landscape reduce`` after a crash, and every run starts by merging what a
+killed run left. A part carries its surface file's plan id and is never merged into
+another plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.store import SurfaceFile
+
+log = logging.getLogger(__name__)
+
+
+def parts_folder(surface_path: str | Path) -> Path:
+    path = Path(surface_path)
+    return path.with_name(path.name + ".parts")
+
+
+class PartWriter:
+    """A point writer that keeps a shard's points in memory and commits them as one part."""
+
+    def __init__(self, surface_path: str | Path, plan_id: str):
+        self.folder = parts_folder(surface_path)
+        self.plan_id = plan_id
+        self.job: str | None = None
+        self.points: list[int] = []
+        self.values: dict[str, list[float]] = {}
+        self.finished: list[float] = []
+
+    def write_point(self, job: str, point: int, values: dict[str, float]) -> None:
+        self.job = job
+        self.points.append(point)
+        for name, value in values.items():
+            self.values.setdefault(name, []).append(value)
+        self.finished.append(time.time())
+
+    def commit(self) -> None:
+        """Write the points since the last commit to a new part file, atomically."""
+        if not self.points:
+            return
+        self.folder.mkdir(exist_ok=True)
+        path = self.folder / f"{self.job}-{self.points[0]:09d}-{self.points[-1]:09d}.h5"
+        temporary = path.with_name(path.name + ".tmp")
+        with h5py.File(temporary, "w") as handle:
+            handle.attrs.update(plan_id=self.plan_id, job=self.job)
+            handle["points"] = np.asarray(self.points, np.int64)
+            handle["finished"] = np.asarray(self.finished)
+            for name, column in self.values.items():
+                handle[f"maps/{name}"] = np.asarray(column, np.float64)
+        os.replace(temporary, path)
+        self.points, self.values, self.finished = [], {}, []
+
+
+def read_part(path: Path, surface: SurfaceFile) -> tuple[str, np.ndarray, dict, np.ndarray]:
+    """A part's job, points, map values and finish times, checked against ``surface``."""
+    try:
+        with h5py.File(path, "r", locking=False) as handle:
+            plan_id, job = handle.attrs["plan_id"], handle.attrs["job"]
+            points = handle["points"][()]
+            values = {name: handle[f"maps/{name}"][()] for name in handle["maps"]}
+            finished = handle["finished"][()]
+    except (OSError, KeyError) as exc:
+        raise UserError(
+            f"{path}: unreadable part file ({exc}); delete it to recompute its points"
+        ) from None
+    if plan_id != surface.plan_id:
+        raise UserError(
+            f"{path}: belongs to another plan of {surface.path.name} (plan id {plan_id}, the "
+            f"file has {surface.plan_id}); delete {path.parent} if its results are not wanted"
+        )
+    if job not in surface.jobs or set(values) != set(surface.job_maps(job)):
+        raise UserError(
+            f"{path}: job {job!r} with maps {sorted(values)} does not fit {surface.path}"
+        )
+    return job, points, values, finished
+
+
+def reduce_parts(surface_path: str | Path) -> int:
+    """Merge every part file into the surface file, then delete them; returns points merged.
+
+    Parts are deleted only after the surface file is flushed, so a crash in between
+    leaves them to be merged again, which writes the same values.
+    """
+    folder = parts_folder(surface_path)
+    parts = sorted(folder.glob("*.h5")) if folder.is_dir() else []
+    if not parts:
+        return 0
+    merged = 0
+    with SurfaceFile.open(surface_path, "r+") as surface:
+        by_job: dict[str, list] = {}
+        for path in parts:
+            job, *contents = read_part(path, surface)
+            by_job.setdefault(job, []).append(contents)
+        for job, contents in by_job.items():
+            points = np.concatenate([points for points, _, _ in contents])
+            values = {
+                name: np.concatenate([part_values[name] for _, part_values, _ in contents])
+                for name in surface.job_maps(job)
+            }
+            finished = np.concatenate([times for _, _, times in contents])
+            surface.write_points(job, points, values, finished)
+            merged += len(points)
+    for path in parts:
+        path.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()
+    log.info("%s: merged %d points from %d part files", surface_path, merged, len(parts))
+    return merged
