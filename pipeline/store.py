@@ -81,9 +81,10 @@ def create_surface_file(
 class SurfaceFile:
     """An open surface file: typed reads of its parts and point-wise writes of results."""
 
-    def __init__(self, handle: h5py.File, path: Path):
+    def __init__(self, handle: h5py.File, path: Path, parallel: bool = False):
         self.handle = handle
         self.path = path
+        self.parallel = parallel  # opened with mpio by all ranks of a communicator
         self.config: ExperimentConfig = parse_config(handle.attrs["config"], source=str(path))
         y = handle["grid/y"][()] if "grid/y" in handle else None
         self.grid = Grid(handle["grid/x"][()], y)
@@ -121,7 +122,7 @@ class SurfaceFile:
                 f"{path}: not a surface file of schema {SCHEMA_VERSION} (found {version}); "
                 "plan it again with this version"
             )
-        return cls(handle, path)
+        return cls(handle, path, parallel=comm is not None)
 
     def __enter__(self) -> SurfaceFile:
         return self
@@ -213,7 +214,8 @@ class SurfaceFile:
         A serial file is flushed. Under ``mpio`` flushing is a collective call, which ranks
         working at their own pace cannot make; it is not needed either: the maps are
         contiguous datasets, for which the MPI-IO driver keeps no cache, so each write is
-        in the operating system's hands when ``write_point`` returns.
+        in the operating system's hands when ``write_point`` returns. (Even asking h5py
+        for the driver is collective under mpio: it duplicates the communicator.)
         """
-        if self.handle.driver != "mpio":
+        if not self.parallel:
             self.handle.flush()

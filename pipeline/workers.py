@@ -146,6 +146,8 @@ class ShardClaims:
             self.bar.update(self.ranks.read(DONE) + self.uncounted - self.bar.n)
 
     def close(self) -> None:
+        """Final count, once every rank has added its last shard (after ``wait_for_all``)."""
+        self.show_progress()
         self.bar.close()
 
 

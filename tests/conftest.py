@@ -39,26 +39,31 @@ def merge(base: dict, changes: dict) -> dict:
     return result
 
 
+def write_experiment(folder: Path, name: str = "exp", seed: int = 0, **changes) -> Path:
+    """A config file ``<folder>/<name>.yaml`` and its seeded random-init checkpoint."""
+    config = merge(BASE, changes)
+    checkpoint = folder / f"{name}.pt"
+    config["model"]["checkpoint"] = str(checkpoint)
+    config.setdefault("output", str(folder / f"{name}.h5"))
+    data = load_dataset(config["data"]["name"], config["data"].get("kwargs", {}))
+    torch.manual_seed(seed)
+    model = build_model(
+        config["model"]["name"],
+        data.input_shape,
+        data.num_classes,
+        config["model"].get("kwargs", {}),
+    )
+    save_checkpoint(checkpoint, model)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture
 def experiment(tmp_path):
-    """``experiment(**changes) -> config path``: a config and a seeded random-init checkpoint."""
+    """``experiment(name, seed, **changes) -> config path`` in the test's temp folder."""
 
     def write(name: str = "exp", seed: int = 0, **changes) -> Path:
-        config = merge(BASE, changes)
-        checkpoint = tmp_path / f"{name}.pt"
-        config["model"]["checkpoint"] = str(checkpoint)
-        config.setdefault("output", str(tmp_path / f"{name}.h5"))
-        data = load_dataset(config["data"]["name"], config["data"].get("kwargs", {}))
-        torch.manual_seed(seed)
-        model = build_model(
-            config["model"]["name"],
-            data.input_shape,
-            data.num_classes,
-            config["model"].get("kwargs", {}),
-        )
-        save_checkpoint(checkpoint, model)
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        return path
+        return write_experiment(tmp_path, name, seed, **changes)
 
     return write
