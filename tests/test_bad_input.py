@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import yaml
+from conftest import BASE
 
 from pipeline.cli import main
+from pipeline.parts import PartWriter
 from pipeline.store import SurfaceFile
 
 
@@ -112,3 +114,25 @@ def test_override_syntax_is_checked(experiment, capsys):
     fails_with(
         capsys, ["plan", str(experiment()), "--set", "grid.x.num"], "expected key.path=value"
     )
+
+
+def test_part_file_of_another_plan_is_refused(experiment, capsys):
+    """A part left beside a re-planned surface must not be merged into the new plan."""
+    config = experiment()
+    surface = yaml.safe_load(config.read_text())["output"]
+    assert main(["plan", str(config)]) == 0 and main(["run", surface, "--no-progress"]) == 0
+    before = map_bytes(surface)
+    stale = PartWriter(surface, plan_id="0123456789abcdef")
+    stale.write_point("surface", 0, {name: 0.0 for name in BASE["maps"]})
+    stale.commit()
+
+    fails_with(capsys, ["reduce", surface], "belongs to another plan", "plan id 0123456789abcdef")
+    fails_with(capsys, ["run", surface], "belongs to another plan")
+    assert map_bytes(surface) == before
+
+
+def test_writer_that_cannot_work_here_is_refused(experiment, capsys):
+    config = experiment()
+    surface = yaml.safe_load(config.read_text())["output"]
+    assert main(["plan", str(config)]) == 0
+    fails_with(capsys, ["run", surface, "--writer", "mpio"], "--writer mpio", "mpirun or srun")
