@@ -4,14 +4,24 @@ For each case a surface file is planned in a temporary folder and its points are
 evaluated by the real worker loop (moving the parameters, evaluating, writing the
 file). The limit is one bare forward pass over the same data at the same batch size:
 ``overhead = seconds per point / forward seconds``, ideally close to 1.
+
+Scaling over ranks: the demo's grid is run by real ``landscape run`` processes, one
+rank with one thread, one rank with every core, and one single-threaded rank per
+core under ``mpiexec``. Rates come from the points' finish times in the file, leaving
+out each rank's first point (start-up); ``efficiency = rate(N ranks) / (N * rate(1
+rank, 1 thread))``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,8 +30,9 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import save_checkpoint
-from pipeline.config import parse_config
+from pipeline.config import load_config, parse_config
 from pipeline.data import load_dataset
+from pipeline.demo import CONFIGS
 from pipeline.experiment import Experiment
 from pipeline.models import build_model
 from pipeline.plan import plan_surface
@@ -85,11 +96,21 @@ class InterleavedTimer:
         return values
 
 
-def bench_case(name: str, spec: dict, folder: Path) -> dict:
-    checkpoint = folder / f"{name}.pt"
-    data = load_dataset(spec["data"]["name"], spec["data"].get("kwargs", {}))
+def random_checkpoint(path: Path, model: str, data: str, data_kwargs: dict) -> Path:
+    """A seeded random-init checkpoint: speed does not depend on the weights."""
+    dataset = load_dataset(data, data_kwargs)
     torch.manual_seed(0)
-    save_checkpoint(checkpoint, build_model(spec["model"]["name"], data.input_shape, 10, {}))
+    save_checkpoint(path, build_model(model, dataset.input_shape, dataset.num_classes, {}))
+    return path
+
+
+def bench_case(name: str, spec: dict, folder: Path) -> dict:
+    checkpoint = random_checkpoint(
+        folder / f"{name}.pt",
+        spec["model"]["name"],
+        spec["data"]["name"],
+        spec["data"].get("kwargs", {}),
+    )
     config = parse_config(
         json.dumps(
             {
@@ -127,6 +148,62 @@ def bench_case(name: str, spec: dict, folder: Path) -> dict:
     }
 
 
+def steady_rate(finished: np.ndarray, ranks: int) -> float:
+    """Points per second once every rank has finished its first point."""
+    times = np.sort(finished.reshape(-1))
+    return (times.size - ranks) / (times[-1] - times[ranks - 1])
+
+
+def bench_ranks_run(folder: Path, checkpoint: Path, ranks: int, threads: int) -> dict:
+    """Plan the demo grid and run it with ``ranks`` processes of ``threads`` threads each
+    (0: the default, every core for one process, an even share for several)."""
+    name = f"ranks{ranks}_threads{threads}"
+    overrides = [
+        f"model.checkpoint={checkpoint}",
+        f"output={folder / name}.h5",
+        f"evaluation.threads={threads}",
+    ]
+    path = plan_surface(load_config(CONFIGS / "demo.yaml", overrides))
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(path), "--no-progress"]
+    if ranks > 1:
+        command = ["mpiexec", "-n", str(ranks), *command]
+    # Open MPI refuses root without these; the benchmark, like the tests, sets them.
+    environment = {
+        **os.environ,
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    }
+    started = time.perf_counter()
+    subprocess.run(command, env=environment, check=True, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    with SurfaceFile.open(path) as surface:
+        finished = surface.finished(JOB)
+    return {
+        "ranks": ranks,
+        "threads_per_rank": threads or "auto",
+        "points": int(finished.size),
+        "points_per_s": steady_rate(finished, ranks),
+        "wall_seconds": wall,
+    }
+
+
+def bench_ranks(folder: Path) -> dict:
+    checkpoint = random_checkpoint(folder / "demo.pt", "resnet20", "digits", {})
+    cores = len(os.sched_getaffinity(0))
+    runs = {
+        "1_rank_1_thread": bench_ranks_run(folder, checkpoint, 1, 1),
+        "1_rank_all_cores": bench_ranks_run(folder, checkpoint, 1, 0),
+        f"{cores}_ranks": bench_ranks_run(folder, checkpoint, cores, 0),
+    }
+    parallel = runs[f"{cores}_ranks"]["points_per_s"]
+    return {
+        "grid": "configs/demo.yaml (25 x 25, ResNet-20 on digits, 4 maps)",
+        "runs": runs,
+        "efficiency": parallel / (cores * runs["1_rank_1_thread"]["points_per_s"]),
+        "speedup_over_1_rank_all_cores": parallel / runs["1_rank_all_cores"]["points_per_s"],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/bench.json")
@@ -148,6 +225,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"{name:24s} {result['points_per_s']:7.2f} points/s  "
                 f"{1000 * result['seconds_per_point']:7.1f} ms/point  forward "
                 f"{1000 * result['forward_seconds']:7.1f} ms  overhead {result['overhead']:.3f}x"
+            )
+        if shutil.which("mpiexec"):
+            scaling = results["ranks"] = bench_ranks(Path(folder))
+            for name, run in scaling["runs"].items():
+                print(f"demo grid, {name:18s} {run['points_per_s']:7.2f} points/s")
+            print(
+                f"efficiency {scaling['efficiency']:.3f}, speed-up over one process on all "
+                f"cores {scaling['speedup_over_1_rank_all_cores']:.2f}x"
             )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
