@@ -96,6 +96,11 @@ class Solo:
         """Run ``action`` on every rank; if it fails on any, raise on all (see MpiRanks)."""
         return action()
 
+    def on_rank0(self, action: Callable[[], T]) -> T:
+        """Run ``action`` on rank 0 alone and give its result to every rank; if it fails,
+        every rank raises."""
+        return self.broadcast(self.agree(lambda: action() if self.rank == 0 else None))
+
     def wait_for_all(self, poll: Callable[[], None]) -> None:
         """Block until every rank got here, calling ``poll`` meanwhile."""
 

@@ -218,7 +218,7 @@ def run_surface(
         if ranks.rank == 0:
             log.info("%s: %d rank(s); %s", path, ranks.size, WRITERS[writer])
         # What a killed part-file run left is merged before anyone reads the done flags.
-        ranks.agree(lambda: reduce_parts(path) if ranks.rank == 0 else 0)
+        ranks.on_rank0(lambda: reduce_parts(path))
         with ranks.agree(lambda: open_surface(path, writer, ranks)) as surface:
             # Every rank reads the checkpoint it will load: one node may see other bytes.
             ranks.agree(
@@ -226,9 +226,7 @@ def run_surface(
                     surface.config.model.checkpoint, surface.attrs["checkpoint_sha256"], path
                 )
             )
-            pending = ranks.broadcast(
-                pending_shards(surface.shards(JOB), surface.done(JOB)) if ranks.rank == 0 else None
-            )
+            pending = ranks.on_rank0(lambda: pending_shards(surface.shards(JOB), surface.done(JOB)))
             if not pending:
                 if ranks.rank == 0:
                     log.info("%s: all %d points already done", path, surface.grid.size)
