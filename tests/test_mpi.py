@@ -20,6 +20,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.parts import parts_folder
 from pipeline.plan import plan_surface
+from pipeline.status import surface_status
 from pipeline.store import SurfaceFile
 from pipeline.workers import run_surface
 
@@ -138,6 +139,7 @@ def test_killed_rank_resumes_to_identical_maps(tmp_path, reference, writer, vict
         assert job.poll() is None, "the job ended before the kill"
         assert time.monotonic() < deadline, "the job made no progress"
         time.sleep(0.005)
+    assert "points done" in surface_status(surface)  # status reads beside the running job
     os.kill(rank_pid(job, victim), signal.SIGKILL)
     assert job.wait(timeout=60) != 0  # mpiexec ends the job when a rank dies
 
