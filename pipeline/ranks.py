@@ -80,6 +80,9 @@ class Solo:
     def __init__(self) -> None:
         self.counters = [0] * COUNTERS
 
+    def describe(self) -> str:
+        return "one process"
+
     def fetch_add(self, counter: int, amount: int) -> int:
         """Add ``amount`` to a shared counter; returns its value before the addition."""
         before = self.counters[counter]
@@ -137,6 +140,9 @@ class MpiRanks(Solo):
             self.window.Put(np.zeros(COUNTERS, np.int64), 0)
             self.window.Unlock(0)
         comm.Barrier()
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.size} (node rank {self.local_rank} of {self.local_size})"
 
     def fetch_add(self, counter: int, amount: int) -> int:
         before = np.zeros(1, np.int64)

@@ -193,11 +193,8 @@ def load_evaluator(surface: SurfaceFile, device: str | None, ranks: Solo) -> Sur
     if ranks.size > 1 and not config.evaluation.threads:
         torch.set_num_threads(cpu_threads_per_rank(ranks.local_size))
     log.info(
-        "rank %d of %d (node rank %d of %d): %s, %s, %d CPU threads",
-        ranks.rank,
-        ranks.size,
-        ranks.local_rank,
-        ranks.local_size,
+        "%s: %s, %s, %d CPU threads",
+        ranks.describe(),
         experiment.device,
         config.evaluation.dtype,
         torch.get_num_threads(),
