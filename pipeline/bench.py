@@ -37,7 +37,7 @@ from pipeline.experiment import Experiment
 from pipeline.models import build_model
 from pipeline.plan import plan_surface
 from pipeline.store import SurfaceFile
-from pipeline.workers import JOB, SurfaceEvaluator, evaluate_shards, pending_shards
+from pipeline.workers import SurfaceEvaluator, evaluate_shards
 
 CASES = {
     "demo_resnet20_digits": {
@@ -124,12 +124,12 @@ def bench_case(name: str, spec: dict, folder: Path) -> dict:
     path = plan_surface(config)
     experiment = Experiment.load(config)
     with SurfaceFile.open(path, "r+") as surface:
-        evaluator = SurfaceEvaluator(experiment, surface.directions(), surface.job_maps(JOB))
+        evaluator = SurfaceEvaluator(experiment, surface.directions(), surface.job_maps("surface"))
         evaluator(0.0, 0.0)  # warm-up, not written
         timer = InterleavedTimer(evaluator, experiment)
         started = time.perf_counter()
-        shards = pending_shards(surface.shards(JOB), surface.done(JOB))
-        points = evaluate_shards(timer, surface.grid, shards, surface)
+        shards = surface.pending_shards("surface")
+        points = evaluate_shards("surface", timer, surface.grid, shards, surface)
         elapsed = time.perf_counter() - started
     # What the loop spends outside evaluation: moving nothing, writing and flushing the file.
     writing = (elapsed - sum(timer.point_times) - sum(timer.forward_times)) / points
@@ -177,7 +177,7 @@ def bench_ranks_run(folder: Path, checkpoint: Path, ranks: int, threads: int) ->
     subprocess.run(command, env=environment, check=True, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     with SurfaceFile.open(path) as surface:
-        finished = surface.finished(JOB)
+        finished = surface.finished("surface")
     return {
         "ranks": ranks,
         "threads_per_rank": threads or "auto",

@@ -1,4 +1,4 @@
-"""The ``landscape`` command: train, plan, run, reduce, status, plot, demo.
+"""The ``landscape`` command: train, plan, run, hessian, reduce, status, plot, demo.
 
 Each subcommand is a thin shell over one module; a :class:`UserError` anywhere prints
 one line and exits with status 2, a bug keeps its traceback.
@@ -40,11 +40,15 @@ def command_plan(args) -> None:
     print(plan_surface(load_config(args.config, args.overrides)))
 
 
-def command_run(args) -> None:
-    from pipeline.workers import run_surface
+def command_job(args) -> None:
+    from pipeline.workers import run_job
 
-    run_surface(
-        args.surface, device=args.device, show_progress=not args.no_progress, writer=args.writer
+    run_job(
+        args.surface,
+        args.job,
+        device=args.device,
+        show_progress=not args.no_progress,
+        writer=args.writer,
     )
 
 
@@ -86,18 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(plan)
     plan.set_defaults(handler=command_plan)
 
-    run = commands.add_parser("run", help="evaluate the pending points of a surface file")
-    run.add_argument("surface")
-    run.add_argument("--device", help="override evaluation.device (e.g. cpu, cuda:1)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument(
-        "--writer",
-        choices=["auto", "serial", "mpio", "parts"],
-        default="auto",
-        help="how results reach the file (auto: serial for 1 rank, else mpio if h5py has MPI, "
-        "else part files)",
-    )
-    run.set_defaults(handler=command_run)
+    for name, job_name, purpose in (
+        ("run", "surface", "evaluate the pending loss/accuracy points of a surface file"),
+        ("hessian", "hessian", "lambda_min and lambda_max at the pending Hessian points"),
+    ):
+        job = commands.add_parser(name, help=purpose)
+        job.add_argument("surface")
+        job.add_argument("--device", help="override evaluation.device (e.g. cpu, cuda:1)")
+        job.add_argument("--no-progress", action="store_true", help="no progress bar")
+        job.add_argument(
+            "--writer",
+            choices=["auto", "serial", "mpio", "parts"],
+            default="auto",
+            help="how results reach the file (auto: serial for 1 rank, else mpio if h5py has "
+            "MPI, else part files)",
+        )
+        job.set_defaults(handler=command_job, job=job_name)
 
     reduce = commands.add_parser("reduce", help="merge the part files of a run into its surface")
     reduce.add_argument("surface")

@@ -21,14 +21,32 @@ import yaml
 
 from pipeline.errors import UserError
 
-# Every map a surface file can hold, and the job kind that computes it.
+# Every map a config can ask for, and the job kind that computes it.
 MAP_JOBS = {
     "train_loss": "surface",
     "train_acc": "surface",
     "test_loss": "surface",
     "test_acc": "surface",
+    "lambda_min": "hessian",
+    "lambda_max": "hessian",
 }
 MAP_NAMES = tuple(MAP_JOBS)
+# The hessian job always solves for both ends and records how well each converged.
+HESSIAN_OUTPUTS = (
+    "lambda_min",
+    "lambda_max",
+    "lambda_min_residual",
+    "lambda_max_residual",
+    "hessian_hvps",
+    "hessian_converged",
+)
+
+
+def job_outputs(job: str, maps: list[str]) -> list[str]:
+    """The per-point values a job writes, given the maps a config asks for."""
+    if job == "hessian":
+        return list(HESSIAN_OUTPUTS)
+    return [name for name in maps if MAP_JOBS[name] == job]
 
 
 class ConfigError(UserError):
@@ -125,6 +143,32 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class HessianConfig:
+    """The extreme Hessian eigenvalues at grid points (Li et al. 2018, section 6).
+
+    Each end is converged when its Ritz residual is at most ``tolerance`` times the
+    eigenvalue's magnitude (an eigenvalue lies within the residual of its Ritz value).
+    """
+
+    parameters: str = choice("all", ("all", "weights"))
+    method: str = choice("lanczos", ("lanczos", "eigsh", "shift"))
+    tolerance: float = 1e-3
+    max_hvps: int = 400
+    stride: int = 1
+    shard_size: int = 1
+    seed: int = 0
+
+    def check(self, where: str) -> None:
+        if not 0 < self.tolerance < 1:
+            raise ConfigError(f"{where}.tolerance: must be in (0, 1) (got {self.tolerance})")
+        if self.max_hvps < 4:
+            raise ConfigError(f"{where}.max_hvps: must be >= 4 (got {self.max_hvps})")
+        for name in ("stride", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1 (got {getattr(self, name)})")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Plain supervised training that leaves one checkpoint per epoch (a trajectory)."""
 
@@ -161,7 +205,13 @@ class ExperimentConfig:
     grid: GridConfig | None = None
     maps: list[str] = field(default_factory=lambda: ["train_loss", "train_acc"])
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    hessian: HessianConfig = field(default_factory=HessianConfig)
     train: TrainConfig | None = None
+
+    @property
+    def jobs(self) -> list[str]:
+        """The job kinds this config's maps need, in a fixed order."""
+        return sorted({MAP_JOBS[name] for name in self.maps}, reverse=True)
 
     def check(self, where: str) -> None:
         for name in self.maps:
@@ -286,6 +336,11 @@ def _convert(hint: Any, value: Any, path: str, metadata: Any) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(
             f"{path}: expected {hint.__name__}, got {value!r} ({type(value).__name__})"

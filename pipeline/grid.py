@@ -3,7 +3,8 @@
 Points are numbered in row-major order of the map shape: (nx,) for 1D and (ny, nx)
 for 2D, so ``map[j, i]`` is the value at ``(x[i], y[j])``, the orientation
 matplotlib's ``contour(x, y, Z)`` expects. A shard is a contiguous range of point
-numbers: the unit of work a worker claims and flushes.
+numbers: the unit of work a worker claims and flushes. A job covers every point, or a
+coarser sublattice of them; its shards are ranges into its own list of points.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ class Grid:
         """The map index of point number ``point``."""
         return tuple(int(i) for i in np.unravel_index(point, self.shape))
 
+    def sublattice(self, stride: int) -> np.ndarray:
+        """Point numbers of every ``stride``-th point along each axis, starting at index 0
+        (a coarser grid inside this one, e.g. for Hessian maps)."""
+        numbers = np.arange(self.size, dtype=np.int64).reshape(self.shape)
+        return numbers[(slice(None, None, stride),) * len(self.shape)].reshape(-1)
+
     def coordinates(self, point: int) -> tuple[float, float]:
         """``(alpha, beta)`` of point number ``point``; beta is 0 on a 1D grid."""
         if self.y is None:
@@ -50,7 +57,7 @@ class Grid:
 
 
 def shard_ranges(size: int, shard_size: int = 0) -> np.ndarray:
-    """``[start, stop)`` point ranges of ``shard_size`` points (0: about 64 shards)."""
+    """``[start, stop)`` ranges over ``size`` points, ``shard_size`` each (0: about 64 shards)."""
     if shard_size <= 0:
         shard_size = max(1, math.ceil(size / TARGET_SHARDS))
     starts = np.arange(0, size, shard_size, dtype=np.int64)

@@ -37,3 +37,15 @@ class FlatParameters:
         torch.add(self.origin, d1, alpha=a, out=self.vector)
         if d2 is not None:
             self.vector.add_(d2, alpha=b)
+
+
+class DirectionPlane:
+    """Moves a model to theta0 + a*d1 (+ b*d2) along a surface file's directions."""
+
+    def __init__(self, model: nn.Module, directions: list[dict]):
+        self.parameters = FlatParameters(model)
+        self.directions = [self.parameters.flatten(d) for d in directions]
+
+    def move_to(self, a: float, b: float = 0.0) -> None:
+        d2 = self.directions[1] if len(self.directions) > 1 else None
+        self.parameters.move_to(a, self.directions[0], b, d2)

@@ -92,8 +92,9 @@ def read_part(path: Path, surface: SurfaceFile) -> tuple[str, np.ndarray, dict, 
 def reduce_parts(surface_path: str | Path) -> int:
     """Merge every part file into the surface file, then delete them; returns points merged.
 
-    Parts are deleted only after the surface file is flushed, so a crash in between
-    leaves them to be merged again, which writes the same values.
+    Derived maps (lambda_ratio) are filled in afterwards. Parts are deleted only after the
+    surface file is flushed, so a crash in between leaves them to be merged again,
+    which writes the same values.
     """
     folder = parts_folder(surface_path)
     parts = sorted(folder.glob("*.h5")) if folder.is_dir() else []
@@ -114,6 +115,7 @@ def reduce_parts(surface_path: str | Path) -> int:
             finished = np.concatenate([times for _, _, times in contents])
             surface.write_points(job, points, values, finished)
             merged += len(points)
+        surface.derive_maps()
     for path in parts:
         path.unlink()
     if not any(folder.iterdir()):

@@ -41,7 +41,15 @@ def plan_surface(config: ExperimentConfig) -> Path:
         "seed": config.directions.seed,
         "ignored": ignored_parameters(experiment.model, config.directions.ignore),
     }
-    shards = shard_ranges(grid.size, config.grid.shard_size)
+    work = {}
+    for job in config.jobs:
+        stride, shard_size = (
+            (config.hessian.stride, config.hessian.shard_size)
+            if job == "hessian"
+            else (1, config.grid.shard_size)
+        )
+        points = grid.sublattice(stride)
+        work[job] = (points, shard_ranges(points.size, shard_size))
     metadata = {
         "checkpoint_path": config.model.checkpoint,
         "checkpoint_sha256": experiment.checkpoint_sha256,
@@ -54,15 +62,15 @@ def plan_surface(config: ExperimentConfig) -> Path:
         grid,
         [{name: t.numpy() for name, t in d.items()} for d in directions],
         direction_attrs,
-        shards,
+        work,
         metadata,
     )
     log.info(
-        "planned %s: %s grid, %d shards, maps %s",
+        "planned %s: %s grid, maps %s; %s",
         path,
         "x".join(map(str, grid.shape[::-1])),
-        len(shards),
         ", ".join(config.maps),
+        ", ".join(f"{job}: {p.size} points in {len(s)} shards" for job, (p, s) in work.items()),
     )
     return path
 

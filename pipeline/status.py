@@ -39,13 +39,14 @@ def surface_status(path: str | Path) -> str:
             f"{attrs['dataset']}, planned {attrs['created']}"
         ]
         for job in surface.jobs:
-            done = surface.done(job)
-            line = f"  {job}: {int(done.sum())}/{done.size} points done ({done.mean():.1%})"
+            total = surface.points(job).size
+            done = int(surface.done(job).sum())
+            line = f"  {job}: {done}/{total} points done ({done / total:.1%})"
             rate = finish_rate(surface.finished(job))
             if rate is not None:
                 line += f", {rate:.2f} points/s"
-                if not done.all():
-                    line += f", about {format_duration((~done).sum() / rate)} left"
+                if done < total:
+                    line += f", about {format_duration((total - done) / rate)} left"
             lines.append(line)
         for name, values in surface.maps().items():
             known = np.isfinite(values)

@@ -1,6 +1,6 @@
 """The surface file: one HDF5 file per experiment holding everything workers need and produce.
 
-Layout (schema version 1)::
+Layout (schema version 2)::
 
     /                    attrs: schema_version, plan_id (random, unique per plan),
                          config (YAML), created, package_version, checkpoint_path,
@@ -8,10 +8,15 @@ Layout (schema version 1)::
     /directions/x|y/<p>  float64, one dataset per parameter name; group attrs: kind,
                          normalization, ignore, seed, ignored (parameter names)
     /grid/x, /grid/y     coordinates (no y for a 1D surface)
-    /maps/<name>         float64 (ny, nx) or (nx,), NaN until computed
-    /done/<job>          uint8, 1 once every map of that job has its value at the point
+    /maps/<name>         float64 (ny, nx) or (nx,), NaN until computed; the hessian job
+                         also writes residuals, HVP counts, a converged flag, and
+                         lambda_ratio = |lambda_min / lambda_max| once it ends
+    /done/<job>          uint8, 1 once every output of that job has its value at the
+                         point; attrs: outputs (the maps the job writes)
     /finished/<job>      float64 unix time each point was finished (progress and rate)
-    /shards/<job>        int64 (n, 2) [start, stop) ranges of row-major point numbers
+    /points/<job>        int64 row-major point numbers of the job (every point, or every
+                         stride-th along each axis for a coarser Hessian grid)
+    /shards/<job>        int64 (n, 2) [start, stop) ranges into points/<job>
 
 Every dataset is created, with its storage allocated, when the file is planned; workers
 only overwrite raw values, never metadata, so a worker killed at any moment leaves a
@@ -32,11 +37,12 @@ import numpy as np
 import yaml
 
 from pipeline import __version__
-from pipeline.config import MAP_JOBS, ExperimentConfig, parse_config
+from pipeline.config import ExperimentConfig, job_outputs, parse_config
 from pipeline.errors import UserError
 from pipeline.grid import Grid
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+DERIVED_MAPS = {"hessian": ["lambda_ratio"]}
 
 
 def create_surface_file(
@@ -45,10 +51,13 @@ def create_surface_file(
     grid: Grid,
     directions: list[dict[str, np.ndarray]],
     direction_attrs: dict,
-    shards: np.ndarray,
+    work: dict[str, tuple[np.ndarray, np.ndarray]],
     metadata: dict,
 ) -> None:
-    """Write a complete, empty surface file atomically (temp file, then rename)."""
+    """Write a complete, empty surface file atomically (temp file, then rename).
+
+    ``work`` maps each job to its point numbers and its shards (ranges into them).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     with h5py.File(temporary, "w") as handle:
@@ -69,11 +78,14 @@ def create_surface_file(
         if grid.y is not None:
             handle["grid/y"] = grid.y
         # Storage is written out now (no lazy allocation), so workers never allocate.
-        for name in config.maps:
-            handle.create_dataset(f"maps/{name}", data=np.full(grid.shape, np.nan))
-        for job in sorted({MAP_JOBS[name] for name in config.maps}):
-            handle.create_dataset(f"done/{job}", data=np.zeros(grid.shape, np.uint8))
+        for job, (points, shards) in work.items():
+            outputs = job_outputs(job, config.maps)
+            for name in outputs + DERIVED_MAPS.get(job, []):
+                handle.create_dataset(f"maps/{name}", data=np.full(grid.shape, np.nan))
+            done = handle.create_dataset(f"done/{job}", data=np.zeros(grid.shape, np.uint8))
+            done.attrs["outputs"] = outputs
             handle.create_dataset(f"finished/{job}", data=np.full(grid.shape, np.nan))
+            handle.create_dataset(f"points/{job}", data=points)
             handle.create_dataset(f"shards/{job}", data=shards)
     os.replace(temporary, path)
 
@@ -165,8 +177,29 @@ class SurfaceFile:
     def shards(self, job: str) -> np.ndarray:
         return self.handle[f"shards/{job}"][()]
 
+    def points(self, job: str) -> np.ndarray:
+        return self.handle[f"points/{job}"][()]
+
+    def pending_shards(self, job: str) -> list[np.ndarray]:
+        """The point numbers not yet done in each shard of ``job``, leaving out finished shards."""
+        points, done = self.points(job), self.done(job).reshape(-1)
+        chunks = (points[start:stop] for start, stop in self.shards(job))
+        return [chunk[~done[chunk]] for chunk in chunks if not done[chunk].all()]
+
+    def derive_maps(self) -> None:
+        """Fill the derived maps from their sources (serial writers only):
+        lambda_ratio = |lambda_min / lambda_max| wherever both are known."""
+        if "lambda_ratio" in self.handle["maps"]:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.abs(
+                    self.handle["maps/lambda_min"][()] / self.handle["maps/lambda_max"][()]
+                )
+            self.handle["maps/lambda_ratio"][...] = ratio
+            self.handle.flush()
+
     def job_maps(self, job: str) -> list[str]:
-        return [name for name in self.map_names if MAP_JOBS[name] == job]
+        """The maps ``job`` writes at each of its points."""
+        return [str(name) for name in self.handle[f"done/{job}"].attrs["outputs"]]
 
     def directions(self) -> list[dict[str, np.ndarray]]:
         groups = [

@@ -27,13 +27,13 @@ from pipeline.errors import UserError
 from pipeline.evaluate import evaluate
 from pipeline.experiment import Experiment
 from pipeline.grid import Grid
-from pipeline.parameters import FlatParameters
+from pipeline.hessian import HessianEvaluator
+from pipeline.parameters import DirectionPlane
 from pipeline.parts import PartWriter, reduce_parts
 from pipeline.ranks import CLAIMED, DONE, Solo, connect_ranks, cpu_threads_per_rank
 from pipeline.store import SurfaceFile
 
 log = logging.getLogger(__name__)
-JOB = "surface"
 
 
 class PointWriter(Protocol):
@@ -50,12 +50,10 @@ class SurfaceEvaluator:
     ):
         self.experiment = experiment
         self.maps = maps
-        self.parameters = FlatParameters(experiment.model)
-        self.directions = [self.parameters.flatten(d) for d in directions]
+        self.plane = DirectionPlane(experiment.model, directions)
 
     def __call__(self, a: float, b: float) -> dict[str, float]:
-        d2 = self.directions[1] if len(self.directions) > 1 else None
-        self.parameters.move_to(a, self.directions[0], b, d2)
+        self.plane.move_to(a, b)
         values = {}
         evaluation = self.experiment.config.evaluation
         for split in ("train", "test"):
@@ -68,14 +66,8 @@ class SurfaceEvaluator:
         return {m: values[m] for m in self.maps}
 
 
-def pending_shards(shards: np.ndarray, done: np.ndarray) -> list[np.ndarray]:
-    """The point numbers not yet done in each shard, leaving out shards already finished."""
-    flat_done = done.reshape(-1)
-    shard_points = (np.arange(start, stop) for start, stop in shards)
-    return [points[~flat_done[points]] for points in shard_points if not flat_done[points].all()]
-
-
 def evaluate_shards(
+    job: str,
     evaluate_point,
     grid: Grid,
     claims: Iterable[np.ndarray],
@@ -89,7 +81,7 @@ def evaluate_shards(
     count = 0
     for points in claims:
         for point in map(int, points):
-            writer.write_point(JOB, point, evaluate_point(*grid.coordinates(point)))
+            writer.write_point(job, point, evaluate_point(*grid.coordinates(point)))
             count += 1
             if on_point is not None:
                 on_point()
@@ -105,7 +97,7 @@ class ShardClaims:
     reads after each of its own points to drive the progress bar (points, rate, ETA).
     """
 
-    def __init__(self, ranks: Solo, pending: list[np.ndarray], show_progress: bool):
+    def __init__(self, job: str, ranks: Solo, pending: list[np.ndarray], show_progress: bool):
         self.ranks = ranks
         self.pending = pending
         self.total = sum(len(points) for points in pending)
@@ -114,7 +106,7 @@ class ShardClaims:
         self.bar = tqdm(
             total=self.total,
             unit="pt",
-            desc=JOB,
+            desc=job,
             mininterval=1 if interactive else 30,
             disable=not show_progress or ranks.rank != 0,
         )
@@ -186,8 +178,8 @@ def open_surface(path: Path, writer: str, ranks: Solo) -> SurfaceFile:
     return SurfaceFile.open(path, "r" if writer == "parts" else "r+")
 
 
-def load_evaluator(surface: SurfaceFile, device: str | None, ranks: Solo) -> SurfaceEvaluator:
-    """Load the experiment on this rank's device and read the directions."""
+def load_evaluator(job: str, surface: SurfaceFile, device: str | None, ranks: Solo):
+    """The job's point evaluator, on this rank's device, with the file's directions."""
     config = surface.config
     experiment = Experiment.load(config, device=device, local_rank=ranks.local_rank)
     if ranks.size > 1 and not config.evaluation.threads:
@@ -199,13 +191,29 @@ def load_evaluator(surface: SurfaceFile, device: str | None, ranks: Solo) -> Sur
         config.evaluation.dtype,
         torch.get_num_threads(),
     )
-    return SurfaceEvaluator(experiment, surface.directions(), surface.job_maps(JOB))
+    if job == "hessian":
+        return HessianEvaluator(experiment, surface.directions(), config.hessian)
+    return SurfaceEvaluator(experiment, surface.directions(), surface.job_maps(job))
 
 
-def run_surface(
-    path: str | Path, device: str | None = None, show_progress: bool = True, writer: str = "auto"
+def run_surface(path: str | Path, **options) -> int:
+    """``landscape run``: the loss and accuracy maps (see :func:`run_job`)."""
+    return run_job(path, "surface", **options)
+
+
+def run_hessian(path: str | Path, **options) -> int:
+    """``landscape hessian``: lambda_min and lambda_max maps (see :func:`run_job`)."""
+    return run_job(path, "hessian", **options)
+
+
+def run_job(
+    path: str | Path,
+    job: str,
+    device: str | None = None,
+    show_progress: bool = True,
+    writer: str = "auto",
 ) -> int:
-    """Evaluate every pending point of a surface file with all ranks of this run.
+    """Evaluate every pending point of ``job`` in a surface file with all ranks of this run.
 
     Returns the number of points this rank evaluated.
     """
@@ -223,24 +231,32 @@ def run_surface(
                     surface.config.model.checkpoint, surface.attrs["checkpoint_sha256"], path
                 )
             )
-            pending = ranks.on_rank0(lambda: pending_shards(surface.shards(JOB), surface.done(JOB)))
+            if job not in surface.jobs:
+                raise UserError(
+                    f"{path}: has no {job} job (its maps: {', '.join(surface.map_names)}); "
+                    f"plan it with the {job} maps in `maps`"
+                )
+            pending = ranks.on_rank0(lambda: surface.pending_shards(job))
             if not pending:
                 if ranks.rank == 0:
                     log.info("%s: all %d points already done", path, surface.grid.size)
                 return 0
-            evaluator = ranks.agree(lambda: load_evaluator(surface, device, ranks))
+            evaluator = ranks.agree(lambda: load_evaluator(job, surface, device, ranks))
             point_writer = PartWriter(path, surface.plan_id) if writer == "parts" else surface
-            claims = ShardClaims(ranks, pending, show_progress)
+            claims = ShardClaims(job, ranks, pending, show_progress)
             started = time.perf_counter()
             with ranks.failing_together():
                 count = evaluate_shards(
-                    evaluator, surface.grid, claims, point_writer, claims.point_done
+                    job, evaluator, surface.grid, claims, point_writer, claims.point_done
                 )
                 ranks.wait_for_all(claims.show_progress)
             claims.close()
         if ranks.rank == 0:
             if writer == "parts":
                 reduce_parts(path)
+            elif job == "hessian":
+                with SurfaceFile.open(path, "r+") as surface:
+                    surface.derive_maps()
             elapsed = time.perf_counter() - started
             log.info(
                 "%s: %d points in %.1f s (%.2f points/s)",
