@@ -29,6 +29,11 @@ TITLES = {
     "train_acc": "training accuracy",
     "test_acc": "test accuracy",
 }
+HESSIAN_TITLES = {
+    "lambda_ratio": r"$|\lambda_{min} / \lambda_{max}|$",
+    "lambda_min": r"$\lambda_{min}$ of the Hessian",
+    "lambda_max": r"$\lambda_{max}$ of the Hessian",
+}
 
 
 def axis_label(axis: str, direction_attrs: dict) -> str:
@@ -98,8 +103,15 @@ def plot_contour(
     return figure
 
 
-def plot_heatmap(grid: Grid, values: np.ndarray, title: str, direction_attrs: dict) -> Figure:
-    """Cell (i, j) centred on (x[i], y[j]); NaN (not yet computed) cells stay blank."""
+def plot_heatmap(
+    grid: Grid,
+    values: np.ndarray,
+    title: str,
+    direction_attrs: dict,
+    unconverged: np.ndarray | None = None,
+) -> Figure:
+    """Cell (i, j) centred on (x[i], y[j]); NaN (not yet computed) cells stay blank, and
+    cells flagged in ``unconverged`` are crossed out."""
     figure, axis = plt.subplots(figsize=(5.8, 5))
     dx = (grid.x[-1] - grid.x[0]) / (grid.x.size - 1) / 2
     dy = (grid.y[-1] - grid.y[0]) / (grid.y.size - 1) / 2
@@ -113,9 +125,50 @@ def plot_heatmap(grid: Grid, values: np.ndarray, title: str, direction_attrs: di
         interpolation="nearest",
     )
     figure.colorbar(image, ax=axis, label=title)
+    if unconverged is not None and unconverged.any():
+        j, i = np.nonzero(unconverged)
+        axis.plot(grid.x[i], grid.y[j], "x", color="red", markersize=8, label="not converged")
+        axis.legend(loc="upper right", fontsize=8)
     _label_plane(axis, title, direction_attrs)
     figure.tight_layout()
     return figure
+
+
+def plot_hessian_curves(grid: Grid, maps: dict[str, np.ndarray], direction_attrs: dict):
+    """1D: lambda_min and lambda_max along x, unconverged points crossed out."""
+    figure, axis = plt.subplots(figsize=(6, 4.2))
+    unconverged = maps["hessian_converged"] == 0
+    for name, colour in (("lambda_max", "tab:red"), ("lambda_min", "tab:blue")):
+        axis.plot(grid.x, maps[name], "-o", color=colour, markersize=3, label=HESSIAN_TITLES[name])
+        axis.plot(grid.x[unconverged], maps[name][unconverged], "x", color="black", markersize=8)
+    axis.axhline(0, color="gray", linewidth=0.8)
+    axis.set_yscale("symlog", linthresh=1e-3 * np.nanmax(np.abs(maps["lambda_max"])))
+    axis.set_xlabel(axis_label("x", direction_attrs))
+    axis.set_ylabel("Hessian eigenvalue")
+    axis.legend(fontsize=9, frameon=False)
+    figure.tight_layout()
+    return figure
+
+
+def hessian_figures(surface: SurfaceFile, maps: dict, attrs: dict) -> dict[str, Figure]:
+    """Li et al. Fig. 7: heatmaps of |lambda_min/lambda_max|, lambda_min and lambda_max on
+    the Hessian job's own (possibly coarser) grid; 1D runs get curves."""
+    stride = surface.config.hessian.stride
+    grid = surface.grid
+    if grid.y is None:
+        coarse = Grid(grid.x[::stride])
+        return {
+            "hessian_curves": plot_hessian_curves(
+                coarse, {k: v[::stride] for k, v in maps.items()}, attrs
+            )
+        }
+    coarse = Grid(grid.x[::stride], grid.y[::stride])
+    sub = {name: values[::stride, ::stride] for name, values in maps.items()}
+    unconverged = sub["hessian_converged"] == 0
+    return {
+        f"{name}_heatmap": plot_heatmap(coarse, sub[name], title, attrs, unconverged)
+        for name, title in HESSIAN_TITLES.items()
+    }
 
 
 def plot_surface3d(grid: Grid, values: np.ndarray, title: str, direction_attrs: dict) -> Figure:
@@ -140,6 +193,23 @@ def _label_plane(axis, title: str, direction_attrs: dict) -> None:
     axis.set_title(title)
 
 
+def loss_figures(grid: Grid, maps: dict, attrs: dict) -> dict[str, Figure]:
+    """1D curves, or per 2D loss/accuracy map: contours, filled contours, heatmap, 3D."""
+    computed = [name for name in TITLES if name in maps and np.isfinite(maps[name]).any()]
+    if not computed:
+        return {}
+    if grid.y is None:
+        return {"curves": plot_curves(grid, maps, attrs)}
+    figures = {}
+    for name in computed:
+        values, title = maps[name], TITLES[name]
+        figures[f"{name}_contour"] = plot_contour(grid, values, title, attrs)
+        figures[f"{name}_contourf"] = plot_contour(grid, values, title, attrs, filled=True)
+        figures[f"{name}_heatmap"] = plot_heatmap(grid, values, title, attrs)
+        figures[f"{name}_surface3d"] = plot_surface3d(grid, values, title, attrs)
+    return figures
+
+
 def plot_surface_file(
     path: str | Path, out_dir: str | Path | None = None, formats: tuple[str, ...] = FORMATS
 ) -> list[Path]:
@@ -147,22 +217,15 @@ def plot_surface_file(
     path = Path(path)
     out_dir = Path(out_dir) if out_dir else path.with_name(path.stem + "_plots")
     out_dir.mkdir(parents=True, exist_ok=True)
-    with SurfaceFile.open(path) as surface:
-        grid, maps, attrs = surface.grid, surface.maps(), surface.direction_attrs()
     figures = {}
+    with SurfaceFile.open(path) as surface, plt.rc_context(STYLE):
+        grid, maps, attrs = surface.grid, surface.maps(), surface.direction_attrs()
+        if "surface" in surface.jobs:
+            figures.update(loss_figures(grid, maps, attrs))
+        if "hessian" in surface.jobs and np.isfinite(maps["lambda_max"]).any():
+            figures.update(hessian_figures(surface, maps, attrs))
+    written = []
     with plt.rc_context(STYLE):
-        if grid.y is None:
-            figures["curves"] = plot_curves(grid, maps, attrs)
-        else:
-            for name, values in maps.items():
-                if not np.isfinite(values).any():
-                    continue
-                title = TITLES[name]
-                figures[f"{name}_contour"] = plot_contour(grid, values, title, attrs)
-                figures[f"{name}_contourf"] = plot_contour(grid, values, title, attrs, filled=True)
-                figures[f"{name}_heatmap"] = plot_heatmap(grid, values, title, attrs)
-                figures[f"{name}_surface3d"] = plot_surface3d(grid, values, title, attrs)
-        written = []
         for stem, figure in figures.items():
             for extension in formats:
                 target = out_dir / f"{path.stem}_{stem}.{extension}"

@@ -22,11 +22,11 @@ CLUSTERS = {
     "name": "gaussian_clusters",
     "kwargs": {"num_classes": 3, "dim": 8, "train_per_class": 40, "test_per_class": 10},
 }
-DIGITS = {"name": "digits", "kwargs": {"test_fraction": 0.8}}  # 359 training images
+DIGITS = {"name": "digits", "kwargs": {"test_fraction": 0.95}}  # 89 training images
 # (model, data): an MLP with biases, and a CNN with BatchNorm (eval mode: running stats).
 MODELS = {
     "mlp": ({"name": "mlp", "kwargs": {"hidden": [12, 12]}}, CLUSTERS),
-    "cnn_bn": ({"name": "small_cnn", "kwargs": {"channels": [4, 6]}}, DIGITS),
+    "cnn_bn": ({"name": "small_cnn", "kwargs": {"channels": [3, 4]}}, DIGITS),
 }
 HESSIAN_GRID = {
     "x": {"min": -0.5, "max": 0.5, "num": 3},

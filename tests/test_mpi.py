@@ -22,7 +22,7 @@ from pipeline.parts import parts_folder
 from pipeline.plan import plan_surface
 from pipeline.status import surface_status
 from pipeline.store import SurfaceFile
-from pipeline.workers import run_surface
+from pipeline.workers import run_hessian, run_surface
 
 MPIEXEC = shutil.which("mpiexec")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: `make install` builds it")
@@ -194,3 +194,22 @@ def test_launcher_and_mpi_disagreeing_on_size_is_an_error(tmp_path):
     assert failed.returncode == 2
     assert "the launcher started 2 tasks but MPI sees 1 rank(s)" in failed.stderr
     assert "--mpi=pmix" in failed.stderr
+
+
+def test_hessian_job_on_two_ranks_equals_one_process(tmp_path):
+    hessian_maps = {**GRID, "maps": ["train_loss", "lambda_min", "lambda_max"]}
+    reference = planned(tmp_path, "single", hessian_maps)
+    run_hessian(reference, show_progress=False)
+    surface = planned(tmp_path, "ranks", hessian_maps)
+    done = subprocess.run(
+        mpiexec(2, "hessian", str(surface)),
+        env=MPI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    with SurfaceFile.open(surface) as parallel, SurfaceFile.open(reference) as single:
+        assert parallel.done("hessian").all() and not parallel.done("surface").any()
+        for name, values in single.maps().items():
+            np.testing.assert_array_equal(parallel.maps()[name], values, err_msg=name)

@@ -15,7 +15,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.plan import plan_surface
 from pipeline.store import SurfaceFile
-from pipeline.workers import run_surface
+from pipeline.workers import run_job
 
 SLOW_GRID = {
     "x": {"min": -1.0, "max": 1.0, "num": 8},
@@ -28,46 +28,52 @@ SLOW_DATA = {
 }
 
 
-def run_command(surface) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "run", str(surface), "--no-progress"]
+COMMANDS = {"surface": "run", "hessian": "hessian"}
 
 
-def done_count(surface) -> int:
+def run_command(surface, job: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", COMMANDS[job], str(surface), "--no-progress"]
+
+
+def done_count(surface, job: str) -> int:
     try:
         with h5py.File(surface, "r", locking=False) as handle:
-            return int(handle["done/surface"][()].sum())
+            return int(handle[f"done/{job}"][()].sum())
     except (OSError, KeyError):
         return 0  # caught mid-write: try again
 
 
-@pytest.mark.parametrize("kill_after", [3, 30])
-def test_killed_run_resumes_to_identical_maps(experiment, kill_after):
+@pytest.mark.parametrize("job, kill_after", [("surface", 3), ("surface", 30), ("hessian", 2)])
+def test_killed_run_resumes_to_identical_maps(experiment, job, kill_after):
     changes = {
         "grid": SLOW_GRID,
         "data": SLOW_DATA,
         "model": {"name": "mlp", "kwargs": {"hidden": [128, 128]}},
+        "maps": ["train_loss", "train_acc", "lambda_min", "lambda_max"],
+        "hessian": {"stride": 3},  # 6 points of about a second each
     }
     reference = plan_surface(load_config(experiment(name="reference", **changes)))
-    run_surface(reference, show_progress=False)
+    run_job(reference, job, show_progress=False)
     surface = plan_surface(load_config(experiment(name="killed", **changes)))
 
-    worker = subprocess.Popen(run_command(surface), stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(run_command(surface, job), stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while done_count(surface) < kill_after and worker.poll() is None:
+    while done_count(surface, job) < kill_after and worker.poll() is None:
         assert time.monotonic() < deadline, "worker made no progress"
         time.sleep(0.01)
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
 
     with SurfaceFile.open(surface) as partial:  # opens cleanly after the kill
-        done = partial.done("surface")
-        maps = partial.maps()
-    assert kill_after <= done.sum() < done.size, "kill did not land part-way"
+        done = partial.done(job)
+        total = partial.points(job).size
+        maps = {name: partial.maps()[name] for name in partial.job_maps(job)}
+    assert kill_after <= done.sum() < total, "kill did not land part-way"
     for values in maps.values():  # every point flagged done has its value
         assert np.isfinite(values[done]).all()
 
-    subprocess.run(run_command(surface), check=True, stderr=subprocess.DEVNULL)
+    subprocess.run(run_command(surface, job), check=True, stderr=subprocess.DEVNULL)
     with SurfaceFile.open(surface) as resumed, SurfaceFile.open(reference) as uninterrupted:
-        assert resumed.done("surface").all()
+        assert resumed.done(job).sum() == total
         for name, values in uninterrupted.maps().items():
             np.testing.assert_array_equal(resumed.maps()[name], values)
