@@ -13,6 +13,7 @@ from pipeline.evaluate import per_sample_loss
 from pipeline.experiment import Experiment
 from pipeline.hessian import HessianEvaluator, HessianOperator, extreme_eigenvalues
 from pipeline.plan import plan_surface
+from pipeline.plot import plot_surface_file
 from pipeline.store import SurfaceFile
 from pipeline.train import train
 from pipeline.workers import run_hessian
@@ -180,3 +181,7 @@ def test_coarser_hessian_grid_covers_every_stride_th_point(experiment):
     expected = np.zeros((4, 5), bool)
     expected[::2, ::2] = True
     np.testing.assert_array_equal(computed, expected)
+    figures = {path.name for path in plot_surface_file(surface, formats=("png",))}
+    assert figures == {
+        f"exp_{name}_heatmap.png" for name in ("lambda_ratio", "lambda_min", "lambda_max")
+    }

@@ -43,15 +43,28 @@ def done_count(surface, job: str) -> int:
         return 0  # caught mid-write: try again
 
 
-@pytest.mark.parametrize("job, kill_after", [("surface", 3), ("surface", 30), ("hessian", 2)])
-def test_killed_run_resumes_to_identical_maps(experiment, job, kill_after):
-    changes = {
-        "grid": SLOW_GRID,
-        "data": SLOW_DATA,
-        "model": {"name": "mlp", "kwargs": {"hidden": [128, 128]}},
-        "maps": ["train_loss", "train_acc", "lambda_min", "lambda_max"],
-        "hessian": {"stride": 3},  # 6 points of about a second each
-    }
+SLOW_SURFACE = {
+    "grid": SLOW_GRID,
+    "data": SLOW_DATA,
+    "model": {"name": "mlp", "kwargs": {"hidden": [128, 128]}},
+}
+SLOW_HESSIAN = {  # 12 points of about 0.3 s (20-40 HVPs each)
+    "grid": {"x": {"min": -1.0, "max": 1.0, "num": 4}, "y": {"min": -1.0, "max": 1.0, "num": 3}},
+    "data": {
+        "name": "gaussian_clusters",
+        "kwargs": {"num_classes": 4, "dim": 16, "train_per_class": 500, "test_per_class": 10},
+    },
+    "model": {"name": "mlp", "kwargs": {"hidden": [32]}},
+    "maps": ["train_loss", "lambda_min", "lambda_max"],
+    "evaluation": {"batch_size": 2000},
+}
+
+
+@pytest.mark.parametrize(
+    "job, changes, kill_after",
+    [("surface", SLOW_SURFACE, 3), ("surface", SLOW_SURFACE, 30), ("hessian", SLOW_HESSIAN, 2)],
+)
+def test_killed_run_resumes_to_identical_maps(experiment, job, changes, kill_after):
     reference = plan_surface(load_config(experiment(name="reference", **changes)))
     run_job(reference, job, show_progress=False)
     surface = plan_surface(load_config(experiment(name="killed", **changes)))
