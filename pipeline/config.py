@@ -152,6 +152,7 @@ class HessianConfig:
 
     parameters: str = choice("all", ("all", "weights"))
     method: str = choice("lanczos", ("lanczos", "eigsh", "shift"))
+    hvp: str = choice("forward_over_reverse", ("forward_over_reverse", "double_backward"))
     tolerance: float = 1e-3
     max_hvps: int = 400
     stride: int = 1

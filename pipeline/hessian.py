@@ -44,9 +44,10 @@ class HessianOperator(LinearOperator):
     current parameter values (so moving the model moves the operator).
 
     ``parameters``: ``all`` trainable tensors, or ``weights``, those with more than one
-    dimension (Li et al.'s choice: no biases, no BatchNorm scales). HVPs are
-    forward-over-reverse (``jvp`` of ``grad``); a model with an operation that has no
-    forward-mode rule falls back to double backward. ``hvps`` counts products.
+    dimension (Li et al.'s choice: no biases, no BatchNorm scales). ``hvp``:
+    ``forward_over_reverse`` (``jvp`` of ``grad``; a model with an operation that has no
+    forward-mode rule falls back to double backward) or ``double_backward`` (faster for
+    conv nets on CPU, see ``make bench``). ``hvps`` counts products.
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class HessianOperator(LinearOperator):
         loss: str,
         batch_size: int,
         parameters: str = "all",
+        hvp: str = "forward_over_reverse",
     ):
         self.model = model
         self.inputs, self.targets = inputs, targets
@@ -72,7 +74,7 @@ class HessianOperator(LinearOperator):
         reference = selected[self.names[0]]
         self.device, self.torch_dtype = reference.device, reference.dtype
         self.hvps = 0
-        self.forward_mode = True
+        self.forward_mode = hvp == "forward_over_reverse"
         size = sum(self.sizes)
         super().__init__(dtype=np.float64, shape=(size, size))
 
@@ -279,6 +281,7 @@ class HessianEvaluator:
             evaluation.loss,
             evaluation.batch_size,
             settings.parameters,
+            settings.hvp,
         )
         generator = torch.Generator().manual_seed(settings.seed)
         start = torch.randn(self.operator.shape[0], generator=generator, dtype=torch.float64)

@@ -70,12 +70,13 @@ def trained_experiment(experiment, model: str, epochs: int = 150, **changes):
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_hvp_equals_dense_hessian_and_ignores_batch_size(experiment, model):
+def test_hvp_equals_dense_hessian_in_both_modes_and_ignores_batch_size(experiment, model):
     network, data = MODELS[model]
     exp = Experiment.load(load_config(experiment(model=network, data=data)))
     inputs, targets = exp.data.split("train")
     whole = HessianOperator(exp.model, inputs, targets, "cross_entropy", len(inputs))
     batched = HessianOperator(exp.model, inputs, targets, "cross_entropy", 7)
+    reverse = HessianOperator(exp.model, inputs, targets, "cross_entropy", 7, hvp="double_backward")
     params, fixed = whole.state()
     flat = torch.cat([p.reshape(-1) for p in params.values()])
 
@@ -88,7 +89,8 @@ def test_hvp_equals_dense_hessian_and_ignores_batch_size(experiment, model):
     vector = np.random.default_rng(0).normal(size=len(flat))
     np.testing.assert_allclose(whole @ vector, dense @ vector, rtol=0, atol=1e-10)
     np.testing.assert_allclose(batched @ vector, whole @ vector, rtol=0, atol=1e-12)
-    assert whole.hvps == 2 and batched.hvps == 1
+    np.testing.assert_allclose(reverse @ vector, dense @ vector, rtol=0, atol=1e-10)
+    assert whole.hvps == 2 and batched.hvps == 1 and reverse.hvps == 1
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
