@@ -10,6 +10,8 @@ rank with one thread, one rank with every core, and one single-threaded rank per
 core under ``mpiexec``. Rates come from the points' finish times in the file, leaving
 out each rank's first point (start-up); ``efficiency = rate(N ranks) / (N * rate(1
 rank, 1 thread))``.
+
+Hessian: see :mod:`pipeline.hessian_bench`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pipeline.config import load_config, parse_config
 from pipeline.data import load_dataset
 from pipeline.demo import CONFIGS
 from pipeline.experiment import Experiment
+from pipeline.hessian_bench import bench_hessian
 from pipeline.models import build_model
 from pipeline.plan import plan_surface
 from pipeline.store import SurfaceFile
@@ -225,6 +228,20 @@ def main(argv: list[str] | None = None) -> None:
                 f"{name:24s} {result['points_per_s']:7.2f} points/s  "
                 f"{1000 * result['seconds_per_point']:7.1f} ms/point  forward "
                 f"{1000 * result['forward_seconds']:7.1f} ms  overhead {result['overhead']:.3f}x"
+            )
+        hessian = results["hessian"] = bench_hessian(Path(folder))
+        for method, summary in hessian["solvers"]["methods"].items():
+            print(
+                f"hessian {method:8s} median {summary['median_hvps']:5.0f} HVPs "
+                f"{summary['median_seconds']:6.2f} s/point, worst relative error lambda_min "
+                f"{summary['worst_lambda_min_error']:.1e} lambda_max "
+                f"{summary['worst_lambda_max_error']:.1e}, converged {summary['converged']}"
+            )
+        cost = hessian["hvp_cost"]
+        for mode, ratio in cost["hvp_over_forward"].items():
+            print(
+                f"demo-model HVP ({mode}): {ratio:.1f}x a forward pass, "
+                f"{cost['hvp_over_gradient'][mode]:.1f}x a gradient"
             )
         if shutil.which("mpiexec"):
             scaling = results["ranks"] = bench_ranks(Path(folder))

@@ -1,0 +1,156 @@
+"""``make bench``, Hessian part: what each eigen-solver spends per grid point, and what
+one Hessian-vector product costs next to a forward pass and a gradient.
+
+Solvers are compared on a small CNN with BatchNorm trained on digits (float64), at
+points along a filter-normalized line through the trained minimum, against the exact
+extremes of its dense Hessian (built column by column from HVPs, which the tests check
+against ``torch.func.hessian``). Costs are timed on the demo model (ResNet-20).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import parse_config
+from pipeline.demo import CONFIGS
+from pipeline.experiment import Experiment
+from pipeline.hessian import HessianEvaluator, HessianOperator, extreme_eigenvalues
+from pipeline.plan import plan_surface
+from pipeline.store import SurfaceFile
+from pipeline.train import train
+
+TOLERANCE = 1e-3
+METHODS = ("eigsh", "lanczos", "shift")
+SOLVER_CASE = {
+    "model": {"name": "small_cnn", "kwargs": {"channels": [3, 4]}},
+    "data": {"name": "digits"},
+    "grid": {"x": {"min": -0.4, "max": 0.4, "num": 3}},
+    "maps": ["lambda_min", "lambda_max"],
+    "evaluation": {"batch_size": 2048, "dtype": "float64", "device": "cpu"},
+    "hessian": {"tolerance": TOLERANCE, "max_hvps": 2000},
+}
+SOLVER_TRAINING = {"lr": 0.05, "epochs": 20, "batch_size": 64, "schedule": "cosine"}
+
+
+def dense_extremes(operator: HessianOperator) -> tuple[float, float]:
+    """Exact (lambda_min, lambda_max) from the dense Hessian, one HVP per column."""
+    columns = operator @ np.eye(operator.shape[0])
+    spectrum = np.linalg.eigvalsh((columns + columns.T) / 2)
+    return float(spectrum[0]), float(spectrum[-1])
+
+
+def relative_error(found: float, exact: float) -> float:
+    return abs(found - exact) / abs(exact)
+
+
+def compare_solvers(folder: Path) -> dict:
+    """HVPs, seconds and errors per point for each method; medians and worst cases."""
+    spec = {**SOLVER_CASE, "output": str(folder / "solvers.h5")}
+    spec["train"] = {**SOLVER_TRAINING, "checkpoint_dir": str(folder / "solver_checkpoints")}
+    config = parse_config(json.dumps(spec))
+    spec["model"] = {**spec["model"], "checkpoint": str(train(config))}
+    config = parse_config(json.dumps(spec))
+    with SurfaceFile.open(plan_surface(config)) as surface:
+        directions, grid = surface.directions(), surface.grid
+    evaluator = HessianEvaluator(Experiment.load(config), directions, config.hessian)
+    runs = {method: [] for method in METHODS}
+    for point in range(grid.size):
+        evaluator.plane.move_to(*grid.coordinates(point))
+        exact_min, exact_max = dense_extremes(evaluator.operator)
+        for method in METHODS:
+            started = time.perf_counter()
+            found = extreme_eigenvalues(
+                evaluator.operator, method, evaluator.start, TOLERANCE, config.hessian.max_hvps
+            )
+            runs[method].append(
+                {
+                    "alpha": grid.coordinates(point)[0],
+                    "hvps": found.hvps,
+                    "seconds": time.perf_counter() - started,
+                    "lambda_min_error": relative_error(found.lambda_min, exact_min),
+                    "lambda_max_error": relative_error(found.lambda_max, exact_max),
+                    "converged": found.converged,
+                    "exact_ratio": abs(exact_min / exact_max),
+                }
+            )
+    summary = {
+        method: {
+            "median_hvps": statistics.median(run["hvps"] for run in points),
+            "median_seconds": statistics.median(run["seconds"] for run in points),
+            "worst_lambda_min_error": max(run["lambda_min_error"] for run in points),
+            "worst_lambda_max_error": max(run["lambda_max_error"] for run in points),
+            "converged": f"{sum(run['converged'] for run in points)}/{len(points)}",
+            "points": points,
+        }
+        for method, points in runs.items()
+    }
+    return {
+        "case": "small_cnn [3, 4] with BatchNorm on digits (1437 images), "
+        f"{evaluator.operator.shape[0]} parameters, float64, tolerance {TOLERANCE}",
+        "methods": summary,
+        "lanczos_hvps_over_eigsh": summary["lanczos"]["median_hvps"]
+        / summary["eigsh"]["median_hvps"],
+    }
+
+
+def seconds(action, repeats: int = 3) -> float:
+    """Median wall time of ``action`` after one warm-up call."""
+    action()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def hvp_cost() -> dict:
+    """One full-data forward pass, gradient and HVP (both modes) of the demo model."""
+    config = parse_config((CONFIGS / "demo.yaml").read_text())
+    experiment = Experiment.load(config, with_checkpoint=False)
+    inputs, targets = experiment.data.split("train")
+    batch_size = config.evaluation.batch_size
+    operators = {
+        mode: HessianOperator(
+            experiment.model, inputs, targets, "cross_entropy", batch_size, hvp=mode
+        )
+        for mode in ("forward_over_reverse", "double_backward")
+    }
+    anyone = operators["double_backward"]
+    params, fixed = anyone.state()
+    vector = torch.randn(anyone.shape[0], generator=torch.Generator().manual_seed(0))
+
+    def gradient():
+        leaves = {name: p.clone().requires_grad_(True) for name, p in params.items()}
+        with torch.enable_grad():
+            loss = anyone.batch_loss(leaves, fixed, inputs, targets)
+            torch.autograd.grad(loss, list(leaves.values()))
+
+    @torch.no_grad()
+    def forward():
+        experiment.model(inputs)
+
+    timings = {"forward": seconds(forward), "gradient": seconds(gradient)}
+    for mode, operator in operators.items():
+        timings[f"hvp_{mode}"] = seconds(lambda operator=operator: operator.hvp(vector))
+    return {
+        "case": f"demo ResNet-20 on digits, {len(inputs)} images, "
+        f"{anyone.shape[0]} parameters, {config.evaluation.dtype}, one batch",
+        "seconds": timings,
+        "hvp_over_forward": {
+            mode: timings[f"hvp_{mode}"] / timings["forward"] for mode in operators
+        },
+        "hvp_over_gradient": {
+            mode: timings[f"hvp_{mode}"] / timings["gradient"] for mode in operators
+        },
+    }
+
+
+def bench_hessian(folder: Path) -> dict:
+    return {"solvers": compare_solvers(folder), "hvp_cost": hvp_cost()}
