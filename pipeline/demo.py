@@ -1,4 +1,5 @@
-"""The embedded demo: train ResNet-20 on digits, then a 2D and a 1D landscape, with figures.
+"""The embedded demo: train ResNet-20 on digits, then a 2D and a 1D landscape, with figures,
+and the Hessian's extreme eigenvalues on a coarse grid of the 2D plane.
 
 Uses ``configs/demo.yaml`` and ``configs/demo_1d.yaml`` with every output redirected
 under ``--out``; training is skipped when its last checkpoint exists and planning is
@@ -15,7 +16,7 @@ from pipeline.config import load_config
 from pipeline.plan import plan_surface
 from pipeline.plot import plot_surface_file
 from pipeline.train import checkpoint_path, train
-from pipeline.workers import run_surface
+from pipeline.workers import run_job
 
 log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -52,7 +53,8 @@ def run_demo(out: str | Path = "results/demo", quick: bool = False) -> list[Path
     figures = []
     for config in (surface_config, curve_config):
         path = plan_surface(config)
-        run_surface(path)
+        for job in config.jobs:
+            run_job(path, job)
         figures += plot_surface_file(path, out / "figures")
     elapsed = time.perf_counter() - started
     print(f"\nDemo finished in {elapsed:.0f} s. Figures in {out / 'figures'}:")
