@@ -181,7 +181,14 @@ def lanczos_extremes(
         beta = float(product.norm())
         thetas, vectors = eigh_tridiagonal(np.array(alphas), np.array(betas))
         residuals = np.abs(beta * vectors[-1, [0, -1]])
-        result = Extremes(thetas[0], thetas[-1], *residuals, step + 1, False)
+        result = Extremes(
+            float(thetas[0]),
+            float(thetas[-1]),
+            float(residuals[0]),
+            float(residuals[1]),
+            step + 1,
+            False,
+        )
         ends = zip((thetas[0], thetas[-1]), residuals)
         exhausted = beta <= 1e-12 * max(abs(thetas[0]), abs(thetas[-1]), 1e-300)
         if exhausted or all(converged(t, r, tolerance) for t, r in ends):

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.checkpoint import verify_fingerprint
+from pipeline.config import MAP_JOBS
 from pipeline.errors import UserError
 from pipeline.evaluate import evaluate
 from pipeline.experiment import Experiment
@@ -232,9 +233,10 @@ def run_job(
                 )
             )
             if job not in surface.jobs:
+                needed = ", ".join(name for name, owner in MAP_JOBS.items() if owner == job)
                 raise UserError(
                     f"{path}: has no {job} job (its maps: {', '.join(surface.map_names)}); "
-                    f"plan it with the {job} maps in `maps`"
+                    f"add {needed} to maps and plan a new file"
                 )
             pending = ranks.on_rank0(lambda: surface.pending_shards(job))
             if not pending:

@@ -41,6 +41,12 @@ def edit(path, change) -> None:
         (lambda c: c["directions"].update(normalization="filters"), ["directions.normalization"]),
         (lambda c: c.update(maps=["train_los"]), ["maps: unknown map 'train_los'"]),
         (
+            lambda c: c.update(hessian={"tolerance": "1e-0"}),
+            ["hessian.tolerance: must be in (0, 1)"],
+        ),
+        (lambda c: c.update(hessian={"method": "arpack"}), ["hessian.method", "lanczos, eigsh"]),
+        (lambda c: c.update(hessian={"stride": 0}), ["hessian.stride: must be >= 1"]),
+        (
             lambda c: c["model"].update(checkpoint="/nowhere/model.pt"),
             ["model.checkpoint", "/nowhere/model.pt does not exist"],
         ),
@@ -136,3 +142,4 @@ def test_writer_that_cannot_work_here_is_refused(experiment, capsys):
     surface = yaml.safe_load(config.read_text())["output"]
     assert main(["plan", str(config)]) == 0
     fails_with(capsys, ["run", surface, "--writer", "mpio"], "--writer mpio", "mpirun or srun")
+    fails_with(capsys, ["hessian", surface], "has no hessian job", "lambda_min")
