@@ -29,6 +29,14 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
+def map_line(name: str, values: np.ndarray) -> str:
+    known = np.isfinite(values)
+    line = f"    {name}: {int(known.sum())} values"
+    if known.any():
+        line += f", min {np.nanmin(values):.6g}, max {np.nanmax(values):.6g}"
+    return line
+
+
 def surface_status(path: str | Path) -> str:
     """A few human-readable lines describing the state of a surface file."""
     with SurfaceFile.open(path) as surface:
@@ -38,6 +46,7 @@ def surface_status(path: str | Path) -> str:
             f"{path}: {len(grid.shape)}D grid {shape}, model {attrs['model']} on "
             f"{attrs['dataset']}, planned {attrs['created']}"
         ]
+        maps = surface.maps()
         for job in surface.jobs:
             total = surface.points(job).size
             done = int(surface.done(job).sum())
@@ -48,10 +57,8 @@ def surface_status(path: str | Path) -> str:
                 if done < total:
                     line += f", about {format_duration((total - done) / rate)} left"
             lines.append(line)
-        for name, values in surface.maps().items():
-            known = np.isfinite(values)
-            line = f"  {name}: {int(known.sum())}/{values.size} values"
-            if known.any():
-                line += f", min {np.nanmin(values):.6g}, max {np.nanmax(values):.6g}"
-            lines.append(line)
+            for name in surface.job_maps(job):
+                lines.append(map_line(name, maps[name]))
+        if "lambda_ratio" in maps:
+            lines.append(map_line("lambda_ratio", maps["lambda_ratio"]))
     return "\n".join(lines)
