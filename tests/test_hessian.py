@@ -187,3 +187,16 @@ def test_coarser_hessian_grid_covers_every_stride_th_point(experiment):
     assert figures == {
         f"exp_{name}_heatmap.png" for name in ("lambda_ratio", "lambda_min", "lambda_max")
     }
+
+
+def test_one_dimensional_hessian_curve_is_drawn(experiment):
+    config = experiment(
+        grid={"x": {"min": -1.0, "max": 1.0, "num": 5}},
+        maps=["train_loss", "lambda_max", "lambda_min"],
+    )
+    surface = plan_surface(load_config(config))
+    run_hessian(surface, show_progress=False)
+    with SurfaceFile.open(surface) as done:
+        assert (done.maps()["lambda_max"] >= done.maps()["lambda_min"]).all()
+    figures = {path.name for path in plot_surface_file(surface, formats=("png",))}
+    assert figures == {"exp_hessian_curves.png"}  # no loss curve: the surface job has not run
