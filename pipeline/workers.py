@@ -197,6 +197,39 @@ def load_evaluator(job: str, surface: SurfaceFile, device: str | None, ranks: So
     return SurfaceEvaluator(experiment, surface.directions(), surface.job_maps(job))
 
 
+def evaluate_pending(
+    job: str,
+    surface: SurfaceFile,
+    pending: list[np.ndarray],
+    ranks: Solo,
+    writer: str,
+    device: str | None,
+    show_progress: bool,
+) -> int:
+    """This rank's share of the pending shards, claimed one at a time; returns its count."""
+    evaluator = ranks.agree(lambda: load_evaluator(job, surface, device, ranks))
+    point_writer = PartWriter(surface.path, surface.plan_id) if writer == "parts" else surface
+    claims = ShardClaims(job, ranks, pending, show_progress)
+    started = time.perf_counter()
+    with ranks.failing_together():
+        count = evaluate_shards(
+            job, evaluator, surface.grid, claims, point_writer, claims.point_done
+        )
+        ranks.wait_for_all(claims.show_progress)
+    claims.close()
+    if ranks.rank == 0:
+        elapsed = time.perf_counter() - started
+        log.info(
+            "%s: %d %s points in %.1f s (%.2f points/s)",
+            surface.path,
+            claims.total,
+            job,
+            elapsed,
+            claims.total / elapsed,
+        )
+    return count
+
+
 def run_surface(path: str | Path, **options) -> int:
     """``landscape run``: the loss and accuracy maps (see :func:`run_job`)."""
     return run_job(path, "surface", **options)
@@ -239,32 +272,17 @@ def run_job(
                     f"add {needed} to maps and plan a new file"
                 )
             pending = ranks.on_rank0(lambda: surface.pending_shards(job))
-            if not pending:
-                if ranks.rank == 0:
-                    log.info("%s: all %d points already done", path, surface.grid.size)
-                return 0
-            evaluator = ranks.agree(lambda: load_evaluator(job, surface, device, ranks))
-            point_writer = PartWriter(path, surface.plan_id) if writer == "parts" else surface
-            claims = ShardClaims(job, ranks, pending, show_progress)
-            started = time.perf_counter()
-            with ranks.failing_together():
-                count = evaluate_shards(
-                    job, evaluator, surface.grid, claims, point_writer, claims.point_done
+            count = 0
+            if pending:
+                count = evaluate_pending(
+                    job, surface, pending, ranks, writer, device=device, show_progress=show_progress
                 )
-                ranks.wait_for_all(claims.show_progress)
-            claims.close()
-        if ranks.rank == 0:
+            elif ranks.rank == 0:
+                log.info("%s: all %d %s points already done", path, surface.points(job).size, job)
+        if ranks.rank == 0:  # one serial writer, once every rank has closed the file
             if writer == "parts":
                 reduce_parts(path)
             elif job == "hessian":
                 with SurfaceFile.open(path, "r+") as surface:
                     surface.derive_maps()
-            elapsed = time.perf_counter() - started
-            log.info(
-                "%s: %d points in %.1f s (%.2f points/s)",
-                path,
-                claims.total,
-                elapsed,
-                claims.total / elapsed,
-            )
         return count
