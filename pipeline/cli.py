@@ -49,6 +49,7 @@ def command_job(args) -> None:
         device=args.device,
         show_progress=not args.no_progress,
         writer=args.writer,
+        task=None if args.task_index is None else (args.task_index, args.num_tasks),
     )
 
 
@@ -105,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="how results reach the file (auto: serial for 1 rank, else mpio if h5py has "
             "MPI, else part files)",
         )
+        job.add_argument(
+            "--task-index",
+            type=int,
+            metavar="I",
+            help="run as array task I of --num-tasks: every N-th shard, to part files "
+            "(e.g. $SLURM_ARRAY_TASK_ID); merge with `landscape reduce`",
+        )
+        job.add_argument("--num-tasks", type=int, default=1, metavar="N")
         job.set_defaults(handler=command_job, job=job_name)
 
     reduce = commands.add_parser("reduce", help="merge the part files of a run into its surface")

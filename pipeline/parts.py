@@ -89,6 +89,16 @@ def read_part(path: Path, surface: SurfaceFile) -> tuple[str, np.ndarray, dict, 
     return job, points, values, finished
 
 
+def points_in_parts(surface_path: str | Path, job: str) -> np.ndarray:
+    """Points of ``job`` already written to part files but not yet merged."""
+    folder = parts_folder(surface_path)
+    found = [np.zeros(0, np.int64)]
+    for path in sorted(folder.glob(f"{job}-*.h5")) if folder.is_dir() else []:
+        with h5py.File(path, "r", locking=False) as handle:
+            found.append(handle["points"][()])
+    return np.concatenate(found)
+
+
 def reduce_parts(surface_path: str | Path) -> int:
     """Merge every part file into the surface file, then delete them; returns points merged.
 

@@ -180,10 +180,22 @@ class SurfaceFile:
     def points(self, job: str) -> np.ndarray:
         return self.handle[f"points/{job}"][()]
 
-    def pending_shards(self, job: str) -> list[np.ndarray]:
-        """The point numbers not yet done in each shard of ``job``, leaving out finished shards."""
-        points, done = self.points(job), self.done(job).reshape(-1)
-        chunks = (points[start:stop] for start, stop in self.shards(job))
+    def pending_shards(
+        self,
+        job: str,
+        task: tuple[int, int] | None = None,
+        finished_elsewhere: np.ndarray | None = None,
+    ) -> list[np.ndarray]:
+        """The point numbers not yet done in each shard of ``job``, leaving out finished
+        shards. ``task = (index, count)`` keeps the shards an array task owns (every
+        count-th, from index); ``finished_elsewhere`` are points done but not yet merged."""
+        points, done = self.points(job), self.done(job).reshape(-1).copy()
+        if finished_elsewhere is not None:
+            done[finished_elsewhere] = True
+        shards = self.shards(job)
+        if task is not None:
+            shards = shards[task[0] :: task[1]]
+        chunks = (points[start:stop] for start, stop in shards)
         return [chunk[~done[chunk]] for chunk in chunks if not done[chunk].all()]
 
     def derive_maps(self) -> None:

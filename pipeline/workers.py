@@ -30,7 +30,7 @@ from pipeline.experiment import Experiment
 from pipeline.grid import Grid
 from pipeline.hessian import HessianEvaluator
 from pipeline.parameters import DirectionPlane
-from pipeline.parts import PartWriter, reduce_parts
+from pipeline.parts import PartWriter, points_in_parts, reduce_parts
 from pipeline.ranks import CLAIMED, DONE, Solo, connect_ranks, cpu_threads_per_rank
 from pipeline.store import SurfaceFile
 
@@ -172,6 +172,18 @@ def choose_writer(requested: str, ranks: Solo) -> str:
     return requested
 
 
+def choose_task_writer(requested: str, task: tuple[int, int], ranks: Solo) -> str:
+    """Array tasks share the file with others they cannot talk to: part files only."""
+    index, count = task
+    if not 0 <= index < count:
+        raise UserError(f"--task-index: {index} is not in 0..{count - 1} (--num-tasks {count})")
+    if ranks.size > 1:
+        raise UserError("--task-index: an array task is one process; drop it to run under MPI")
+    if requested not in ("auto", "parts"):
+        raise UserError(f"--writer {requested}: array tasks write part files; drop --writer")
+    return "parts"
+
+
 def open_surface(path: Path, writer: str, ranks: Solo) -> SurfaceFile:
     """The surface file as this rank's writer needs it: read-only for part files."""
     if writer == "mpio":
@@ -246,18 +258,21 @@ def run_job(
     device: str | None = None,
     show_progress: bool = True,
     writer: str = "auto",
+    task: tuple[int, int] | None = None,
 ) -> int:
     """Evaluate every pending point of ``job`` in a surface file with all ranks of this run.
 
-    Returns the number of points this rank evaluated.
+    ``task = (index, count)``: one of ``count`` independent array tasks (SLURM arrays),
+    which owns every count-th shard from ``index``, writes part files and leaves the
+    merge to a reduce job. Returns the number of points this rank evaluated.
     """
     path = Path(path)
     with connect_ranks() as ranks:
-        writer = choose_writer(writer, ranks)
+        writer = choose_task_writer(writer, task, ranks) if task else choose_writer(writer, ranks)
         if ranks.rank == 0:
             log.info("%s: %d rank(s); %s", path, ranks.size, WRITERS[writer])
-        # What a killed part-file run left is merged before anyone reads the done flags.
-        ranks.on_rank0(lambda: reduce_parts(path))
+        if task is None:  # merge what a killed part-file run left before reading done flags
+            ranks.on_rank0(lambda: reduce_parts(path))
         with ranks.agree(lambda: open_surface(path, writer, ranks)) as surface:
             # Every rank reads the checkpoint it will load: one node may see other bytes.
             ranks.agree(
@@ -271,7 +286,11 @@ def run_job(
                     f"{path}: has no {job} job (its maps: {', '.join(surface.map_names)}); "
                     f"add {needed} to maps and plan a new file"
                 )
-            pending = ranks.on_rank0(lambda: surface.pending_shards(job))
+            if task is None:
+                pending = ranks.on_rank0(lambda: surface.pending_shards(job))
+            else:
+                log.info("%s: array task %d of %d", path, task[0], task[1])
+                pending = surface.pending_shards(job, task, points_in_parts(path, job))
             count = 0
             if pending:
                 count = evaluate_pending(
@@ -279,7 +298,7 @@ def run_job(
                 )
             elif ranks.rank == 0:
                 log.info("%s: all %d %s points already done", path, surface.points(job).size, job)
-        if ranks.rank == 0:  # one serial writer, once every rank has closed the file
+        if ranks.rank == 0 and task is None:  # one serial writer, once all ranks closed the file
             if writer == "parts":
                 reduce_parts(path)
             elif job == "hessian":
