@@ -19,7 +19,9 @@ H5PY_HAS_MPI := $(PY) -c 'import h5py, sys; sys.exit(not h5py.get_config().mpi)'
 H5PY_BUILD_ENV := CC=mpicc HDF5_MPI=ON HDF5_PKGCONFIG_NAME=$(HDF5_PKGCONFIG_NAME) \
 	CFLAGS="-O1 -g0 -fwrapv -DNDEBUG"
 
-.PHONY: install parallel-stack system-mpi demo test bench lint clean
+SLURM_APT_PACKAGES := slurm-wlm munge slurmdbd mariadb-server
+
+.PHONY: install parallel-stack system-mpi local-slurm demo test bench lint clean
 
 install: $(STAMP)
 
@@ -61,6 +63,19 @@ system-mpi:
 		echo "installing $(MPI_APT_PACKAGES) with apt-get" && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends $(MPI_APT_PACKAGES) >/dev/null; \
+	fi
+
+# SLURM, munge and MariaDB for slurm/local-cluster.sh, which the SLURM tests start (they
+# are skipped without it). Debian/Ubuntu as root; .ci/run calls this before `make test`.
+local-slurm:
+	@if command -v slurmctld >/dev/null; then \
+		echo "local SLURM: $$(slurmctld -V)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $(SLURM_APT_PACKAGES) with apt-get" && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $(SLURM_APT_PACKAGES) >/dev/null; \
+	else \
+		echo "local SLURM: needs root and apt-get; the SLURM tests will be skipped"; \
 	fi
 
 demo: install

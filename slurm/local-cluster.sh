@@ -4,8 +4,9 @@
 #   slurm/local-cluster.sh start DIR    # as root; prints the SLURM_CONF to export
 #   slurm/local-cluster.sh stop DIR     # cancels its jobs, stops exactly what start started
 #
-# Everything lives under DIR: configs, state, logs, pid files, MariaDB's data, and a
-# private munge socket, so a system SLURM or munge on the same machine is never touched.
+# Everything lives under DIR (configs, state, logs, pid files, MariaDB's data) but for
+# munged's private socket folder in /tmp (munged runs as user munge, which may not be able
+# to enter DIR), so a system SLURM or munge on the same machine is never touched.
 # Accounting (MariaDB + slurmdbd) is part of it because submitit only polls sacct: without
 # it, a job that dies without a result is never noticed.
 # Needs (Debian/Ubuntu): slurm-wlm munge slurmdbd mariadb-server.
@@ -17,6 +18,7 @@ action=$1
 dir=$(mkdir -p "$2" && cd "$2" && pwd)
 run=$dir/run
 export SLURM_CONF=$dir/slurm.conf
+munge_dir_record=$run/munge-dir
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
@@ -31,11 +33,13 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 }
 
 start_munge() {
-  mkdir -p "$run/munge" && chown munge: "$run/munge"
-  runuser -u munge -- munged --socket="$run/munge/munge.socket" \
-    --pid-file="$run/munge/munged.pid" --log-file="$run/munge/munged.log" \
-    --seed-file="$run/munge/munged.seed"
-  wait_for 10 munged test -S "$run/munge/munge.socket"
+  munge_dir=$(mktemp -d /tmp/landscape-munge.XXXXXX)
+  echo "$munge_dir" >"$munge_dir_record"
+  chmod 755 "$munge_dir" && chown munge: "$munge_dir"
+  runuser -u munge -- munged --socket="$munge_dir/munge.socket" \
+    --pid-file="$munge_dir/munged.pid" --log-file="$munge_dir/munged.log" \
+    --seed-file="$munge_dir/munged.seed"
+  wait_for 10 munged test -S "$munge_dir/munge.socket"
 }
 
 start_mariadb() {
@@ -54,7 +58,7 @@ SQL
 }
 
 write_configs() {
-  local db_port=$1 dbd_port=$2 ctld_port=$3 d_port=$4 auth="socket=$run/munge/munge.socket"
+  local db_port=$1 dbd_port=$2 ctld_port=$3 d_port=$4 auth="socket=$munge_dir/munge.socket"
   cat >"$dir/slurmdbd.conf" <<EOF
 AuthType=auth/munge
 AuthInfo=$auth
@@ -97,7 +101,7 @@ MailProg=/bin/true
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$dbd_port
-AccountingStoragePass=$run/munge/munge.socket
+AccountingStoragePass=$munge_dir/munge.socket
 JobAcctGatherType=jobacct_gather/linux
 $(slurmd -C | head -n 1) NodeAddr=127.0.0.1
 PartitionName=local Nodes=$(hostname) Default=YES MaxTime=INFINITE State=UP
@@ -156,7 +160,11 @@ stop() {
   stop_pid_file "$run/slurmctld.pid"
   stop_pid_file "$run/slurmdbd.pid"
   stop_pid_file "$run/mariadb.pid"
-  stop_pid_file "$run/munge/munged.pid"
+  if [ -f "$munge_dir_record" ]; then
+    munge_dir=$(cat "$munge_dir_record")
+    stop_pid_file "$munge_dir/munged.pid"
+    rm -rf "$munge_dir" "$munge_dir_record"
+  fi
 }
 
 case $action in

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ from pipeline.data import load_dataset
 from pipeline.models import build_model
 
 TESTS = Path(__file__).resolve().parent
+LOCAL_CLUSTER = TESTS.parent / "slurm" / "local-cluster.sh"
 
 BASE = {
     "model": {"name": "mlp", "kwargs": {"hidden": [8]}},
@@ -67,3 +72,25 @@ def experiment(tmp_path):
         return write_experiment(tmp_path, name, seed, **changes)
 
     return write
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node SLURM for the whole test run (slurm/local-cluster.sh), stopped at the
+    end; yields the environment its clients need (SLURM_CONF, this venv on PATH)."""
+    if shutil.which("slurmctld") is None or os.getuid() != 0:
+        pytest.skip("needs root and slurmctld (.ci/run installs SLURM)")
+    folder = tmp_path_factory.mktemp("slurm")
+    subprocess.run([LOCAL_CLUSTER, "start", folder], check=True, timeout=180)
+    environment = {
+        **os.environ,
+        "SLURM_CONF": str(folder / "slurm.conf"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        # Open MPI refuses root unless told; the library never sets these.
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    }
+    try:
+        yield environment
+    finally:
+        subprocess.run([LOCAL_CLUSTER, "stop", folder], check=True, timeout=180)
