@@ -41,7 +41,7 @@ def command_plan(args) -> None:
 
 
 def command_job(args) -> None:
-    from pipeline.workers import run_job
+    from pipeline.workers import ArrayTask, run_job
 
     run_job(
         args.surface,
@@ -49,7 +49,7 @@ def command_job(args) -> None:
         device=args.device,
         show_progress=not args.no_progress,
         writer=args.writer,
-        task=None if args.task_index is None else (args.task_index, args.num_tasks),
+        task=None if args.task_index is None else ArrayTask(args.task_index, args.num_tasks),
     )
 
 

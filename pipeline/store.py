@@ -180,21 +180,30 @@ class SurfaceFile:
     def points(self, job: str) -> np.ndarray:
         return self.handle[f"points/{job}"][()]
 
+    def pending_shard_indices(self, job: str) -> list[int]:
+        """Indices of the shards of ``job`` with at least one point not done."""
+        points, done = self.points(job), self.done(job).reshape(-1)
+        return [
+            index
+            for index, (start, stop) in enumerate(self.shards(job))
+            if not done[points[start:stop]].all()
+        ]
+
     def pending_shards(
         self,
         job: str,
-        task: tuple[int, int] | None = None,
+        owned: np.ndarray | None = None,
         finished_elsewhere: np.ndarray | None = None,
     ) -> list[np.ndarray]:
         """The point numbers not yet done in each shard of ``job``, leaving out finished
-        shards. ``task = (index, count)`` keeps the shards an array task owns (every
-        count-th, from index); ``finished_elsewhere`` are points done but not yet merged."""
+        shards. ``owned`` keeps only those shards (by index; an array task's share);
+        ``finished_elsewhere`` are points done but not yet merged."""
         points, done = self.points(job), self.done(job).reshape(-1).copy()
         if finished_elsewhere is not None:
             done[finished_elsewhere] = True
         shards = self.shards(job)
-        if task is not None:
-            shards = shards[task[0] :: task[1]]
+        if owned is not None:
+            shards = shards[owned]
         chunks = (points[start:stop] for start, stop in shards)
         return [chunk[~done[chunk]] for chunk in chunks if not done[chunk].all()]
 

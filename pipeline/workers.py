@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -172,9 +173,24 @@ def choose_writer(requested: str, ranks: Solo) -> str:
     return requested
 
 
-def choose_task_writer(requested: str, task: tuple[int, int], ranks: Solo) -> str:
+@dataclass(frozen=True)
+class ArrayTask:
+    """Task ``index`` of ``count`` independent tasks (a SLURM array). It owns the given
+    ``shards`` (indices), or by default every count-th shard from ``index``."""
+
+    index: int
+    count: int
+    shards: tuple[int, ...] | None = None
+
+    def owned(self, total: int) -> np.ndarray:
+        if self.shards is not None:
+            return np.asarray(self.shards, dtype=np.int64)
+        return np.arange(self.index, total, self.count)
+
+
+def choose_task_writer(requested: str, task: ArrayTask, ranks: Solo) -> str:
     """Array tasks share the file with others they cannot talk to: part files only."""
-    index, count = task
+    index, count = task.index, task.count
     if not 0 <= index < count:
         raise UserError(f"--task-index: {index} is not in 0..{count - 1} (--num-tasks {count})")
     if ranks.size > 1:
@@ -258,13 +274,13 @@ def run_job(
     device: str | None = None,
     show_progress: bool = True,
     writer: str = "auto",
-    task: tuple[int, int] | None = None,
+    task: ArrayTask | None = None,
 ) -> int:
     """Evaluate every pending point of ``job`` in a surface file with all ranks of this run.
 
-    ``task = (index, count)``: one of ``count`` independent array tasks (SLURM arrays),
-    which owns every count-th shard from ``index``, writes part files and leaves the
-    merge to a reduce job. Returns the number of points this rank evaluated.
+    ``task``: one of several independent array tasks (SLURM arrays), which evaluates
+    only its own shards, writes part files and leaves the merge to a reduce job.
+    Returns the number of points this rank evaluated.
     """
     path = Path(path)
     with connect_ranks() as ranks:
@@ -289,8 +305,9 @@ def run_job(
             if task is None:
                 pending = ranks.on_rank0(lambda: surface.pending_shards(job))
             else:
-                log.info("%s: array task %d of %d", path, task[0], task[1])
-                pending = surface.pending_shards(job, task, points_in_parts(path, job))
+                log.info("%s: array task %d of %d", path, task.index, task.count)
+                owned = task.owned(len(surface.shards(job)))
+                pending = surface.pending_shards(job, owned, points_in_parts(path, job))
             count = 0
             if pending:
                 count = evaluate_pending(

@@ -11,7 +11,7 @@ from pipeline.config import load_config
 from pipeline.parts import parts_folder
 from pipeline.plan import plan_surface
 from pipeline.store import SurfaceFile
-from pipeline.workers import run_job, run_surface
+from pipeline.workers import ArrayTask, run_job, run_surface
 
 GRID_6X6 = {
     "x": {"min": -1.0, "max": 1.0, "num": 6},
@@ -25,13 +25,15 @@ def test_array_tasks_reduce_to_the_single_process_maps(experiment, capsys):
     run_surface(reference, show_progress=False)
     surface = plan_surface(load_config(experiment(name="tasks", grid=GRID_6X6)))
 
-    counts = [run_job(surface, "surface", task=(i, 3), show_progress=False) for i in range(3)]
+    counts = [
+        run_job(surface, "surface", task=ArrayTask(i, 3), show_progress=False) for i in range(3)
+    ]
     assert counts == [12, 12, 12]
     assert len(list(parts_folder(surface).glob("surface-*.h5"))) == 9
     with SurfaceFile.open(surface) as untouched:  # tasks never write the shared file
         assert not untouched.done("surface").any()
     # A requeued task finds its parts and has nothing left to do.
-    assert run_job(surface, "surface", task=(1, 3), show_progress=False) == 0
+    assert run_job(surface, "surface", task=ArrayTask(1, 3), show_progress=False) == 0
 
     assert main(["reduce", str(surface)]) == 0
     assert "36 points merged" in capsys.readouterr().out
