@@ -1,4 +1,4 @@
-"""The ``landscape`` command: train, plan, run, hessian, reduce, status, plot, demo.
+"""The ``landscape`` command: train, plan, run, hessian, submit, reduce, status, plot, demo.
 
 Each subcommand is a thin shell over one module; a :class:`UserError` anywhere prints
 one line and exits with status 2, a bug keeps its traceback.
@@ -51,6 +51,43 @@ def command_job(args) -> None:
         writer=args.writer,
         task=None if args.task_index is None else ArrayTask(args.task_index, args.num_tasks),
     )
+
+
+def command_submit(args) -> None:
+    from pathlib import Path
+
+    from pipeline.submit import SlurmOptions, submit
+
+    target = Path(args.target)
+    if target.suffix in (".yaml", ".yml"):
+        from pipeline.config import load_config
+        from pipeline.plan import plan_surface
+
+        target = plan_surface(load_config(target, args.overrides))
+    sbatch = dict(flag.partition("=")[::2] for flag in args.sbatch)
+    options = SlurmOptions(
+        tasks=args.tasks,
+        parallelism=args.parallelism,
+        partition=args.partition,
+        time_min=args.time,
+        cpus_per_task=args.cpus_per_task,
+        gpus_per_task=args.gpus_per_task,
+        mem_gb=args.mem_gb,
+        account=args.account,
+        qos=args.qos,
+        mpi=args.mpi,
+        sbatch=sbatch,
+    )
+    record = submit(target.resolve(), options, args.jobs)
+    for job, entry in record["jobs"].items():
+        what = f"{len(entry['tasks'])} array tasks" if "tasks" in entry else "MPI"
+        print(f"{job}: job {entry['id']} ({what}, shards {len(entry_shards(entry))})")
+    print(f"reduce: job {record['reduce']['id']} (merges and plots when the others succeed)")
+    print(f"watch:  landscape status {target}    (or squeue --me)")
+
+
+def entry_shards(entry: dict) -> list[int]:
+    return entry.get("shards") or [s for task in entry["tasks"] for s in task["shards"]]
 
 
 def command_reduce(args) -> None:
@@ -116,6 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("--num-tasks", type=int, default=1, metavar="N")
         job.set_defaults(handler=command_job, job=job_name)
 
+    submit = commands.add_parser(
+        "submit", help="plan if needed, then submit the pending work to SLURM (submitit)"
+    )
+    submit.add_argument("target", help="experiment YAML (planned first) or surface file")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    submit.add_argument("--jobs", nargs="+", choices=["surface", "hessian"], help="default: all")
+    submit.add_argument("--tasks", type=int, default=4, help="array tasks per job, or MPI ranks")
+    submit.add_argument("--parallelism", type=int, default=0, help="array tasks at once (0: any)")
+    submit.add_argument("--mpi", action="store_true", help="one srun job of --tasks MPI ranks")
+    submit.add_argument("--partition")
+    submit.add_argument("--time", type=int, default=240, help="minutes per task")
+    submit.add_argument("--cpus-per-task", type=int, default=1)
+    submit.add_argument("--gpus-per-task", type=int, default=0)
+    submit.add_argument("--mem-gb", type=float)
+    submit.add_argument("--account")
+    submit.add_argument("--qos")
+    submit.add_argument(
+        "--sbatch", action="append", default=[], metavar="FLAG=VALUE", help="extra sbatch flag"
+    )
+    submit.set_defaults(handler=command_submit)
+
     reduce = commands.add_parser("reduce", help="merge the part files of a run into its surface")
     reduce.add_argument("surface")
     reduce.set_defaults(handler=command_reduce)
@@ -137,15 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def configure_logging(verbose: bool = False) -> None:
+    """Log lines with time, and the rank when a launcher started several (set up once)."""
     rank = launcher_rank()
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s " + (f"[rank {rank}] " if rank else "") + "%(levelname)s %(name)s: "
         "%(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
     try:
         args.handler(args)
     except UserError as exc:

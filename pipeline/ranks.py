@@ -173,7 +173,8 @@ class MpiRanks(Solo):
         for rank, message in enumerate(failures):
             if message is not None:
                 error = UserError if self.rank == 0 else FailedElsewhere
-                raise error(f"rank {rank} of {self.size}: {message}")
+                where = f"rank {rank} of {self.size}: " if self.size > 1 else ""
+                raise error(where + message)
         return result
 
     def wait_for_all(self, poll: Callable[[], None]) -> None:

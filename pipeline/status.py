@@ -5,6 +5,8 @@ Reads without locking, so it works while a job is writing the file.
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,12 @@ import numpy as np
 from pipeline.store import SurfaceFile
 
 RATE_WINDOW = 20
+FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED")
+
+
+def record_path(path: Path) -> Path:
+    """Where `landscape submit` records what it submitted for a surface file."""
+    return path.with_name(path.name + ".submission.json")
 
 
 def finish_rate(finished: np.ndarray) -> float | None:
@@ -61,4 +69,48 @@ def surface_status(path: str | Path) -> str:
                 lines.append(map_line(name, maps[name]))
         if "lambda_ratio" in maps:
             lines.append(map_line("lambda_ratio", maps["lambda_ratio"]))
+    lines += submission_status(Path(path))
     return "\n".join(lines)
+
+
+def submission_status(path: Path) -> list[str]:
+    """Lines for `landscape status`: each submitted task's state, failed ones with their
+    shards and log file (from the record and sacct)."""
+    record_file = record_path(path)
+    if not record_file.is_file():
+        return []
+    record = json.loads(record_file.read_text())
+    entries = []
+    for job, submitted in record["jobs"].items():
+        if "tasks" in submitted:
+            entries += [(f"{job} task {task['id']}", task) for task in submitted["tasks"]]
+        else:
+            entries.append((f"{job} MPI job {submitted['id']}", submitted))
+    if record["reduce"]:
+        entries.append(("reduce", record["reduce"]))
+    states = slurm_states([entry["id"] for _, entry in entries])
+    lines = [f"  submitted {record['submitted']} ({record_file.name}):"]
+    for label, entry in entries:
+        state = states.get(entry["id"], "unknown")
+        line = f"    {label}: {state}"
+        if state.split()[0] in FAILED_STATES:
+            if "shards" in entry:
+                line += f", shards {', '.join(map(str, entry['shards']))}"
+            line += f"; log {entry['log']}"
+        lines.append(line)
+    return lines
+
+
+def slurm_states(ids: list[str]) -> dict[str, str]:
+    """Job id -> state from sacct (empty when sacct is missing or fails)."""
+    try:
+        found = subprocess.run(
+            ["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(ids)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    pairs = (line.split("|", 1) for line in found.stdout.splitlines() if "|" in line)
+    return dict(pairs)

@@ -180,14 +180,12 @@ class SurfaceFile:
     def points(self, job: str) -> np.ndarray:
         return self.handle[f"points/{job}"][()]
 
-    def pending_shard_indices(self, job: str) -> list[int]:
-        """Indices of the shards of ``job`` with at least one point not done."""
-        points, done = self.points(job), self.done(job).reshape(-1)
-        return [
-            index
-            for index, (start, stop) in enumerate(self.shards(job))
-            if not done[points[start:stop]].all()
-        ]
+    def pending_shard_indices(
+        self, job: str, finished_elsewhere: np.ndarray | None = None
+    ) -> list[int]:
+        """Indices of the shards of ``job`` with a point neither done nor in
+        ``finished_elsewhere`` (points written to part files but not yet merged)."""
+        return [index for index, _ in self._pending(job, finished_elsewhere)]
 
     def pending_shards(
         self,
@@ -195,17 +193,23 @@ class SurfaceFile:
         owned: np.ndarray | None = None,
         finished_elsewhere: np.ndarray | None = None,
     ) -> list[np.ndarray]:
-        """The point numbers not yet done in each shard of ``job``, leaving out finished
-        shards. ``owned`` keeps only those shards (by index; an array task's share);
-        ``finished_elsewhere`` are points done but not yet merged."""
+        """The pending point numbers of each pending shard of ``job``; ``owned`` keeps only
+        those shards (by index: an array task's share)."""
+        keep = None if owned is None else set(np.asarray(owned).tolist())
+        return [
+            chunk
+            for index, chunk in self._pending(job, finished_elsewhere)
+            if keep is None or index in keep
+        ]
+
+    def _pending(self, job: str, finished_elsewhere: np.ndarray | None):
         points, done = self.points(job), self.done(job).reshape(-1).copy()
         if finished_elsewhere is not None:
             done[finished_elsewhere] = True
-        shards = self.shards(job)
-        if owned is not None:
-            shards = shards[owned]
-        chunks = (points[start:stop] for start, stop in shards)
-        return [chunk[~done[chunk]] for chunk in chunks if not done[chunk].all()]
+        for index, (start, stop) in enumerate(self.shards(job)):
+            chunk = points[start:stop]
+            if not done[chunk].all():
+                yield index, chunk[~done[chunk]]
 
     def derive_maps(self) -> None:
         """Fill the derived maps from their sources (serial writers only):

@@ -1,0 +1,174 @@
+"""``landscape submit``: plan if needed, then run a surface file's jobs on SLURM via submitit.
+
+Array mode (default): for each job with pending shards, one array job whose tasks each
+own a group of those shards and write part files (:class:`ShardTask`), then one reduce
+job, ``afterok`` on every array, which merges the parts and draws the figures once all
+points are done. MPI mode: one job of N tasks per job kind, whose ranks write the
+parallel HDF5 file directly. Submitting a partly finished surface sends only the shards
+still missing; a preempted or timed-out task is requeued by submitit and continues from
+its part files. What was submitted is recorded beside the surface file
+(``<surface>.submission.json``) for ``landscape status``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import submitit
+
+from pipeline.cli import configure_logging
+from pipeline.errors import UserError
+from pipeline.parts import points_in_parts, reduce_parts
+from pipeline.status import record_path
+from pipeline.store import SurfaceFile
+from pipeline.workers import ArrayTask, run_job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """What each task asks SLURM for; ``tasks`` is array tasks per job, or MPI ranks."""
+
+    tasks: int = 4
+    parallelism: int = 0
+    partition: str | None = None
+    time_min: int = 240
+    cpus_per_task: int = 1
+    gpus_per_task: int = 0
+    mem_gb: float | None = None
+    account: str | None = None
+    qos: str | None = None
+    mpi: bool = False
+    sbatch: dict = field(default_factory=dict)
+
+    def executor_parameters(self) -> dict:
+        """submitit's ``update_parameters`` for these options."""
+        extra = {**self.sbatch}
+        for name in ("account", "qos"):
+            if getattr(self, name):
+                extra[name] = getattr(self, name)
+        parameters = {
+            "timeout_min": self.time_min,
+            "cpus_per_task": self.cpus_per_task,
+            "gpus_per_node": self.gpus_per_task * (self.tasks if self.mpi else 1),
+            "slurm_additional_parameters": extra,
+        }
+        if self.partition:
+            parameters["slurm_partition"] = self.partition
+        if self.mem_gb:
+            parameters["mem_gb"] = self.mem_gb
+        if self.parallelism:
+            parameters["slurm_array_parallelism"] = self.parallelism
+        if self.mpi:
+            parameters["tasks_per_node"] = self.tasks
+            parameters["slurm_srun_args"] = ["--mpi=pmix"]
+        return parameters
+
+
+class ShardTask(submitit.helpers.Checkpointable):
+    """One array task. On preemption or timeout submitit calls ``checkpoint``, which
+    resubmits the same call: the shards already in part files are skipped."""
+
+    def __call__(self, path: str, job: str, index: int, count: int, shards: list[int]) -> int:
+        configure_logging()
+        return run_job(path, job, show_progress=False, task=ArrayTask(index, count, tuple(shards)))
+
+
+class MpiRun(submitit.helpers.Checkpointable):
+    """Every rank of an MPI job: the ranks find each other through srun's PMIx."""
+
+    def __call__(self, path: str, job: str) -> int:
+        configure_logging()
+        return run_job(path, job, show_progress=False)
+
+
+def reduce_and_plot(path: str) -> str:
+    """The reduce job: merge part files; draw the figures when every job is complete."""
+    from pipeline.plot import plot_surface_file
+    from pipeline.status import surface_status
+
+    configure_logging()
+    reduce_parts(path)
+    with SurfaceFile.open(path) as surface:
+        complete = all(not surface.pending_shard_indices(job) for job in surface.jobs)
+    if complete:
+        plot_surface_file(path)
+    return surface_status(path)
+
+
+def submit(path: Path, options: SlurmOptions, jobs: list[str] | None = None) -> dict:
+    """Submit the pending work of ``path``; returns (and writes) the submission record."""
+    with SurfaceFile.open(path) as surface:
+        jobs = jobs or surface.jobs
+        missing = [job for job in jobs if job not in surface.jobs]
+        if missing:
+            raise UserError(f"--jobs: {path} has no {', '.join(missing)} job")
+        pending = {
+            job: surface.pending_shard_indices(job, points_in_parts(path, job)) for job in jobs
+        }
+    pending = {job: shards for job, shards in pending.items() if shards}
+    folder = path.with_name(path.name + ".slurm")
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    executor.update_parameters(name=f"landscape-{path.stem}", **options.executor_parameters())
+    record = {
+        "surface": str(path),
+        "submitted": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "options": asdict(options),
+        "jobs": {},
+        "reduce": None,
+    }
+    waits: list[str] = []
+    for job, shards in pending.items():
+        # MPI jobs run one after the other: two parallel writers never share the file.
+        after = waits if options.mpi else []
+        record["jobs"][job] = submit_job(executor, path, job, shards, options, after)
+        waits.append(record["jobs"][job]["id"])
+    executor.update_parameters(
+        name=f"landscape-{path.stem}-reduce",
+        tasks_per_node=1,
+        gpus_per_node=0,
+        slurm_additional_parameters=with_dependency(options, waits),
+    )
+    reduce = executor.submit(reduce_and_plot, str(path))
+    record["reduce"] = {"id": reduce.job_id, "log": str(reduce.paths.stderr)}
+    record_path(path).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def with_dependency(options: SlurmOptions, after: list[str]) -> dict:
+    """The extra sbatch flags, plus ``afterok`` on ``after``; a job whose dependency can
+    no longer be satisfied (a task failed) is cancelled instead of pending forever."""
+    extra = {**options.executor_parameters()["slurm_additional_parameters"]}
+    if after:
+        extra.update(dependency="afterok:" + ":".join(after), kill_on_invalid_dep="yes")
+    return extra
+
+
+def submit_job(
+    executor, path: Path, job: str, shards: list[int], options: SlurmOptions, after: list[str]
+) -> dict:
+    """One array job (a task per group of shards), or one MPI job; returns its record."""
+    executor.update_parameters(slurm_additional_parameters=with_dependency(options, after))
+    if options.mpi:
+        submitted = executor.submit(MpiRun(), str(path), job)
+        return {"id": submitted.job_id, "shards": shards, "log": str(submitted.paths.stderr)}
+    groups = [
+        group for group in (shards[i :: options.tasks] for i in range(options.tasks)) if group
+    ]
+    with executor.batch():
+        tasks = [
+            executor.submit(ShardTask(), str(path), job, index, len(groups), group)
+            for index, group in enumerate(groups)
+        ]
+    return {
+        "id": tasks[0].job_id.split("_")[0],
+        "tasks": [
+            {"id": task.job_id, "shards": group, "log": str(task.paths.stderr)}
+            for task, group in zip(tasks, groups)
+        ],
+    }
