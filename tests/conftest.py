@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,20 @@ def slurm_cluster(tmp_path_factory):
         yield environment
     finally:
         subprocess.run([LOCAL_CLUSTER, "stop", folder], check=True, timeout=180)
+
+
+def final_state(environment: dict, job: str, timeout: float = 240) -> str:
+    """A SLURM job's state in accounting, once it has left the queue."""
+    deadline = time.monotonic() + timeout
+    while subprocess.run(
+        ["squeue", "-h", "-j", job], env=environment, capture_output=True, text=True
+    ).stdout.strip():
+        assert time.monotonic() < deadline, f"job {job} still queued"
+        time.sleep(0.5)
+    accounting = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"],
+        env=environment,
+        capture_output=True,
+        text=True,
+    )
+    return accounting.stdout.split()[0]

@@ -5,12 +5,11 @@ failing array that keeps the reduce from running."""
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import yaml
-from conftest import write_experiment
+from conftest import final_state, write_experiment
 
 from pipeline.config import load_config
 from pipeline.plan import plan_surface
@@ -43,23 +42,6 @@ def sbatch(environment: dict, folder: Path, script: str, surface: Path, *options
         timeout=60,
     )
     return submitted.stdout.strip().split(";")[0]
-
-
-def final_state(environment: dict, job: str, timeout: float = 240) -> str:
-    """The job's state in accounting once it has left the queue."""
-    deadline = time.monotonic() + timeout
-    while subprocess.run(
-        ["squeue", "-h", "-j", job], env=environment, capture_output=True, text=True
-    ).stdout.strip():
-        assert time.monotonic() < deadline, f"job {job} still queued"
-        time.sleep(0.5)
-    accounting = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"],
-        env=environment,
-        capture_output=True,
-        text=True,
-    )
-    return accounting.stdout.split()[0]
 
 
 def assert_same_maps(path: Path, reference: Path) -> None:

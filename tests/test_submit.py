@@ -1,0 +1,112 @@
+"""`landscape submit` on a real local SLURM: array jobs + reduce, failures, resubmission
+of only the missing shards, and MPI mode; every result bit-identical to one process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import final_state, write_experiment
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.plan import plan_surface
+from pipeline.status import record_path, surface_status
+from pipeline.store import SurfaceFile
+from pipeline.workers import run_hessian, run_surface
+
+BOTH_JOBS = {
+    "grid": {
+        "x": {"min": -1.0, "max": 1.0, "num": 6},
+        "y": {"min": -1.0, "max": 1.0, "num": 6},
+        "shard_size": 4,
+    },
+    "maps": ["train_loss", "train_acc", "lambda_min", "lambda_max"],
+    "hessian": {"stride": 3},
+}
+
+
+@pytest.fixture
+def cluster(slurm_cluster, monkeypatch):
+    """submitit calls sbatch and sacct from this process: give it the cluster's environment."""
+    for name in ("SLURM_CONF", "PATH", "OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"):
+        monkeypatch.setenv(name, slurm_cluster[name])
+    return slurm_cluster
+
+
+def reference_maps(folder: Path) -> dict[str, np.ndarray]:
+    path = plan_surface(load_config(write_experiment(folder, "reference", **BOTH_JOBS)))
+    run_surface(path, show_progress=False)
+    run_hessian(path, show_progress=False)
+    with SurfaceFile.open(path) as surface:
+        return surface.maps()
+
+
+def submitted(surface: Path, *options: str) -> dict:
+    assert main(["submit", str(surface), *options]) == 0
+    return json.loads(record_path(surface).read_text())
+
+
+def assert_maps(surface: Path, expected: dict[str, np.ndarray]) -> None:
+    with SurfaceFile.open(surface) as result:
+        for name, values in expected.items():
+            np.testing.assert_array_equal(result.maps()[name], values, err_msg=name)
+
+
+def test_arrays_and_reduce_equal_one_process(tmp_path, cluster):
+    expected = reference_maps(tmp_path)
+    config = write_experiment(tmp_path, "array", **BOTH_JOBS)
+    assert main(["submit", str(config), "--tasks", "3"]) == 0  # plans it first
+    surface = tmp_path / "array.h5"
+    record = json.loads(record_path(surface).read_text())
+    assert [len(record["jobs"][job]["tasks"]) for job in ("surface", "hessian")] == [3, 3]
+    assert final_state(cluster, record["reduce"]["id"]) == "COMPLETED"
+    assert_maps(surface, expected)
+    assert (tmp_path / "array_plots" / "array_lambda_ratio_heatmap.png").is_file()
+    status = surface_status(surface)
+    assert status.count(": COMPLETED") == 7 and "FAILED" not in status
+
+
+def test_failed_task_is_shown_with_its_shards_and_log_and_blocks_the_reduce(tmp_path, cluster):
+    config = write_experiment(tmp_path, "broken", **BOTH_JOBS)
+    surface = plan_surface(load_config(config))
+    (tmp_path / "broken.pt").write_bytes(b"corrupt")
+    record = submitted(surface, "--tasks", "2", "--jobs", "surface")
+    assert final_state(cluster, record["reduce"]["id"]) == "CANCELLED"
+    status = surface_status(surface)
+    first = record["jobs"]["surface"]["tasks"][0]
+    assert f"surface task {first['id']}: FAILED, shards 0, 2, 4, 6, 8; log {first['log']}" in status
+    assert "changed since" in Path(first["log"]).read_text()
+    with SurfaceFile.open(surface) as untouched:
+        assert not untouched.done("surface").any()
+
+
+def test_resubmitting_sends_only_the_missing_shards(tmp_path, cluster):
+    expected = reference_maps(tmp_path)
+    surface = plan_surface(load_config(write_experiment(tmp_path, "again", **BOTH_JOBS)))
+    # One task at a time: cancel the last while it still waits, as if killed mid-array.
+    first = submitted(surface, "--tasks", "3", "--parallelism", "1", "--jobs", "surface")
+    cancelled = first["jobs"]["surface"]["tasks"][2]
+    subprocess.run(["scancel", cancelled["id"]], env=cluster, check=True)
+    assert final_state(cluster, first["reduce"]["id"]) == "CANCELLED"
+
+    second = submitted(surface, "--tasks", "3", "--jobs", "surface")
+    tasks = second["jobs"]["surface"]["tasks"]
+    assert sorted(s for task in tasks for s in task["shards"]) == cancelled["shards"]
+    assert final_state(cluster, second["reduce"]["id"]) == "COMPLETED"
+    with SurfaceFile.open(surface) as done:
+        assert done.done("surface").all()
+    assert_maps(surface, {name: expected[name] for name in ("train_loss", "train_acc")})
+
+
+def test_mpi_mode_runs_one_srun_job_per_kind(tmp_path, cluster):
+    expected = reference_maps(tmp_path)
+    surface = plan_surface(load_config(write_experiment(tmp_path, "mpi", **BOTH_JOBS)))
+    record = submitted(surface, "--mpi", "--tasks", "2")
+    assert final_state(cluster, record["reduce"]["id"]) == "COMPLETED"
+    assert_maps(surface, expected)
+    log = Path(record["jobs"]["surface"]["log"]).read_text()
+    assert "2 rank(s); every rank writes its own points" in log
