@@ -20,7 +20,12 @@ run=$dir/run
 export SLURM_CONF=$dir/slurm.conf
 munge_dir_record=$run/munge-dir
 
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+free_ports() {  # free_ports N: N distinct free TCP ports (all held open until printed)
+  python3 -c 'import socket, sys
+held = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in held: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in held))' "$1"
+}
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
   local deadline=$((SECONDS + $1)) what=$2; shift 2
@@ -113,7 +118,8 @@ start() {
   [ ! -e "$run/slurmctld.pid" ] || { echo "local-cluster: already started in $dir" >&2; exit 1; }
   mkdir -p "$dir"/{state,spool,log,mysql} "$run"
   local db_port dbd_port ctld_port d_port
-  db_port=$(free_port); dbd_port=$(free_port); ctld_port=$(free_port); d_port=$(free_port)
+  read -r db_port dbd_port ctld_port d_port < <(free_ports 4)
+  trap 'echo "local-cluster: start failed; stopping what it started" >&2; stop' EXIT
   start_munge
   start_mariadb "$db_port"
   write_configs "$db_port" "$dbd_port" "$ctld_port" "$d_port"
@@ -122,6 +128,7 @@ start() {
   slurmctld
   slurmd
   wait_for 60 "the node" sh -c 'sinfo -h -o %t | grep -qx idle'
+  trap - EXIT
   echo "export SLURM_CONF=$SLURM_CONF"
 }
 

@@ -82,7 +82,6 @@ def slurm_cluster(tmp_path_factory):
     if shutil.which("slurmctld") is None or os.getuid() != 0:
         pytest.skip("needs root and slurmctld (.ci/run installs SLURM)")
     folder = tmp_path_factory.mktemp("slurm")
-    subprocess.run([LOCAL_CLUSTER, "start", folder], check=True, timeout=180)
     environment = {
         **os.environ,
         "SLURM_CONF": str(folder / "slurm.conf"),
@@ -92,6 +91,7 @@ def slurm_cluster(tmp_path_factory):
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
     }
     try:
+        subprocess.run([LOCAL_CLUSTER, "start", folder], check=True, timeout=180)
         yield environment
     finally:
         subprocess.run([LOCAL_CLUSTER, "stop", folder], check=True, timeout=180)
