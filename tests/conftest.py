@@ -97,18 +97,25 @@ def slurm_cluster(tmp_path_factory):
         subprocess.run([LOCAL_CLUSTER, "stop", folder], check=True, timeout=180)
 
 
+UNFINISHED = ("", "PENDING", "RUNNING", "REQUEUED", "COMPLETING", "SUSPENDED", "RESIZING")
+
+
 def final_state(environment: dict, job: str, timeout: float = 240) -> str:
-    """A SLURM job's state in accounting, once it has left the queue."""
+    """A SLURM job's final state, once it has left the queue and accounting has caught up
+    (sacct can lag squeue by a moment)."""
     deadline = time.monotonic() + timeout
-    while subprocess.run(
-        ["squeue", "-h", "-j", job], env=environment, capture_output=True, text=True
-    ).stdout.strip():
-        assert time.monotonic() < deadline, f"job {job} still queued"
+    while True:
+        queued = subprocess.run(
+            ["squeue", "-h", "-j", job], env=environment, capture_output=True, text=True
+        ).stdout.strip()
+        accounting = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"],
+            env=environment,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        state = accounting[0] if accounting else ""
+        if not queued and state not in UNFINISHED:
+            return state
+        assert time.monotonic() < deadline, f"job {job} not finished ({state or 'no record'})"
         time.sleep(0.5)
-    accounting = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"],
-        env=environment,
-        capture_output=True,
-        text=True,
-    )
-    return accounting.stdout.split()[0]

@@ -76,8 +76,9 @@ def test_failed_task_is_shown_with_its_shards_and_log_and_blocks_the_reduce(tmp_
     (tmp_path / "broken.pt").write_bytes(b"corrupt")
     record = submitted(surface, "--tasks", "2", "--jobs", "surface")
     assert final_state(cluster, record["reduce"]["id"]) == "CANCELLED"
-    status = surface_status(surface)
     first = record["jobs"]["surface"]["tasks"][0]
+    assert final_state(cluster, first["id"]) == "FAILED"  # the reduce may be cancelled first
+    status = surface_status(surface)
     assert f"surface task {first['id']}: FAILED, shards 0, 2, 4, 6, 8; log {first['log']}" in status
     assert "changed since" in Path(first["log"]).read_text()
     with SurfaceFile.open(surface) as untouched:
@@ -92,6 +93,10 @@ def test_resubmitting_sends_only_the_missing_shards(tmp_path, cluster):
     cancelled = first["jobs"]["surface"]["tasks"][2]
     subprocess.run(["scancel", cancelled["id"]], env=cluster, check=True)
     assert final_state(cluster, first["reduce"]["id"]) == "CANCELLED"
+    # The others finish and leave their parts (a task cancelled while pending has no
+    # sacct record of its own: it stays in the array's).
+    started = first["jobs"]["surface"]["tasks"][:2]
+    assert [final_state(cluster, task["id"]) for task in started] == ["COMPLETED"] * 2
 
     second = submitted(surface, "--tasks", "3", "--jobs", "surface")
     tasks = second["jobs"]["surface"]["tasks"]
