@@ -46,17 +46,21 @@ class SlurmOptions:
     mpi: bool = False
     sbatch: dict = field(default_factory=dict)
 
-    def executor_parameters(self) -> dict:
-        """submitit's ``update_parameters`` for these options."""
-        extra = {**self.sbatch}
+    def sbatch_flags(self) -> dict:
+        """Flags submitit has no parameter for: account, QoS and the user's extras."""
+        flags = {**self.sbatch}
         for name in ("account", "qos"):
             if getattr(self, name):
-                extra[name] = getattr(self, name)
+                flags[name] = getattr(self, name)
+        return flags
+
+    def executor_parameters(self) -> dict:
+        """submitit's ``update_parameters`` for these options."""
         parameters = {
             "timeout_min": self.time_min,
             "cpus_per_task": self.cpus_per_task,
             "gpus_per_node": self.gpus_per_task * (self.tasks if self.mpi else 1),
-            "slurm_additional_parameters": extra,
+            "slurm_additional_parameters": self.sbatch_flags(),
         }
         if self.partition:
             parameters["slurm_partition"] = self.partition
@@ -143,7 +147,7 @@ def submit(path: Path, options: SlurmOptions, jobs: list[str] | None = None) -> 
 def with_dependency(options: SlurmOptions, after: list[str]) -> dict:
     """The extra sbatch flags, plus ``afterok`` on ``after``; a job whose dependency can
     no longer be satisfied (a task failed) is cancelled instead of pending forever."""
-    extra = {**options.executor_parameters()["slurm_additional_parameters"]}
+    extra = options.sbatch_flags()
     if after:
         extra.update(dependency="afterok:" + ":".join(after), kill_on_invalid_dep="yes")
     return extra
