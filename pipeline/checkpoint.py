@@ -16,13 +16,22 @@ from torch import nn
 from pipeline.errors import UserError
 
 
-def load_state_dict(path: str | Path, field: str = "model.checkpoint") -> dict:
+def load_state_dict(path: str | Path, field: str = "model.checkpoint", mmap: bool = False) -> dict:
     """The model ``state_dict`` stored in ``path``, loaded on the CPU."""
+    return load_checkpoint(path, field, mmap)[0]
+
+
+def load_checkpoint(
+    path: str | Path, field: str = "model.checkpoint", mmap: bool = False
+) -> tuple[dict, dict]:
+    """``(state_dict, metadata)`` of ``path``; metadata holds the scalars saved beside the
+    weights (epoch, lr, losses), empty for a bare state_dict. ``mmap`` maps the tensors
+    instead of reading them, for walking many large checkpoints a slice at a time."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{field}: file {path} does not exist; train first or fix the path")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for truncated or foreign files
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
@@ -32,10 +41,17 @@ def load_state_dict(path: str | Path, field: str = "model.checkpoint") -> dict:
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{field}: {path} holds no state_dict of tensors; save model.state_dict()")
-    return state
+    metadata = {
+        key: value
+        for key, value in payload.items()
+        if state is not payload and key != "state_dict" and isinstance(value, (int, float))
+    }
+    return state, metadata
 
 
-def check_compatible(model: nn.Module, state: dict, path: str | Path) -> None:
+def check_compatible(
+    model: nn.Module, state: dict, path: str | Path, field: str = "model.checkpoint"
+) -> None:
     """Fail with the list of missing, unexpected and mis-shaped keys if they don't match."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -52,7 +68,7 @@ def check_compatible(model: nn.Module, state: dict, path: str | Path) -> None:
             problems.append(f"{label}: {shown}")
     if problems:
         raise UserError(
-            f"model.checkpoint: {path} does not fit model ({'; '.join(problems)}); "
+            f"{field}: {path} does not fit model ({'; '.join(problems)}); "
             "check model.name and model.kwargs against the checkpoint"
         )
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from pipeline.errors import UserError
@@ -58,26 +57,34 @@ def choice(default: str, options: tuple[str, ...]) -> Any:
     return field(default=default, metadata={"choices": options})
 
 
-def path_field(default: str | None = None) -> Any:
-    """A filesystem path, resolved to an absolute path at load time."""
+def path_field(default: str | list | None = None) -> Any:
+    """A filesystem path (or a list of them), resolved to absolute paths at load time."""
+    if isinstance(default, list):
+        return field(default_factory=list, metadata={"path": True})
     return field(default=default, metadata={"path": True})
 
 
 @dataclass(frozen=True)
 class AxisConfig:
-    """One grid axis: ``num`` evenly spaced coordinates from ``min`` to ``max`` inclusive."""
+    """One grid axis: ``num`` evenly spaced coordinates from ``min`` to ``max`` inclusive.
 
-    min: float
-    max: float
+    Without ``min`` and ``max`` (PCA directions only) the planner frames the trajectory.
+    """
+
     num: int
+    min: float | None = None
+    max: float | None = None
 
-    def coordinates(self) -> np.ndarray:
-        return np.linspace(self.min, self.max, self.num)
+    @property
+    def automatic(self) -> bool:
+        return self.min is None
 
     def check(self, where: str) -> None:
         if self.num < 2:
             raise ConfigError(f"{where}.num: must be >= 2 (got {self.num}); use at least 2 points")
-        if self.min >= self.max:
+        if (self.min is None) != (self.max is None):
+            raise ConfigError(f"{where}: give both min and max, or neither (PCA framing)")
+        if self.min is not None and self.min >= self.max:
             raise ConfigError(
                 f"{where}: min ({self.min}) must be < max ({self.max}); swap or widen the range"
             )
@@ -115,14 +122,70 @@ class DataConfig:
     kwargs: dict = field(default_factory=dict)
 
 
+DIRECTION_KINDS = ("random", "pca", "hessian", "target", "interpolation", "file")
+# What each kind's vectors are scaled to when ``normalization`` is not given: random
+# directions to the filters of theta (Li et al.), PCA and Hessian eigenvectors to unit
+# length (so plot coordinates are distances and curvatures are eigenvalues), and
+# checkpoint differences and user files as they are (a = 1 reaches the target).
+DEFAULT_NORMALIZATION = {
+    "random": "filter",
+    "pca": "unit",
+    "hessian": "unit",
+    "target": "none",
+    "interpolation": "none",
+    "file": "none",
+}
+NORMALIZATIONS = ("filter", "layer", "weight", "unit", "none")
+
+
 @dataclass(frozen=True)
 class DirectionsConfig:
-    """How the two plotting directions are drawn and scaled (Li et al. 2018, section 4)."""
+    """Which plotting directions and how they are scaled.
 
-    kind: str = choice("random", ("random",))
-    normalization: str = choice("filter", ("filter", "layer", "weight", "none"))
-    ignore: str = choice("biasbn", ("biasbn", "none"))
+    ``random``: seeded Gaussian (Li et al. section 4). ``pca``: the top principal
+    directions of the trajectory ``checkpoints`` around model.checkpoint (section 7).
+    ``hessian``: eigenvectors of the Hessian at model.checkpoint, lambda_max and
+    lambda_min (``eigenvectors: extremes``) or the top two (``top``) (Boettcher &
+    Wheeler). ``target``: theta_B - theta_0 for each checkpoint in ``targets``.
+    ``interpolation``: (1 - a) theta_0 + a theta_B along one target, BatchNorm running
+    statistics included (section 5). ``file``: tensors saved by the user in ``file``.
+    """
+
+    kind: str = choice("random", DIRECTION_KINDS)
+    normalization: str = field(default="", metadata={"choices": NORMALIZATIONS})
+    ignore: str = field(default="", metadata={"choices": ("biasbn", "none")})
     seed: int = 0
+    checkpoints: list[str] = path_field([])
+    targets: list[str] = path_field([])
+    file: str | None = path_field()
+    eigenvectors: str = choice("extremes", ("extremes", "top"))
+
+    def __post_init__(self) -> None:
+        # Fields not given take the kind's own default (a frozen dataclass sets them so).
+        if not self.normalization:
+            object.__setattr__(self, "normalization", DEFAULT_NORMALIZATION[self.kind])
+        if not self.ignore:
+            object.__setattr__(self, "ignore", "none" if self.kind == "interpolation" else "biasbn")
+
+    def check(self, where: str) -> None:
+        needs = {"pca": "checkpoints", "target": "targets", "interpolation": "targets"}
+        if self.kind in needs and not getattr(self, needs[self.kind]):
+            raise ConfigError(
+                f"{where}.{needs[self.kind]}: required for kind {self.kind!r}; "
+                "list checkpoint files"
+            )
+        if self.kind == "file" and self.file is None:
+            raise ConfigError(f"{where}.file: required for kind 'file'; name a .pt or .h5 file")
+        if self.kind == "pca" and self.normalization != "unit":
+            raise ConfigError(
+                f"{where}.normalization: pca directions must stay 'unit' (orthonormal axes are "
+                "what makes the projected trajectory exact)"
+            )
+        if self.kind == "interpolation" and (self.normalization != "none" or self.ignore != "none"):
+            raise ConfigError(
+                f"{where}: interpolation moves every parameter and BatchNorm statistic from "
+                "theta_0 to the target; set normalization: none and ignore: none"
+            )
 
 
 @dataclass(frozen=True)
@@ -215,6 +278,7 @@ class ExperimentConfig:
         return sorted({MAP_JOBS[name] for name in self.maps}, reverse=True)
 
     def check(self, where: str) -> None:
+        self.check_directions_fit_grid()
         for name in self.maps:
             if name not in MAP_NAMES:
                 raise ConfigError(f"maps: unknown map {name!r}; choose from {', '.join(MAP_NAMES)}")
@@ -222,6 +286,22 @@ class ExperimentConfig:
             raise ConfigError("maps: empty; list at least one of " + ", ".join(MAP_NAMES))
         if self.evaluation.loss == "mse" and any(n.endswith("_acc") for n in self.maps):
             raise ConfigError("maps: accuracy is undefined for evaluation.loss 'mse'; drop *_acc")
+
+    def check_directions_fit_grid(self) -> None:
+        if self.grid is None:
+            return
+        kind, axes = self.directions.kind, [self.grid.x] + ([self.grid.y] if self.grid.y else [])
+        if kind != "pca" and any(axis.automatic for axis in axes):
+            raise ConfigError(
+                "grid: min and max are required (only pca directions frame their trajectory)"
+            )
+        if kind == "interpolation" and len(axes) != 1:
+            raise ConfigError("grid.y: interpolation is 1D; drop grid.y (or use kind: target)")
+        if kind == "target" and len(self.directions.targets) != len(axes):
+            raise ConfigError(
+                f"directions.targets: {len(self.directions.targets)} given for a "
+                f"{len(axes)}D grid; give one target checkpoint per axis"
+            )
 
     def require_surface(self) -> None:
         """Fail unless the fields a surface run needs are present."""
@@ -330,7 +410,7 @@ def _convert(hint: Any, value: Any, path: str, metadata: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         (item,) = typing.get_args(hint)
-        return [_convert(item, v, f"{path}[{i}]", {}) for i, v in enumerate(value)]
+        return [_convert(item, v, f"{path}[{i}]", metadata) for i, v in enumerate(value)]
     if hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")

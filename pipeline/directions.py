@@ -1,35 +1,91 @@
-"""Plotting directions: seeded Gaussian vectors scaled filter-wise (Li et al. 2018, section 4).
+"""Plotting directions: what each kind computes, and how its vectors are scaled.
 
-A random direction d has one entry per parameter. Raw Gaussian directions are
-meaningless across networks because the loss is invariant to the scale of a ReLU
-layer's weights; Li et al. therefore rescale each *filter* of d to the norm of the
-matching filter of theta:  d_ij <- d_ij / ||d_ij|| * ||theta_ij||.  A filter is one
-slice along the first (output) dimension: a conv output channel, or one output
-neuron's row of a linear layer. Other normalizations: ``layer`` (whole tensor),
-``weight`` (elementwise, d * |theta|) and ``none``.
+A direction d has one entry per parameter. Kinds (``directions.kind``):
 
-1-D tensors (biases, BatchNorm weight and bias) are set to zero by default
-(``ignore: biasbn``); when kept they are normalized as a single filter.
+- ``random``: seeded Gaussian vectors (Li et al. section 4). Raw Gaussian directions
+  are meaningless across networks because the loss is invariant to the scale of a ReLU
+  layer's weights, so each *filter* of d is rescaled to the norm of the matching filter
+  of theta: d_ij <- d_ij / ||d_ij|| * ||theta_ij|| (a filter is one slice along the
+  output dimension: a conv output channel, or one output neuron's row).
+- ``pca``: the principal directions of a training trajectory (:mod:`pipeline.trajectory`).
+- ``hessian``: eigenvectors of the Hessian at theta (Boettcher & Wheeler): the only
+  directions along which a 2D slice shows the true principal curvatures, saddles
+  included. A random slice's curvature averages the eigenvalues to about tr(H)/n.
+- ``target``, ``interpolation``, ``file``: read from files (:mod:`pipeline.direction_files`).
+
+Scaling (``normalization``): ``filter``, ``layer`` (whole tensor), ``weight``
+(elementwise, d * |theta|), ``unit`` (the whole vector to length 1) or ``none``.
+1-D tensors (biases, BatchNorm weight and bias) are set to zero with ``ignore: biasbn``;
+when kept they are normalized as a single filter.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import DirectionsConfig
+from pipeline.config import DirectionsConfig, ExperimentConfig
+from pipeline.direction_files import checkpoint_differences, file_directions, weight_histograms
+from pipeline.experiment import Experiment
+from pipeline.hessian import HessianOperator, lanczos
+from pipeline.trajectory import trajectory_files, trajectory_pca
+
+log = logging.getLogger(__name__)
+
+SCALINGS = {
+    "filter": "filter-normalized",
+    "layer": "layer-normalized",
+    "weight": "weight-normalized",
+    "unit": "unit length",
+    "none": "unnormalized",
+}
+
+
+@dataclass
+class Directions:
+    """The vectors of a plan and what the surface file records beside them."""
+
+    vectors: list[dict[str, torch.Tensor]]  # float64, one per axis
+    axes: list[dict]  # per axis: a "label" for plots and what the kind measured
+    groups: dict[str, tuple[dict, dict]] = field(default_factory=dict)  # name: (data, attrs)
+    frame: np.ndarray | None = None  # points an automatic grid must enclose
+
+
+def plan_directions(experiment: Experiment, config: ExperimentConfig, count: int) -> Directions:
+    """The ``count`` directions ``config.directions`` asks for, scaled as it says."""
+    settings = config.directions
+    planned = BUILDERS[settings.kind](experiment, config, count)
+    theta = parameter_values(experiment.model)
+    planned.vectors = [
+        scale_direction(d, theta, settings.normalization, settings.ignore) for d in planned.vectors
+    ]
+    return planned
+
+
+def random_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> Directions:
+    vectors = random_directions(experiment.model, config.directions, count, scale=False)
+    scaling = scaling_note(config.directions)
+    return Directions(
+        vectors, [{"label": f"{axis}: random direction ({scaling})"} for axis in "xy"]
+    )
 
 
 def random_directions(
-    model: nn.Module, config: DirectionsConfig, count: int
+    model: nn.Module, config: DirectionsConfig, count: int, scale: bool = True
 ) -> list[dict[str, torch.Tensor]]:
-    """``count`` normalized directions, float64, keyed by parameter name.
+    """``count`` Gaussian directions, float64, keyed by parameter name (normalized as
+    ``config`` says unless ``scale`` is false).
 
     One generator seeded with ``config.seed`` draws the directions one after the
     other, so a 1D and a 2D plan with the same seed share their first direction.
     """
     generator = torch.Generator().manual_seed(config.seed)
-    theta = {name: p.detach().to("cpu", torch.float64) for name, p in model.named_parameters()}
+    theta = parameter_values(model)
     directions = []
     for _ in range(count):
         raw = {
@@ -37,12 +93,161 @@ def random_directions(
             for name, w in theta.items()
         }
         directions.append(
-            {
-                name: normalize(raw[name], w, config.normalization, config.ignore)
-                for name, w in theta.items()
-            }
+            scale_direction(raw, theta, config.normalization, config.ignore) if scale else raw
         )
     return directions
+
+
+def pca_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> Directions:
+    """Li et al. section 7: the top principal directions of [theta_i - theta_n], the
+    trajectory's coordinates in them, and the explained variance of each axis."""
+    model, settings = experiment.model, config.directions
+    kept = [
+        name
+        for name in parameter_values(model)
+        if name not in ignored_parameters(model, settings.ignore)
+    ]
+    files = trajectory_files(settings.checkpoints)
+    path = trajectory_pca(parameter_values(model), files, kept, count)
+    ratios = path.explained_variance_ratio
+    log.info(
+        "PCA of %d checkpoints: explained variance %s",
+        len(files),
+        ", ".join(f"{r:.1%}" for r in ratios),
+    )
+    axes = [
+        {
+            "label": f"{axis}: PCA-{j + 1} ({ratio:.1%} of the path's variance)",
+            "explained_variance_ratio": ratio,
+        }
+        for j, (axis, ratio) in enumerate(zip("xy", ratios))
+    ]
+    trajectory = {
+        "coordinates": path.coordinates,
+        "epochs": path.epochs,
+        "lr": path.lr,
+        "lr_drop": path.lr_drops.astype(np.uint8),
+    }
+    attrs = {"checkpoints": [str(f) for f in files], "explained_variance_ratio": ratios}
+    vectors = [{k: torch.from_numpy(v) for k, v in d.items()} for d in path.directions]
+    return Directions(vectors, axes, {"trajectory": (trajectory, attrs)}, path.coordinates)
+
+
+def hessian_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> Directions:
+    """Boettcher & Wheeler: eigenvectors of the training-loss Hessian at theta, of
+    lambda_max and lambda_min (``extremes``) or of the two largest (``top``), by Lanczos
+    from a seeded start to ``hessian.tolerance`` within ``hessian.max_hvps`` products.
+    Without biases and BN scales (``ignore: biasbn``) it is the Hessian of the weights."""
+    settings, solver = config.directions, config.hessian
+    inputs, targets = experiment.data.split("train")
+    operator = HessianOperator(
+        experiment.model,
+        inputs,
+        targets,
+        config.evaluation.loss,
+        config.evaluation.batch_size,
+        "weights" if settings.ignore == "biasbn" else "all",
+        solver.hvp,
+    )
+    generator = torch.Generator().manual_seed(settings.seed)
+    start = torch.randn(operator.shape[0], generator=generator, dtype=torch.float64)
+    which = ((-1, 0) if settings.eigenvectors == "extremes" else (-1, -2))[:count]
+    names = ("λmax", "λmin") if settings.eigenvectors == "extremes" else ("λ1", "λ2")
+    pairs = lanczos(
+        lambda v: operator.hvp(v.to(operator.torch_dtype)),
+        start.to(experiment.device),
+        solver.tolerance,
+        solver.max_hvps,
+        which,
+    )
+    if not pairs.converged:
+        log.warning(
+            "Hessian directions not converged to hessian.tolerance %.1e in %d HVPs "
+            "(residuals %s); raise hessian.max_hvps for exact eigenvectors",
+            solver.tolerance,
+            pairs.steps,
+            ", ".join(f"{r:.2e}" for r in pairs.residuals),
+        )
+    log.info(
+        "Hessian directions: %s in %d HVPs",
+        ", ".join(f"{n} = {v:.6g}" for n, v in zip(names, pairs.values)),
+        pairs.steps,
+    )
+    theta = parameter_values(experiment.model)
+    vectors = []
+    for vector in pairs.vectors().cpu():
+        direction = {name: torch.zeros_like(w) for name, w in theta.items()}
+        pieces = vector.split(operator.sizes)
+        direction.update((n, p.view(s)) for n, p, s in zip(operator.names, pieces, operator.shapes))
+        vectors.append(direction)
+    scaling = "" if settings.normalization == "unit" else f", {scaling_note(settings)}"
+    axes = [
+        {
+            "label": f"{axis}: Hessian eigenvector, {name} = {value:.4g}{scaling}"
+            + ("" if pairs.converged else " (not converged)"),
+            "eigenvalue": value,
+            "residual": residual,
+            "converged": pairs.converged,
+            "hvps": pairs.steps,
+        }
+        for axis, name, value, residual in zip("xy", names, pairs.values, pairs.residuals)
+    ]
+    return Directions(vectors, axes)
+
+
+def target_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> Directions:
+    """d = theta_B - theta_0 per axis (Li et al. Fig. 8b, Goodfellow et al.)."""
+    targets = config.directions.targets
+    scaling = scaling_note(config.directions)
+    axes = [
+        {"label": f"{axis}: toward {Path(target).name} (θB − θ0, {scaling})", "target": target}
+        for axis, target in zip("xy", targets)
+    ]
+    return Directions(checkpoint_differences(experiment.model, targets, False), axes)
+
+
+def interpolation_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> Directions:
+    """(1 - a) theta_A + a theta_B with BN statistics (Li et al. section 5), and both
+    ends' weight histograms and norms, which often explain such plots better."""
+    (target,) = config.directions.targets
+    source = config.model.checkpoint
+    label = f"α: (1 − α)·θA + α·θB, A = {Path(source).name}, B = {Path(target).name}"
+    histograms, norms = weight_histograms(experiment.model, target)
+    return Directions(
+        checkpoint_differences(experiment.model, [target], True),
+        [{"label": label, "target": target}],
+        {"endpoints": (histograms, {**norms, "checkpoints": [source, target]})},
+    )
+
+
+def file_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> Directions:
+    path = config.directions.file
+    scaling = scaling_note(config.directions)
+    axes = [
+        {"label": f"{axis}: direction {axis} of {Path(path).name} ({scaling})"} for axis in "xy"
+    ]
+    return Directions(file_directions(experiment.model, path, count), axes)
+
+
+BUILDERS = {
+    "random": random_plane,
+    "pca": pca_plane,
+    "hessian": hessian_plane,
+    "target": target_plane,
+    "interpolation": interpolation_plane,
+    "file": file_plane,
+}
+
+
+def scaling_note(settings: DirectionsConfig) -> str:
+    """E.g. ``filter-normalized, biases/BN zero``."""
+    note = SCALINGS[settings.normalization]
+    return note + (", biases/BN zero" if settings.ignore == "biasbn" else "")
+
+
+def parameter_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of ``model`` as float64 on the CPU."""
+    return {name: p.detach().to("cpu", torch.float64) for name, p in model.named_parameters()}
 
 
 def ignored_parameters(model: nn.Module, ignore: str) -> list[str]:
@@ -50,6 +255,22 @@ def ignored_parameters(model: nn.Module, ignore: str) -> list[str]:
     if ignore == "none":
         return []
     return [name for name, p in model.named_parameters() if p.dim() <= 1]
+
+
+def scale_direction(
+    direction: dict[str, torch.Tensor], theta: dict[str, torch.Tensor], how: str, ignore: str
+) -> dict[str, torch.Tensor]:
+    """Zero the ignored tensors and scale the rest (see the module docstring). Entries
+    that are not parameters (an interpolation's BN statistics) are left as they are."""
+    per_tensor = "none" if how == "unit" else how
+    scaled = {
+        name: normalize(d, theta[name], per_tensor, ignore) if name in theta else d
+        for name, d in direction.items()
+    }
+    if how == "unit":
+        length = torch.sqrt(sum((d**2).sum() for d in scaled.values()))
+        scaled = {name: d / length for name, d in scaled.items()}
+    return scaled
 
 
 def normalize(
@@ -70,4 +291,5 @@ def normalize(
 
 
 def _scale_to(direction: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return direction * (weights.norm() / direction.norm())
+    length = direction.norm()
+    return direction * (weights.norm() / length) if length > 0 else direction

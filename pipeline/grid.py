@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import GridConfig
+from pipeline.config import AxisConfig, GridConfig
 
 TARGET_SHARDS = 64
+FRAME_MARGIN = 0.15  # of the trajectory's extent, added on each side
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,12 @@ class Grid:
     y: np.ndarray | None = None
 
     @classmethod
-    def from_config(cls, config: GridConfig) -> Grid:
-        return cls(config.x.coordinates(), config.y.coordinates() if config.y else None)
+    def from_config(cls, config: GridConfig, frame: np.ndarray | None = None) -> Grid:
+        """The configured grid; an axis without bounds spans ``frame[:, axis]`` (points to
+        enclose, e.g. a projected trajectory) and the origin, plus a margin."""
+        axes = [config.x] + ([config.y] if config.y else [])
+        x, *y = [axis_coordinates(axis, frame, i) for i, axis in enumerate(axes)]
+        return cls(x, y[0] if y else None)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -62,3 +67,12 @@ def shard_ranges(size: int, shard_size: int = 0) -> np.ndarray:
         shard_size = max(1, math.ceil(size / TARGET_SHARDS))
     starts = np.arange(0, size, shard_size, dtype=np.int64)
     return np.stack([starts, np.minimum(starts + shard_size, size)], axis=1)
+
+
+def axis_coordinates(axis: AxisConfig, frame: np.ndarray | None, column: int) -> np.ndarray:
+    if not axis.automatic:
+        return np.linspace(axis.min, axis.max, axis.num)
+    values = np.append(frame[:, column], 0.0)
+    low, high = values.min(), values.max()
+    margin = FRAME_MARGIN * (high - low) if high > low else 1.0
+    return np.linspace(low - margin, high + margin, axis.num)

@@ -16,7 +16,6 @@ criterion ARPACK applies), and Ritz values approach the extremes from inside.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,19 +146,41 @@ def converged(theta: float, residual: float, tolerance: float) -> bool:
     return residual <= tolerance * abs(theta)
 
 
-def lanczos_extremes(
+@dataclass
+class RitzPairs:
+    """Chosen Ritz pairs of one Lanczos run: values, residuals, and the Krylov basis and
+    coefficients to form the vectors (only if asked: n values per vector)."""
+
+    values: np.ndarray
+    residuals: np.ndarray
+    steps: int
+    converged: bool
+    basis: torch.Tensor
+    coefficients: np.ndarray  # (steps, len(values))
+
+    def vectors(self) -> torch.Tensor:
+        """(len(values), n) unit Ritz vectors, float64 on the basis's device."""
+        coefficients = torch.as_tensor(self.coefficients, device=self.basis.device)
+        vectors = (self.basis[: self.steps].T @ coefficients).T
+        return vectors / vectors.norm(dim=1, keepdim=True)
+
+
+def lanczos(
     hvp: Callable[[torch.Tensor], torch.Tensor],
     start: torch.Tensor,
     tolerance: float,
     max_hvps: int,
-) -> Extremes:
-    """lambda_min and lambda_max from one Lanczos run with full reorthogonalization.
+    which: tuple[int, ...] = (0, -1),
+) -> RitzPairs:
+    """Ritz pairs ``which`` (indices into the ascending Ritz values: 0 the smallest, -1
+    the largest, -2 the second largest) from one Lanczos run with full reorthogonalization.
 
     The basis is kept in float64 on ``start``'s device (``max_hvps`` x n values at most);
     every product is orthogonalized twice against it (Kahan-Parlett: twice is enough), so
     no ghost eigenvalues appear. After each product the tridiagonal T_k is solved; the
     residual of Ritz pair (theta_i, y_i) is |beta_k * s_ki|, the last component of T_k's
-    eigenvector times the next off-diagonal.
+    eigenvector times the next off-diagonal. It stops when every chosen pair has a
+    residual of at most ``tolerance * |theta|``, or the Krylov space is exhausted.
     """
     size = start.numel()
     steps = min(max_hvps, size)
@@ -180,22 +201,36 @@ def lanczos_extremes(
             product -= known.T @ (known @ product)
         beta = float(product.norm())
         thetas, vectors = eigh_tridiagonal(np.array(alphas), np.array(betas))
-        residuals = np.abs(beta * vectors[-1, [0, -1]])
-        result = Extremes(
-            float(thetas[0]),
-            float(thetas[-1]),
-            float(residuals[0]),
-            float(residuals[1]),
-            step + 1,
-            False,
-        )
-        ends = zip((thetas[0], thetas[-1]), residuals)
+        chosen = [index for index in which if -len(thetas) <= index < len(thetas)]
+        residuals = np.abs(beta * vectors[-1, chosen])
         exhausted = beta <= 1e-12 * max(abs(thetas[0]), abs(thetas[-1]), 1e-300)
-        if exhausted or all(converged(t, r, tolerance) for t, r in ends):
-            return dataclasses.replace(result, converged=True)
+        done = len(chosen) == len(which) and (
+            exhausted or all(converged(t, r, tolerance) for t, r in zip(thetas[chosen], residuals))
+        )
+        if done:
+            break
         betas.append(beta)
         vector = product / beta
-    return result
+    return RitzPairs(thetas[chosen], residuals, step + 1, done, basis, vectors[:, chosen])
+
+
+def lanczos_extremes(
+    hvp: Callable[[torch.Tensor], torch.Tensor],
+    start: torch.Tensor,
+    tolerance: float,
+    max_hvps: int,
+) -> Extremes:
+    """lambda_min and lambda_max from one Lanczos run (see :func:`lanczos`)."""
+    pairs = lanczos(hvp, start, tolerance, max_hvps)
+    (low, high), (residual_low, residual_high) = pairs.values, pairs.residuals
+    return Extremes(
+        float(low),
+        float(high),
+        float(residual_low),
+        float(residual_high),
+        pairs.steps,
+        pairs.converged,
+    )
 
 
 def residual_norm(operator: HessianOperator, theta: float, vector: np.ndarray) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.checkpoint import verify_fingerprint
 from pipeline.config import ExperimentConfig, config_differences
-from pipeline.directions import ignored_parameters, random_directions
+from pipeline.directions import ignored_parameters, plan_directions
 from pipeline.errors import UserError
 from pipeline.experiment import Experiment
 from pipeline.grid import Grid, shard_ranges
@@ -30,11 +30,13 @@ def plan_surface(config: ExperimentConfig) -> Path:
         check_same_plan(path, config)
         log.info("%s already planned with this config: nothing to do (resume with run)", path)
         return path
-    experiment = Experiment.load(config, device="cpu")
-    grid = Grid.from_config(config.grid)
-    count = 1 if grid.y is None else 2
-    directions = random_directions(experiment.model, config.directions, count)
-    direction_attrs = {
+    # Only Hessian directions compute anything heavy: they run where the workers would.
+    device = None if config.directions.kind == "hessian" else "cpu"
+    experiment = Experiment.load(config, device=device)
+    count = 1 if config.grid.y is None else 2
+    directions = plan_directions(experiment, config, count)
+    grid = Grid.from_config(config.grid, directions.frame)
+    common = {
         "kind": config.directions.kind,
         "normalization": config.directions.normalization,
         "ignore": config.directions.ignore,
@@ -60,8 +62,9 @@ def plan_surface(config: ExperimentConfig) -> Path:
         path,
         config,
         grid,
-        [{name: t.numpy() for name, t in d.items()} for d in directions],
-        direction_attrs,
+        [{name: t.numpy() for name, t in d.items()} for d in directions.vectors],
+        [{**common, **axis} for axis in directions.axes[:count]],
+        directions.groups,
         work,
         metadata,
     )
@@ -78,7 +81,7 @@ def plan_surface(config: ExperimentConfig) -> Path:
 def check_same_plan(path: Path, config: ExperimentConfig) -> None:
     """Fail unless ``path`` was planned from ``config`` and the same checkpoint bytes."""
     with SurfaceFile.open(path) as surface:
-        differences = config_differences(surface.stored_config, config.to_dict())
+        differences = config_differences(surface.config.to_dict(), config.to_dict())
         planned_sha = surface.attrs.get("checkpoint_sha256")
     if differences:
         raise UserError(

@@ -2,7 +2,10 @@
 
 Orientation is fixed once: ``Z[j, i]`` is the value at ``(x[i], y[j])``, which is what
 ``contour(x, y, Z)`` and ``imshow(Z, origin="lower")`` draw, so non-square grids are
-never transposed. Every axis is labelled with the direction kind and normalization.
+never transposed. Every axis says which direction it is (the label the planner stored:
+random and its scaling, PCA-1 with its explained variance, Hessian lambda_max, ...).
+A PCA plan's trajectory is drawn on its contours (Li et al. Fig. 9), an interpolation
+gets its end points' weight histograms beside the curves (Li et al. Fig. 2).
 """
 
 from __future__ import annotations
@@ -36,15 +39,6 @@ HESSIAN_TITLES = {
 }
 
 
-def axis_label(axis: str, direction_attrs: dict) -> str:
-    """E.g. ``x: random direction (filter-normalized, biases/BN zero)``."""
-    normalization = direction_attrs.get("normalization", "none")
-    details = [f"{normalization}-normalized" if normalization != "none" else "unnormalized"]
-    if direction_attrs.get("ignore") == "biasbn":
-        details.append("biases/BN zero")
-    return f"{axis}: {direction_attrs.get('kind', 'random')} direction ({', '.join(details)})"
-
-
 def contour_levels(values: np.ndarray, count: int = 20) -> np.ndarray:
     """Level values: log-spaced when a positive map spans decades (loss bowls), else linear."""
     finite = values[np.isfinite(values)]
@@ -56,10 +50,11 @@ def contour_levels(values: np.ndarray, count: int = 20) -> np.ndarray:
     return np.linspace(low, high, count)
 
 
-def plot_curves(grid: Grid, maps: dict[str, np.ndarray], direction_attrs: dict) -> Figure:
+def plot_curves(grid: Grid, maps: dict[str, np.ndarray], labels: list[str], axis=None) -> Figure:
     """1D: loss on the left axis, accuracy on the right; train solid, test dashed."""
-    figure, loss_axis = plt.subplots(figsize=(6, 4.2))
-    accuracy_axis = None
+    if axis is None:
+        _, axis = plt.subplots(figsize=(6, 4.2))
+    loss_axis, accuracy_axis = axis, None
     for name in [n for n in TITLES if n in maps]:  # train before test, loss before accuracy
         values = maps[name]
         style = "-" if name.startswith("train") else "--"
@@ -70,23 +65,53 @@ def plot_curves(grid: Grid, maps: dict[str, np.ndarray], direction_attrs: dict) 
             accuracy_axis.plot(
                 grid.x, 100 * values, style, color="tab:red", lw=2, label=TITLES[name]
             )
-    loss_axis.set_xlabel(axis_label("x", direction_attrs))
+    loss_axis.set_xlabel(labels[0])
     loss_axis.set_ylabel("loss", color="tab:blue")
-    handles, labels = loss_axis.get_legend_handles_labels()
+    handles, names = loss_axis.get_legend_handles_labels()
     if accuracy_axis is not None:
         accuracy_axis.set_ylabel("accuracy (%)", color="tab:red")
         accuracy_axis.set_ylim(0, 100)
-        more_handles, more_labels = accuracy_axis.get_legend_handles_labels()
-        handles, labels = handles + more_handles, labels + more_labels
-    loss_axis.legend(handles, labels, loc="center", fontsize=9, frameon=False)
+        more_handles, more_names = accuracy_axis.get_legend_handles_labels()
+        handles, names = handles + more_handles, names + more_names
+    loss_axis.legend(handles, names, loc="center", fontsize=9, frameon=False)
+    loss_axis.figure.tight_layout()
+    return loss_axis.figure
+
+
+def plot_interpolation(
+    grid: Grid, maps: dict[str, np.ndarray], labels: list[str], endpoints: tuple[dict, dict]
+) -> Figure:
+    """Li et al. Fig. 2: the interpolation curves, and beside them the weights of both
+    ends, whose scale (not sharpness) often explains a sharp-looking end."""
+    histograms, attrs = endpoints
+    figure, (curves, weights) = plt.subplots(1, 2, figsize=(11, 4.2), width_ratios=(3, 2))
+    plot_curves(grid, maps, labels, curves)
+    for end, norm, colour in zip("ab", attrs["weight_norms"], ("tab:green", "tab:purple")):
+        weights.stairs(
+            histograms[f"histogram_{end}"],
+            histograms["histogram_edges"],
+            color=colour,
+            lw=1.5,
+            label=f"{end.upper()} (‖w‖ = {norm:.3g})",
+        )
+    weights.set_xlabel("weight value")
+    weights.set_ylabel("count")
+    weights.set_title("weights of both ends")
+    weights.legend(fontsize=9, frameon=False)
     figure.tight_layout()
     return figure
 
 
 def plot_contour(
-    grid: Grid, values: np.ndarray, title: str, direction_attrs: dict, filled: bool = False
+    grid: Grid,
+    values: np.ndarray,
+    title: str,
+    labels: list[str],
+    filled: bool = False,
+    trajectory: dict | None = None,
 ) -> Figure:
-    """2D contour lines with labelled levels (or filled contours with a colour bar)."""
+    """2D contour lines with labelled levels (or filled contours with a colour bar), and
+    the projected ``trajectory`` on top when there is one."""
     figure, axis = plt.subplots(figsize=(5.6, 5))
     levels = contour_levels(values)
     logarithmic = levels.size > 2 and np.allclose(levels[2] / levels[1], levels[1] / levels[0])
@@ -98,16 +123,37 @@ def plot_contour(
         drawn = axis.contour(grid.x, grid.y, values, linewidths=1.2, **style)
         axis.clabel(drawn, drawn.levels[::2], inline=True, fontsize=8, fmt="%.3g")
     axis.plot([0], [0], marker="*", color="black", markersize=10, linestyle="none")
-    _label_plane(axis, title, direction_attrs)
+    if trajectory is not None:
+        draw_trajectory(axis, trajectory)
+    _label_plane(axis, title, labels)
     figure.tight_layout()
     return figure
+
+
+def draw_trajectory(axis, trajectory: dict) -> None:
+    """Li et al. Fig. 9: the checkpoints in the PCA plane (blue dots joined in order),
+    the epochs after which the learning rate dropped (red), first and last labelled."""
+    points, epochs = trajectory["coordinates"], trajectory["epochs"]
+    axis.plot(points[:, 0], points[:, 1], "-o", color="tab:blue", markersize=3, lw=1)
+    drops = trajectory["lr_drop"].astype(bool)
+    if drops.any():
+        axis.plot(*points[drops].T, "o", color="red", markersize=5, label="learning rate dropped")
+        axis.legend(loc="upper right", fontsize=8)
+    for index in (0, len(points) - 1):
+        axis.annotate(
+            f"epoch {epochs[index]}",
+            points[index],
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
 
 
 def plot_heatmap(
     grid: Grid,
     values: np.ndarray,
     title: str,
-    direction_attrs: dict,
+    labels: list[str],
     unconverged: np.ndarray | None = None,
 ) -> Figure:
     """Cell (i, j) centred on (x[i], y[j]); NaN (not yet computed) cells stay blank, and
@@ -129,12 +175,12 @@ def plot_heatmap(
         j, i = np.nonzero(unconverged)
         axis.plot(grid.x[i], grid.y[j], "x", color="red", markersize=8, label="not converged")
         axis.legend(loc="upper right", fontsize=8)
-    _label_plane(axis, title, direction_attrs)
+    _label_plane(axis, title, labels)
     figure.tight_layout()
     return figure
 
 
-def plot_hessian_curves(grid: Grid, maps: dict[str, np.ndarray], direction_attrs: dict):
+def plot_hessian_curves(grid: Grid, maps: dict[str, np.ndarray], labels: list[str]):
     """1D: lambda_min and lambda_max along x, unconverged points crossed out."""
     figure, axis = plt.subplots(figsize=(6, 4.2))
     unconverged = maps["hessian_converged"] == 0
@@ -143,14 +189,14 @@ def plot_hessian_curves(grid: Grid, maps: dict[str, np.ndarray], direction_attrs
         axis.plot(grid.x[unconverged], maps[name][unconverged], "x", color="black", markersize=8)
     axis.axhline(0, color="gray", linewidth=0.8)
     axis.set_yscale("symlog", linthresh=1e-3 * np.nanmax(np.abs(maps["lambda_max"])))
-    axis.set_xlabel(axis_label("x", direction_attrs))
+    axis.set_xlabel(labels[0])
     axis.set_ylabel("Hessian eigenvalue")
     axis.legend(fontsize=9, frameon=False)
     figure.tight_layout()
     return figure
 
 
-def hessian_figures(surface: SurfaceFile, maps: dict, attrs: dict) -> dict[str, Figure]:
+def hessian_figures(surface: SurfaceFile, maps: dict, labels: list[str]) -> dict[str, Figure]:
     """Li et al. Fig. 7: heatmaps of |lambda_min/lambda_max|, lambda_min and lambda_max on
     the Hessian job's own (possibly coarser) grid; 1D runs get curves."""
     stride = surface.config.hessian.stride
@@ -159,19 +205,19 @@ def hessian_figures(surface: SurfaceFile, maps: dict, attrs: dict) -> dict[str, 
         coarse = Grid(grid.x[::stride])
         return {
             "hessian_curves": plot_hessian_curves(
-                coarse, {k: v[::stride] for k, v in maps.items()}, attrs
+                coarse, {k: v[::stride] for k, v in maps.items()}, labels
             )
         }
     coarse = Grid(grid.x[::stride], grid.y[::stride])
     sub = {name: values[::stride, ::stride] for name, values in maps.items()}
     unconverged = sub["hessian_converged"] == 0
     return {
-        f"{name}_heatmap": plot_heatmap(coarse, sub[name], title, attrs, unconverged)
+        f"{name}_heatmap": plot_heatmap(coarse, sub[name], title, labels, unconverged)
         for name, title in HESSIAN_TITLES.items()
     }
 
 
-def plot_surface3d(grid: Grid, values: np.ndarray, title: str, direction_attrs: dict) -> Figure:
+def plot_surface3d(grid: Grid, values: np.ndarray, title: str, labels: list[str]) -> Figure:
     """A shaded 3D surface over the (alpha, beta) plane."""
     figure = plt.figure(figsize=(6.4, 5.2))
     axis = figure.add_subplot(projection="3d")
@@ -179,34 +225,44 @@ def plot_surface3d(grid: Grid, values: np.ndarray, title: str, direction_attrs: 
     axis.plot_surface(
         xx, yy, values, cmap="viridis", linewidth=0, antialiased=True, rstride=1, cstride=1
     )
-    axis.set_xlabel(axis_label("x", direction_attrs), fontsize=8)
-    axis.set_ylabel(axis_label("y", direction_attrs), fontsize=8)
+    axis.set_xlabel(labels[0], fontsize=8)
+    axis.set_ylabel(labels[1], fontsize=8)
     axis.set_zlabel(title)
     axis.set_title(title)
     figure.tight_layout()
     return figure
 
 
-def _label_plane(axis, title: str, direction_attrs: dict) -> None:
-    axis.set_xlabel(axis_label("x", direction_attrs))
-    axis.set_ylabel(axis_label("y", direction_attrs))
+def _label_plane(axis, title: str, labels: list[str]) -> None:
+    axis.set_xlabel(labels[0])
+    axis.set_ylabel(labels[1])
     axis.set_title(title)
 
 
-def loss_figures(grid: Grid, maps: dict, attrs: dict) -> dict[str, Figure]:
-    """1D curves, or per 2D loss/accuracy map: contours, filled contours, heatmap, 3D."""
+def loss_figures(
+    grid: Grid,
+    maps: dict,
+    labels: list[str],
+    trajectory: dict | None = None,
+    endpoints: tuple[dict, dict] | None = None,
+) -> dict[str, Figure]:
+    """1D curves (with the end points' weights for an interpolation), or per 2D
+    loss/accuracy map: contours (with the trajectory of a PCA plan), filled contours,
+    heatmap, 3D."""
     computed = [name for name in TITLES if name in maps and np.isfinite(maps[name]).any()]
     if not computed:
         return {}
     if grid.y is None:
-        return {"curves": plot_curves(grid, maps, attrs)}
+        if endpoints is not None:
+            return {"interpolation": plot_interpolation(grid, maps, labels, endpoints)}
+        return {"curves": plot_curves(grid, maps, labels)}
     figures = {}
     for name in computed:
         values, title = maps[name], TITLES[name]
-        figures[f"{name}_contour"] = plot_contour(grid, values, title, attrs)
-        figures[f"{name}_contourf"] = plot_contour(grid, values, title, attrs, filled=True)
-        figures[f"{name}_heatmap"] = plot_heatmap(grid, values, title, attrs)
-        figures[f"{name}_surface3d"] = plot_surface3d(grid, values, title, attrs)
+        figures[f"{name}_contour"] = plot_contour(grid, values, title, labels, False, trajectory)
+        figures[f"{name}_contourf"] = plot_contour(grid, values, title, labels, True, trajectory)
+        figures[f"{name}_heatmap"] = plot_heatmap(grid, values, title, labels)
+        figures[f"{name}_surface3d"] = plot_surface3d(grid, values, title, labels)
     return figures
 
 
@@ -219,11 +275,20 @@ def plot_surface_file(
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = {}
     with SurfaceFile.open(path) as surface, plt.rc_context(STYLE):
-        grid, maps, attrs = surface.grid, surface.maps(), surface.direction_attrs()
+        grid, maps, labels = surface.grid, surface.maps(), surface.axis_labels()
         if "surface" in surface.jobs:
-            figures.update(loss_figures(grid, maps, attrs))
+            trajectory = surface.group("trajectory")
+            figures.update(
+                loss_figures(
+                    grid,
+                    maps,
+                    labels,
+                    trajectory and trajectory[0],
+                    surface.group("endpoints"),
+                )
+            )
         if "hessian" in surface.jobs and np.isfinite(maps["lambda_max"]).any():
-            figures.update(hessian_figures(surface, maps, attrs))
+            figures.update(hessian_figures(surface, maps, labels))
     written = []
     with plt.rc_context(STYLE):
         for stem, figure in figures.items():

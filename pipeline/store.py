@@ -5,8 +5,16 @@ Layout (schema version 2)::
     /                    attrs: schema_version, plan_id (random, unique per plan),
                          config (YAML), created, package_version, checkpoint_path,
                          checkpoint_sha256, model, dataset
-    /directions/x|y/<p>  float64, one dataset per parameter name; group attrs: kind,
-                         normalization, ignore, seed, ignored (parameter names)
+    /directions/x|y/<p>  float64, one dataset per parameter name (and BatchNorm buffer,
+                         for interpolation); group attrs: kind, normalization, ignore,
+                         seed, ignored (parameter names), label (the plot's axis title)
+                         and what the kind measured (explained_variance_ratio,
+                         eigenvalue, residual, target)
+    /trajectory          PCA plans: coordinates (m, 2) of each checkpoint, epochs, lr,
+                         lr_drop; attrs checkpoints, explained_variance_ratio
+    /endpoints           interpolation plans: weight histograms of both ends
+                         (histogram_edges, histogram_a, histogram_b); attrs weight_norms,
+                         checkpoints
     /grid/x, /grid/y     coordinates (no y for a 1D surface)
     /maps/<name>         float64 (ny, nx) or (nx,), NaN until computed; the hessian job
                          also writes residuals, HVP counts, a converged flag, and
@@ -50,13 +58,16 @@ def create_surface_file(
     config: ExperimentConfig,
     grid: Grid,
     directions: list[dict[str, np.ndarray]],
-    direction_attrs: dict,
+    axis_attrs: list[dict],
+    groups: dict[str, tuple[dict, dict]],
     work: dict[str, tuple[np.ndarray, np.ndarray]],
     metadata: dict,
 ) -> None:
     """Write a complete, empty surface file atomically (temp file, then rename).
 
-    ``work`` maps each job to its point numbers and its shards (ranges into them).
+    ``axis_attrs`` go on each direction's group; ``groups`` are extra groups of datasets
+    and attributes (a PCA trajectory, interpolation end points); ``work`` maps each job
+    to its point numbers and its shards (ranges into them).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
@@ -69,11 +80,16 @@ def create_surface_file(
             plan_id=uuid.uuid4().hex,
             **metadata,
         )
-        for axis, direction in zip("xy", directions):
+        for axis, direction, attrs in zip("xy", directions, axis_attrs):
             group = handle.create_group(f"directions/{axis}")
-            group.attrs.update(direction_attrs)
+            group.attrs.update(attrs)
             for name, values in direction.items():
                 group.create_dataset(name, data=values)
+        for name, (datasets, attrs) in groups.items():
+            group = handle.create_group(name)
+            group.attrs.update(attrs)
+            for key, values in datasets.items():
+                group.create_dataset(key, data=values)
         handle["grid/x"] = grid.x
         if grid.y is not None:
             handle["grid/y"] = grid.y
@@ -232,8 +248,20 @@ class SurfaceFile:
         ]
         return [{name: group[name][()] for name in group} for group in groups]
 
-    def direction_attrs(self) -> dict:
-        return dict(self.handle["directions/x"].attrs)
+    def axis_labels(self) -> list[str]:
+        """What each axis is, for plots: e.g. ``x: PCA-1 (62.3% of the path's variance)``."""
+        groups = [self.handle[f"directions/{a}"] for a in "xy" if a in self.handle["directions"]]
+        return [
+            str(group.attrs.get("label", f"{axis}: {group.attrs['kind']} direction"))
+            for axis, group in zip("xy", groups)
+        ]
+
+    def group(self, name: str) -> tuple[dict, dict] | None:
+        """An extra group's (datasets, attributes), or None if the plan has none."""
+        if name not in self.handle:
+            return None
+        group = self.handle[name]
+        return {key: group[key][()] for key in group}, dict(group.attrs)
 
     def write_point(self, job: str, point: int, values: dict[str, float]) -> None:
         """Store one point's values, then its finish time and done flag (in that order)."""

@@ -69,21 +69,21 @@ def test_non_square_grid_stores_and_draws_each_value_at_its_own_coordinates(expe
     with plan_and_run(config) as surface:
         loss = surface.maps()["train_loss"]
         d1, d2 = surface.directions()
-        grid, cfg, attrs = surface.grid, surface.config, surface.direction_attrs()
+        grid, cfg, labels = surface.grid, surface.config, surface.axis_labels()
     assert loss.shape == (5, 7)
     exp = Experiment.load(cfg, device="cpu")
     for i, j in [(0, 0), (6, 0), (0, 4), (6, 4), (3, 1), (2, 3)]:
         expected = direct_loss(exp, d1, d2, grid.x[i], grid.y[j])
         assert abs(loss[j, i] - expected) < 1e-12, (i, j)
     # The heatmap puts row j at height y[j] and column i at x[i].
-    image = plot_heatmap(grid, loss, "loss", attrs).axes[0].images[0]
+    image = plot_heatmap(grid, loss, "loss", labels).axes[0].images[0]
     left, right, bottom, top = image.get_extent()
     np.testing.assert_array_equal(image.get_array(), loss)
     assert image.origin == "lower"
     assert left < grid.x[0] < grid.x[1] and grid.x[-2] < grid.x[-1] < right
     assert bottom < grid.y[0] < grid.y[1] and grid.y[-2] < grid.y[-1] < top
     # The contour plot spans x horizontally and y vertically (not transposed).
-    axis = plot_contour(grid, loss, "loss", attrs).axes[0]
+    axis = plot_contour(grid, loss, "loss", labels).axes[0]
     assert axis.get_xlim() == (grid.x[0], grid.x[-1])
     assert axis.get_ylim() == (grid.y[0], grid.y[-1])
 
