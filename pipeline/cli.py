@@ -1,5 +1,6 @@
-"""The ``landscape`` command: train, plan, run, hessian, submit, reduce, status, plot, demo.
+"""The ``landscape`` command: from an experiment config to loss-landscape maps and figures.
 
+Subcommands: train, plan, run, hessian, trace, submit, reduce, status, plot, demo.
 Each subcommand is a thin shell over one module; a :class:`UserError` anywhere prints
 one line and exits with status 2, a bug keeps its traceback.
 """
@@ -90,6 +91,12 @@ def entry_shards(entry: dict) -> list[int]:
     return entry.get("shards") or [s for task in entry["tasks"] for s in task["shards"]]
 
 
+def command_trace(args) -> None:
+    from pipeline.trace import estimate_trace
+
+    print(estimate_trace(args.surface, args.device))
+
+
 def command_reduce(args) -> None:
     from pipeline.parts import reduce_parts
 
@@ -173,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--sbatch", action="append", default=[], metavar="FLAG=VALUE", help="extra sbatch flag"
     )
     submit.set_defaults(handler=command_submit)
+
+    trace = commands.add_parser(
+        "trace", help="tr(H) at the centre from loss values and by Hutchinson, compared"
+    )
+    trace.add_argument("surface")
+    trace.add_argument("--device", help="override evaluation.device (e.g. cpu, cuda:1)")
+    trace.set_defaults(handler=command_trace)
 
     reduce = commands.add_parser("reduce", help="merge the part files of a run into its surface")
     reduce.add_argument("surface")

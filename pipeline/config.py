@@ -233,6 +233,27 @@ class HessianConfig:
 
 
 @dataclass(frozen=True)
+class TraceConfig:
+    """tr(H) at model.checkpoint from ``samples`` random directions (Boettcher & Wheeler,
+    loss values only) and as many Hutchinson probes (HVPs), over the parameters
+    ``hessian.parameters`` selects. ``step``: the second difference's step along each
+    unit direction, as a fraction of the parameters' norm."""
+
+    samples: int = 64
+    step: float = 1e-3
+    confidence: float = 0.95
+    seed: int = 0
+
+    def check(self, where: str) -> None:
+        if self.samples < 2:
+            raise ConfigError(f"{where}.samples: must be >= 2 (got {self.samples})")
+        if not 0 < self.step < 1:
+            raise ConfigError(f"{where}.step: must be in (0, 1) (got {self.step})")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"{where}.confidence: must be in (0, 1) (got {self.confidence})")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Plain supervised training that leaves one checkpoint per epoch (a trajectory)."""
 
@@ -270,6 +291,7 @@ class ExperimentConfig:
     maps: list[str] = field(default_factory=lambda: ["train_loss", "train_acc"])
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     hessian: HessianConfig = field(default_factory=HessianConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
     train: TrainConfig | None = None
 
     @property

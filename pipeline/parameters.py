@@ -40,6 +40,10 @@ class FlatParameters:
         pieces = [torch.as_tensor(tensors[name]).reshape(-1) for name in self.names]
         return torch.cat(pieces).to(self.vector.device, torch.float64)
 
+    def reset(self) -> None:
+        """Back to the origin, exactly."""
+        self.vector.copy_(self.origin)
+
     def move_to(self, a: float, d1: torch.Tensor, b: float = 0.0, d2: torch.Tensor | None = None):
         """Set the tensors to ``origin + a*d1 (+ b*d2)`` in place (d1, d2 from ``flatten``)."""
         position = torch.add(self.origin, d1, alpha=a)

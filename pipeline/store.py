@@ -15,6 +15,8 @@ Layout (schema version 2)::
     /endpoints           interpolation plans: weight histograms of both ends
                          (histogram_edges, histogram_a, histogram_b); attrs weight_norms,
                          checkpoints
+    /trace               landscape trace: per-sample estimates of tr(H) (projection,
+                         hutchinson); attrs means, half widths, dimension, step
     /grid/x, /grid/y     coordinates (no y for a 1D surface)
     /maps/<name>         float64 (ny, nx) or (nx,), NaN until computed; the hessian job
                          also writes residuals, HVP counts, a converged flag, and
@@ -262,6 +264,21 @@ class SurfaceFile:
             return None
         group = self.handle[name]
         return {key: group[key][()] for key in group}, dict(group.attrs)
+
+    def replace_group(self, name: str, datasets: dict, attrs: dict) -> None:
+        """Write a group of results whole under a temporary name, then swap it in: a crash
+        leaves the old group or the new one, never half of one (serial writers only)."""
+        temporary = f"{name}.new"
+        if temporary in self.handle:
+            del self.handle[temporary]
+        group = self.handle.create_group(temporary)
+        group.attrs.update(attrs)
+        for key, values in datasets.items():
+            group.create_dataset(key, data=values)
+        if name in self.handle:
+            del self.handle[name]
+        self.handle.move(temporary, name)
+        self.handle.flush()
 
     def write_point(self, job: str, point: int, values: dict[str, float]) -> None:
         """Store one point's values, then its finish time and done flag (in that order)."""

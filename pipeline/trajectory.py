@@ -47,11 +47,14 @@ class Trajectory:
 
     @property
     def lr_drops(self) -> np.ndarray:
-        """Checkpoints after which training went on at half the rate or less: the red
-        dots of Li et al. Fig. 9, where a step schedule dropped the rate."""
+        """The red dots of Li et al. Fig. 9: checkpoints after which a step schedule cut
+        the rate, to half or less, after holding it for an epoch (a cosine schedule, which
+        never holds its rate, has none)."""
         following = np.append(self.lr[1:], np.nan)
+        previous = np.insert(self.lr[:-1], 0, np.nan)
+        held = np.isnan(previous) | np.isclose(previous, self.lr)
         with np.errstate(invalid="ignore"):
-            return following <= LR_DROP * self.lr
+            return (following <= LR_DROP * self.lr) & held
 
 
 def trajectory_files(patterns: list[str]) -> list[Path]:

@@ -10,13 +10,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from torch.func import functional_call, hessian
 
 from pipeline.checkpoint import save_checkpoint
+from pipeline.config import load_config
 from pipeline.data import load_dataset
+from pipeline.evaluate import per_sample_loss
 from pipeline.models import build_model
+from pipeline.train import train
 
 TESTS = Path(__file__).resolve().parent
 LOCAL_CLUSTER = TESTS.parent / "slurm" / "local-cluster.sh"
@@ -119,3 +124,53 @@ def final_state(environment: dict, job: str, timeout: float = 240) -> str:
             return state
         assert time.monotonic() < deadline, f"job {job} not finished ({state or 'no record'})"
         time.sleep(0.5)
+
+
+CLUSTERS = {
+    "name": "gaussian_clusters",
+    "kwargs": {"num_classes": 3, "dim": 8, "train_per_class": 40, "test_per_class": 10},
+}
+DIGITS = {"name": "digits", "kwargs": {"test_fraction": 0.95}}  # 89 training images
+# (model, data): an MLP with biases, and a CNN with BatchNorm (eval mode: running stats).
+MODELS = {
+    "mlp": ({"name": "mlp", "kwargs": {"hidden": [12, 12]}}, CLUSTERS),
+    "cnn_bn": ({"name": "small_cnn", "kwargs": {"channels": [3, 4]}}, DIGITS),
+}
+
+
+def trained_experiment(experiment, model: str, epochs: int = 150, schedule=None, **changes):
+    """A config whose checkpoint is the model trained near a minimum (BN statistics too),
+    one checkpoint per epoch in ``<model>_checkpoints``; ``schedule`` changes the train
+    section (e.g. a step schedule)."""
+    network, data = MODELS[model]
+    path = experiment(name=model, model=network, data=data, **changes)
+    config = yaml.safe_load(path.read_text())
+    config["train"] = {
+        "checkpoint_dir": str(path.parent / f"{model}_checkpoints"),
+        "lr": 0.05,
+        "epochs": epochs,
+        "batch_size": 120,
+        "weight_decay": 0.0,
+        "schedule": "constant",
+        **(schedule or {}),
+    }
+    path.write_text(yaml.safe_dump(config))
+    config["model"]["checkpoint"] = str(train(load_config(path)))
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def dense_hessian(operator) -> np.ndarray:
+    """The dense Hessian of ``operator``'s full-data mean loss (torch.func.hessian), over
+    its selected parameters, at the model's current parameters."""
+    params, fixed = operator.state()
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+
+    def mean_loss(vector):
+        pieces = (t.view(s) for t, s in zip(vector.split(operator.sizes), operator.shapes))
+        outputs = functional_call(
+            operator.model, {**fixed, **dict(zip(operator.names, pieces))}, (operator.inputs,)
+        )
+        return per_sample_loss(outputs, operator.targets, operator.loss).mean()
+
+    return hessian(mean_loss)(flat).numpy()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import yaml
+from conftest import MODELS, dense_hessian, trained_experiment
 from torch.func import functional_call, hessian
 
 from pipeline.config import load_config
@@ -15,20 +15,9 @@ from pipeline.hessian import HessianEvaluator, HessianOperator, extreme_eigenval
 from pipeline.plan import plan_surface
 from pipeline.plot import plot_surface_file
 from pipeline.store import SurfaceFile
-from pipeline.train import train
 from pipeline.workers import run_hessian
 
 TOLERANCE = 1e-3
-CLUSTERS = {
-    "name": "gaussian_clusters",
-    "kwargs": {"num_classes": 3, "dim": 8, "train_per_class": 40, "test_per_class": 10},
-}
-DIGITS = {"name": "digits", "kwargs": {"test_fraction": 0.95}}  # 89 training images
-# (model, data): an MLP with biases, and a CNN with BatchNorm (eval mode: running stats).
-MODELS = {
-    "mlp": ({"name": "mlp", "kwargs": {"hidden": [12, 12]}}, CLUSTERS),
-    "cnn_bn": ({"name": "small_cnn", "kwargs": {"channels": [3, 4]}}, DIGITS),
-}
 HESSIAN_GRID = {
     "x": {"min": -0.5, "max": 0.5, "num": 3},
     "y": {"min": -0.5, "max": 0.5, "num": 3},
@@ -37,36 +26,7 @@ HESSIAN_GRID = {
 
 def dense_spectrum(operator: HessianOperator) -> np.ndarray:
     """Eigenvalues of the dense Hessian of the full-data mean loss at the model's parameters."""
-    params, fixed = operator.state()
-    flat = torch.cat([p.reshape(-1) for p in params.values()])
-
-    def mean_loss(vector):
-        pieces = (t.view(s) for t, s in zip(vector.split(operator.sizes), operator.shapes))
-        outputs = functional_call(
-            operator.model, {**fixed, **dict(zip(operator.names, pieces))}, (operator.inputs,)
-        )
-        return per_sample_loss(outputs, operator.targets, operator.loss).mean()
-
-    return np.linalg.eigvalsh(hessian(mean_loss)(flat).numpy())
-
-
-def trained_experiment(experiment, model: str, epochs: int = 150, **changes):
-    """A config whose checkpoint is the model trained near a minimum (BN statistics too)."""
-    network, data = MODELS[model]
-    path = experiment(name=model, model=network, data=data, **changes)
-    config = yaml.safe_load(path.read_text())
-    config["train"] = {
-        "checkpoint_dir": str(path.parent / f"{model}_checkpoints"),
-        "lr": 0.05,
-        "epochs": epochs,
-        "batch_size": 120,
-        "weight_decay": 0.0,
-        "schedule": "constant",
-    }
-    path.write_text(yaml.safe_dump(config))
-    config["model"]["checkpoint"] = str(train(load_config(path)))
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return np.linalg.eigvalsh(dense_hessian(operator))
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
