@@ -164,8 +164,9 @@ class DirectionsConfig:
         # Fields not given take the kind's own default (a frozen dataclass sets them so).
         if not self.normalization:
             object.__setattr__(self, "normalization", DEFAULT_NORMALIZATION[self.kind])
-        if not self.ignore:
-            object.__setattr__(self, "ignore", "none" if self.kind == "interpolation" else "biasbn")
+        if not self.ignore:  # drawn directions leave 1D tensors out (Li et al.); read ones not
+            drawn = self.kind in ("random", "pca", "hessian")
+            object.__setattr__(self, "ignore", "biasbn" if drawn else "none")
 
     def check(self, where: str) -> None:
         needs = {"pca": "checkpoints", "target": "targets", "interpolation": "targets"}

@@ -50,6 +50,8 @@ class Experiment:
             config.model.name, data.input_shape, data.num_classes, config.model.kwargs
         )
         check_loss_fits_targets(evaluation.loss, data, config.data.name)
+        # Cast first, then load: a float64 checkpoint in a float64 run keeps every digit.
+        model.to(device=device, dtype=dtype).eval()
         sha256 = None
         if with_checkpoint:
             if config.model.checkpoint is None:
@@ -58,7 +60,6 @@ class Experiment:
             check_compatible(model, state, config.model.checkpoint)
             model.load_state_dict(state)
             sha256 = file_sha256(config.model.checkpoint)
-        model.to(device=device, dtype=dtype).eval()
         data = Dataset(
             *(
                 t.to(device, dtype if t.is_floating_point() else t.dtype)

@@ -10,8 +10,8 @@ With m checkpoints of P parameters the m x P difference matrix B may not fit in 
 memory-mapped and walked a slice of columns at a time, twice. The first pass adds up
 the m x m Gram matrix G = B_c B_c^T of the centred rows; its eigenpairs (s_j^2, v_j)
 are the squared singular values and left singular vectors of B_c. The second pass
-forms each principal direction u_j = B_c^T v_j / s_j slice by slice. A checkpoint's
-coordinates need no third pass: (theta_i - theta_n) . u_j = s_j v_ij + mean . u_j.
+forms each principal direction u_j = B_c^T v_j / s_j slice by slice, and adds up each
+checkpoint's coordinates (theta_i - theta_n) . u_j from the same slices.
 """
 
 from __future__ import annotations
@@ -107,19 +107,18 @@ def trajectory_pca(
     singular = np.sqrt(variances)
 
     directions = [{name: np.zeros(center[name].shape) for name in center} for _ in range(count)]
-    mean_along = np.zeros(count)
+    coordinates = np.zeros((len(rows), count))
     for block in blocks:
         block_rows = differences(rows, center, block)
-        mean = block_rows.mean(axis=0)
-        pieces = (block_rows - mean).T @ left / singular  # (slice, count)
-        mean_along += mean @ pieces
+        pieces = (block_rows - block_rows.mean(axis=0)).T @ left / singular  # (slice, count)
+        coordinates += block_rows @ pieces
         name, start, stop = block
         for j in range(count):
             directions[j][name].reshape(-1)[start:stop] = pieces[:, j]
     return Trajectory(
         directions=directions,
         explained_variance_ratio=variances / np.trace(gram),
-        coordinates=singular * left + mean_along,
+        coordinates=coordinates,
         epochs=np.array([meta.get("epoch", i) for i, (_, meta) in enumerate(loaded)]),
         lr=np.array([float(meta.get("lr", np.nan)) for _, meta in loaded]),
         files=files,

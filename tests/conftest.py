@@ -135,6 +135,7 @@ DIGITS = {"name": "digits", "kwargs": {"test_fraction": 0.95}}  # 89 training im
 MODELS = {
     "mlp": ({"name": "mlp", "kwargs": {"hidden": [12, 12]}}, CLUSTERS),
     "cnn_bn": ({"name": "small_cnn", "kwargs": {"channels": [3, 4]}}, DIGITS),
+    "tanh_mlp": ({"name": "mlp", "kwargs": {"hidden": [12, 12], "activation": "tanh"}}, CLUSTERS),
 }
 
 

@@ -18,15 +18,21 @@ class Linear(nn.Module):
         return self.linear(x.flatten(1))
 
 
-class MLP(nn.Module):
-    """Fully connected ReLU network; ``hidden`` lists the layer widths."""
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
-    def __init__(self, input_shape: tuple, num_classes: int, hidden=(64, 64)):
+
+class MLP(nn.Module):
+    """Fully connected network; ``hidden`` lists the layer widths. ``activation``: relu,
+    or a smooth one (tanh, gelu), whose loss is twice differentiable everywhere."""
+
+    def __init__(self, input_shape: tuple, num_classes: int, hidden=(64, 64), activation="relu"):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise TypeError(f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
         widths = [math.prod(input_shape), *hidden]
         layers = [nn.Flatten()]
         for width_in, width_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+            layers += [nn.Linear(width_in, width_out), ACTIVATIONS[activation]()]
         layers.append(nn.Linear(widths[-1], num_classes))
         self.net = nn.Sequential(*layers)
 
