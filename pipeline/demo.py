@@ -1,9 +1,11 @@
-"""The embedded demo: train ResNet-20 on digits, then a 2D and a 1D landscape, with figures,
-and the Hessian's extreme eigenvalues on a coarse grid of the 2D plane.
+"""The embedded demo: train ResNet-20 on digits, then its landscapes, with figures: a 2D
+random plane with the Hessian's extreme eigenvalues on a coarse grid, a 1D curve, the
+training trajectory on its PCA plane, the plane of the Hessian's extreme eigenvectors,
+the interpolation from initialization to solution, and tr(H) estimated two ways.
 
-Uses ``configs/demo.yaml`` and ``configs/demo_1d.yaml`` with every output redirected
-under ``--out``; training is skipped when its last checkpoint exists and planning is
-a resume, so running the demo twice only redraws the figures.
+Uses the ``configs/demo*.yaml`` files with every output redirected under ``--out``;
+training is skipped when its last checkpoint exists and planning is a resume, so
+running the demo twice only redraws the figures.
 """
 
 from __future__ import annotations
@@ -15,19 +17,25 @@ from pathlib import Path
 from pipeline.config import load_config
 from pipeline.plan import plan_surface
 from pipeline.plot import plot_surface_file
+from pipeline.trace import estimate_trace
 from pipeline.train import checkpoint_path, train
 from pipeline.workers import run_job
 
 log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-QUICK_2D = ["grid.x.num=5", "grid.y.num=4", "train.epochs=1", "maps=[train_loss,train_acc]"]
-QUICK_1D = ["grid.x.num=5"]
+QUICK_2D = ["grid.x.num=5", "grid.y.num=4", "train.epochs=2", "maps=[train_loss,train_acc]"]
+QUICK = {
+    "demo_1d.yaml": ["grid.x.num=5"],
+    "demo_pca.yaml": ["grid.x.num=4", "grid.y.num=3"],
+    "demo_hessian.yaml": ["grid.x.num=3", "grid.y.num=3", "hessian.max_hvps=8", "trace.samples=4"],
+    "demo_interpolation.yaml": ["grid.x.num=5"],
+}
 
 
 def run_demo(out: str | Path = "results/demo", quick: bool = False) -> list[Path]:
     """Run the whole demo with every output under ``out``; returns the figure files.
 
-    ``quick`` shrinks it to a 5x4 grid after one epoch (a smoke test).
+    ``quick`` shrinks it to tiny grids after two epochs (a smoke test).
     """
     started = time.perf_counter()
     out = Path(out).resolve()
@@ -38,25 +46,39 @@ def run_demo(out: str | Path = "results/demo", quick: bool = False) -> list[Path
         CONFIGS / "demo.yaml",
         [*training, f"model.checkpoint={trained}", f"output={out / 'surface_2d.h5'}"],
     )
-    curve_config = load_config(
-        CONFIGS / "demo_1d.yaml",
-        [
-            f"model.checkpoint={trained}",
-            f"output={out / 'surface_1d.h5'}",
-            *(QUICK_1D if quick else []),
-        ],
-    )
-    if Path(surface_config.model.checkpoint).is_file():
-        log.info("using the trained checkpoint %s", surface_config.model.checkpoint)
+    if trained.is_file():
+        log.info("using the trained checkpoint %s", trained)
     else:
         train(surface_config)
+    plans = {
+        "demo_1d.yaml": ["output=" + str(out / "surface_1d.h5")],
+        "demo_pca.yaml": [
+            "output=" + str(out / "surface_pca.h5"),
+            f'directions.checkpoints=["{out / "checkpoints"}/epoch_*.pt"]',
+        ],
+        "demo_hessian.yaml": ["output=" + str(out / "surface_hessian.h5")],
+        "demo_interpolation.yaml": [
+            "output=" + str(out / "surface_interpolation.h5"),
+            f"model.checkpoint={checkpoint_path(settings, 0)}",
+            f'directions.targets=["{trained}"]',
+        ],
+    }
+    configs = [surface_config] + [
+        load_config(
+            CONFIGS / name,
+            [f"model.checkpoint={trained}", *overrides, *(QUICK[name] if quick else [])],
+        )
+        for name, overrides in plans.items()
+    ]
     figures = []
-    for config in (surface_config, curve_config):
+    for config in configs:
         path = plan_surface(config)
         for job in config.jobs:
             run_job(path, job)
         figures += plot_surface_file(path, out / "figures")
+    trace = estimate_trace(out / "surface_hessian.h5")
     elapsed = time.perf_counter() - started
+    print(f"\n{trace}")
     print(f"\nDemo finished in {elapsed:.0f} s. Figures in {out / 'figures'}:")
     for figure in figures:
         if figure.suffix == ".png":

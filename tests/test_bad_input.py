@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import yaml
-from conftest import BASE
+from conftest import BASE, merge
 
 from pipeline.cli import main
+from pipeline.config import ConfigError, load_config, parse_config
+from pipeline.errors import UserError
 from pipeline.parts import PartWriter
+from pipeline.plan import plan_surface
 from pipeline.store import SurfaceFile
 
 
@@ -143,3 +148,31 @@ def test_writer_that_cannot_work_here_is_refused(experiment, capsys):
     assert main(["plan", str(config)]) == 0
     fails_with(capsys, ["run", surface, "--writer", "mpio"], "--writer mpio", "mpirun or srun")
     fails_with(capsys, ["hessian", surface], "has no hessian job", "lambda_min")
+
+
+@pytest.mark.parametrize(
+    "directions, grid, message",
+    [
+        ({"kind": "pca"}, None, "directions.checkpoints: required for kind 'pca'"),
+        (
+            {"kind": "pca", "checkpoints": ["a.pt"], "normalization": "filter"},
+            None,
+            "directions.normalization: pca directions must stay 'unit'",
+        ),
+        ({"kind": "interpolation", "targets": ["b.pt"]}, None, "grid.y: interpolation is 1D"),
+        ({"kind": "target", "targets": ["b.pt"]}, None, "directions.targets: 1 given for a 2D"),
+        ({"kind": "file"}, None, "directions.file: required"),
+        ({"kind": "random"}, {"x": {"num": 5}}, "grid: min and max are required"),
+    ],
+)
+def test_direction_settings_that_cannot_work_are_refused_at_load(directions, grid, message):
+    raw = merge(BASE, {"directions": directions, **({"grid": grid} if grid else {})})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(yaml.safe_dump(raw))
+
+
+def test_pca_checkpoint_pattern_matching_nothing_is_named(experiment, tmp_path):
+    config = experiment(directions={"kind": "pca", "checkpoints": [str(tmp_path / "none_*.pt")]})
+    with pytest.raises(UserError, match=r"directions.checkpoints: .*none_\*.pt matches no file"):
+        plan_surface(load_config(config))
+    assert not (tmp_path / "exp.h5").exists()
