@@ -12,6 +12,11 @@ out each rank's first point (start-up); ``efficiency = rate(N ranks) / (N * rate
 rank, 1 thread))``.
 
 Hessian: see :mod:`pipeline.hessian_bench`.
+
+PCA directions at scale: 12 checkpoints of a 10^7-parameter model, the principal plane
+computed in a child process whose peak resident memory is read back, beside the size
+the dense checkpoints x parameters matrix would have (mapped checkpoint pages count in
+that peak; the kernel can evict them).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -207,6 +213,39 @@ def bench_ranks(folder: Path) -> dict:
     }
 
 
+PCA_CHECKPOINTS, PCA_SHAPE = 12, (10_000, 1_000)  # one 10^7-parameter weight matrix
+
+
+def bench_pca(folder: Path) -> dict:
+    """Time and peak memory of :func:`trajectory_pca` on a random-walk trajectory."""
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.zeros(PCA_SHAPE)
+    for index in range(PCA_CHECKPOINTS):
+        weights += torch.randn(PCA_SHAPE, generator=generator) * (1 + index)
+        torch.save({"state_dict": {"weight": weights}}, folder / f"pca_{index:02d}.pt")
+    child = "from pipeline.bench import pca_child; import sys; pca_child(sys.argv[1])"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", child, str(folder)], check=True)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    parameters = PCA_SHAPE[0] * PCA_SHAPE[1]
+    return {
+        "checkpoints": PCA_CHECKPOINTS,
+        "parameters": parameters,
+        "seconds_with_start_up": seconds,
+        "peak_rss_mb": peak,
+        "dense_matrix_mb": PCA_CHECKPOINTS * parameters * 8 / 2**20,
+    }
+
+
+def pca_child(folder: str) -> None:
+    from pipeline.trajectory import trajectory_pca
+
+    files = sorted(Path(folder).glob("pca_*.pt"))
+    center = {"weight": torch.load(files[-1], weights_only=True)["state_dict"]["weight"].double()}
+    trajectory_pca(center, files, ["weight"], 2)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/bench.json")
@@ -243,6 +282,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"demo-model HVP ({mode}): {ratio:.1f}x a forward pass, "
                 f"{cost['hvp_over_gradient'][mode]:.1f}x a gradient"
             )
+        pca = results["pca"] = bench_pca(Path(folder))
+        print(
+            f"PCA of {pca['checkpoints']} checkpoints x {pca['parameters']:.0e} parameters: "
+            f"{pca['seconds_with_start_up']:.1f} s, peak {pca['peak_rss_mb']:.0f} MB (the "
+            f"dense matrix alone: {pca['dense_matrix_mb']:.0f} MB)"
+        )
         if shutil.which("mpiexec"):
             scaling = results["ranks"] = bench_ranks(Path(folder))
             for name, run in scaling["runs"].items():

@@ -50,6 +50,21 @@ def moved_tensors(state: dict, model: nn.Module, with_buffers: bool) -> dict[str
     return {name: state[name].detach().to("cpu", torch.float64) for name in names}
 
 
+def variance_range(differences: dict[str, torch.Tensor], model: nn.Module) -> tuple[float, float]:
+    """The interval of a over which every BatchNorm running variance v_A + a (v_B - v_A)
+    stays >= 0; outside it the loss is undefined (the model's outputs are NaN)."""
+    low, high = -np.inf, np.inf
+    for name, values in model.state_dict().items():
+        if name.endswith("running_var"):
+            start, change = values.detach().double().cpu(), differences[name]
+            growing, shrinking = change > 0, change < 0
+            if growing.any():
+                low = max(low, float((-start[growing] / change[growing]).max()))
+            if shrinking.any():
+                high = min(high, float((start[shrinking] / -change[shrinking]).min()))
+    return low, high
+
+
 def weight_histograms(model: nn.Module, target: str) -> tuple[dict, dict]:
     """Li et al. Fig. 2: the weights (tensors with more than one dimension) of the two
     ends, as histograms over shared bins, with their L2 norms. Returns the datasets and

@@ -30,7 +30,12 @@ import torch
 from torch import nn
 
 from pipeline.config import DirectionsConfig, ExperimentConfig
-from pipeline.direction_files import checkpoint_differences, file_directions, weight_histograms
+from pipeline.direction_files import (
+    checkpoint_differences,
+    file_directions,
+    variance_range,
+    weight_histograms,
+)
 from pipeline.experiment import Experiment
 from pipeline.hessian import HessianOperator, lanczos
 from pipeline.trajectory import trajectory_files, trajectory_pca
@@ -102,11 +107,8 @@ def pca_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> D
     """Li et al. section 7: the top principal directions of [theta_i - theta_n], the
     trajectory's coordinates in them, and the explained variance of each axis."""
     model, settings = experiment.model, config.directions
-    kept = [
-        name
-        for name in parameter_values(model)
-        if name not in ignored_parameters(model, settings.ignore)
-    ]
+    ignored = set(ignored_parameters(model, settings.ignore))
+    kept = [name for name, _ in model.named_parameters() if name not in ignored]
     files = trajectory_files(settings.checkpoints)
     path = trajectory_pca(parameter_values(model), files, kept, count)
     ratios = path.explained_variance_ratio
@@ -213,9 +215,19 @@ def interpolation_plane(experiment: Experiment, config: ExperimentConfig, count:
     source = config.model.checkpoint
     label = f"α: (1 − α)·θA + α·θB, A = {Path(source).name}, B = {Path(target).name}"
     histograms, norms = weight_histograms(experiment.model, target)
+    (difference,) = checkpoint_differences(experiment.model, [target], True)
+    low, high = variance_range(difference, experiment.model)
+    if config.grid.x.min < low or config.grid.x.max > high:
+        log.warning(
+            "interpolation: BatchNorm running variances are negative for α < %.3g or α > %.3g;"
+            " the loss and accuracy are undefined (NaN) there",
+            low,
+            high,
+        )
+    axis = {"label": label, "target": target, "defined_alpha": [low, high]}
     return Directions(
-        checkpoint_differences(experiment.model, [target], True),
-        [{"label": label, "target": target}],
+        [difference],
+        [axis],
         {"endpoints": (histograms, {**norms, "checkpoints": [source, target]})},
     )
 

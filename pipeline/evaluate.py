@@ -8,6 +8,8 @@ independent of its batch). ``mse`` is the mean over all output elements, as
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -30,8 +32,8 @@ def evaluate(
 ) -> tuple[float, float]:
     """``(mean loss, accuracy)`` of ``model`` (in its current mode) over all samples.
 
-    Accuracy is NaN for regression (``mse``). Sums stay on the device until the end:
-    one synchronization per data set, not per batch.
+    Accuracy is NaN for regression (``mse``) and wherever the loss is not finite. Sums
+    stay on the device until the end: one synchronization per data set, not per batch.
     """
     total_loss = torch.zeros((), dtype=torch.float64, device=inputs.device)
     correct = torch.zeros((), dtype=torch.int64, device=inputs.device)
@@ -42,5 +44,8 @@ def evaluate(
         if loss == "cross_entropy":
             correct += (outputs.argmax(1) == batch_targets).sum()
     count = len(inputs)
-    accuracy = correct.item() / count if loss == "cross_entropy" else float("nan")
-    return total_loss.item() / count, accuracy
+    mean_loss = total_loss.item() / count
+    # Outputs that are not finite (e.g. a BatchNorm variance extrapolated below zero)
+    # have no meaningful argmax either: such a point has neither loss nor accuracy.
+    defined = loss == "cross_entropy" and math.isfinite(mean_loss)
+    return mean_loss, correct.item() / count if defined else float("nan")

@@ -278,15 +278,9 @@ def plot_surface_file(
         grid, maps, labels = surface.grid, surface.maps(), surface.axis_labels()
         if "surface" in surface.jobs:
             trajectory = surface.group("trajectory")
-            figures.update(
-                loss_figures(
-                    grid,
-                    maps,
-                    labels,
-                    trajectory and trajectory[0],
-                    surface.group("endpoints"),
-                )
-            )
+            path_points = trajectory[0] if trajectory else None
+            endpoints = surface.group("endpoints")
+            figures.update(loss_figures(grid, maps, labels, path_points, endpoints))
         if "hessian" in surface.jobs and np.isfinite(maps["lambda_max"]).any():
             figures.update(hessian_figures(surface, maps, labels))
     written = []
