@@ -14,9 +14,9 @@ rank, 1 thread))``.
 Hessian: see :mod:`pipeline.hessian_bench`.
 
 PCA directions at scale: 12 checkpoints of a 10^7-parameter model, the principal plane
-computed in a child process whose peak resident memory is read back, beside the size
-the dense checkpoints x parameters matrix would have (mapped checkpoint pages count in
-that peak; the kernel can evict them).
+by the Gram matrix (as planned) and by numpy's SVD of the dense matrix, each in a child
+process that reports its time and peak resident memory (mapped checkpoint pages count
+in that peak, and are reported apart: the kernel can evict them).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -217,33 +216,59 @@ PCA_CHECKPOINTS, PCA_SHAPE = 12, (10_000, 1_000)  # one 10^7-parameter weight ma
 
 
 def bench_pca(folder: Path) -> dict:
-    """Time and peak memory of :func:`trajectory_pca` on a random-walk trajectory."""
+    """Time and memory of :func:`trajectory_pca` on a random-walk trajectory, beside
+    numpy's SVD of the dense matrix, each in a child process that reports its peak
+    resident memory and, of that, the pages mapped from the checkpoint files."""
     generator = torch.Generator().manual_seed(0)
     weights = torch.zeros(PCA_SHAPE)
     for index in range(PCA_CHECKPOINTS):
         weights += torch.randn(PCA_SHAPE, generator=generator) * (1 + index)
         torch.save({"state_dict": {"weight": weights}}, folder / f"pca_{index:02d}.pt")
-    child = "from pipeline.bench import pca_child; import sys; pca_child(sys.argv[1])"
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", child, str(folder)], check=True)
-    seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     parameters = PCA_SHAPE[0] * PCA_SHAPE[1]
+    runs = {}
+    for method in ("gram", "dense_svd"):
+        child = f"from pipeline.bench import pca_child; pca_child({str(folder)!r}, {method!r})"
+        output = subprocess.run(
+            [sys.executable, "-c", child], check=True, capture_output=True, text=True
+        ).stdout
+        runs[method] = json.loads(output.splitlines()[-1])
     return {
         "checkpoints": PCA_CHECKPOINTS,
         "parameters": parameters,
-        "seconds_with_start_up": seconds,
-        "peak_rss_mb": peak,
         "dense_matrix_mb": PCA_CHECKPOINTS * parameters * 8 / 2**20,
+        **runs,
     }
 
 
-def pca_child(folder: str) -> None:
+def pca_child(folder: str, method: str) -> None:
+    """One PCA by ``method``; prints seconds and memory (MB) as JSON."""
     from pipeline.trajectory import trajectory_pca
 
     files = sorted(Path(folder).glob("pca_*.pt"))
-    center = {"weight": torch.load(files[-1], weights_only=True)["state_dict"]["weight"].double()}
-    trajectory_pca(center, files, ["weight"], 2)
+    started = time.perf_counter()
+    if method == "gram":
+        last = torch.load(files[-1], weights_only=True)["state_dict"]["weight"]
+        trajectory_pca({"weight": last.double()}, files, ["weight"], 2)
+    else:
+        rows = np.stack(
+            [
+                torch.load(f, weights_only=True)["state_dict"]["weight"].double().numpy().ravel()
+                for f in files
+            ]
+        )
+        rows -= rows[-1]
+        np.linalg.svd(rows - rows.mean(axis=0), full_matrices=False)
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    megabytes = {key: int(status[key].split()[0]) / 1024 for key in ("VmHWM", "RssFile")}
+    print(
+        json.dumps(
+            {
+                "seconds": time.perf_counter() - started,
+                "peak_rss_mb": megabytes["VmHWM"],
+                "mapped_file_mb": megabytes["RssFile"],
+            }
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,11 +308,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"{cost['hvp_over_gradient'][mode]:.1f}x a gradient"
             )
         pca = results["pca"] = bench_pca(Path(folder))
-        print(
-            f"PCA of {pca['checkpoints']} checkpoints x {pca['parameters']:.0e} parameters: "
-            f"{pca['seconds_with_start_up']:.1f} s, peak {pca['peak_rss_mb']:.0f} MB (the "
-            f"dense matrix alone: {pca['dense_matrix_mb']:.0f} MB)"
-        )
+        for method in ("gram", "dense_svd"):
+            run = pca[method]
+            print(
+                f"PCA of {pca['checkpoints']} checkpoints x {pca['parameters']:.0e} parameters, "
+                f"{method:9s}: {run['seconds']:5.1f} s, peak {run['peak_rss_mb']:5.0f} MB "
+                f"({run['mapped_file_mb']:.0f} MB of it mapped checkpoint pages)"
+            )
         if shutil.which("mpiexec"):
             scaling = results["ranks"] = bench_ranks(Path(folder))
             for name, run in scaling["runs"].items():

@@ -7,7 +7,8 @@ as in PCA) capture most of it, and their explained variance says how much.
 
 With m checkpoints of P parameters the m x P difference matrix B may not fit in memory
 (P = 10^7, m = 100: 8 GB in float64). It is never built: the checkpoints are
-memory-mapped and walked a slice of columns at a time, twice. The first pass adds up
+memory-mapped and walked a slice of columns at a time (64 MiB of float64 values for
+all m rows together), twice. The first pass adds up
 the m x m Gram matrix G = B_c B_c^T of the centred rows; its eigenpairs (s_j^2, v_j)
 are the squared singular values and left singular vectors of B_c. The second pass
 forms each principal direction u_j = B_c^T v_j / s_j slice by slice, and adds up each
@@ -30,7 +31,7 @@ from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SLICE = 1 << 20  # parameters per column slice: m x 2^20 float64 values at a time
+BLOCK_VALUES = 1 << 23  # float64 values per slice of all m rows (64 MiB), whatever m is
 LR_DROP = 0.5  # a step down to at most this fraction of the previous epoch's rate
 
 
@@ -89,7 +90,7 @@ def trajectory_pca(
     for (state, _), path in zip(loaded, files):
         check_same_parameters(state, center, names, path)
     rows = [state for state, _ in loaded]
-    blocks = list(column_blocks(center, names))
+    blocks = list(column_blocks(center, names, max(1, BLOCK_VALUES // len(rows))))
 
     gram = np.zeros((len(rows), len(rows)))
     for block in blocks:
@@ -125,12 +126,12 @@ def trajectory_pca(
     )
 
 
-def column_blocks(center: dict[str, torch.Tensor], names: list[str]):
-    """``(name, start, stop)`` slices of at most SLICE values over the flattened tensors."""
+def column_blocks(center: dict[str, torch.Tensor], names: list[str], width: int):
+    """``(name, start, stop)`` slices of at most ``width`` columns of the flattened tensors."""
     for name in names:
         size = center[name].numel()
-        for start in range(0, size, SLICE):
-            yield name, start, min(start + SLICE, size)
+        for start in range(0, size, width):
+            yield name, start, min(start + width, size)
 
 
 def differences(rows: list[dict], center: dict, block: tuple[str, int, int]) -> np.ndarray:

@@ -108,7 +108,7 @@ def test_interpolation_ends_are_the_checkpoints_and_bn_statistics_move_too(exper
 
 
 def test_pca_directions_match_a_dense_svd_and_frame_the_trajectory(experiment, monkeypatch):
-    monkeypatch.setattr(trajectory, "SLICE", 7)  # many column slices per tensor
+    monkeypatch.setattr(trajectory, "BLOCK_VALUES", 49)  # 7 columns of 7 rows per slice
     config = trained_experiment(
         experiment,
         "mlp",
