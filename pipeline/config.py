@@ -161,7 +161,7 @@ class DirectionsConfig:
     eigenvectors: str = choice("extremes", ("extremes", "top"))
 
     def __post_init__(self) -> None:
-        # Fields not given take the kind's own default (a frozen dataclass sets them so).
+        # Fields left out take the kind's own default (object.__setattr__: frozen class).
         if not self.normalization:
             object.__setattr__(self, "normalization", DEFAULT_NORMALIZATION[self.kind])
         if not self.ignore:  # drawn directions leave 1D tensors out (Li et al.); read ones not
