@@ -54,6 +54,7 @@ def surface_status(path: str | Path) -> str:
             f"{path}: {len(grid.shape)}D grid {shape}, model {attrs['model']} on "
             f"{attrs['dataset']}, planned {attrs['created']}"
         ]
+        lines += [f"  {label}" for label in surface.axis_labels()]
         maps = surface.maps()
         for job in surface.jobs:
             total = surface.points(job).size
@@ -69,6 +70,14 @@ def surface_status(path: str | Path) -> str:
                 lines.append(map_line(name, maps[name]))
         if "lambda_ratio" in maps:
             lines.append(map_line("lambda_ratio", maps["lambda_ratio"]))
+        trace = surface.group("trace")
+        if trace is not None:
+            found = trace[1]
+            estimates = [
+                f"{name} {found[f'{name}_mean']:.6g} ± {found[f'{name}_half_width']:.3g}"
+                for name in ("projection", "hutchinson")
+            ]
+            lines.append(f"  tr(H) at the centre: {', '.join(estimates)}")
     lines += submission_status(Path(path))
     return "\n".join(lines)
 

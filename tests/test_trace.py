@@ -11,6 +11,7 @@ from conftest import dense_hessian, trained_experiment
 from pipeline.config import load_config
 from pipeline.experiment import Experiment
 from pipeline.plan import plan_surface
+from pipeline.status import surface_status
 from pipeline.store import SurfaceFile
 from pipeline.trace import TraceEstimator, estimate_trace
 
@@ -61,6 +62,7 @@ def test_small_net_trace_lies_in_both_intervals_and_is_stored(experiment):
         assert abs(mean - exact) <= half, (name, mean, half, exact)
         assert len(samples[name]) == 200 and mean == samples[name].mean()
         assert f"{mean:.6g}" in summary
+    assert "tr(H) at the centre: projection" in surface_status(surface)
     # Running it again replaces the group with the same numbers (same seed).
     estimate_trace(surface)
     with SurfaceFile.open(surface) as again:
