@@ -239,6 +239,36 @@ def _label_plane(axis, title: str, labels: list[str]) -> None:
     axis.set_title(title)
 
 
+def plot_principal_sections(
+    grid: Grid, loss: np.ndarray, eigenvalues: list[float], labels: list[str]
+) -> Figure:
+    """Boettcher & Wheeler: the training loss along each unit Hessian eigenvector through
+    the centre, beside the parabola L(0) + lambda a^2 / 2 its eigenvalue predicts; where
+    they part is where the quadratic picture of the minimum stops being true."""
+    figure, panels = plt.subplots(1, 2, figsize=(11, 4.2))
+    row, column = int(np.argmin(np.abs(grid.y))), int(np.argmin(np.abs(grid.x)))
+    centre = loss[row, column]
+    cuts = ((grid.x, loss[row, :]), (grid.y, loss[:, column]))
+    for panel, (coordinates, values), eigenvalue, label in zip(panels, cuts, eigenvalues, labels):
+        fine = np.linspace(coordinates[0], coordinates[-1], 200)
+        panel.plot(coordinates, values, "-o", color="tab:blue", markersize=3, label="training loss")
+        panel.plot(
+            fine,
+            centre + eigenvalue * fine**2 / 2,
+            "--",
+            color="tab:red",
+            label=f"L(0) + λa²/2, λ = {eigenvalue:.4g}",
+        )
+        finite = values[np.isfinite(values)]
+        spread = finite.max() - finite.min()
+        panel.set_ylim(finite.min() - 0.05 * spread, finite.max() + 0.05 * spread)
+        panel.set_xlabel(label)
+        panel.set_ylabel("training loss")
+        panel.legend(fontsize=9, frameon=False)
+    figure.tight_layout()
+    return figure
+
+
 def loss_figures(
     grid: Grid,
     maps: dict,
@@ -281,6 +311,13 @@ def plot_surface_file(
             path_points = trajectory[0] if trajectory else None
             endpoints = surface.group("endpoints")
             figures.update(loss_figures(grid, maps, labels, path_points, endpoints))
+            axes = surface.axis_attrs()
+            unit_eigenvectors = axes[0]["kind"] == "hessian" and axes[0]["normalization"] == "unit"
+            if unit_eigenvectors and grid.y is not None and "train_loss" in maps:
+                eigenvalues = [float(attrs["eigenvalue"]) for attrs in axes]
+                figures["train_loss_sections"] = plot_principal_sections(
+                    grid, maps["train_loss"], eigenvalues, labels
+                )
         if "hessian" in surface.jobs and np.isfinite(maps["lambda_max"]).any():
             figures.update(hessian_figures(surface, maps, labels))
     written = []

@@ -250,12 +250,16 @@ class SurfaceFile:
         ]
         return [{name: group[name][()] for name in group} for group in groups]
 
+    def axis_attrs(self) -> list[dict]:
+        """What the planner recorded about each direction (kind, eigenvalue, ...)."""
+        groups = [self.handle[f"directions/{a}"] for a in "xy" if a in self.handle["directions"]]
+        return [dict(group.attrs) for group in groups]
+
     def axis_labels(self) -> list[str]:
         """What each axis is, for plots: e.g. ``x: PCA-1 (62.3% of the path's variance)``."""
-        groups = [self.handle[f"directions/{a}"] for a in "xy" if a in self.handle["directions"]]
         return [
-            str(group.attrs.get("label", f"{axis}: {group.attrs['kind']} direction"))
-            for axis, group in zip("xy", groups)
+            str(attrs.get("label", f"{axis}: {attrs['kind']} direction"))
+            for axis, attrs in zip("xy", self.axis_attrs())
         ]
 
     def group(self, name: str) -> tuple[dict, dict] | None:

@@ -27,6 +27,7 @@ def test_quick_demo_trains_maps_and_draws_every_figure(tmp_path):
     assert {
         "surface_pca_train_loss_contour.png",
         "surface_hessian_train_loss_contour.png",
+        "surface_hessian_train_loss_sections.png",
         "surface_interpolation_interpolation.png",
     } <= names
     with SurfaceFile.open(tmp_path / "surface_pca.h5") as pca:

@@ -221,6 +221,8 @@ def test_hessian_directions_are_the_dense_eigenvectors_and_the_surface_curves_by
     curvature_x = (loss[1, 2] - 2 * loss[1, 1] + loss[1, 0]) / h**2
     curvature_y = (loss[2, 1] - 2 * loss[1, 1] + loss[0, 1]) / h**2
     np.testing.assert_allclose([curvature_x, curvature_y], values[[-1, 0]], rtol=1e-3, atol=1e-6)
+    figures = {path.name for path in plot_surface_file(surface, formats=("png",))}
+    assert f"{surface.stem}_train_loss_sections.png" in figures
 
 
 def test_direction_file_must_fit_the_model_and_names_the_first_bad_key(experiment, tmp_path):
