@@ -224,11 +224,9 @@ def interpolation_plane(experiment: Experiment, config: ExperimentConfig, count:
             low,
             high,
         )
-    axis = {"label": label, "target": target, "defined_alpha": [low, high]}
+    ends = {**norms, "checkpoints": [source, target], "defined_alpha": [low, high]}
     return Directions(
-        [difference],
-        [axis],
-        {"endpoints": (histograms, {**norms, "checkpoints": [source, target]})},
+        [difference], [{"label": label, "target": target}], {"endpoints": (histograms, ends)}
     )
 
 

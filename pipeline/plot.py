@@ -82,10 +82,15 @@ def plot_interpolation(
     grid: Grid, maps: dict[str, np.ndarray], labels: list[str], endpoints: tuple[dict, dict]
 ) -> Figure:
     """Li et al. Fig. 2: the interpolation curves, and beside them the weights of both
-    ends, whose scale (not sharpness) often explains a sharp-looking end."""
+    ends, whose scale (not sharpness) often explains a sharp-looking end. Where a
+    BatchNorm variance would be extrapolated below zero the curve is shaded grey."""
     histograms, attrs = endpoints
     figure, (curves, weights) = plt.subplots(1, 2, figsize=(11, 4.2), width_ratios=(3, 2))
     plot_curves(grid, maps, labels, curves)
+    low, high = attrs["defined_alpha"]
+    for start, stop in ((grid.x[0], low), (high, grid.x[-1])):
+        if start < stop:  # BatchNorm variances extrapolated below zero: no loss there
+            curves.axvspan(start, stop, color="0.9", zorder=0)
     for end, norm, colour in zip("ab", attrs["weight_norms"], ("tab:green", "tab:purple")):
         weights.stairs(
             histograms[f"histogram_{end}"],

@@ -14,7 +14,7 @@ Layout (schema version 2)::
                          lr_drop; attrs checkpoints, explained_variance_ratio
     /endpoints           interpolation plans: weight histograms of both ends
                          (histogram_edges, histogram_a, histogram_b); attrs weight_norms,
-                         checkpoints
+                         checkpoints, defined_alpha (where BN variances stay >= 0)
     /trace               landscape trace: per-sample estimates of tr(H) (projection,
                          hutchinson); attrs means, half widths, dimension, step
     /grid/x, /grid/y     coordinates (no y for a 1D surface)

@@ -64,7 +64,7 @@ def test_interpolation_ends_are_the_checkpoints_and_bn_statistics_move_too(exper
         maps, grid, directions = done.maps(), done.grid, done.directions()
         histograms, attrs = done.group("endpoints")
         (label,) = done.axis_labels()
-        low, high = done.handle["directions/x"].attrs["defined_alpha"]
+        low, high = attrs["defined_alpha"]
     assert low <= 0 and high >= 1  # BN variances stay >= 0 between the two checkpoints
     # Where a variance is extrapolated below zero there is neither loss nor accuracy.
     np.testing.assert_array_equal(np.isnan(maps["train_loss"]), np.isnan(maps["train_acc"]))
