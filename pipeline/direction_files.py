@@ -27,15 +27,20 @@ log = logging.getLogger(__name__)
 HISTOGRAM_BINS = 80
 
 
+def load_target(model: nn.Module, path: str) -> dict:
+    """A target checkpoint's state_dict, checked against ``model``."""
+    state = load_state_dict(path, "directions.targets")
+    check_compatible(model, state, path, "directions.targets")
+    return state
+
+
 def checkpoint_differences(
-    model: nn.Module, targets: list[str], with_buffers: bool
+    model: nn.Module, targets: list[dict], with_buffers: bool
 ) -> list[dict[str, torch.Tensor]]:
-    """theta_B - theta_0 in float64 for each target B (checked against ``model``)."""
+    """theta_B - theta_0 in float64 for each target state_dict B."""
     origin = moved_tensors(model.state_dict(), model, with_buffers)
     differences = []
-    for path in targets:
-        state = load_state_dict(path, "directions.targets")
-        check_compatible(model, state, path, "directions.targets")
+    for state in targets:
         target = moved_tensors(state, model, with_buffers)
         differences.append({name: target[name] - origin[name] for name in origin})
     return differences
@@ -65,11 +70,10 @@ def variance_range(differences: dict[str, torch.Tensor], model: nn.Module) -> tu
     return low, high
 
 
-def weight_histograms(model: nn.Module, target: str) -> tuple[dict, dict]:
-    """Li et al. Fig. 2: the weights (tensors with more than one dimension) of the two
-    ends, as histograms over shared bins, with their L2 norms. Returns the datasets and
-    attributes of the surface file's ``endpoints`` group."""
-    state = load_state_dict(target, "directions.targets")
+def weight_histograms(model: nn.Module, state: dict) -> tuple[dict, dict]:
+    """Li et al. Fig. 2: the weights (tensors with more than one dimension) of ``model``
+    and of the target ``state``, as histograms over shared bins, with their L2 norms.
+    Returns the datasets and attributes of the surface file's ``endpoints`` group."""
     ends = [
         torch.cat([w.detach().double().reshape(-1).cpu() for w in weights]).numpy()
         for weights in (

@@ -33,6 +33,7 @@ from pipeline.config import DirectionsConfig, ExperimentConfig
 from pipeline.direction_files import (
     checkpoint_differences,
     file_directions,
+    load_target,
     variance_range,
     weight_histograms,
 )
@@ -73,34 +74,39 @@ def plan_directions(experiment: Experiment, config: ExperimentConfig, count: int
 
 
 def random_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> Directions:
-    vectors = random_directions(experiment.model, config.directions, count, scale=False)
+    vectors = gaussian_directions(experiment.model, config.directions.seed, count)
     scaling = scaling_note(config.directions)
     return Directions(
         vectors, [{"label": f"{axis}: random direction ({scaling})"} for axis in "xy"]
     )
 
 
-def random_directions(
-    model: nn.Module, config: DirectionsConfig, count: int, scale: bool = True
-) -> list[dict[str, torch.Tensor]]:
-    """``count`` Gaussian directions, float64, keyed by parameter name (normalized as
-    ``config`` says unless ``scale`` is false).
+def gaussian_directions(model: nn.Module, seed: int, count: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` raw Gaussian directions, float64, keyed by parameter name.
 
-    One generator seeded with ``config.seed`` draws the directions one after the
-    other, so a 1D and a 2D plan with the same seed share their first direction.
+    One generator seeded with ``seed`` draws the directions one after the other, so a
+    1D and a 2D plan with the same seed share their first direction.
     """
-    generator = torch.Generator().manual_seed(config.seed)
-    theta = parameter_values(model)
-    directions = []
-    for _ in range(count):
-        raw = {
-            name: torch.randn(w.shape, generator=generator, dtype=torch.float64)
-            for name, w in theta.items()
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    return [
+        {
+            name: torch.randn(shape, generator=generator, dtype=torch.float64)
+            for name, shape in shapes.items()
         }
-        directions.append(
-            scale_direction(raw, theta, config.normalization, config.ignore) if scale else raw
-        )
-    return directions
+        for _ in range(count)
+    ]
+
+
+def random_directions(
+    model: nn.Module, config: DirectionsConfig, count: int
+) -> list[dict[str, torch.Tensor]]:
+    """``count`` Gaussian directions scaled as ``config`` says (what a random plan holds)."""
+    theta = parameter_values(model)
+    return [
+        scale_direction(raw, theta, config.normalization, config.ignore)
+        for raw in gaussian_directions(model, config.seed, count)
+    ]
 
 
 def pca_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> Directions:
@@ -175,10 +181,12 @@ def hessian_plane(experiment: Experiment, config: ExperimentConfig, count: int) 
         ", ".join(f"{n} = {v:.6g}" for n, v in zip(names, pairs.values)),
         pairs.steps,
     )
-    theta = parameter_values(experiment.model)
+    shapes = {name: p.shape for name, p in experiment.model.named_parameters()}
     vectors = []
     for vector in pairs.vectors().cpu():
-        direction = {name: torch.zeros_like(w) for name, w in theta.items()}
+        direction = {
+            name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()
+        }
         pieces = vector.split(operator.sizes)
         direction.update((n, p.view(s)) for n, p, s in zip(operator.names, pieces, operator.shapes))
         vectors.append(direction)
@@ -205,7 +213,8 @@ def target_plane(experiment: Experiment, config: ExperimentConfig, count: int) -
         {"label": f"{axis}: toward {Path(target).name} (θB − θ0, {scaling})", "target": target}
         for axis, target in zip("xy", targets)
     ]
-    return Directions(checkpoint_differences(experiment.model, targets, False), axes)
+    states = [load_target(experiment.model, target) for target in targets]
+    return Directions(checkpoint_differences(experiment.model, states, False), axes)
 
 
 def interpolation_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> Directions:
@@ -214,8 +223,9 @@ def interpolation_plane(experiment: Experiment, config: ExperimentConfig, count:
     (target,) = config.directions.targets
     source = config.model.checkpoint
     label = f"α: (1 − α)·θA + α·θB, A = {Path(source).name}, B = {Path(target).name}"
-    histograms, norms = weight_histograms(experiment.model, target)
-    (difference,) = checkpoint_differences(experiment.model, [target], True)
+    state = load_target(experiment.model, target)
+    histograms, norms = weight_histograms(experiment.model, state)
+    (difference,) = checkpoint_differences(experiment.model, [state], True)
     low, high = variance_range(difference, experiment.model)
     if config.grid.x.min < low or config.grid.x.max > high:
         log.warning(
