@@ -10,12 +10,14 @@ absolute, so workers started elsewhere (SLURM, another node) find the same files
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from pipeline.errors import UserError
@@ -30,7 +32,14 @@ MAP_JOBS = {
     "lambda_max": "hessian",
 }
 MAP_NAMES = tuple(MAP_JOBS)
+# The ``landscape`` subcommand that computes each job.
+JOB_COMMANDS = {"surface": "run", "hessian": "hessian"}
 # The hessian job always solves for both ends and records how well each converged.
+# The largest grid a plan accepts. Every point is a full-data evaluation, and the planner
+# holds about seven arrays of the grid's size (maps, flags, times, point numbers) in
+# memory: 10^7 points are ~0.5 GB there and 28 GPU-hours at 10 ms a point.
+MAX_GRID_POINTS = 10_000_000
+INT64_RANGE = (-(2**63), 2**63 - 1)
 HESSIAN_OUTPUTS = (
     "lambda_min",
     "lambda_max",
@@ -79,14 +88,35 @@ class AxisConfig:
     def automatic(self) -> bool:
         return self.min is None
 
+    def coordinates(self) -> np.ndarray:
+        """The axis's coordinates (float64), first and last exactly ``min`` and ``max``."""
+        return np.linspace(self.min, self.max, self.num)
+
     def check(self, where: str) -> None:
         if self.num < 2:
             raise ConfigError(f"{where}.num: must be >= 2 (got {self.num}); use at least 2 points")
+        if self.num > MAX_GRID_POINTS:
+            raise ConfigError(
+                f"{where}.num: {self.num} points is more than the {MAX_GRID_POINTS:,} a grid "
+                "may have; use a coarser grid"
+            )
         if (self.min is None) != (self.max is None):
             raise ConfigError(f"{where}: give both min and max, or neither (PCA framing)")
-        if self.min is not None and self.min >= self.max:
+        if self.automatic:
+            return
+        if self.min >= self.max:
             raise ConfigError(
                 f"{where}: min ({self.min}) must be < max ({self.max}); swap or widen the range"
+            )
+        if not math.isfinite(self.max - self.min):
+            raise ConfigError(
+                f"{where}: the span max - min ({self.max} - ({self.min})) overflows float64; "
+                "choose bounds a plot can show (e.g. -1 to 1)"
+            )
+        if not (np.diff(self.coordinates()) > 0).all():
+            raise ConfigError(
+                f"{where}: {self.num} points from {self.min} to {self.max} are not distinct in "
+                "float64; widen the range or use fewer points"
             )
 
 
@@ -102,6 +132,12 @@ class GridConfig:
         if self.shard_size < 0:
             raise ConfigError(
                 f"{where}.shard_size: must be >= 0 (got {self.shard_size}); 0 picks a size"
+            )
+        if self.y is not None and self.x.num * self.y.num > MAX_GRID_POINTS:
+            raise ConfigError(
+                f"{where}.x.num x {where}.y.num: {self.x.num} x {self.y.num} = "
+                f"{self.x.num * self.y.num:,} points is more than the {MAX_GRID_POINTS:,} a grid "
+                "may have; use a coarser grid"
             )
 
 
@@ -275,9 +311,17 @@ class TrainConfig:
     def check(self, where: str) -> None:
         if self.checkpoint_dir is None:
             raise ConfigError(f"{where}.checkpoint_dir: required; name a folder for checkpoints")
-        for name in ("lr", "epochs", "batch_size"):
+        for name in ("lr", "epochs", "batch_size", "gamma"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name}: must be > 0 (got {getattr(self, name)})")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"{where}.momentum: must be in [0, 1) (got {self.momentum})")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{where}.weight_decay: must be >= 0 (got {self.weight_decay})")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ConfigError(
+                f"{where}.nesterov: needs optimizer sgd with momentum > 0; set nesterov: false"
+            )
 
 
 @dataclass(frozen=True)
@@ -346,9 +390,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
     """Read and validate an experiment config file, after ``key.path=value`` overrides."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror}); check the path") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a text file (byte {exc.start} is not UTF-8); give a YAML config"
+        ) from None
     return parse_config(text, source=str(path), overrides=overrides)
 
 
@@ -371,15 +419,22 @@ def parse_config(
 def apply_override(data: dict, override: str) -> None:
     """Set ``a.b.c=value`` in a raw config dict; the value is read as YAML (``5``, ``[1, 2]``)."""
     key, sep, text = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set {override!r}: expected key.path=value, e.g. grid.x.num=11")
     *parents, leaf = key.split(".")
+    if not sep or not all(parents + [leaf]):
+        raise ConfigError(f"--set {override!r}: expected key.path=value, e.g. grid.x.num=11")
     node = data
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {override!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(text)
+    try:
+        node[leaf] = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(
+            f"--set {override!r}: the value is not YAML ({reason}); write e.g. 5, [1, 2] "
+            'or "quoted text"'
+        ) from None
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -438,19 +493,30 @@ def _convert(hint: Any, value: Any, path: str, metadata: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return dict(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        return _finite_float(value, path)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(
             f"{path}: expected {hint.__name__}, got {value!r} ({type(value).__name__})"
         )
+    if hint is int and not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+        raise ConfigError(f"{path}: {value} does not fit in a 64-bit integer; give a smaller value")
     if "choices" in metadata and value not in metadata["choices"]:
         raise ConfigError(f"{path}: {value!r} is not one of {', '.join(metadata['choices'])}")
     if metadata.get("path"):
         return str(Path(value).expanduser().resolve())
     return value
+
+
+def _finite_float(value: int | float | str, path: str) -> float:
+    """``value`` as a finite float: NaN and infinity make no sense in any field (a bound,
+    a rate, a tolerance), and would pass every range check (NaN compares false)."""
+    try:
+        number = float(value)  # YAML 1.1 reads 1e-3 as a string
+    except ValueError:
+        raise ConfigError(f"{path}: expected float, got {value!r} (str)") from None
+    except OverflowError:  # an integer beyond float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{path}: must be a finite number (got {value!r})")
+    return number

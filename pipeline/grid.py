@@ -65,13 +65,14 @@ def shard_ranges(size: int, shard_size: int = 0) -> np.ndarray:
     """``[start, stop)`` ranges over ``size`` points, ``shard_size`` each (0: about 64 shards)."""
     if shard_size <= 0:
         shard_size = max(1, math.ceil(size / TARGET_SHARDS))
+    shard_size = min(shard_size, size)  # one shard at most; start + size never overflows
     starts = np.arange(0, size, shard_size, dtype=np.int64)
     return np.stack([starts, np.minimum(starts + shard_size, size)], axis=1)
 
 
 def axis_coordinates(axis: AxisConfig, frame: np.ndarray | None, column: int) -> np.ndarray:
     if not axis.automatic:
-        return np.linspace(axis.min, axis.max, axis.num)
+        return axis.coordinates()
     values = np.append(frame[:, column], 0.0)
     low, high = values.min(), values.max()
     margin = FRAME_MARGIN * (high - low) if high > low else 1.0
