@@ -7,12 +7,13 @@ metadata (epoch, losses). Loading uses ``weights_only=True``: a checkpoint never
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline.atomic import write_file
 from pipeline.errors import UserError
 
 
@@ -83,13 +84,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, **metadata) -> None:
-    """Write ``{"state_dict": ..., **metadata}`` atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
+    """Write ``{"state_dict": ..., **metadata}`` atomically (temp file, then rename).
+
+    Serialized in memory first: torch.save writing to a full disk fails with an internal
+    "unexpected pos" error and leaves its file behind; :func:`write_file` says "No space
+    left on device" and leaves nothing.
+    """
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, **metadata}, temporary)
-    os.replace(temporary, path)
+    image = io.BytesIO()
+    torch.save({"state_dict": state, **metadata}, image)
+    write_file(path, image.getbuffer(), "train.checkpoint_dir")
 
 
 def verify_fingerprint(path: str | Path, expected_sha256: str, surface: str | Path) -> None:

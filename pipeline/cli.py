@@ -2,17 +2,21 @@
 
 Subcommands: train, plan, run, hessian, trace, submit, reduce, status, plot, demo.
 Each subcommand is a thin shell over one module; a :class:`UserError` anywhere prints
-one line and exits with status 2, a bug keeps its traceback.
+one line and exits with status 2, a bug keeps its traceback. SIGINT and SIGTERM stop any
+command with one line saying what was saved and how to go on, and exit status 130 / 143.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
+import signal
 import sys
 
-from pipeline.errors import FailedElsewhere, UserError
-from pipeline.ranks import launcher_rank
+from pipeline.errors import FailedElsewhere, Interrupted, UserError
+from pipeline.ranks import launched_size, launcher_rank
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -220,15 +224,66 @@ def configure_logging(verbose: bool = False) -> None:
     )
 
 
+# Commands that go on where they stopped when run again (the others start over).
+RESUMABLE = ("run", "hessian", "demo", "submit")
+
+
+def stop_on_signals(command: str) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (``kill``, and SLURM before it kills a job) raise
+    :class:`Interrupted` where the program is, so files close and temporary files go
+    as they unwind, and :func:`main` ends with one line saying what was saved.
+
+    An MPI rank cannot unwind alone (closing the file is collective and would wait
+    forever for the others): it says what is kept and aborts the job at once, which
+    the crash-safe writes allow at any moment. A SIGINT ignored from the start (``nohup``,
+    a background job of a script) stays ignored.
+    """
+
+    def interrupt(number: int, frame) -> None:
+        size = launched_size()
+        if size > 1:
+            print(
+                f"rank {launcher_rank()} of {size}: interrupted; finished shards are saved; "
+                f"resume with `{command}`",
+                file=sys.stderr,
+                flush=True,
+            )
+            abort_ranks(128 + number)
+        raise Interrupted(number)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupt)
+
+
+def abort_ranks(status: int) -> None:
+    """End every rank of the job with ``status`` (MPI_Abort), or this process if MPI is
+    not started yet (the launcher then ends the others)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.COMM_WORLD.Abort(status)
+    os._exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    command = shlex.join(["landscape", *argv])
+    stop_on_signals(command)
     try:
         args.handler(args)
     except UserError as exc:
         if not isinstance(exc, FailedElsewhere):
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        saved = getattr(interrupt, "saved", "") or "nothing half-written"
+        again = (
+            f"resume with `{command}`" if args.command in RESUMABLE else f"run `{command}` again"
+        )
+        print(f"interrupted; {saved}; {again}", file=sys.stderr)
+        return 128 + getattr(interrupt, "signal_number", signal.SIGINT)
     return 0
 
 

@@ -1,4 +1,10 @@
-"""The one exception type a user can cause: bad config, bad file, bad checkpoint."""
+"""The exceptions a user can cause: bad input (config, file, checkpoint), and interrupts."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -11,3 +17,28 @@ class UserError(Exception):
 
 class FailedElsewhere(UserError):
     """The error of another MPI rank, which rank 0 reports: this rank exits quietly."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (what SLURM sends before a kill) stopped the command.
+
+    A KeyboardInterrupt, so no ``except Exception`` can mistake it for a failure and carry
+    on. ``saved`` says what the command left on disk (``"37 of 120 surface points saved
+    in x.h5"``); the command line adds how to go on.
+    """
+
+    def __init__(self, signal_number: int = signal.SIGINT, saved: str = ""):
+        super().__init__(signal_number, saved)
+        self.signal_number = signal_number
+        self.saved = saved
+
+
+@contextmanager
+def reporting_interrupt(saved: Callable[[], str]) -> Iterator[None]:
+    """An interrupt inside leaves as :class:`Interrupted` saying ``saved()``, which is called
+    once the block has unwound (files closed, temporary files removed)."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        number = getattr(interrupt, "signal_number", signal.SIGINT)
+        raise Interrupted(number, saved()) from None

@@ -11,14 +11,15 @@ another plan.
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from pipeline.atomic import check_writable, write_file
 from pipeline.errors import UserError
 from pipeline.store import SurfaceFile
 
@@ -34,7 +35,9 @@ class PartWriter:
     """A point writer that keeps a shard's points in memory and commits them as one part."""
 
     def __init__(self, surface_path: str | Path, plan_id: str):
+        self.surface = str(surface_path)
         self.folder = parts_folder(surface_path)
+        check_writable(self.folder, self.surface, folder=True)  # before any point is computed
         self.plan_id = plan_id
         self.job: str | None = None
         self.points: list[int] = []
@@ -52,16 +55,15 @@ class PartWriter:
         """Write the points since the last commit to a new part file, atomically."""
         if not self.points:
             return
-        self.folder.mkdir(exist_ok=True)
         path = self.folder / f"{self.job}-{self.points[0]:09d}-{self.points[-1]:09d}.h5"
-        temporary = path.with_name(path.name + ".tmp")
-        with h5py.File(temporary, "w") as handle:
+        image = io.BytesIO()
+        with h5py.File(image, "w") as handle:
             handle.attrs.update(plan_id=self.plan_id, job=self.job)
             handle["points"] = np.asarray(self.points, np.int64)
             handle["finished"] = np.asarray(self.finished)
             for name, column in self.values.items():
                 handle[f"maps/{name}"] = np.asarray(column, np.float64)
-        os.replace(temporary, path)
+        write_file(path, image.getbuffer(), self.surface)
         self.points, self.values, self.finished = [], {}, []
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pipeline.atomic import check_writable
 from pipeline.checkpoint import verify_fingerprint
 from pipeline.config import ExperimentConfig, config_differences
 from pipeline.directions import ignored_parameters, plan_directions
@@ -26,10 +27,11 @@ def plan_surface(config: ExperimentConfig) -> Path:
     """Create the surface file for ``config`` (or check the existing one); returns its path."""
     config.require_surface()
     path = Path(config.output)
-    if path.exists():
+    if path.is_file():
         check_same_plan(path, config)
         log.info("%s already planned with this config: nothing to do (resume with run)", path)
         return path
+    check_writable(path, "output")  # before the work of loading and drawing directions
     # Only Hessian directions compute anything heavy: they run where the workers would.
     device = None if config.directions.kind == "hessian" else "cpu"
     experiment = Experiment.load(config, device=device)

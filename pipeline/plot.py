@@ -10,6 +10,8 @@ gets its end points' weight histograms beside the curves (Li et al. Fig. 2).
 
 from __future__ import annotations
 
+import io
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +23,9 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from pipeline.atomic import check_writable, write_file  # noqa: E402
+from pipeline.config import JOB_COMMANDS  # noqa: E402
+from pipeline.errors import UserError, reporting_interrupt  # noqa: E402
 from pipeline.grid import Grid  # noqa: E402
 from pipeline.store import SurfaceFile  # noqa: E402
 
@@ -265,8 +270,9 @@ def plot_principal_sections(
             label=f"L(0) + λa²/2, λ = {eigenvalue:.4g}",
         )
         finite = values[np.isfinite(values)]
-        spread = finite.max() - finite.min()
-        panel.set_ylim(finite.min() - 0.05 * spread, finite.max() + 0.05 * spread)
+        if finite.size:  # else matplotlib's own limits (a section not computed yet)
+            spread = finite.max() - finite.min()
+            panel.set_ylim(finite.min() - 0.05 * spread, finite.max() + 0.05 * spread)
         panel.set_xlabel(label)
         panel.set_ylabel("training loss")
         panel.legend(fontsize=9, frameon=False)
@@ -304,10 +310,14 @@ def loss_figures(
 def plot_surface_file(
     path: str | Path, out_dir: str | Path | None = None, formats: tuple[str, ...] = FORMATS
 ) -> list[Path]:
-    """Draw every figure the file supports into ``out_dir``; returns the files written."""
+    """Draw every figure the file supports into ``out_dir``; returns the files written.
+
+    The folder is made only when there is something to draw: a file with no finished
+    point is an error, and leaves nothing behind.
+    """
     path = Path(path)
     out_dir = Path(out_dir) if out_dir else path.with_name(path.stem + "_plots")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, "--out", folder=True)
     figures = {}
     with SurfaceFile.open(path) as surface, plt.rc_context(STYLE):
         grid, maps, labels = surface.grid, surface.maps(), surface.axis_labels()
@@ -318,19 +328,38 @@ def plot_surface_file(
             figures.update(loss_figures(grid, maps, labels, path_points, endpoints))
             axes = surface.axis_attrs()
             unit_eigenvectors = axes[0]["kind"] == "hessian" and axes[0]["normalization"] == "unit"
-            if unit_eigenvectors and grid.y is not None and "train_loss" in maps:
+            if figures and unit_eigenvectors and grid.y is not None and "train_loss" in maps:
                 eigenvalues = [float(attrs["eigenvalue"]) for attrs in axes]
                 figures["train_loss_sections"] = plot_principal_sections(
                     grid, maps["train_loss"], eigenvalues, labels
                 )
         if "hessian" in surface.jobs and np.isfinite(maps["lambda_max"]).any():
             figures.update(hessian_figures(surface, maps, labels))
-    written = []
-    with plt.rc_context(STYLE):
+        if not figures:
+            done = ", ".join(
+                f"{job} {surface.done(job).sum()} of {surface.points(job).size}"
+                for job in surface.jobs
+            )
+            commands = " or ".join(
+                f"`landscape {JOB_COMMANDS[job]} {path}`" for job in surface.jobs
+            )
+            raise UserError(
+                f"{path}: nothing to draw, no point has a value yet (points done: {done}); "
+                f"compute them with {commands}"
+            )
+    written, made = [], not out_dir.exists()
+    with plt.rc_context(STYLE), reporting_interrupt(lambda: f"{len(written)} figures written"):
         for stem, figure in figures.items():
             for extension in formats:
                 target = out_dir / f"{path.stem}_{stem}.{extension}"
-                figure.savefig(target, bbox_inches="tight")
+                image = io.BytesIO()
+                figure.savefig(image, format=extension, bbox_inches="tight")
+                try:
+                    write_file(target, image.getbuffer(), "--out")
+                except UserError:  # a full disk: a folder made for this plot goes again
+                    if made:
+                        shutil.rmtree(out_dir, ignore_errors=True)
+                    raise
                 written.append(target)
             plt.close(figure)
     return written

@@ -37,7 +37,7 @@ file that opens cleanly. A point's values are written before its done flag. With
 from __future__ import annotations
 
 import datetime
-import os
+import io
 import time
 import uuid
 from pathlib import Path
@@ -47,6 +47,7 @@ import numpy as np
 import yaml
 
 from pipeline import __version__
+from pipeline.atomic import write_file
 from pipeline.config import ExperimentConfig, job_outputs, parse_config
 from pipeline.errors import UserError
 from pipeline.grid import Grid
@@ -69,11 +70,12 @@ def create_surface_file(
 
     ``axis_attrs`` go on each direction's group; ``groups`` are extra groups of datasets
     and attributes (a PCA trajectory, interpolation end points); ``work`` maps each job
-    to its point numbers and its shards (ranges into them).
+    to its point numbers and its shards (ranges into them). The file is built in memory
+    (as large as the directions plus the maps) and written by :func:`write_file`, so a
+    full disk or an interrupt leaves no file and no ``.tmp``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with h5py.File(temporary, "w") as handle:
+    image = io.BytesIO()
+    with h5py.File(image, "w") as handle:
         handle.attrs.update(
             schema_version=SCHEMA_VERSION,
             config=config.to_yaml(),
@@ -105,7 +107,19 @@ def create_surface_file(
             handle.create_dataset(f"finished/{job}", data=np.full(grid.shape, np.nan))
             handle.create_dataset(f"points/{job}", data=points)
             handle.create_dataset(f"shards/{job}", data=shards)
-    os.replace(temporary, path)
+    write_file(path, image.getbuffer(), "output")
+
+
+def missing_datasets(handle: h5py.File) -> list[str]:
+    """The datasets of the schema that ``handle`` lacks (the maps and work table of every
+    job it lists), so that a file that has a surface file's attributes but not its
+    contents is refused by name instead of failing later at the first missing key."""
+    jobs = list(handle["done"]) if isinstance(handle.get("done"), h5py.Group) else []
+    needed = ["grid/x", "directions/x", "done"]
+    for job in jobs:
+        needed += [f"{kind}/{job}" for kind in ("finished", "points", "shards")]
+        needed += [f"maps/{name}" for name in handle[f"done/{job}"].attrs.get("outputs", [])]
+    return [name for name in needed if name not in handle]
 
 
 class SurfaceFile:
@@ -115,7 +129,17 @@ class SurfaceFile:
         self.handle = handle
         self.path = path
         self.parallel = parallel  # opened with mpio by all ranks of a communicator
-        self.config: ExperimentConfig = parse_config(handle.attrs["config"], source=str(path))
+        try:
+            missing = missing_datasets(handle)
+            if missing:
+                raise UserError(
+                    f"{path}: not a complete surface file (no {', '.join(missing)}); plan it "
+                    "again with `landscape plan CONFIG`"
+                )
+            self.config: ExperimentConfig = parse_config(handle.attrs["config"], source=str(path))
+        except BaseException:
+            handle.close()
+            raise
         y = handle["grid/y"][()] if "grid/y" in handle else None
         self.grid = Grid(handle["grid/x"][()], y)
         self.datasets: dict[str, h5py.Dataset] = {}
@@ -134,6 +158,11 @@ class SurfaceFile:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such surface file; create it with `landscape plan CONFIG`")
+        if not h5py.is_hdf5(path):  # checked first: HDF5 opening an empty file "r+" formats it
+            raise UserError(
+                f"{path}: not an HDF5 file ({path.stat().st_size} bytes, no HDF5 signature); "
+                "name a surface file, or plan it again"
+            )
         if comm is None:
             options = {"locking": mode != "r"}
         else:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline.atomic import check_writable
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ExperimentConfig, TrainConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, reporting_interrupt
 from pipeline.evaluate import evaluate, per_sample_loss
 from pipeline.experiment import Experiment
 
@@ -49,52 +50,77 @@ def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
 
 
 def train(config: ExperimentConfig) -> Path:
-    """Train per ``config.train``; returns the last checkpoint written."""
+    """Train per ``config.train``; returns the last checkpoint written.
+
+    Stops with an error, before saving it, at the first epoch whose training loss is not
+    finite (a learning rate too large): such a checkpoint only yields maps of NaN.
+    """
     if config.train is None:
         raise UserError("train: section missing; add train.checkpoint_dir, epochs, lr, ...")
     settings = config.train
+    check_writable(settings.checkpoint_dir, "train.checkpoint_dir", folder=True)
     torch.manual_seed(settings.seed)
     experiment = Experiment.load(config, with_checkpoint=False, device=settings.device)
     model, data, loss_name = experiment.model, experiment.data, config.evaluation.loss
     optimizer = make_optimizer(settings, model.parameters())
     generator = torch.Generator(device=data.train_x.device).manual_seed(settings.seed)
-    save_checkpoint(checkpoint_path(settings, 0), model, epoch=0)
-    for epoch in range(settings.epochs):
-        lr = learning_rate(settings, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        order = torch.randperm(len(data.train_x), generator=generator, device=data.train_x.device)
-        for start in range(0, len(order), settings.batch_size):
-            batch = order[start : start + settings.batch_size]
-            outputs = model(data.train_x[batch])
-            loss = per_sample_loss(outputs, data.train_y[batch], loss_name).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        model.eval()
-        batch_size = config.evaluation.batch_size
-        train_loss, train_acc = evaluate(model, data.train_x, data.train_y, batch_size, loss_name)
-        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, batch_size, loss_name)
-        path = checkpoint_path(settings, epoch + 1)
-        save_checkpoint(
-            path,
-            model,
-            epoch=epoch + 1,
-            train_loss=train_loss,
-            train_acc=train_acc,
-            test_loss=test_loss,
-            test_acc=test_acc,
-            lr=lr,
+    saved = []  # epochs whose checkpoint is written
+    with reporting_interrupt(
+        lambda: (
+            f"checkpoints up to epoch {saved[-1]} saved in {settings.checkpoint_dir} "
+            "(training starts over from epoch 0)"
+            if saved
+            else "no checkpoint saved"
         )
-        log.info(
-            "epoch %d/%d  lr %.4g  train loss %.4f acc %.4f  test loss %.4f acc %.4f",
-            epoch + 1,
-            settings.epochs,
-            lr,
-            train_loss,
-            train_acc,
-            test_loss,
-            test_acc,
-        )
+    ):
+        save_checkpoint(checkpoint_path(settings, 0), model, epoch=0)
+        saved.append(0)
+        for epoch in range(settings.epochs):
+            lr = learning_rate(settings, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            order = torch.randperm(
+                len(data.train_x), generator=generator, device=data.train_x.device
+            )
+            for start in range(0, len(order), settings.batch_size):
+                batch = order[start : start + settings.batch_size]
+                outputs = model(data.train_x[batch])
+                loss = per_sample_loss(outputs, data.train_y[batch], loss_name).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            model.eval()
+            batch_size = config.evaluation.batch_size
+            train_loss, train_acc = evaluate(
+                model, data.train_x, data.train_y, batch_size, loss_name
+            )
+            if not math.isfinite(train_loss):
+                raise UserError(
+                    f"train.lr: the training loss is {train_loss} after epoch {epoch + 1} at "
+                    f"learning rate {lr:g} (diverged); lower train.lr"
+                )
+            test_loss, test_acc = evaluate(model, data.test_x, data.test_y, batch_size, loss_name)
+            path = checkpoint_path(settings, epoch + 1)
+            save_checkpoint(
+                path,
+                model,
+                epoch=epoch + 1,
+                train_loss=train_loss,
+                train_acc=train_acc,
+                test_loss=test_loss,
+                test_acc=test_acc,
+                lr=lr,
+            )
+            saved.append(epoch + 1)
+            log.info(
+                "epoch %d/%d  lr %.4g  train loss %.4f acc %.4f  test loss %.4f acc %.4f",
+                epoch + 1,
+                settings.epochs,
+                lr,
+                train_loss,
+                train_acc,
+                test_loss,
+                test_acc,
+            )
     return path

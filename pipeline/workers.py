@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import verify_fingerprint
 from pipeline.config import MAP_JOBS
-from pipeline.errors import UserError
+from pipeline.errors import UserError, reporting_interrupt
 from pipeline.evaluate import evaluate
 from pipeline.experiment import Experiment
 from pipeline.grid import Grid
@@ -236,7 +236,11 @@ def evaluate_pending(
 ) -> int:
     """This rank's share of the pending shards, claimed one at a time; returns its count."""
     evaluator = ranks.agree(lambda: load_evaluator(job, surface, device, ranks))
-    point_writer = PartWriter(surface.path, surface.plan_id) if writer == "parts" else surface
+    point_writer = (
+        ranks.agree(lambda: PartWriter(surface.path, surface.plan_id))
+        if writer == "parts"
+        else surface
+    )
     claims = ShardClaims(job, ranks, pending, show_progress)
     started = time.perf_counter()
     with ranks.failing_together():
@@ -283,7 +287,7 @@ def run_job(
     Returns the number of points this rank evaluated.
     """
     path = Path(path)
-    with connect_ranks() as ranks:
+    with reporting_interrupt(lambda: saved_points(path, job)), connect_ranks() as ranks:
         writer = choose_task_writer(writer, task, ranks) if task else choose_writer(writer, ranks)
         if ranks.rank == 0:
             log.info("%s: %d rank(s); %s", path, ranks.size, WRITERS[writer])
@@ -322,3 +326,15 @@ def run_job(
                 with SurfaceFile.open(path, "r+") as surface:
                     surface.derive_maps()
         return count
+
+
+def saved_points(path: Path, job: str) -> str:
+    """How many of the job's points the file and its unmerged part files hold, for the
+    line an interrupted run ends with."""
+    try:
+        with SurfaceFile.open(path) as surface:
+            done, points = surface.done(job).reshape(-1), surface.points(job)
+    except (UserError, KeyError):
+        return "nothing half-written"
+    done[points_in_parts(path, job)] = True
+    return f"{done[points].sum()} of {points.size} {job} points saved in {path}"

@@ -1,0 +1,188 @@
+"""SIGINT and SIGTERM stop a command with one line (what was saved, how to go on), exit status
+128 + signal, no traceback and nothing half-written; a resumed run then gives the maps of an
+uninterrupted one bit for bit."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import atomic
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.errors import Interrupted
+from pipeline.parts import parts_folder, points_in_parts
+from pipeline.plan import plan_surface
+from pipeline.store import SurfaceFile
+from pipeline.workers import run_job
+
+# 48 points of ~20-40 ms each (see test_resume).
+SLOW = {
+    "grid": {
+        "x": {"min": -1.0, "max": 1.0, "num": 8},
+        "y": {"min": -1.0, "max": 1.0, "num": 6},
+        "shard_size": 5,
+    },
+    "data": {
+        "name": "gaussian_clusters",
+        "kwargs": {"num_classes": 4, "dim": 32, "train_per_class": 1500, "test_per_class": 200},
+    },
+    "model": {"name": "mlp", "kwargs": {"hidden": [128, 128]}},
+}
+LANDSCAPE = [sys.executable, "-m", "pipeline.cli"]
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d ")  # configure_logging's lines
+
+
+def saved_so_far(surface: Path) -> int:
+    """Points done in the file or waiting in part files, read beside the running job."""
+    try:
+        with SurfaceFile.open(surface) as reader:
+            done = reader.done("surface").reshape(-1)
+    except Exception:  # caught mid-write or mid-rename: look again
+        return 0
+    done[points_in_parts(surface, "surface")] = True
+    return int(done.sum())
+
+
+def interrupt_after(command: list[str], surface: Path, points: int, number: int, **popen):
+    """Start ``command``, send it signal ``number`` once ``points`` points are saved, and
+    return its exit status and the lines of its standard error."""
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, **popen)
+    deadline = time.monotonic() + 120
+    while saved_so_far(surface) < points:
+        assert process.poll() is None, "the run ended before the signal: " + process.stderr.read()
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.01)
+    process.send_signal(number)
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr.splitlines()
+
+
+def uninterrupted(experiment, dtype: str) -> dict[str, np.ndarray]:
+    reference = plan_surface(load_config(experiment(name="reference", evaluation=dtype, **SLOW)))
+    run_job(reference, "surface", show_progress=False)
+    with SurfaceFile.open(reference) as surface:
+        return surface.maps()
+
+
+@pytest.mark.parametrize(
+    "number, writer, dtype",
+    [
+        (signal.SIGINT, "serial", "float32"),
+        (signal.SIGINT, "serial", "float64"),
+        (signal.SIGTERM, "serial", "float64"),
+        (signal.SIGTERM, "parts", "float32"),
+    ],
+)
+def test_interrupted_run_says_what_it_saved_and_resumes_bit_for_bit(
+    experiment, number, writer, dtype
+):
+    """Before: SIGINT printed a 30-line KeyboardInterrupt traceback; SIGTERM ended the
+    process silently, losing the points of its unflushed shard."""
+    dtype = {"dtype": dtype}
+    expected = uninterrupted(experiment, dtype)
+    surface = plan_surface(load_config(experiment(name="interrupted", evaluation=dtype, **SLOW)))
+    task = ["--task-index", "0", "--num-tasks", "1"] if writer == "parts" else []
+    command = [*LANDSCAPE, "run", str(surface), "--no-progress", *task]
+    status, lines = interrupt_after(command, surface, 3, number)
+
+    assert status == 128 + number
+    assert not any("Traceback" in line for line in lines), "\n".join(lines)
+    said = [line for line in lines if not LOG_LINE.match(line)]
+    assert len(said) == 1, said
+    found = re.fullmatch(
+        rf"interrupted; (\d+) of 48 surface points saved in {surface}; resume with "
+        rf"`landscape run {surface} --no-progress{' --task-index 0 --num-tasks 1' * bool(task)}`",
+        said[0],
+    )
+    assert found, said[0]
+    saved = int(found[1])
+    assert 3 <= saved < 48 and saved == saved_so_far(surface)
+    leftovers = list(surface.parent.glob("*.tmp")) + list(parts_folder(surface).glob("*.tmp"))
+    assert leftovers == []
+
+    run_job(surface, "surface", show_progress=False)  # resume (merges the parts first)
+    with SurfaceFile.open(surface) as resumed:
+        assert resumed.done("surface").all()
+        for name, values in expected.items():
+            np.testing.assert_array_equal(resumed.maps()[name], values, err_msg=name)
+
+
+def test_interrupted_plan_leaves_no_file_and_no_temporary(experiment, monkeypatch, capsys):
+    """SIGTERM while the surface file is being written (simulated at its fsync)."""
+    config = experiment()
+    output = config.parent / "exp.h5"
+
+    def interrupted(descriptor):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(atomic.os, "fsync", interrupted)
+    assert main(["plan", str(config)]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == (
+        f"interrupted; nothing half-written; run `landscape plan {config}` again"
+    )
+    assert not output.exists() and list(config.parent.glob("*.tmp")) == []
+
+
+def test_interrupted_training_keeps_whole_checkpoints_only(experiment, monkeypatch, capsys):
+    """Ctrl-C while epoch 2's checkpoint is written: epochs 0 and 1 stay, no .tmp."""
+    config = experiment()
+    folder = config.parent / "checkpoints"
+    writes = []
+
+    def fsync_until_the_third(descriptor):
+        writes.append(descriptor)
+        if len(writes) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync_until_the_third)
+    argv = ["train", str(config), "--set", f"train.checkpoint_dir={folder}"]
+    assert main([*argv, "--set", "train.epochs=5"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"interrupted; checkpoints up to epoch 1 saved in {folder} (training starts over from "
+        f"epoch 0); run `landscape {' '.join(argv)} --set train.epochs=5` again"
+    )
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_000.pt", "epoch_001.pt"]
+
+
+MPIEXEC = shutil.which("mpiexec")
+# Open MPI refuses root and more ranks than cores unless told; the library never sets these.
+MPI_ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: `make install` builds it")
+def test_interrupted_mpi_run_stops_every_rank_and_resumes_bit_for_bit(experiment):
+    """mpiexec passes the signal on to every rank: each says one line and the job stops
+    at once (a rank cannot close a parallel file alone), without a traceback."""
+    expected = uninterrupted(experiment, {"dtype": "float64"})
+    surface = plan_surface(load_config(experiment(name="interrupted", **SLOW)))
+    command = [MPIEXEC, "--oversubscribe", "-n", "2", *LANDSCAPE, "run", str(surface)]
+    status, lines = interrupt_after(
+        [*command, "--no-progress"], surface, 5, signal.SIGTERM, env=MPI_ENV
+    )
+
+    assert status != 0
+    assert not any("Traceback" in line for line in lines), "\n".join(lines)
+    said = [line for line in lines if re.match(r"rank \d+ of \d+: ", line)]
+    assert 1 <= len(said) <= 2, lines
+    for line in said:
+        assert re.fullmatch(
+            rf"rank [01] of 2: interrupted; finished shards are saved; resume with "
+            rf"`landscape run {surface} --no-progress`",
+            line,
+        ), line
+    assert len({line.split(":")[0] for line in said}) == len(said)  # one line per rank
+
+    run_job(surface, "surface", show_progress=False)
+    with SurfaceFile.open(surface) as resumed:
+        for name, values in expected.items():
+            np.testing.assert_array_equal(resumed.maps()[name], values, err_msg=name)
