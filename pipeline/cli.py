@@ -14,6 +14,7 @@ import os
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 
 from pipeline.errors import FailedElsewhere, Interrupted, UserError
 from pipeline.ranks import launched_size, launcher_rank
@@ -228,16 +229,18 @@ def configure_logging(verbose: bool = False) -> None:
 RESUMABLE = ("run", "hessian", "demo", "submit")
 
 
-def stop_on_signals(command: str) -> None:
+def stop_on_signals(command: str) -> Callable[[], None]:
     """SIGINT (Ctrl-C) and SIGTERM (``kill``, and SLURM before it kills a job) raise
     :class:`Interrupted` where the program is, so files close and temporary files go
-    as they unwind, and :func:`main` ends with one line saying what was saved.
+    as they unwind, and :func:`main` ends with one line saying what was saved. Returns
+    a function that puts the previous handlers back.
 
     An MPI rank cannot unwind alone (closing the file is collective and would wait
     forever for the others): it says what is kept and aborts the job at once, which
     the crash-safe writes allow at any moment. A SIGINT ignored from the start (``nohup``,
     a background job of a script) stays ignored.
     """
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
 
     def interrupt(number: int, frame) -> None:
         size = launched_size()
@@ -251,9 +254,14 @@ def stop_on_signals(command: str) -> None:
             abort_ranks(128 + number)
         raise Interrupted(number)
 
+    def restore() -> None:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
     signal.signal(signal.SIGTERM, interrupt)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    if previous[signal.SIGINT] is signal.default_int_handler:
         signal.signal(signal.SIGINT, interrupt)
+    return restore
 
 
 def abort_ranks(status: int) -> None:
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     command = shlex.join(["landscape", *argv])
-    stop_on_signals(command)
+    restore_signals = stop_on_signals(command)
     try:
         args.handler(args)
     except UserError as exc:
@@ -284,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"interrupted; {saved}; {again}", file=sys.stderr)
         return 128 + getattr(interrupt, "signal_number", signal.SIGINT)
+    finally:
+        restore_signals()
     return 0
 
 

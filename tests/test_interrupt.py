@@ -126,7 +126,9 @@ def test_interrupted_plan_leaves_no_file_and_no_temporary(experiment, monkeypatc
         raise Interrupted(signal.SIGTERM)
 
     monkeypatch.setattr(atomic.os, "fsync", interrupted)
+    handler = signal.getsignal(signal.SIGTERM)
     assert main(["plan", str(config)]) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is handler  # main leaves the handlers it found
     assert capsys.readouterr().err.strip() == (
         f"interrupted; nothing half-written; run `landscape plan {config}` again"
     )
