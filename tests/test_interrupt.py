@@ -38,6 +38,11 @@ SLOW = {
     },
     "model": {"name": "mlp", "kwargs": {"hidden": [128, 128]}},
 }
+# Four times the data: mpiexec passes a signal on to the ranks only after a while.
+SLOWER = {
+    **SLOW,
+    "data": {**SLOW["data"], "kwargs": {**SLOW["data"]["kwargs"], "train_per_class": 6000}},
+}
 LANDSCAPE = [sys.executable, "-m", "pipeline.cli"]
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d ")  # configure_logging's lines
 
@@ -67,8 +72,8 @@ def interrupt_after(command: list[str], surface: Path, points: int, number: int,
     return process.returncode, stderr.splitlines()
 
 
-def uninterrupted(experiment, dtype: str) -> dict[str, np.ndarray]:
-    reference = plan_surface(load_config(experiment(name="reference", evaluation=dtype, **SLOW)))
+def uninterrupted(experiment, dtype: dict, changes: dict = SLOW) -> dict[str, np.ndarray]:
+    reference = plan_surface(load_config(experiment(name="reference", evaluation=dtype, **changes)))
     run_job(reference, "surface", show_progress=False)
     with SurfaceFile.open(reference) as surface:
         return surface.maps()
@@ -165,8 +170,8 @@ MPI_ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_
 def test_interrupted_mpi_run_stops_every_rank_and_resumes_bit_for_bit(experiment):
     """mpiexec passes the signal on to every rank: each says one line and the job stops
     at once (a rank cannot close a parallel file alone), without a traceback."""
-    expected = uninterrupted(experiment, {"dtype": "float64"})
-    surface = plan_surface(load_config(experiment(name="interrupted", **SLOW)))
+    expected = uninterrupted(experiment, {"dtype": "float64"}, SLOWER)
+    surface = plan_surface(load_config(experiment(name="interrupted", **SLOWER)))
     command = [MPIEXEC, "--oversubscribe", "-n", "2", *LANDSCAPE, "run", str(surface)]
     status, lines = interrupt_after(
         [*command, "--no-progress"], surface, 5, signal.SIGTERM, env=MPI_ENV
