@@ -48,7 +48,7 @@ import yaml
 
 from pipeline import __version__
 from pipeline.atomic import write_file
-from pipeline.config import ExperimentConfig, job_outputs, parse_config
+from pipeline.config import ConfigError, ExperimentConfig, job_outputs, parse_config
 from pipeline.errors import UserError
 from pipeline.grid import Grid
 
@@ -137,6 +137,11 @@ class SurfaceFile:
                     "again with `landscape plan CONFIG`"
                 )
             self.config: ExperimentConfig = parse_config(handle.attrs["config"], source=str(path))
+        except ConfigError as exc:  # planned by a version that allowed what this one refuses
+            handle.close()
+            raise UserError(
+                f"{path}: its stored config is no longer valid ({exc}); plan it again"
+            ) from None
         except BaseException:
             handle.close()
             raise

@@ -353,3 +353,19 @@ def test_training_that_diverges_stops_before_saving_a_nan_checkpoint(experiment,
     last = int(found[2])
     saved = sorted(p.name for p in (config.parent / "checkpoints").iterdir())
     assert saved == [f"epoch_{epoch:03d}.pt" for epoch in range(last)]
+
+
+def test_surface_planned_with_a_config_now_refused_is_named(experiment, tmp_path, capsys):
+    """A file planned before NaN bounds were refused opens with one line naming it."""
+    surface = plan_surface(load_config(experiment()))
+    with h5py.File(surface, "r+") as handle:
+        stored = yaml.safe_load(handle.attrs["config"])
+        stored["grid"]["x"]["min"] = float("nan")
+        handle.attrs["config"] = yaml.safe_dump(stored)
+    for command in ("status", "plot", "run"):
+        fails_cleanly(
+            capsys,
+            tmp_path,
+            [command, surface],
+            f"{surface}: its stored config is no longer valid (grid.x.min: must be a finite",
+        )
