@@ -20,8 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 from pipeline.plugins import import_object
+
+try:
+    from numpy._core.multiarray import _reconstruct  # numpy >= 2
+except ImportError:
+    from numpy.core.multiarray import _reconstruct
 
 
 @dataclass
@@ -142,18 +147,74 @@ def cifar10(root: str, limit: int = 0) -> Dataset:
 
 
 def _read_cifar_batches(paths: list[Path], limit: int) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = [], []
-    for path in paths:
-        with open(path, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8))
-        labels.append(np.asarray(batch[b"labels"]))
+    images, labels = zip(*(_read_cifar_batch(path) for path in paths))
     x = np.concatenate(images).reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
     y = np.concatenate(labels)
     if limit:
         x, y = x[:limit], y[:limit]
     x = (x - CIFAR10_MEAN[:, None, None]) / CIFAR10_STD[:, None, None]
     return x, y
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(images (n, 3072) uint8, labels (n,))`` of one batch file, unpickled by
+    :class:`CifarUnpickler`: a file that asks for anything else is refused unrun."""
+    try:
+        with open(path, "rb") as handle:
+            batch = CifarUnpickler(handle, encoding="bytes").load()
+    except ForeignGlobal as exc:
+        raise UserError(
+            f"data.kwargs.root: {path} is not a CIFAR-10 batch: it refers to {exc}, which no "
+            "batch holds, and this tool unpickles nothing else (no code from a file runs); "
+            "replace it with the original download"
+        ) from None
+    except Exception as exc:  # a pickle can fail in many ways: EOFError, ValueError, ...
+        raise UserError(
+            f"data.kwargs.root: cannot read {path} as a CIFAR-10 batch ({describe(exc)}); "
+            "the file is corrupt or truncated, replace it with the original download"
+        ) from None
+    images = batch.get(b"data") if isinstance(batch, dict) else None
+    labels = batch.get(b"labels") if isinstance(batch, dict) else None
+    if (
+        not isinstance(images, np.ndarray)
+        or images.ndim != 2
+        or images.shape[1] != 3 * 32 * 32
+        or not isinstance(labels, list)
+        or len(labels) != len(images)
+    ):
+        raise UserError(
+            f"data.kwargs.root: {path} is not a CIFAR-10 batch (a dict of b'data', uint8 "
+            "images (n, 3072), and b'labels', n integers); replace it with the original download"
+        )
+    return images.astype(np.uint8), np.asarray(labels)
+
+
+class ForeignGlobal(pickle.UnpicklingError):
+    """A pickle asked for a function or class that no CIFAR-10 batch holds."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles the contents of a genuine CIFAR-10 batch and refuses everything else.
+
+    A batch is a dict of bytes keys holding lists of ints and bytes, and one numpy array.
+    Those are built by the pickle machine itself except the array, which needs exactly
+    three globals: ``_reconstruct`` (under numpy 1's or numpy 2's module name),
+    ``ndarray`` and ``dtype``. Any other global (``os.system``, ``builtins.eval``) is
+    what a crafted file uses to run code: it is refused before it is even looked up.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[module, name]
+        except KeyError:
+            raise ForeignGlobal(f"{module}.{name}") from None
 
 
 def _tensors(train_x, train_y, test_x, test_y, num_classes: int) -> Dataset:
