@@ -82,7 +82,10 @@ def check_dataset(data: Dataset, name: str) -> None:
     for field in DATASET_FIELDS[:4]:
         value = getattr(data, field)
         if not isinstance(value, torch.Tensor):
-            raise UserError(f"{given} {field} as {type(value).__name__}; give a tensor or array")
+            raise UserError(
+                f"{given} a Dataset with {field} as {type(value).__name__}; a Dataset holds "
+                "tensors (return a dict to have arrays converted)"
+            )
     classes = data.num_classes
     if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1:
         raise UserError(
