@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipeline.atomic import write_file
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 
 
 def load_state_dict(path: str | Path, field: str = "model.checkpoint", mmap: bool = False) -> dict:
@@ -27,27 +30,70 @@ def load_checkpoint(
 ) -> tuple[dict, dict]:
     """``(state_dict, metadata)`` of ``path``; metadata holds the scalars saved beside the
     weights (epoch, lr, losses), empty for a bare state_dict. ``mmap`` maps the tensors
-    instead of reading them, for walking many large checkpoints a slice at a time."""
+    instead of reading them, for walking many large checkpoints a slice at a time; the
+    caller then checks their values as it walks (reading them here would read them twice).
+    Otherwise every floating-point tensor must be finite: a NaN weight makes every map NaN."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{field}: file {path} does not exist; train first or fix the path")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"{field}: cannot read {path} as a torch checkpoint ({reason}); "
-            "the file is corrupt or truncated, re-save it"
-        ) from None
+    payload = read_torch_file(path, field, mmap)
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{field}: {path} holds no state_dict of tensors; save model.state_dict()")
+    if not mmap:
+        for name, tensor in state.items():
+            check_finite(tensor, f"{field}: {path}", name)
     metadata = {
         key: value
         for key, value in payload.items()
         if state is not payload and key != "state_dict" and isinstance(value, (int, float))
     }
     return state, metadata
+
+
+def read_torch_file(path: Path, field: str, mmap: bool = False):
+    """What ``torch.save`` wrote to ``path``, unpickled with ``weights_only=True``: tensors,
+    containers and numbers, never code. Every way the file can be unreadable (a folder,
+    0 bytes, truncated, foreign objects) is one line naming ``field``; torch's own advice
+    for foreign objects (to load them with ``weights_only=False``, running whatever code
+    they hold) is never passed on."""
+    if path.is_dir():
+        raise UserError(f"{field}: {path} is a folder, not a file; name the checkpoint inside it")
+    if not path.is_file():
+        raise UserError(f"{field}: file {path} does not exist; train first or fix the path")
+    if path.stat().st_size == 0:
+        raise UserError(f"{field}: {path} is empty (0 bytes); the save was cut short, re-save it")
+    try:
+        with warnings.catch_warnings():  # torch warns of a pickle protocol before refusing it
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        asked = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        raise UserError(
+            f"{field}: {path} holds objects other than tensors"
+            + (f" (it asks for {asked.group(1)})" if asked else "")
+            + ", and this tool never unpickles code from a file; re-save only the tensors "
+            "(a model's with torch.save(model.state_dict(), path))"
+        ) from None
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        reason = describe(exc).split(". ")[0]  # torch's first sentence; the rest is advice
+        raise UserError(
+            f"{field}: {path} is not a readable torch checkpoint ({reason}); "
+            "the file is corrupt or truncated, re-save it"
+        ) from None
+
+
+DIVERGED = "the run that wrote it diverged, take an earlier checkpoint"
+
+
+def check_finite(tensor: torch.Tensor, where: str, name: str, advice: str = DIVERGED) -> None:
+    """Fail naming the tensor unless every value of a floating-point ``tensor`` is finite
+    (its float64 sum is finite exactly then: one reduction for a clean tensor)."""
+    if not tensor.is_floating_point() or torch.isfinite(tensor.sum(dtype=torch.float64)):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise UserError(
+            f"{where}: {name} holds NaN or inf ({bad} of {tensor.numel()} values); {advice}"
+        )
 
 
 def check_compatible(

@@ -20,8 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
-from pipeline.plugins import import_object
+from pipeline.errors import UserError, describe
+from pipeline.plugins import call_factory, import_object
+
+try:
+    from numpy._core.multiarray import _reconstruct  # numpy >= 2
+except ImportError:
+    from numpy.core.multiarray import _reconstruct
+
+
+DATASET_FIELDS = ("train_x", "train_y", "test_x", "test_y", "num_classes")
 
 
 @dataclass
@@ -44,18 +52,99 @@ class Dataset:
 
 
 def load_dataset(name: str, kwargs: dict) -> Dataset:
-    """Load a built-in data set by name or a user one by ``package.module:function``."""
+    """Load a built-in data set by name or a user one by ``package.module:function``,
+    checked by :func:`check_dataset` before anything uses it."""
     loader = import_object(name, "data.name") if ":" in name else BUILT_IN.get(name)
     if loader is None:
         raise UserError(
             f"data.name: unknown data set {name!r}; choose from {', '.join(BUILT_IN)} "
             "or give package.module:function"
         )
-    try:
-        result = loader(**kwargs)
-    except TypeError as exc:
-        raise UserError(f"data.kwargs: {name} rejects {kwargs} ({exc}); fix data.kwargs") from None
-    return result if isinstance(result, Dataset) else _from_mapping(result, name)
+    result = call_factory(loader, name, "data.name", {}, kwargs)
+    data = result if isinstance(result, Dataset) else _from_mapping(result, name)
+    check_dataset(data, name)
+    data.num_classes = int(data.num_classes)
+    return data
+
+
+def check_dataset(data: Dataset, name: str) -> None:
+    """Fail in one line naming the field unless ``data`` can be evaluated: tensors of
+    float inputs with one row per sample (the same trailing shape in both splits), as
+    many targets as inputs, samples in both splits (training evaluates the test set),
+    every input and float target finite, class labels in ``0 .. num_classes - 1``.
+
+    Checked once at load, because each defect otherwise surfaces far away: a NaN input
+    makes every map NaN while the points count as done, a label out of range fails
+    inside cross-entropy at the first point (on a GPU as a device-side assert), except
+    -100, which cross-entropy silently skips (its ``ignore_index``).
+    """
+    given = f"data.name: {name} returned"
+    for field in DATASET_FIELDS[:4]:
+        value = getattr(data, field)
+        if not isinstance(value, torch.Tensor):
+            raise UserError(
+                f"{given} a Dataset with {field} as {type(value).__name__}; a Dataset holds "
+                "tensors (return a dict to have arrays converted)"
+            )
+    classes = data.num_classes
+    if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1:
+        raise UserError(
+            f"{given} num_classes {classes!r}; give the number of classes (of outputs, for "
+            "regression), an integer >= 1"
+        )
+    for split in ("train", "test"):
+        inputs, targets = data.split(split)
+        if len(inputs) == 0:
+            kind = "training" if split == "train" else "test"
+            raise UserError(f"{given} an empty {kind} set ({split}_x has 0 samples)")
+        if len(inputs) != len(targets):
+            raise UserError(
+                f"{given} {len(inputs)} {split}_x samples but {len(targets)} {split}_y "
+                "targets; give one target per input"
+            )
+        if inputs.dim() < 2 or inputs.shape[1:] != data.train_x.shape[1:]:
+            raise UserError(
+                f"{given} {split}_x of shape {tuple(inputs.shape)}; give one row per sample, "
+                f"(samples, features...), of the same shape in both splits"
+            )
+        if not inputs.is_floating_point():
+            raise UserError(f"{given} {split}_x of {inputs.dtype}; give floating-point inputs")
+        if targets.is_floating_point() != data.train_y.is_floating_point():
+            raise UserError(
+                f"{given} {split}_y of {targets.dtype} beside train_y of {data.train_y.dtype}; "
+                "give integer class labels or float targets in both splits"
+            )
+        _check_finite(inputs, f"{given} {split}_x")
+        if targets.is_floating_point():
+            _check_finite(targets, f"{given} {split}_y")
+        elif targets.dim() != 1:
+            raise UserError(
+                f"{given} {split}_y of shape {tuple(targets.shape)}; class labels are one "
+                "integer per sample, shape (samples,)"
+            )
+        else:
+            outside = ((targets < 0) | (targets >= classes)).nonzero()
+            if len(outside):
+                first = int(outside[0, 0])
+                raise UserError(
+                    f"{given} {split}_y label {int(targets[first])} (sample {first}, "
+                    f"{len(outside)} in all) outside 0..{classes - 1} for num_classes {classes}"
+                )
+
+
+def _check_finite(values: torch.Tensor, described: str) -> None:
+    """Fail naming the first sample holding NaN or inf. The float64 sum is finite exactly
+    when every value is (no overflow below 1e308), so clean data costs one reduction."""
+    if torch.isfinite(values.sum(dtype=torch.float64)):
+        return
+    bad = ~torch.isfinite(values.reshape(len(values), -1))
+    if bad.any():
+        first = int(bad.any(dim=1).nonzero()[0, 0])
+        count = int(bad.sum())
+        raise UserError(
+            f"{described} with NaN or inf in {count} value{'s' * (count > 1)} (the first in "
+            f"sample {first}); clean the data"
+        )
 
 
 def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
@@ -142,12 +231,7 @@ def cifar10(root: str, limit: int = 0) -> Dataset:
 
 
 def _read_cifar_batches(paths: list[Path], limit: int) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = [], []
-    for path in paths:
-        with open(path, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8))
-        labels.append(np.asarray(batch[b"labels"]))
+    images, labels = zip(*(_read_cifar_batch(path) for path in paths))
     x = np.concatenate(images).reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
     y = np.concatenate(labels)
     if limit:
@@ -156,27 +240,96 @@ def _read_cifar_batches(paths: list[Path], limit: int) -> tuple[np.ndarray, np.n
     return x, y
 
 
-def _tensors(train_x, train_y, test_x, test_y, num_classes: int) -> Dataset:
-    def target(y):
-        y = np.asarray(y)
-        return torch.as_tensor(y, dtype=torch.long if y.dtype.kind in "iu" else torch.float32)
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(images (n, 3072) uint8, labels (n,))`` of one batch file, unpickled by
+    :class:`CifarUnpickler`: a file that asks for anything else is refused unrun."""
+    try:
+        with open(path, "rb") as handle:
+            batch = CifarUnpickler(handle, encoding="bytes").load()
+    except ForeignGlobal as exc:
+        raise UserError(
+            f"data.kwargs.root: {path} is not a CIFAR-10 batch: it refers to {exc}, which no "
+            "batch holds, and this tool unpickles nothing else (no code from a file runs); "
+            "replace it with the original download"
+        ) from None
+    except Exception as exc:  # a pickle can fail in many ways: EOFError, ValueError, ...
+        raise UserError(
+            f"data.kwargs.root: cannot read {path} as a CIFAR-10 batch ({describe(exc)}); "
+            "the file is corrupt or truncated, replace it with the original download"
+        ) from None
+    images = batch.get(b"data") if isinstance(batch, dict) else None
+    labels = batch.get(b"labels") if isinstance(batch, dict) else None
+    if (
+        not isinstance(images, np.ndarray)
+        or images.ndim != 2
+        or images.shape[1] != 3 * 32 * 32
+        or not isinstance(labels, list)
+        or len(labels) != len(images)
+    ):
+        raise UserError(
+            f"data.kwargs.root: {path} is not a CIFAR-10 batch (a dict of b'data', uint8 "
+            "images (n, 3072), and b'labels', n integers); replace it with the original download"
+        )
+    return images.astype(np.uint8), np.asarray(labels)
 
-    return Dataset(
-        torch.as_tensor(np.asarray(train_x, dtype=np.float32)),
-        target(train_y),
-        torch.as_tensor(np.asarray(test_x, dtype=np.float32)),
-        target(test_y),
-        int(num_classes),
-    )
+
+class ForeignGlobal(pickle.UnpicklingError):
+    """A pickle asked for a function or class that no CIFAR-10 batch holds."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles the contents of a genuine CIFAR-10 batch and refuses everything else.
+
+    A batch is a dict of bytes keys holding lists of ints and bytes, and one numpy array.
+    Those are built by the pickle machine itself except the array, which needs exactly
+    three globals: ``_reconstruct`` (under numpy 1's or numpy 2's module name),
+    ``ndarray`` and ``dtype``. Any other global (``os.system``, ``builtins.eval``) is
+    what a crafted file uses to run code: it is refused before it is even looked up.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[module, name]
+        except KeyError:
+            raise ForeignGlobal(f"{module}.{name}") from None
+
+
+def _tensors(train_x, train_y, test_x, test_y, num_classes, name: str = "") -> Dataset:
+    """Inputs as float32, targets as int64 class labels when they are integers (else as
+    float32 targets); a value that is not numbers fails naming the field."""
+
+    def convert(values, field: str) -> torch.Tensor:
+        try:
+            array = np.asarray(values)
+            if field.endswith("_x") or array.dtype.kind not in "iu":
+                return torch.as_tensor(array.astype(np.float32))
+            return torch.as_tensor(array.astype(np.int64))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(
+                f"data.name: {name} returned {field} that is not numbers ({describe(exc)})"
+            ) from None
+
+    values = dict(zip(DATASET_FIELDS, (train_x, train_y, test_x, test_y)))
+    return Dataset(*(convert(v, field) for field, v in values.items()), num_classes)
 
 
 def _from_mapping(result, name: str) -> Dataset:
-    fields = ("train_x", "train_y", "test_x", "test_y", "num_classes")
-    if not isinstance(result, dict) or any(k not in result for k in fields):
+    if not isinstance(result, dict) or any(k not in result for k in DATASET_FIELDS):
+        missing = [k for k in DATASET_FIELDS if k not in result] if isinstance(result, dict) else []
+        returned = f"a dict without {', '.join(missing)}" if missing else type(result).__name__
+        returned = "None" if result is None else returned
         raise UserError(
-            f"data.name: {name} must return a Dataset or a dict with {', '.join(fields)}"
+            f"data.name: {name} returned {returned}; return a pipeline.data.Dataset or a "
+            f"dict with {', '.join(DATASET_FIELDS)}"
         )
-    return _tensors(*(result[k] for k in fields))
+    return _tensors(*(result[k] for k in DATASET_FIELDS), name=name)
 
 
 BUILT_IN = {

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.checkpoint import check_compatible, load_state_dict
-from pipeline.errors import UserError
+from pipeline.checkpoint import check_compatible, check_finite, load_state_dict, read_torch_file
+from pipeline.errors import UserError, describe
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,8 @@ def file_directions(model: nn.Module, path: str, count: int) -> list[dict[str, t
     """``count`` directions from ``path``: a torch file holding a list of dicts (or a dict
     with ``x`` and ``y`` dicts, or one dict for 1D), or a surface file (its directions)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"directions.file: {path} does not exist; fix the path")
-    raw = surface_directions(path) if h5py.is_hdf5(path) else torch_directions(path)
+    hdf5 = path.is_file() and h5py.is_hdf5(path)
+    raw = surface_directions(path) if hdf5 else torch_directions(path)
     if len(raw) < count:
         raise UserError(
             f"directions.file: {path} holds {len(raw)} direction(s), the grid needs {count}"
@@ -106,11 +105,7 @@ def file_directions(model: nn.Module, path: str, count: int) -> list[dict[str, t
 
 
 def torch_directions(path: Path) -> list[dict]:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for foreign files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"directions.file: cannot read {path} with torch.load ({reason})") from None
+    payload = read_torch_file(path, "directions.file")
     if isinstance(payload, dict) and "x" in payload:
         return [payload[axis] for axis in "xy" if axis in payload]
     if isinstance(payload, dict):
@@ -154,7 +149,14 @@ def checked_direction(model: nn.Module, direction, path: Path, axis: str) -> dic
             f"{where}: no tensor for parameter {missing[0]!r} ({len(missing)} missing); "
             "give every parameter (zeros to keep it fixed)"
         )
+    checked = {}
+    for name in parameters:
+        try:
+            checked[name] = torch.as_tensor(direction[name], dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{where}: key {name!r} is not numbers ({describe(exc)})") from None
+        check_finite(checked[name], where, f"key {name!r}", "a direction must be finite")
     dropped = sorted(set(direction) & buffers)
     if dropped:
         log.warning("%s: ignoring %d buffer entries (%s, ...)", where, len(dropped), dropped[0])
-    return {name: torch.as_tensor(direction[name], dtype=torch.float64) for name in parameters}
+    return checked

@@ -15,6 +15,13 @@ class UserError(Exception):
     """
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: first line of its message``: what a one-line error can quote of an exception
+    raised by code the tool does not own (a plug-in, torch reading a foreign file)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 class FailedElsewhere(UserError):
     """The error of another MPI rank, which rank 0 reports: this rank exits quietly."""
 

@@ -14,7 +14,7 @@ from torch import nn
 from pipeline.checkpoint import check_compatible, file_sha256, load_state_dict
 from pipeline.config import ExperimentConfig
 from pipeline.data import Dataset, load_dataset
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 from pipeline.models import build_model
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -67,6 +67,12 @@ class Experiment:
             ),
             data.num_classes,
         )
+        weights = (
+            f"the weights of model.checkpoint {config.model.checkpoint}"
+            if with_checkpoint
+            else "its initial weights"
+        )
+        check_forward(model, data, config.model.name, weights)
         return cls(config, model, data, device, dtype, sha256)
 
 
@@ -78,6 +84,62 @@ def check_loss_fits_targets(loss: str, data: Dataset, name: str) -> None:
         fitting = "cross_entropy" if classification else "mse"
         raise UserError(
             f"evaluation.loss: {loss!r} does not fit data {name!r}, which has {kind}; use {fitting}"
+        )
+
+
+FORWARD_SAMPLES = 2
+
+
+@torch.no_grad()
+def check_forward(model: nn.Module, data: Dataset, name: str, weights: str) -> None:
+    """One forward pass on the first training samples, with the weights every point
+    starts from (``weights`` says which): fails in one line naming ``model.name``
+    unless the model returns one finite tensor of per-sample outputs that the loss can
+    take, (B, num_classes) logits for class labels, as many values per sample as the
+    targets hold for regression. Tuples and dicts (Hugging Face style outputs) are
+    refused rather than guessed at: which entry is the logits is the user's to say.
+    """
+    inputs, targets = data.train_x[:FORWARD_SAMPLES], data.train_y[:FORWARD_SAMPLES]
+    count = len(inputs)
+    try:
+        outputs = model(inputs)
+    except Exception as exc:
+        raise UserError(
+            f"model.name: {name} fails on {count} training samples of shape "
+            f"{tuple(inputs.shape[1:])}: {describe(exc)}"
+        ) from None
+    classification = not targets.is_floating_point()
+    wanted = (count, data.num_classes) if classification else tuple(targets.shape)
+    one_tensor = f"return one tensor of outputs, shape {wanted} here"
+    if isinstance(outputs, dict):
+        raise UserError(
+            f"model.name: {name} returns a {type(outputs).__name__} (keys "
+            f"{', '.join(map(str, outputs))}) from forward; {one_tensor} (e.g. its logits)"
+        )
+    if isinstance(outputs, (tuple, list)):
+        raise UserError(
+            f"model.name: {name} returns a {type(outputs).__name__} of {len(outputs)} from "
+            f"forward; {one_tensor} (e.g. only the logits)"
+        )
+    if not isinstance(outputs, torch.Tensor):
+        raise UserError(
+            f"model.name: {name} returns a {type(outputs).__name__} from forward; {one_tensor}"
+        )
+    fits = (
+        tuple(outputs.shape) == wanted
+        if classification
+        else outputs.dim() >= 1 and len(outputs) == count and outputs.numel() == targets.numel()
+    )
+    if not fits:
+        what = f"{data.num_classes} classes" if classification else "targets of that shape"
+        raise UserError(
+            f"model.name: {name} outputs shape {tuple(outputs.shape)} for {count} samples; "
+            f"the data has {what}, so it must be {wanted}"
+        )
+    if not torch.isfinite(outputs).all():
+        raise UserError(
+            f"model.name: {name} outputs NaN or inf on {count} training samples with "
+            f"{weights}; check its forward"
         )
 
 

@@ -1,6 +1,15 @@
-"""User plug-ins for tests, imported by name (``plugins:regression``) as a user's would be."""
+"""User plug-ins for tests, imported by name (``plugins:regression``) as a user's would be.
+
+Beside the good ones, a battery of broken data and model factories, each broken the way a
+user's can be; ``tests/test_plugins.py`` plans each and expects one line naming it.
+"""
 
 import numpy as np
+import torch
+from torch import nn
+
+# The data every bad model below is planned on: 3 classes of 5 features.
+FEATURES, CLASSES = 5, 3
 
 
 def regression(samples: int = 40, inputs: int = 3, outputs: int = 2, seed: int = 0) -> dict:
@@ -9,3 +18,162 @@ def regression(samples: int = 40, inputs: int = 3, outputs: int = 2, seed: int =
     x = rng.normal(size=(samples, inputs))
     y = x @ rng.normal(size=(inputs, outputs)) + 0.3 * rng.normal(size=(samples, outputs))
     return {"train_x": x, "train_y": y, "test_x": x[:10], "test_y": y[:10], "num_classes": outputs}
+
+
+def classes(samples: int = 30, **changes) -> dict:
+    """Good classification data (``FEATURES`` features, ``CLASSES`` classes) with ``changes``
+    to its fields: the base of the bad data below."""
+    rng = np.random.default_rng(0)
+    data = {
+        "train_x": rng.normal(size=(samples, FEATURES)),
+        "train_y": np.arange(samples) % CLASSES,
+        "test_x": rng.normal(size=(9, FEATURES)),
+        "test_y": np.arange(9) % CLASSES,
+        "num_classes": CLASSES,
+    }
+    return {**data, **changes}
+
+
+def without_test_set():
+    return classes(test_x=np.zeros((0, FEATURES)), test_y=np.zeros(0, dtype=int))
+
+
+def data_raises():
+    raise FileNotFoundError("/data/features.npy: no such file\nsecond line of the message")
+
+
+def data_returns_none():
+    return None
+
+
+def data_returns_a_tuple():
+    data = classes()
+    return data["train_x"], data["train_y"]
+
+
+def data_without_test_y():
+    data = classes()
+    del data["test_y"]
+    return data
+
+
+def lengths_differ():
+    return classes(train_y=np.arange(29) % CLASSES)
+
+
+def label_too_large():
+    labels = np.arange(30) % CLASSES
+    labels[7] = CLASSES
+    return classes(train_y=labels)
+
+
+def negative_label():
+    labels = np.arange(9) % CLASSES
+    labels[2] = -1
+    return classes(test_y=labels)
+
+
+def text_inputs():
+    return classes(train_x=np.array([["a"] * FEATURES] * 30))
+
+
+def nan_inputs():
+    data = classes()
+    data["train_x"][4, 1] = np.nan
+    return data
+
+
+def inf_inputs():
+    data = classes()
+    data["test_x"][0, 0] = -np.inf
+    return data
+
+
+def nan_targets():
+    data = regression()
+    data["train_y"][3, 0] = np.nan
+    return data
+
+
+def empty_training_set():
+    return classes(train_x=np.zeros((0, FEATURES)), train_y=np.zeros(0, dtype=int))
+
+
+def no_classes():
+    return classes(num_classes=0)
+
+
+def mismatched_test_inputs():
+    return classes(test_x=np.zeros((9, FEATURES + 1)))
+
+
+def text_labels():
+    return classes(train_y=np.array(["cat", "dog", "owl"] * 10))
+
+
+def unit(input_shape: tuple, num_classes: int) -> nn.Module:
+    """A good factory, whose checkpoints the bad models below share."""
+    return nn.Linear(input_shape[0], num_classes)
+
+
+def model_raises(input_shape: tuple, num_classes: int) -> nn.Module:
+    raise RuntimeError("weights server unreachable\nsecond line of the message")
+
+
+def model_returns_none(input_shape: tuple, num_classes: int):
+    return None
+
+
+def model_returns_a_function(input_shape: tuple, num_classes: int):
+    return unit
+
+
+def model_without_arguments() -> nn.Module:
+    return nn.Linear(FEATURES, CLASSES)
+
+
+def model_with_required_option(input_shape: tuple, num_classes: int, depth: int) -> nn.Module:
+    return nn.Linear(input_shape[0], num_classes)
+
+
+def model_without_parameters(input_shape: tuple, num_classes: int) -> nn.Module:
+    return nn.Flatten()
+
+
+def wrong_width(input_shape: tuple, num_classes: int) -> nn.Module:
+    return nn.Linear(input_shape[0], num_classes + 1)
+
+
+class Wrapped(nn.Module):
+    """``unit`` (same parameter names) with a ``forward`` a test overrides."""
+
+    def __init__(self, input_shape: tuple, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(input_shape[0], num_classes)
+
+
+class TupleOutput(Wrapped):
+    def forward(self, x):
+        return self.linear(x), x
+
+
+class DictOutput(Wrapped):
+    """Hugging Face style: a mapping with a ``logits`` entry."""
+
+    def forward(self, x):
+        return {"logits": self.linear(x)}
+
+
+class FlatOutput(Wrapped):
+    def forward(self, x):
+        return self.linear(x).sum(1)
+
+
+class FailingForward(Wrapped):
+    def forward(self, x):
+        return self.linear(x[:, :2])  # (B, 2) x (5, 3): the shapes do not match
+
+
+class NaNOutput(Wrapped):
+    def forward(self, x):
+        return self.linear(x) * torch.tensor(float("nan"))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import os
 import pickle
+import re
+import struct
 
 import numpy as np
 import pytest
@@ -38,25 +42,107 @@ def test_mnist1d_is_generated_locally_and_leaves_numpy_seeding_alone():
     assert data.input_shape == (1, 40) and len(data.train_x) == 160 and len(data.test_x) == 40
 
 
-def test_cifar10_reads_the_standard_pickled_folder(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+class Python2Pickler(pickle._Pickler):
+    """Protocol 2 with bytes written as Python 2 ``str`` (BINSTRING), as the original
+    CIFAR-10 download was written: Python 3 would pickle them via ``_codecs.encode``."""
+
+    def save_bytes(self, data: bytes) -> None:
+        size = len(data)
+        self.write(
+            pickle.SHORT_BINSTRING + bytes([size])
+            if size < 256
+            else pickle.BINSTRING + struct.pack("<i", size)
+        )
+        self.write(data)
+        self.memoize(data)
+
+    dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}
+
+
+def download_format(batch: dict) -> bytes:
+    """``batch`` pickled as the download's files are: Python 2 strings, protocol 2, and
+    the array rebuilt by numpy 1's ``numpy.core.multiarray._reconstruct``."""
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump(batch)
+    return buffer.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+
+
+def write_cifar_folder(folder, download: bool = True):
+    """A tiny folder of the download's format (or, with ``download`` false, re-pickled by
+    this Python and numpy): per file a dict of bytes keys holding a uint8 array (4, 3072)
+    and lists of ints and bytes."""
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    for name in CIFAR_FILES:
         batch = {
+            b"batch_label": name.encode(),
+            b"labels": rng.integers(0, 10, 4).tolist(),
             b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
-            b"labels": list(rng.integers(0, 10, 4)),
+            b"filenames": [f"image_{i}.png".encode() for i in range(4)],
         }
-        (folder / name).write_bytes(pickle.dumps(batch))
+        (folder / name).write_bytes(download_format(batch) if download else pickle.dumps(batch))
+    return folder
+
+
+@pytest.mark.parametrize("download", [True, False])
+def test_cifar10_reads_the_standard_pickled_folder(tmp_path, download):
+    folder = write_cifar_folder(tmp_path / "cifar-10-batches-py", download)
+    assert (b"numpy.core.multiarray" in (folder / "test_batch").read_bytes()) == download
     data = load_dataset("cifar10", {"root": str(folder)})
     assert data.train_x.shape == (20, 3, 32, 32) and data.test_x.shape == (4, 3, 32, 32)
-    first = pickle.loads((folder / "data_batch_1").read_bytes())
+    first = pickle.loads((folder / "data_batch_1").read_bytes(), encoding="bytes")
     red = first[b"data"][0, :1024].reshape(32, 32) / 255.0
     torch.testing.assert_close(
         data.train_x[0, 0].double(), torch.from_numpy((red - 0.4914) / 0.2470), atol=1e-5, rtol=0
     )
+    assert data.train_y[:4].tolist() == first[b"labels"]
     with pytest.raises(UserError, match="data.kwargs.root"):
         load_dataset("cifar10", {"root": str(tmp_path)})
+
+
+class Payload:
+    """What a crafted batch hides: unpickling it calls ``function(argument)``."""
+
+    def __init__(self, function, argument):
+        self.function, self.argument = function, argument
+
+    def __reduce__(self):
+        return self.function, (self.argument,)
+
+
+@pytest.mark.parametrize("function", [os.system, eval])
+def test_cifar10_batch_that_would_run_code_is_refused_unrun(tmp_path, function):
+    folder = write_cifar_folder(tmp_path / "cifar-10-batches-py")
+    marker = tmp_path / "payload_ran"
+    command = f"touch {marker}" if function is os.system else f"open({str(marker)!r}, 'w')"
+    batch = pickle.loads((folder / "data_batch_3").read_bytes(), encoding="bytes")
+    batch[b"labels"] = Payload(function, command)
+    (folder / "data_batch_3").write_bytes(download_format(batch))
+    with pytest.raises(UserError) as refused:
+        load_dataset("cifar10", {"root": str(folder)})
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("data.kwargs.root: ")
+    assert f"{folder / 'data_batch_3'} is not a CIFAR-10 batch" in message
+    assert re.search(rf"refers to \w+\.{function.__name__},", message), message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda data: data[: len(data) // 2], "corrupt or truncated"),
+        (lambda data: pickle.dumps({b"data": np.zeros((2, 10), np.uint8)}), "uint8 images"),
+    ],
+)
+def test_cifar10_batch_damaged_is_named(tmp_path, damage, fragment):
+    folder = write_cifar_folder(tmp_path / "cifar-10-batches-py")
+    path = folder / "test_batch"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(UserError, match=f"data.kwargs.root: .*{re.escape(str(path))}.*{fragment}"):
+        load_dataset("cifar10", {"root": str(folder)})
 
 
 def test_user_data_plugs_in_by_import_path():

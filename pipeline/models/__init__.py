@@ -15,7 +15,7 @@ from pipeline.errors import UserError
 from pipeline.models.resnet import resnet_factory
 from pipeline.models.small import MLP, Linear, SmallCNN
 from pipeline.models.vgg import VGG
-from pipeline.plugins import import_object
+from pipeline.plugins import call_factory, import_object
 
 ZOO = {
     "linear": Linear,
@@ -29,14 +29,24 @@ ZOO = {
 
 
 def build_model(name: str, input_shape: tuple, num_classes: int, kwargs: dict) -> nn.Module:
-    """Instantiate a zoo model or a user factory for the given input shape and classes."""
-    factory = resolve_factory(name)
-    try:
-        return factory(tuple(input_shape), num_classes, **kwargs)
-    except TypeError as exc:
+    """Instantiate a zoo model or a user factory for the given input shape and classes.
+
+    Fails in one line if the factory cannot be called so, raises, or returns something
+    other than a module with parameters (what its outputs look like is checked on data,
+    by :func:`pipeline.experiment.check_forward`)."""
+    arguments = {"input_shape": tuple(input_shape), "num_classes": num_classes}
+    model = call_factory(resolve_factory(name), name, "model.name", arguments, kwargs)
+    if not isinstance(model, nn.Module):
+        returned = "None" if model is None else type(model).__name__
         raise UserError(
-            f"model.kwargs: {name} rejects {kwargs} ({exc}); fix model.kwargs"
-        ) from None
+            f"model.name: {name} returned {returned}, not a torch.nn.Module; return the network"
+        )
+    if not any(True for _ in model.parameters()):
+        raise UserError(
+            f"model.name: {name} returned a {type(model).__name__} without parameters; "
+            "there is no landscape to draw"
+        )
+    return model
 
 
 @functools.cache
