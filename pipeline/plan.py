@@ -17,6 +17,7 @@ from pipeline.directions import ignored_parameters, plan_directions
 from pipeline.errors import UserError
 from pipeline.experiment import Experiment
 from pipeline.grid import Grid, shard_ranges
+from pipeline.locking import surface_lock
 from pipeline.store import SurfaceFile, create_surface_file
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,25 @@ def plan_surface(config: ExperimentConfig) -> Path:
     """Create the surface file for ``config`` (or check the existing one); returns its path."""
     config.require_surface()
     path = Path(config.output)
-    if path.exists():
-        check_same_plan(path, config)
-        log.info("%s already planned with this config: nothing to do (resume with run)", path)
-        return path
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(
+                f"output: cannot create the folder {path.parent} ({exc.strerror}); choose "
+                "another output path"
+            ) from None
+        with surface_lock(path, "landscape plan", wait=True):
+            if not path.exists():  # still missing now that no other planner runs
+                create_plan(path, config)
+                return path
+    check_same_plan(path, config)
+    log.info("%s already planned with this config: nothing to do (resume with run)", path)
+    return path
+
+
+def create_plan(path: Path, config: ExperimentConfig) -> None:
+    """Load the checkpoint, build the directions and write the surface file at ``path``."""
     # Only Hessian directions compute anything heavy: they run where the workers would.
     device = None if config.directions.kind == "hessian" else "cpu"
     experiment = Experiment.load(config, device=device)
@@ -75,7 +91,6 @@ def plan_surface(config: ExperimentConfig) -> Path:
         ", ".join(config.maps),
         ", ".join(f"{job}: {p.size} points in {len(s)} shards" for job, (p, s) in work.items()),
     )
-    return path
 
 
 def check_same_plan(path: Path, config: ExperimentConfig) -> None:

@@ -116,7 +116,7 @@ def test_existing_surface_is_never_overwritten_or_corrupted(experiment, capsys):
     fails_with(capsys, ["plan", str(config)], "model.checkpoint", "changed since")
     fails_with(capsys, ["run", surface], "model.checkpoint", "changed since")
     # Not a surface file at all.
-    fails_with(capsys, ["run", checkpoint], "cannot open as HDF5")
+    fails_with(capsys, ["run", checkpoint], "not an HDF5 file")
     fails_with(capsys, ["status", "/nowhere.h5"], "no such surface file")
     assert map_bytes(surface) == before
 

@@ -1,0 +1,197 @@
+"""The advisory lock beside a surface file, which keeps two landscape jobs from writing it.
+
+Parallel HDF5 takes no lock of its own, and HDF5's lock on the file itself is switched
+off under ``mpio``, so the jobs that write a surface file lock ``<surface>.lock``
+instead:
+
+- one exclusive holder: ``plan``, a serial or ``mpio`` run (rank 0 holds it for the
+  whole job; the ranks of that job are its writers), ``reduce``, ``trace``, ``submit``;
+- or any number of shared holders: array tasks, which only read the surface file and
+  write part files of their own, so they never exclude each other, but do exclude all
+  of the above.
+
+A writer that finds the lock taken fails at once with one line naming the holder (pid,
+host, start time, what it is), which each holder records in the lock file; only the
+planner waits, so that two ``plan`` of one config end with one file, verified by the
+second. Readers (``status``, ``plot``) never lock.
+
+The lock is ``flock(2)`` rather than ``lockf``/``fcntl`` record locks: a record lock is
+released when its process closes *any* descriptor of the file (reading the holder's
+line would drop it), and cannot be taken exclusively through a read-only descriptor.
+Linux NFS clients implement ``flock`` with NFS byte-range locks, so it holds across
+nodes wherever ``lockf`` would. Lustre (and BeeGFS) refuse both unless mounted with
+``-o flock`` (``localflock`` makes them node-local); where the file system refuses,
+the job says so once in its log and goes on unlocked, as it did before this lock.
+The lock dies with its process (a killed job leaves no stale lock); the lock file stays
+and means nothing when no process holds it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# errno values of a file system that cannot lock (Lustre without -o flock: ENOSYS; NFS
+# without a lock manager: ENOLCK; NFS refusing an exclusive lock on a read-only file: EBADF)
+LOCKING_UNSUPPORTED = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EBADF}
+READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+@dataclass
+class HeldLock:
+    """A lock this process holds, and how many nested ``surface_lock`` blocks use it."""
+
+    shared: bool
+    depth: int = 1
+
+
+held: dict[Path, HeldLock] = {}
+warned_unsupported = False
+
+
+def lock_path(surface_path: str | Path) -> Path:
+    """The lock file of a surface file: ``<surface>.lock`` beside it."""
+    path = Path(surface_path)
+    return path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def surface_lock(
+    surface_path: str | Path, what: str, shared: bool = False, wait: bool = False
+) -> Iterator[None]:
+    """Hold the lock of ``surface_path`` inside the block: exclusive for a writer of the
+    file, ``shared`` for an array task. ``what`` names the holder for the message another
+    job gets (e.g. ``"landscape run"``). Without ``wait``, a lock held elsewhere is a
+    :class:`UserError` at once; with it, the call waits, saying for whom.
+
+    Re-entrant within a process: a job holding the lock may call code that takes it
+    again (a run merges part files through ``reduce``). Upgrading a shared lock to an
+    exclusive one is a bug and raises ``RuntimeError``.
+    """
+    path = lock_path(surface_path).absolute()
+    mine = held.get(path)
+    if mine is not None:
+        if mine.shared and not shared:
+            raise RuntimeError(f"{path}: held shared by this process; cannot take it exclusively")
+        mine.depth += 1
+        try:
+            yield
+        finally:
+            mine.depth -= 1
+        return
+    descriptor, writable = open_lock_file(path, Path(surface_path))
+    try:
+        if take(descriptor, shared, wait, Path(surface_path)) and writable:
+            record_holder(descriptor, what, shared)
+        held[path] = HeldLock(shared)
+        try:
+            yield
+        finally:
+            del held[path]
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def open_lock_file(path: Path, surface_path: Path) -> tuple[int, bool]:
+    """A descriptor of the lock file (created if needed) and whether it is writable.
+
+    An existing lock file in a read-only folder is still lockable through a read-only
+    descriptor (flock needs no write access); one that cannot be created is an error.
+    """
+    flags = os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o666), True
+    except OSError as exc:
+        if exc.errno not in READ_ONLY:
+            raise UserError(
+                f"{surface_path}: cannot create its lock file {path.name}: {exc.strerror}"
+            ) from None
+    try:
+        return os.open(path, os.O_RDONLY | flags), False
+    except OSError:
+        raise UserError(
+            f"{surface_path}: the folder {path.parent} is read-only (cannot create the lock "
+            f"file {path.name}); fix its permissions or use a writable folder"
+        ) from None
+
+
+def take(descriptor: int, shared: bool, wait: bool, surface_path: Path) -> bool:
+    """Lock the descriptor; False when the file system cannot lock (said once, then unlocked)."""
+    global warned_unsupported
+    operation = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    try:
+        fcntl.flock(descriptor, operation | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        holder = describe_holder(descriptor)
+        if not wait:
+            raise UserError(
+                f"{surface_path}: another landscape job ({holder}) is writing it; wait for it "
+                "or stop it"
+            ) from None
+        log.info("%s: waiting for another landscape job (%s) to end", surface_path, holder)
+        fcntl.flock(descriptor, operation)
+        return True
+    except OSError as exc:
+        if exc.errno not in LOCKING_UNSUPPORTED:
+            raise
+        if not warned_unsupported:
+            log.warning(
+                "%s: this file system cannot lock files (%s); going on without the lock, so "
+                "make sure no other landscape job writes this file (on Lustre, mount with "
+                "-o flock)",
+                lock_path(surface_path),
+                exc.strerror,
+            )
+            warned_unsupported = True
+        return False
+
+
+def record_holder(descriptor: int, what: str, shared: bool) -> None:
+    """Write who holds the lock into the lock file, for the message a refused job prints.
+    Of several shared holders, the file names the latest to take the lock.
+
+    Written in place (a renamed file would be another inode, and another lock); a
+    reader that catches it half-written says the holder is unknown."""
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    holder = {
+        "what": what,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": started,
+        "shared": shared,
+    }
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
+
+
+def describe_holder(descriptor: int) -> str:
+    """``surface job on 4 rank(s), pid 1234 on host node7, started 2024-05-01T10:00:00+02:00``."""
+    try:
+        holder = json.loads(os.pread(descriptor, 4096, 0))
+        line = (
+            f"{holder['what']}, pid {holder['pid']} on host {holder['host']}, "
+            f"started {holder['started']}"
+        )
+        return f"held shared; the latest to take it: {line}" if holder["shared"] else line
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def this_command() -> str:
+    """This process's command line, shortened (a holder's name when it gave none)."""
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
