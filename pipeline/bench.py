@@ -44,6 +44,7 @@ from pipeline.experiment import Experiment
 from pipeline.hessian_bench import bench_hessian
 from pipeline.models import build_model
 from pipeline.plan import plan_surface
+from pipeline.records import write_atomically
 from pipeline.store import SurfaceFile
 from pipeline.workers import SurfaceEvaluator, evaluate_shards
 
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_atomically(out, json.dumps(results, indent=2) + "\n")
     print(f"written to {out}")
 
 
