@@ -38,7 +38,6 @@ import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -51,15 +50,7 @@ LOCKING_UNSUPPORTED = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EBADF
 READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
-@dataclass
-class HeldLock:
-    """A lock this process holds, and how many nested ``surface_lock`` blocks use it."""
-
-    shared: bool
-    depth: int = 1
-
-
-held: dict[Path, HeldLock] = {}
+held: dict[Path, bool] = {}  # the lock files this process holds -> held shared
 warned_unsupported = False
 
 
@@ -82,22 +73,17 @@ def surface_lock(
     again (a run merges part files through ``reduce``). Upgrading a shared lock to an
     exclusive one is a bug and raises ``RuntimeError``.
     """
-    path = lock_path(surface_path).absolute()
-    mine = held.get(path)
-    if mine is not None:
-        if mine.shared and not shared:
+    path = lock_path(surface_path).resolve()
+    if path in held:
+        if held[path] and not shared:
             raise RuntimeError(f"{path}: held shared by this process; cannot take it exclusively")
-        mine.depth += 1
-        try:
-            yield
-        finally:
-            mine.depth -= 1
+        yield
         return
     descriptor, writable = open_lock_file(path, Path(surface_path))
     try:
         if take(descriptor, shared, wait, Path(surface_path)) and writable:
             record_holder(descriptor, what, shared)
-        held[path] = HeldLock(shared)
+        held[path] = shared
         try:
             yield
         finally:
