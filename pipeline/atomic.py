@@ -14,7 +14,8 @@ flush, and crashes the interpreter at exit.
 from __future__ import annotations
 
 import os
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -47,25 +48,48 @@ def write_file(path: str | Path, contents: bytes | memoryview, field: str) -> No
     error an OSError becomes.
     """
     path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    with folder_for(path, field):
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(contents)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+            sync_folder(path.parent)
+        except BaseException as exc:  # an interrupt too: leave nothing behind
+            with suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                reason = exc.strerror or str(exc)
+                raise UserError(
+                    f"{field}: cannot write {path} ({reason}); free some space or choose "
+                    "another folder"
+                ) from None
+            raise
+
+
+@contextmanager
+def folder_for(path: Path, field: str) -> Iterator[None]:
+    """The folder of ``path``, made (with its parents) for the block once ``path`` is
+    known to be writable (:func:`check_writable`); the folders made here are removed
+    again, if still empty, when the block fails, so a failed command leaves no trace."""
     check_writable(path, field)
     made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
-    temporary = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "wb") as handle:
-            handle.write(contents)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException as exc:  # an interrupt too: leave nothing behind
-        with suppress(OSError):
-            temporary.unlink(missing_ok=True)
-        for folder in made:  # deepest first; only the ones made here, and only if empty
+        yield
+    except BaseException:
+        for folder in made:  # deepest first
             with suppress(OSError):
                 folder.rmdir()
-        if isinstance(exc, OSError):
-            reason = exc.strerror or str(exc)
-            raise UserError(
-                f"{field}: cannot write {path} ({reason}); free some space or choose another folder"
-            ) from None
         raise
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush a folder's entries, so that a rename into it survives a power cut."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

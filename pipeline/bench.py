@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.atomic import write_file
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import load_config, parse_config
 from pipeline.data import load_dataset
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_file(out, (json.dumps(results, indent=2) + "\n").encode(), "--out")
     print(f"written to {out}")
 
 

@@ -281,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     restore_signals = stop_on_signals(command)
     try:
         args.handler(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`landscape status F | head -1`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the final flush
+        return 128 + signal.SIGPIPE
     except UserError as exc:
         if not isinstance(exc, FailedElsewhere):
             print(f"error: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.atomic import check_writable, write_file
 from pipeline.errors import UserError
+from pipeline.locking import surface_lock
 from pipeline.store import SurfaceFile
 
 log = logging.getLogger(__name__)
@@ -91,14 +92,34 @@ def read_part(path: Path, surface: SurfaceFile) -> tuple[str, np.ndarray, dict, 
     return job, points, values, finished
 
 
+def finished_in_parts(surface_path: str | Path, job: str) -> tuple[np.ndarray, np.ndarray]:
+    """Points of ``job`` already written to part files but not yet merged, and the unix
+    time each finished. A part a reducer deletes meanwhile is skipped: its points are in
+    the surface file by then."""
+    folder = parts_folder(surface_path)
+    points, finished = [np.zeros(0, np.int64)], [np.zeros(0)]
+    for path in sorted(folder.glob(f"{job}-*.h5")) if folder.is_dir() else []:
+        try:
+            with h5py.File(path, "r", locking=False) as handle:
+                points.append(handle["points"][()])
+                finished.append(handle["finished"][()])
+        except FileNotFoundError:
+            continue
+        except (OSError, KeyError) as exc:
+            raise UserError(
+                f"{path}: unreadable part file ({exc}); delete it to recompute its points"
+            ) from None
+    return np.concatenate(points), np.concatenate(finished)
+
+
 def points_in_parts(surface_path: str | Path, job: str) -> np.ndarray:
     """Points of ``job`` already written to part files but not yet merged."""
+    return finished_in_parts(surface_path, job)[0]
+
+
+def part_files(surface_path: str | Path) -> list[Path]:
     folder = parts_folder(surface_path)
-    found = [np.zeros(0, np.int64)]
-    for path in sorted(folder.glob(f"{job}-*.h5")) if folder.is_dir() else []:
-        with h5py.File(path, "r", locking=False) as handle:
-            found.append(handle["points"][()])
-    return np.concatenate(found)
+    return sorted(folder.glob("*.h5")) if folder.is_dir() else []
 
 
 def reduce_parts(surface_path: str | Path) -> int:
@@ -106,31 +127,35 @@ def reduce_parts(surface_path: str | Path) -> int:
 
     Derived maps (lambda_ratio) are filled in afterwards. Parts are deleted only after the
     surface file is flushed, so a crash in between leaves them to be merged again,
-    which writes the same values.
+    which writes the same values. The surface's lock is held throughout: no array task
+    writes parts meanwhile, and no other reducer merges the same ones.
     """
-    folder = parts_folder(surface_path)
-    parts = sorted(folder.glob("*.h5")) if folder.is_dir() else []
-    if not parts:
+    if not part_files(surface_path):
         return 0
-    merged = 0
-    with SurfaceFile.open(surface_path, "r+") as surface:
-        by_job: dict[str, list] = {}
+    with surface_lock(surface_path, "landscape reduce"):
+        parts = part_files(surface_path)  # another reducer may have merged them meanwhile
+        if not parts:
+            return 0
+        merged = 0
+        with SurfaceFile.open(surface_path, "r+") as surface:
+            by_job: dict[str, list] = {}
+            for path in parts:
+                job, *contents = read_part(path, surface)
+                by_job.setdefault(job, []).append(contents)
+            for job, contents in by_job.items():
+                points = np.concatenate([points for points, _, _ in contents])
+                values = {
+                    name: np.concatenate([part_values[name] for _, part_values, _ in contents])
+                    for name in surface.job_maps(job)
+                }
+                finished = np.concatenate([times for _, _, times in contents])
+                surface.write_points(job, points, values, finished)
+                merged += len(points)
+            surface.derive_maps()
         for path in parts:
-            job, *contents = read_part(path, surface)
-            by_job.setdefault(job, []).append(contents)
-        for job, contents in by_job.items():
-            points = np.concatenate([points for points, _, _ in contents])
-            values = {
-                name: np.concatenate([part_values[name] for _, part_values, _ in contents])
-                for name in surface.job_maps(job)
-            }
-            finished = np.concatenate([times for _, _, times in contents])
-            surface.write_points(job, points, values, finished)
-            merged += len(points)
-        surface.derive_maps()
-    for path in parts:
-        path.unlink()
-    if not any(folder.iterdir()):
-        folder.rmdir()
+            path.unlink()
+        folder = parts_folder(surface_path)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     log.info("%s: merged %d points from %d part files", surface_path, merged, len(parts))
     return merged

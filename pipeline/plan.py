@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.atomic import check_writable
+from pipeline.atomic import folder_for
 from pipeline.checkpoint import verify_fingerprint
 from pipeline.config import ExperimentConfig, config_differences
 from pipeline.directions import ignored_parameters, plan_directions
 from pipeline.errors import UserError
 from pipeline.experiment import Experiment
 from pipeline.grid import Grid, shard_ranges
+from pipeline.locking import surface_lock
 from pipeline.store import SurfaceFile, create_surface_file
 
 log = logging.getLogger(__name__)
@@ -27,11 +28,20 @@ def plan_surface(config: ExperimentConfig) -> Path:
     """Create the surface file for ``config`` (or check the existing one); returns its path."""
     config.require_surface()
     path = Path(config.output)
-    if path.is_file():
-        check_same_plan(path, config)
-        log.info("%s already planned with this config: nothing to do (resume with run)", path)
-        return path
-    check_writable(path, "output")  # before the work of loading and drawing directions
+    if not path.is_file():
+        # Checked before the work of loading and drawing directions; the lock file needs
+        # the folder, which a failed plan removes again.
+        with folder_for(path, "output"), surface_lock(path, "landscape plan", wait=True):
+            if not path.exists():  # still missing now that no other planner runs
+                create_plan(path, config)
+                return path
+    check_same_plan(path, config)
+    log.info("%s already planned with this config: nothing to do (resume with run)", path)
+    return path
+
+
+def create_plan(path: Path, config: ExperimentConfig) -> None:
+    """Load the checkpoint, build the directions and write the surface file at ``path``."""
     # Only Hessian directions compute anything heavy: they run where the workers would.
     device = None if config.directions.kind == "hessian" else "cpu"
     experiment = Experiment.load(config, device=device)
@@ -77,7 +87,6 @@ def plan_surface(config: ExperimentConfig) -> Path:
         ", ".join(config.maps),
         ", ".join(f"{job}: {p.size} points in {len(s)} shards" for job, (p, s) in work.items()),
     )
-    return path
 
 
 def check_same_plan(path: Path, config: ExperimentConfig) -> None:

@@ -37,9 +37,11 @@ file that opens cleanly. A point's values are written before its done flag. With
 from __future__ import annotations
 
 import datetime
+import errno
 import io
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 import h5py
@@ -51,6 +53,7 @@ from pipeline.atomic import write_file
 from pipeline.config import ConfigError, ExperimentConfig, job_outputs, parse_config
 from pipeline.errors import UserError
 from pipeline.grid import Grid
+from pipeline.locking import LOCKING_UNSUPPORTED, READ_ONLY, surface_lock, this_command
 
 SCHEMA_VERSION = 2
 DERIVED_MAPS = {"hessian": ["lambda_ratio"]}
@@ -122,6 +125,37 @@ def missing_datasets(handle: h5py.File) -> list[str]:
     return [name for name in needed if name not in handle]
 
 
+def existing_surface(path: str | Path) -> Path:
+    """``path`` as a Path, once it is known to be a file (else how to create one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such surface file; create it with `landscape plan CONFIG`")
+    return path
+
+
+def open_failure(path: Path, mode: str, exc: OSError) -> UserError:
+    """Why HDF5 could not open ``path``, said so that the user can act on it."""
+    if exc.errno in READ_ONLY:
+        if mode == "r":
+            return UserError(f"{path}: cannot be read (permission denied); fix its permissions")
+        return UserError(
+            f"{path}: read-only (permission denied); fix its permissions or copy it to a "
+            "writable folder"
+        )
+    if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return UserError(
+            f"{path}: open for writing in another program (HDF5 file lock); close it there"
+        )
+    if exc.errno in LOCKING_UNSUPPORTED:
+        return UserError(
+            f"{path}: this file system cannot lock files for HDF5; set "
+            "HDF5_USE_FILE_LOCKING=FALSE (landscape's own lock still keeps its jobs apart)"
+        )
+    return UserError(
+        f"{path}: cannot open as HDF5 ({exc}); it may be damaged: delete it and plan again"
+    )
+
+
 class SurfaceFile:
     """An open surface file: typed reads of its parts and point-wise writes of results."""
 
@@ -148,45 +182,48 @@ class SurfaceFile:
         y = handle["grid/y"][()] if "grid/y" in handle else None
         self.grid = Grid(handle["grid/x"][()], y)
         self.datasets: dict[str, h5py.Dataset] = {}
+        self.lock = ExitStack()  # the surface's lock, held while open for writing
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r", comm=None) -> SurfaceFile:
-        """Open for reading (``"r"``, never locks, so it works beside a running job), for
-        writing results from one process (``"r+"``, locked), or, given an MPI ``comm``, from
-        all its ranks at once with the ``mpio`` driver (a collective call).
+        """Open for reading (``"r"``: no lock, so it works beside a running job), for
+        writing results from one process (``"r+"``: holds the surface's exclusive lock,
+        :func:`pipeline.locking.surface_lock`, while open), or, given an MPI ``comm``,
+        from all its ranks at once with the ``mpio`` driver (a collective call; rank 0
+        holds the job's lock).
 
-        Under ``mpio`` HDF5 file locking is switched off on every rank: ranks coordinate
-        through MPI, not ``flock``, and on NFS and Lustre the lock call itself fails with
-        errno 11 or 38. Only the planner and the reducer write metadata, and never while
-        workers run.
+        HDF5's own file locking is kept for a serial writer (it also keeps out other
+        programs) and switched off under ``mpio``: ranks coordinate through MPI, and on
+        NFS and Lustre HDF5's lock call itself fails with errno 11 or 38. Only the planner
+        and the reducer write metadata, and never while workers run.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: no such surface file; create it with `landscape plan CONFIG`")
-        if not h5py.is_hdf5(path):  # checked first: HDF5 opening an empty file "r+" formats it
-            raise UserError(
-                f"{path}: not an HDF5 file ({path.stat().st_size} bytes, no HDF5 signature); "
-                "name a surface file, or plan it again"
-            )
-        if comm is None:
-            options = {"locking": mode != "r"}
-        else:
-            options = {"driver": "mpio", "comm": comm, "locking": False}
-        try:
-            handle = h5py.File(path, mode, **options)
-        except OSError as exc:
-            raise UserError(
-                f"{path}: cannot open as HDF5 ({exc}); is another job writing it, or is it "
-                "not a surface file?"
-            ) from None
-        version = handle.attrs.get("schema_version")
-        if version != SCHEMA_VERSION or "config" not in handle.attrs:
-            handle.close()
-            raise UserError(
-                f"{path}: not a surface file of schema {SCHEMA_VERSION} (found {version}); "
-                "plan it again with this version"
-            )
-        return cls(handle, path, parallel=comm is not None)
+        path = existing_surface(path)
+        writer = mode != "r" and comm is None
+        with ExitStack() as lock:
+            try:
+                if not h5py.is_hdf5(path):  # h5py would turn an empty file into an HDF5 file
+                    raise UserError(
+                        f"{path}: not an HDF5 file ({path.stat().st_size} bytes, no HDF5 "
+                        "signature); name a surface file, or plan it again"
+                    )
+                if writer:
+                    lock.enter_context(surface_lock(path, this_command()))
+                if comm is None:
+                    handle = h5py.File(path, mode, locking=writer)
+                else:
+                    handle = h5py.File(path, mode, driver="mpio", comm=comm, locking=False)
+            except OSError as exc:
+                raise open_failure(path, mode, exc) from None
+            version = handle.attrs.get("schema_version")
+            if version != SCHEMA_VERSION or "config" not in handle.attrs:
+                handle.close()
+                raise UserError(
+                    f"{path}: not a surface file of schema {SCHEMA_VERSION} (found {version}); "
+                    "plan it again with this version"
+                )
+            surface = cls(handle, path, parallel=comm is not None)
+            surface.lock = lock.pop_all()
+        return surface
 
     def __enter__(self) -> SurfaceFile:
         return self
@@ -196,6 +233,7 @@ class SurfaceFile:
 
     def close(self) -> None:
         self.handle.close()
+        self.lock.close()
 
     @property
     def stored_config(self) -> dict:

@@ -7,7 +7,8 @@ points are done. MPI mode: one job of N tasks per job kind, whose ranks write th
 parallel HDF5 file directly. Submitting a partly finished surface sends only the shards
 still missing; a preempted or timed-out task is requeued by submitit and continues from
 its part files. What was submitted is recorded beside the surface file
-(``<surface>.submission.json``) for ``landscape status``.
+(``<surface>.submission.json``, written atomically) for ``landscape status``; a
+surface whose last submission is still queued is not submitted again.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from pathlib import Path
 
 import submitit
 
+from pipeline.atomic import write_file
 from pipeline.cli import configure_logging
 from pipeline.errors import UserError
+from pipeline.locking import surface_lock
 from pipeline.parts import points_in_parts, reduce_parts
-from pipeline.status import record_path
-from pipeline.store import SurfaceFile
+from pipeline.status import SlurmJobs, read_submission, record_path
+from pipeline.store import SurfaceFile, existing_surface
 from pipeline.workers import ArrayTask, run_job
 
 log = logging.getLogger(__name__)
@@ -106,42 +109,70 @@ def reduce_and_plot(path: str) -> str:
 
 
 def submit(path: Path, options: SlurmOptions, jobs: list[str] | None = None) -> dict:
-    """Submit the pending work of ``path``; returns (and writes) the submission record."""
-    with SurfaceFile.open(path) as surface:
-        jobs = jobs or surface.jobs
-        missing = [job for job in jobs if job not in surface.jobs]
-        if missing:
-            raise UserError(f"--jobs: {path} has no {', '.join(missing)} job")
-        pending = {
-            job: surface.pending_shard_indices(job, points_in_parts(path, job)) for job in jobs
+    """Submit the pending work of ``path``; returns (and writes) the submission record.
+
+    Holds the surface's lock meanwhile, so it fails at once while a local job or an array
+    task writes the file, and refuses while jobs of the last submission are still queued:
+    both would compute the same shards."""
+    with surface_lock(existing_surface(path), "landscape submit"):
+        refuse_while_queued(path)
+        with SurfaceFile.open(path) as surface:
+            jobs = jobs or surface.jobs
+            missing = [job for job in jobs if job not in surface.jobs]
+            if missing:
+                raise UserError(f"--jobs: {path} has no {', '.join(missing)} job")
+            pending = {
+                job: surface.pending_shard_indices(job, points_in_parts(path, job)) for job in jobs
+            }
+        pending = {job: shards for job, shards in pending.items() if shards}
+        folder = path.with_name(path.name + ".slurm")
+        executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+        executor.update_parameters(name=f"landscape-{path.stem}", **options.executor_parameters())
+        record = {
+            "surface": str(path),
+            "submitted": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "options": asdict(options),
+            "jobs": {},
+            "reduce": None,
         }
-    pending = {job: shards for job, shards in pending.items() if shards}
-    folder = path.with_name(path.name + ".slurm")
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
-    executor.update_parameters(name=f"landscape-{path.stem}", **options.executor_parameters())
-    record = {
-        "surface": str(path),
-        "submitted": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "options": asdict(options),
-        "jobs": {},
-        "reduce": None,
-    }
-    waits: list[str] = []
-    for job, shards in pending.items():
-        # MPI jobs run one after the other: two parallel writers never share the file.
-        after = waits if options.mpi else []
-        record["jobs"][job] = submit_job(executor, path, job, shards, options, after)
-        waits.append(record["jobs"][job]["id"])
-    executor.update_parameters(
-        name=f"landscape-{path.stem}-reduce",
-        tasks_per_node=1,
-        gpus_per_node=0,
-        slurm_additional_parameters=with_dependency(options, waits),
-    )
-    reduce = executor.submit(reduce_and_plot, str(path))
-    record["reduce"] = {"id": reduce.job_id, "log": str(reduce.paths.stderr)}
-    record_path(path).write_text(json.dumps(record, indent=2) + "\n")
-    return record
+        waits: list[str] = []
+        for job, shards in pending.items():
+            # MPI jobs run one after the other: two parallel writers never share the file.
+            after = waits if options.mpi else []
+            record["jobs"][job] = submit_job(executor, path, job, shards, options, after)
+            waits.append(record["jobs"][job]["id"])
+        executor.update_parameters(
+            name=f"landscape-{path.stem}-reduce",
+            tasks_per_node=1,
+            gpus_per_node=0,
+            slurm_additional_parameters=with_dependency(options, waits),
+        )
+        reduce = executor.submit(reduce_and_plot, str(path))
+        record["reduce"] = {"id": reduce.job_id, "log": str(reduce.paths.stderr)}
+        write_file(
+            record_path(path), (json.dumps(record, indent=2) + "\n").encode(), "submission record"
+        )
+        return record
+
+
+def refuse_while_queued(path: Path) -> None:
+    """Fail while a job of the last submission of ``path`` is still pending or running."""
+    record_file = record_path(path)
+    if not record_file.is_file():
+        return
+    try:
+        _, entries = read_submission(record_file)
+    except UserError as exc:
+        log.warning("%s", exc)
+        return
+    queued = SlurmJobs.query([entry["id"] for _, entry in entries]).active()
+    if queued:
+        shown = ", ".join(queued[:6]) + (", ..." if len(queued) > 6 else "")
+        arrays = " ".join(sorted({job_id.split("_")[0] for job_id in queued}))
+        raise UserError(
+            f"{path}: jobs of its last submission are still queued or running ({shown}); "
+            f"wait for them (landscape status {path}) or cancel them (scancel {arrays})"
+        )
 
 
 def with_dependency(options: SlurmOptions, after: list[str]) -> dict:

@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,10 +31,11 @@ from pipeline.evaluate import evaluate
 from pipeline.experiment import Experiment
 from pipeline.grid import Grid
 from pipeline.hessian import HessianEvaluator
+from pipeline.locking import surface_lock
 from pipeline.parameters import DirectionPlane
 from pipeline.parts import PartWriter, points_in_parts, reduce_parts
 from pipeline.ranks import CLAIMED, DONE, Solo, connect_ranks, cpu_threads_per_rank
-from pipeline.store import SurfaceFile
+from pipeline.store import SurfaceFile, existing_surface
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +264,18 @@ def evaluate_pending(
     return count
 
 
+def job_lock(path: Path, job: str, task: ArrayTask | None, ranks: Solo):
+    """The surface's lock, which rank 0 holds for all ranks of the job: shared for an array
+    task (the others write part files of their own beside it), exclusive otherwise."""
+    existing_surface(path)
+    if task is not None:
+        what = f"{job} job, array task {task.index} of {task.count}"
+        return surface_lock(path, what, shared=True)
+    return surface_lock(
+        path, f"{job} job" + (f" on {ranks.size} MPI ranks" if ranks.size > 1 else "")
+    )
+
+
 def run_surface(path: str | Path, **options) -> int:
     """``landscape run``: the loss and accuracy maps (see :func:`run_job`)."""
     return run_job(path, "surface", **options)
@@ -287,8 +301,13 @@ def run_job(
     Returns the number of points this rank evaluated.
     """
     path = Path(path)
-    with reporting_interrupt(lambda: saved_points(path, job)), connect_ranks() as ranks:
+    with (
+        reporting_interrupt(lambda: saved_points(path, job)),
+        connect_ranks() as ranks,
+        ExitStack() as held,
+    ):
         writer = choose_task_writer(writer, task, ranks) if task else choose_writer(writer, ranks)
+        ranks.on_rank0(lambda: held.enter_context(job_lock(path, job, task, ranks)))
         if ranks.rank == 0:
             log.info("%s: %d rank(s); %s", path, ranks.size, WRITERS[writer])
         if task is None:  # merge what a killed part-file run left before reading done flags

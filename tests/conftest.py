@@ -175,3 +175,25 @@ def dense_hessian(operator) -> np.ndarray:
         return per_sample_loss(outputs, operator.targets, operator.loss).mean()
 
     return hessian(mean_loss)(flat).numpy()
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """``fake_slurm(squeue=..., sacct=...)``: stand-in ``squeue`` and ``sacct`` first on PATH
+    that print the given text (None: the command fails as without a controller)."""
+    folder = tmp_path / "fake-slurm"
+    folder.mkdir()
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
+
+    def install(**outputs: str | None) -> None:
+        for command, output in outputs.items():
+            script = folder / command
+            if output is None:
+                body = "echo 'error: Unable to contact slurm controller' >&2\nexit 1"
+            else:
+                (folder / f"{command}.out").write_text(output)
+                body = f"cat '{folder / command}.out'"
+            script.write_text(f"#!/bin/sh\n{body}\n")
+            script.chmod(0o755)
+
+    return install

@@ -146,12 +146,12 @@ def test_interrupted_training_keeps_whole_checkpoints_only(experiment, monkeypat
     folder = config.parent / "checkpoints"
     writes = []
 
-    def fsync_until_the_third(descriptor):
+    def fsync_until_epoch_2(descriptor):  # each checkpoint: its file, then its folder
         writes.append(descriptor)
-        if len(writes) == 3:
+        if len(writes) == 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(atomic.os, "fsync", fsync_until_the_third)
+    monkeypatch.setattr(atomic.os, "fsync", fsync_until_epoch_2)
     argv = ["train", str(config), "--set", f"train.checkpoint_dir={folder}"]
     assert main([*argv, "--set", "train.epochs=5"]) == 130
     assert capsys.readouterr().err.strip() == (

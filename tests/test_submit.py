@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 from conftest import final_state, write_experiment
 
+from pipeline.atomic import write_file
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.errors import UserError
 from pipeline.plan import plan_surface
 from pipeline.status import record_path, surface_status
 from pipeline.store import SurfaceFile
+from pipeline.submit import SlurmOptions, submit
 from pipeline.workers import run_hessian, run_surface
 
 BOTH_JOBS = {
@@ -91,6 +94,10 @@ def test_resubmitting_sends_only_the_missing_shards(tmp_path, cluster):
     # One task at a time: cancel the last while it still waits, as if killed mid-array.
     first = submitted(surface, "--tasks", "3", "--parallelism", "1", "--jobs", "surface")
     cancelled = first["jobs"]["surface"]["tasks"][2]
+    # Behind the other two, the last task waits: pending (not yet in sacct), and a second
+    # submission now would compute its shards twice.
+    assert f"    surface task {cancelled['id']}: PENDING" in surface_status(surface).splitlines()
+    assert main(["submit", str(surface), "--jobs", "surface"]) == 2
     subprocess.run(["scancel", cancelled["id"]], env=cluster, check=True)
     assert final_state(cluster, first["reduce"]["id"]) == "CANCELLED"
     # The others finish and leave their parts (a task cancelled while pending has no
@@ -115,3 +122,22 @@ def test_mpi_mode_runs_one_srun_job_per_kind(tmp_path, cluster):
     assert_maps(surface, expected)
     log = Path(record["jobs"]["surface"]["log"]).read_text()
     assert "2 rank(s); every rank writes its own points" in log
+
+
+def test_no_second_submission_while_the_last_is_queued(experiment, fake_slurm):
+    """Without a cluster: squeue says a task of the last submission still runs."""
+    surface = plan_surface(load_config(experiment(**BOTH_JOBS)))
+    last = {
+        "submitted": "2024-05-01T10:00:00+00:00",
+        "jobs": {"surface": {"id": "7", "tasks": [{"id": f"7_{i}", "log": "-"} for i in range(2)]}},
+        "reduce": {"id": "8", "log": "-"},
+    }
+    write_file(record_path(surface), json.dumps(last).encode(), "record")
+    fake_slurm(squeue="7_1|RUNNING\n8|PENDING\n", sacct="")
+    with pytest.raises(UserError) as refused:
+        submit(surface, SlurmOptions())
+    assert str(refused.value) == (
+        f"{surface}: jobs of its last submission are still queued or running (7_1, 8); wait "
+        f"for them (landscape status {surface}) or cancel them (scancel 7 8)"
+    )
+    assert json.loads(record_path(surface).read_text()) == last
