@@ -15,8 +15,10 @@ Layout (schema version 2)::
     /endpoints           interpolation plans: weight histograms of both ends
                          (histogram_edges, histogram_a, histogram_b); attrs weight_norms,
                          checkpoints, defined_alpha (where BN variances stay >= 0)
-    /trace               landscape trace: per-sample estimates of tr(H) (projection,
-                         hutchinson); attrs means, half widths, dimension, step
+    /trace               landscape trace: per-sample estimates (projection: n x second
+                         difference at step e; hutchinson: z^T H z); attrs per estimate
+                         label, mean, half width, dtype; dimension, step (e), step_fraction,
+                         non_smooth_operations. Written by ``rewrite_group`` (copy, rename)
     /grid/x, /grid/y     coordinates (no y for a 1D surface)
     /maps/<name>         float64 (ny, nx) or (nx,), NaN until computed; the hessian job
                          also writes residuals, HVP counts, a converged flag, and
@@ -30,14 +32,17 @@ Layout (schema version 2)::
 
 Every dataset is created, with its storage allocated, when the file is planned; workers
 only overwrite raw values, never metadata, so a worker killed at any moment leaves a
-file that opens cleanly. A point's values are written before its done flag. With the
+file that opens cleanly. A command that adds a group to a finished file writes a copy
+and renames it over (``rewrite_group``). A point's values are written before its done flag. With the
 ``mpio`` driver every rank opens the file and writes its own points independently.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -53,6 +58,7 @@ from pipeline.grid import Grid
 
 SCHEMA_VERSION = 2
 DERIVED_MAPS = {"hessian": ["lambda_ratio"]}
+REWRITE_MARGIN = 1 << 16  # HDF5 metadata of a new group (a few KiB), with room to spare
 
 
 def create_surface_file(
@@ -106,6 +112,62 @@ def create_surface_file(
             handle.create_dataset(f"points/{job}", data=points)
             handle.create_dataset(f"shards/{job}", data=shards)
     os.replace(temporary, path)
+
+
+def rewrite_group(path: Path, name: str, datasets: dict, attrs: dict) -> None:
+    """Put the group ``name`` (datasets and attributes) into the finished surface file
+    ``path``, replacing an earlier one, without ever writing to ``path`` itself.
+
+    Adding, deleting or moving a group changes HDF5 metadata (object headers, free-space
+    lists) in place, and a kill or a full disk halfway through leaves a file that no
+    longer opens, maps and all. So the file is copied to ``<path>.rewrite.tmp``, the copy
+    is changed, synced and renamed over ``path``: readers see the old file or the new
+    one, never a mix. An interrupted rewrite leaves the old file and a stale temp file,
+    which the next rewrite overwrites; a failed one removes it. ``path`` stays open
+    read-only with HDF5's file lock meanwhile, so a serial worker writing it (it holds
+    the lock) stops the rewrite, and one starting during it is refused, instead of its
+    points going to the replaced file. (MPI writers take no HDF5 lock.)
+    """
+    temporary = path.with_name(path.name + ".rewrite.tmp")
+    try:
+        source = h5py.File(path, "r", locking="best-effort")
+    except OSError as exc:
+        raise UserError(
+            f"{path}: cannot read it to add {name!r} ({exc}); is a job writing it?"
+        ) from None
+    try:
+        with source:
+            needed = path.stat().st_size + sum(np.asarray(v).nbytes for v in datasets.values())
+            free = shutil.disk_usage(path.parent).free
+            if free < needed + REWRITE_MARGIN:
+                raise OSError(errno.ENOSPC, f"needs {needed + REWRITE_MARGIN} bytes, {free} free")
+            shutil.copyfile(path, temporary)
+            with h5py.File(temporary, "r+", locking=False) as handle:
+                if name in handle:
+                    del handle[name]
+                group = handle.create_group(name)
+                group.attrs.update(attrs)
+                for key, values in datasets.items():
+                    group.create_dataset(key, data=values)
+            synced(temporary)
+            os.replace(temporary, path)
+    except OSError as exc:
+        raise UserError(
+            f"{path}: could not write {name!r} ({exc.strerror or exc}); the file is "
+            "unchanged; free space beside it (a copy of the file is written first) and retry"
+        ) from None
+    finally:
+        temporary.unlink(missing_ok=True)
+    synced(path.parent)
+
+
+def synced(path: Path) -> None:
+    """fsync a file or folder, so a rename that follows cannot overtake its contents."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 class SurfaceFile:
@@ -268,21 +330,6 @@ class SurfaceFile:
             return None
         group = self.handle[name]
         return {key: group[key][()] for key in group}, dict(group.attrs)
-
-    def replace_group(self, name: str, datasets: dict, attrs: dict) -> None:
-        """Write a group of results whole under a temporary name, then swap it in: a crash
-        leaves the old group or the new one, never half of one (serial writers only)."""
-        temporary = f"{name}.new"
-        if temporary in self.handle:
-            del self.handle[temporary]
-        group = self.handle.create_group(temporary)
-        group.attrs.update(attrs)
-        for key, values in datasets.items():
-            group.create_dataset(key, data=values)
-        if name in self.handle:
-            del self.handle[name]
-        self.handle.move(temporary, name)
-        self.handle.flush()
 
     def write_point(self, job: str, point: int, values: dict[str, float]) -> None:
         """Store one point's values, then its finish time and done flag (in that order)."""
