@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(handler=command_submit)
 
     trace = commands.add_parser(
-        "trace", help="tr(H) at the centre from loss values and by Hutchinson, compared"
+        "trace", help="tr(H) by Hutchinson beside n x mean second difference of the loss"
     )
     trace.add_argument("surface")
     trace.add_argument("--device", help="override evaluation.device (e.g. cpu, cuda:1)")

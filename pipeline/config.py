@@ -271,13 +271,26 @@ class HessianConfig:
 
 @dataclass(frozen=True)
 class TraceConfig:
-    """tr(H) at model.checkpoint from ``samples`` random directions (Boettcher & Wheeler,
-    loss values only) and as many Hutchinson probes (HVPs), over the parameters
-    ``hessian.parameters`` selects. ``step``: the second difference's step along each
-    unit direction, as a fraction of the parameters' norm."""
+    """Curvature at model.checkpoint over the parameters ``hessian.parameters`` selects:
+    tr(H) by Hutchinson (``samples`` HVPs) beside n x the mean second difference of the
+    loss along ``samples`` random unit directions (Boettcher & Wheeler, 2 * samples + 1
+    losses, evaluated by a float64 copy of the model). ``step``: the second difference's
+    step e along each unit direction, as a fraction of the selected parameters' norm.
+
+    The default 1e-2 was measured (64-400 samples, float32 configs, float64 losses):
+    on a smooth tanh MLP (n = 303) the estimate is 7.1200, 7.1200, 7.1201, 7.1203,
+    7.1223 at steps 1e-4, 1e-3, 3e-3, 1e-2, 3e-2 against a dense tr(H) of 7.186
+    (interval +-0.35), so truncation costs < 0.03% up to 3e-2. On kinked networks the
+    step sets what is measured, and small steps make the kinks rare large samples of
+    either sign: the demo ResNet-20 (ReLU, Hutchinson 1.58 +- 0.15) gives -15.1 +- 8.6,
+    -6.1 +- 1.9, 2.24 +- 0.39, 3.31 +- 0.21 at 1e-5, 1e-4, 1e-3, 1e-2. 1e-2 is the
+    largest step measured free of truncation on the smooth net and the one with the
+    tightest interval on the kinked one. (With float32 losses, the old route, 1e-3 was
+    biased by +0.45 on the demo and smaller steps were unusable.)
+    """
 
     samples: int = 64
-    step: float = 1e-3
+    step: float = 1e-2
     confidence: float = 0.95
     seed: int = 0
 

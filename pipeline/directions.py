@@ -10,7 +10,12 @@ A direction d has one entry per parameter. Kinds (``directions.kind``):
 - ``pca``: the principal directions of a training trajectory (:mod:`pipeline.trajectory`).
 - ``hessian``: eigenvectors of the Hessian at theta (Boettcher & Wheeler): the only
   directions along which a 2D slice shows the true principal curvatures, saddles
-  included. A random slice's curvature averages the eigenvalues to about tr(H)/n.
+  included. A random slice's curvature at the centre is d^T H d. Only for d uniform on
+  the unit sphere is its mean tr(H)/n (what ``landscape trace`` samples); a
+  filter-normalized d (u_f uniform on the unit sphere of filter f, times ||theta_f||)
+  has E[d^T H d] = sum_f ||theta_f||^2 / m_f * tr(H_ff), with m_f the filter's size and
+  H_ff its diagonal block: a trace weighted by each filter's mean squared weight (and 0
+  for ignored tensors), not tr(H)/n.
 - ``target``, ``interpolation``, ``file``: read from files (:mod:`pipeline.direction_files`).
 
 Scaling (``normalization``): ``filter``, ``layer`` (whole tensor), ``weight``

@@ -69,12 +69,7 @@ def surface_status(path: str | Path) -> str:
             lines.append(map_line("lambda_ratio", maps["lambda_ratio"]))
         trace = surface.group("trace")
         if trace is not None:
-            found = trace[1]
-            estimates = [
-                f"{name} {found[f'{name}_mean']:.6g} ± {found[f'{name}_half_width']:.3g}"
-                for name in ("projection", "hutchinson")
-            ]
-            lines.append(f"  tr(H) at the centre: {', '.join(estimates)}")
+            lines += trace_lines(trace[1])
     lines += submission_status(Path(path))
     return "\n".join(lines)
 
@@ -105,6 +100,27 @@ def job_progress(surface: SurfaceFile, job: str) -> str:
         if count < total:
             line += f", about {format_duration((total - count) / rate)} left"
     return line
+
+
+def trace_lines(found: dict) -> list[str]:
+    """The two estimates of `landscape trace`, each under the label it was stored with
+    (a file traced before labels were stored gets its step instead)."""
+    older = {
+        "hutchinson": "Hutchinson",
+        "projection": f"from loss values at step ε = {found['step']:.3g} (traced by an older "
+        "version, labelled tr(H); run `landscape trace` again for labelled estimates)",
+    }
+    lines = [f"  curvature at the centre ({found['confidence']:.0%} intervals):"]
+    for name in ("hutchinson", "projection"):
+        label = found.get(f"{name}_label", older[name])
+        mean, half_width = found[f"{name}_mean"], found[f"{name}_half_width"]
+        lines.append(f"    {label}: {mean:.6g} ± {half_width:.3g}")
+    if found.get("non_smooth_operations"):
+        lines.append(
+            f"    non-smooth operations ({found['non_smooth_operations']}): the two measure "
+            "different things and will differ"
+        )
+    return lines
 
 
 def submission_status(path: Path) -> list[str]:

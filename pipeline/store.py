@@ -15,8 +15,10 @@ Layout (schema version 2)::
     /endpoints           interpolation plans: weight histograms of both ends
                          (histogram_edges, histogram_a, histogram_b); attrs weight_norms,
                          checkpoints, defined_alpha (where BN variances stay >= 0)
-    /trace               landscape trace: per-sample estimates of tr(H) (projection,
-                         hutchinson); attrs means, half widths, dimension, step
+    /trace               landscape trace: per-sample estimates (projection: n x second
+                         difference at step e; hutchinson: z^T H z); attrs per estimate
+                         label, mean, half width, dtype; dimension, step (e), step_fraction,
+                         non_smooth_operations. Written by ``rewrite_group`` (new image, rename)
     /grid/x, /grid/y     coordinates (no y for a 1D surface)
     /maps/<name>         float64 (ny, nx) or (nx,), NaN until computed; the hessian job
                          also writes residuals, HVP counts, a converged flag, and
@@ -30,8 +32,10 @@ Layout (schema version 2)::
 
 Every dataset is created, with its storage allocated, when the file is planned; workers
 only overwrite raw values, never metadata, so a worker killed at any moment leaves a
-file that opens cleanly. A point's values are written before its done flag. With the
-``mpio`` driver every rank opens the file and writes its own points independently.
+file that opens cleanly. A command that adds a group to a finished file writes a new
+image of it and renames it over (``rewrite_group``). A point's values are written before
+its done flag. With the ``mpio`` driver every rank opens the file and writes its own
+points independently.
 """
 
 from __future__ import annotations
@@ -154,6 +158,29 @@ def open_failure(path: Path, mode: str, exc: OSError) -> UserError:
     return UserError(
         f"{path}: cannot open as HDF5 ({exc}); it may be damaged: delete it and plan again"
     )
+
+
+def rewrite_group(path: Path, name: str, datasets: dict, attrs: dict) -> None:
+    """Put the group ``name`` (datasets and attributes) into the finished surface file
+    ``path``, replacing an earlier one, without ever writing to ``path`` itself.
+
+    Adding, deleting or moving a group changes HDF5 metadata (object headers, free-space
+    lists) in place, and a kill or a full disk halfway through leaves a file that no
+    longer opens, maps and all. So the file is read into memory, the group changed
+    there, and the new image written whole by :func:`pipeline.atomic.write_file` (temp
+    file, fsync, rename): readers see the old file or the new one, never a mix, and a
+    full disk leaves the old file. The caller holds the surface's lock
+    (:func:`pipeline.locking.surface_lock`), so no job writes ``path`` meanwhile.
+    """
+    image = io.BytesIO(path.read_bytes())
+    with h5py.File(image, "r+") as handle:
+        if name in handle:
+            del handle[name]
+        group = handle.create_group(name)
+        group.attrs.update(attrs)
+        for key, values in datasets.items():
+            group.create_dataset(key, data=values)
+    write_file(path, image.getbuffer(), name)
 
 
 class SurfaceFile:
@@ -340,21 +367,6 @@ class SurfaceFile:
             return None
         group = self.handle[name]
         return {key: group[key][()] for key in group}, dict(group.attrs)
-
-    def replace_group(self, name: str, datasets: dict, attrs: dict) -> None:
-        """Write a group of results whole under a temporary name, then swap it in: a crash
-        leaves the old group or the new one, never half of one (serial writers only)."""
-        temporary = f"{name}.new"
-        if temporary in self.handle:
-            del self.handle[temporary]
-        group = self.handle.create_group(temporary)
-        group.attrs.update(attrs)
-        for key, values in datasets.items():
-            group.create_dataset(key, data=values)
-        if name in self.handle:
-            del self.handle[name]
-        self.handle.move(temporary, name)
-        self.handle.flush()
 
     def write_point(self, job: str, point: int, values: dict[str, float]) -> None:
         """Store one point's values, then its finish time and done flag (in that order)."""

@@ -1,37 +1,147 @@
-"""The trace of the Hessian at theta0, two ways (Boettcher & Wheeler; Hutchinson).
+"""Curvature at theta0 two ways: from loss values (Boettcher & Wheeler) and tr(H) by Hutchinson.
 
 From loss values only: for d uniform on the unit sphere of the n selected parameters,
-E[d^T H d] = tr(H) / n, the mean curvature, which is also why a random 2D slice shows
-a saddle as a bowl, a dome or a plain according to the sign of tr(H). Each direction's
-curvature is read from a central second difference,
-(L(theta + e d) - 2 L(theta) + L(theta - e d)) / e^2, so K directions cost 2K + 1
-loss evaluations and no Hessian-vector product.
+E[d^T H d] = tr(H) / n, the mean curvature. Each direction's curvature is read from a
+central second difference at step e,
+
+    D(d, e) = (L(theta + e d) - 2 L(theta) + L(theta - e d)) / e^2,
+
+so K directions cost 2K + 1 loss evaluations and no Hessian-vector product, and the
+estimate is n * mean D. That is tr(H) only where the loss is smooth at the scale of
+the step: a ReLU network's loss has kinks (jumps of the gradient), each of which adds a
+delta mass to the second difference that does not shrink with e, and which autograd's
+Hessian does not see. The estimate is therefore labelled for what it is (n x mean
+second difference at step e), its step is stored and printed beside it, and a model
+with non-smooth operations gets a warning that the two estimates will differ.
+
+Rounding: n / e^2 multiplies the error of every loss value (about 2e8 on the demo
+ResNet-20), and the error of L(theta), shared by all K samples, becomes a bias that no
+confidence interval includes. The losses are therefore evaluated by a float64 copy of
+the model at positions theta +- e d formed in float64, whatever ``evaluation.dtype``
+(the data stay in their dtype; each batch is cast on its way in). On GPUs with slow
+float64 arithmetic these 2K + 1 evaluations are the expensive part.
 
 Hutchinson's estimator, E[z^T H z] = tr(H) for Rademacher z, needs one HVP per probe
-and usually has a smaller variance; both are reported with a Student-t confidence
-interval over their K samples, so they can be compared.
+(in the config's dtype). Both are reported with a Student-t confidence interval over
+their K samples.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import stats
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from pipeline.checkpoint import verify_fingerprint
 from pipeline.config import TraceConfig
 from pipeline.evaluate import evaluate
 from pipeline.experiment import Experiment
 from pipeline.hessian import HessianOperator
+from pipeline.locking import surface_lock
 from pipeline.parameters import FlatParameters
-from pipeline.store import SurfaceFile
+from pipeline.store import SurfaceFile, existing_surface, rewrite_group
 
 log = logging.getLogger(__name__)
+
+HUTCHINSON_LABEL = "tr(H) by Hutchinson (mean of z^T H z over Rademacher z; autograd HVPs)"
+# Torch functions whose gradient jumps somewhere (a kink): ReLU and its relatives, hard
+# clipping and shrinking, max pooling. ELU is smooth enough (C1) only with alpha = 1.
+KINKED_FUNCTIONS = frozenset(
+    {
+        "relu",
+        "relu_",
+        "relu6",
+        "leaky_relu",
+        "leaky_relu_",
+        "prelu",
+        "rrelu",
+        "rrelu_",
+        "selu",
+        "selu_",
+        "hardtanh",
+        "hardtanh_",
+        "hardswish",
+        "hardsigmoid",
+        "hardshrink",
+        "softshrink",
+        "threshold",
+        "threshold_",
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "adaptive_max_pool1d",
+        "adaptive_max_pool2d",
+        "adaptive_max_pool3d",
+        "fractional_max_pool2d",
+        "fractional_max_pool3d",
+        "abs",
+        "clamp",
+        "clamp_",
+        "clip",
+        "maximum",
+        "minimum",
+        "amax",
+        "amin",
+    }
+)
+
+
+def projection_label(step: float) -> str:
+    """What the loss-value estimate is, with its absolute step e."""
+    return (
+        f"n × mean second difference of the loss at step ε = {step:.3g} (finite-difference "
+        "curvature; includes kinks of non-smooth activations)"
+    )
+
+
+class KinkedCalls(TorchFunctionMode):
+    """Counts the calls of kinked torch functions while active, whether a model calls
+    them through modules (``nn.ReLU``, ``nn.MaxPool2d``) or directly (``F.relu``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in KINKED_FUNCTIONS or (name in ("elu", "elu_") and elu_alpha(args, kwargs) != 1):
+            self.counts[name] += 1
+        return func(*args, **kwargs)
+
+
+def elu_alpha(args: tuple, kwargs: dict) -> float:
+    """The alpha of a call ``elu(input, alpha=1.0, inplace=False)``."""
+    return kwargs.get("alpha", args[1] if len(args) > 1 else 1.0)
+
+
+@torch.no_grad()
+def kinked_operations(model: nn.Module, inputs: torch.Tensor) -> dict[str, int]:
+    """Kinked functions one forward pass of ``model`` on ``inputs`` calls, with how often."""
+    with KinkedCalls() as calls:
+        model(inputs)
+    return dict(sorted(calls.counts.items()))
+
+
+class InFloat64(nn.Module):
+    """A float64 copy of ``model`` that casts floating inputs to float64 as they come in,
+    so the data set stays on the device in its own dtype (no float64 copy of it)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = copy.deepcopy(model).to(torch.float64)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs.to(torch.float64) if inputs.is_floating_point() else inputs)
 
 
 @dataclass(frozen=True)
@@ -56,19 +166,25 @@ class TraceEstimate:
 
 
 class TraceEstimator:
-    """tr(H) of the full-training-set mean loss at the model's parameters, over the
+    """Curvature of the full-training-set mean loss at the model's parameters, over the
     parameters ``hessian.parameters`` selects (all, or the weights only)."""
 
     def __init__(self, experiment: Experiment, parameters: str, hvp: str, settings: TraceConfig):
-        model = experiment.model
         self.settings = settings
-        self.flat = FlatParameters(model)
         self.inputs, self.targets = experiment.data.split("train")
         evaluation = experiment.config.evaluation
         self.batch_size, self.loss_name = evaluation.batch_size, evaluation.loss
         self.operator = HessianOperator(
-            model, self.inputs, self.targets, self.loss_name, self.batch_size, parameters, hvp
+            experiment.model,
+            self.inputs,
+            self.targets,
+            self.loss_name,
+            self.batch_size,
+            parameters,
+            hvp,
         )
+        self.float64_model = InFloat64(experiment.model)
+        self.flat = FlatParameters(self.float64_model.model)
         selected = set(self.operator.names)
         self.mask = torch.cat(
             [
@@ -80,10 +196,12 @@ class TraceEstimator:
         length = float(self.flat.origin[self.mask].norm())
         self.step = settings.step * (length if length > 0 else 1.0)
         self.generator = torch.Generator().manual_seed(settings.seed)
+        self.kinks = kinked_operations(experiment.model, self.inputs[:2])
 
     def loss(self) -> float:
+        """The full-data mean loss of the float64 copy at its current parameters."""
         return evaluate(
-            self.operator.model, self.inputs, self.targets, self.batch_size, self.loss_name
+            self.float64_model, self.inputs, self.targets, self.batch_size, self.loss_name
         )[0]
 
     def random_vector(self, rademacher: bool) -> torch.Tensor:
@@ -97,7 +215,7 @@ class TraceEstimator:
 
     def from_loss_values(self, samples: int) -> TraceEstimate:
         """n times the second difference of the loss along each of ``samples`` random unit
-        directions, with step ``trace.step * ||theta||``."""
+        directions, with step ``trace.step * ||theta||``, all in float64."""
         step = self.step
         self.flat.reset()
         center = self.loss()
@@ -122,68 +240,88 @@ class TraceEstimator:
         return TraceEstimate(np.array(values), self.settings.confidence)
 
 
+def kinks_text(kinks: dict[str, int]) -> str:
+    return ", ".join(f"{name} ×{count}" for name, count in kinks.items())
+
+
 def estimate_trace(path: str | Path, device: str | None = None) -> str:
     """``landscape trace``: both estimates at the centre of a surface file's plan, stored
     in its ``trace`` group (replacing an earlier one); returns a summary to print."""
-    path = Path(path)
-    with SurfaceFile.open(path) as surface:
-        config, planned_sha = surface.config, surface.attrs["checkpoint_sha256"]
-    verify_fingerprint(config.model.checkpoint, planned_sha, path)
-    experiment = Experiment.load(config, device=device)
-    settings, hessian = config.trace, config.hessian
-    estimator = TraceEstimator(experiment, hessian.parameters, hessian.hvp, settings)
-    log.info(
-        "%s: tr(H) over %d parameters (%s) on %s, %d samples each way",
-        path,
-        estimator.dimension,
-        hessian.parameters,
-        experiment.device,
-        settings.samples,
-    )
-    started = time.perf_counter()
-    projection = estimator.from_loss_values(settings.samples)
-    middle = time.perf_counter()
-    hutchinson = estimator.hutchinson(settings.samples)
-    seconds = (middle - started, time.perf_counter() - middle)
-    estimates = {"projection": projection, "hutchinson": hutchinson}
-    with SurfaceFile.open(path, "r+") as surface:
-        surface.replace_group(
+    path = existing_surface(path)
+    with surface_lock(path, "landscape trace"):  # no job writes the file meanwhile
+        with SurfaceFile.open(path) as surface:
+            config, planned_sha = surface.config, surface.attrs["checkpoint_sha256"]
+        verify_fingerprint(config.model.checkpoint, planned_sha, path)
+        experiment = Experiment.load(config, device=device)
+        settings, hessian = config.trace, config.hessian
+        estimator = TraceEstimator(experiment, hessian.parameters, hessian.hvp, settings)
+        log.info(
+            "%s: curvature over %d parameters (%s) on %s, %d samples each way",
+            path,
+            estimator.dimension,
+            hessian.parameters,
+            experiment.device,
+            settings.samples,
+        )
+        if estimator.kinks:
+            log.warning(
+                "the model has non-smooth operations (%s): the loss-value estimate includes their "
+                "kinks at the scale of the step, Hutchinson's tr(H) does not; the two will differ",
+                kinks_text(estimator.kinks),
+            )
+        started = time.perf_counter()
+        projection = estimator.from_loss_values(settings.samples)
+        middle = time.perf_counter()
+        hutchinson = estimator.hutchinson(settings.samples)
+        seconds = (middle - started, time.perf_counter() - middle)
+        estimates = {"projection": projection, "hutchinson": hutchinson}
+        rewrite_group(
+            path,
             "trace",
             {name: estimate.samples for name, estimate in estimates.items()},
             {
                 "dimension": estimator.dimension,
                 "parameters": hessian.parameters,
+                "samples": settings.samples,
                 "step": estimator.step,
+                "step_fraction": settings.step,
                 "confidence": settings.confidence,
                 "seconds": seconds,
+                "projection_label": projection_label(estimator.step),
+                "projection_dtype": "float64",
+                "hutchinson_label": HUTCHINSON_LABEL,
+                "hutchinson_dtype": experiment.config.evaluation.dtype,
+                "non_smooth_operations": kinks_text(estimator.kinks),
                 **{f"{name}_mean": e.mean for name, e in estimates.items()},
                 **{f"{name}_half_width": e.half_width for name, e in estimates.items()},
             },
         )
-    return trace_summary(estimator.dimension, settings, projection, hutchinson, seconds)
+        return trace_summary(estimator, experiment.config.evaluation.dtype, estimates, seconds)
 
 
 def trace_summary(
-    dimension: int,
-    settings: TraceConfig,
-    projection: TraceEstimate,
-    hutchinson: TraceEstimate,
+    estimator: TraceEstimator,
+    hvp_dtype: str,
+    estimates: dict[str, TraceEstimate],
     seconds: tuple[float, float],
 ) -> str:
-    level = f"{settings.confidence:.0%}"
-    count = settings.samples
-    rows = [
-        (
-            f"loss values, {count} random directions ({2 * count + 1} losses)",
-            projection,
-            seconds[0],
-        ),
-        (f"Hutchinson, {count} Rademacher probes ({count} HVPs)", hutchinson, seconds[1]),
+    settings, dimension, count = estimator.settings, estimator.dimension, estimator.settings.samples
+    projection, hutchinson = estimates["projection"], estimates["hutchinson"]
+    lines = [
+        f"Curvature at the centre, n = {dimension} parameters "
+        f"({settings.confidence:.0%} confidence intervals):",
+        f"  {HUTCHINSON_LABEL}",
+        f"      {hutchinson.mean:.6g} ± {hutchinson.half_width:.3g}   tr(H)/n = "
+        f"{hutchinson.mean / dimension:.4g}; {count} probes ({count} HVPs in {hvp_dtype}, "
+        f"{seconds[1]:.1f} s)",
+        f"  {projection_label(estimator.step)}",
+        f"      {projection.mean:.6g} ± {projection.half_width:.3g}   per parameter "
+        f"{projection.mean / dimension:.4g}; ε = {settings.step:g} × ||θ||, {count} random "
+        f"unit directions ({2 * count + 1} losses in float64, {seconds[0]:.1f} s)",
     ]
-    lines = [f"tr(H) at the centre, {dimension} parameters ({level} confidence intervals):"]
-    for what, estimate, spent in rows:
+    if estimator.kinks:
         lines.append(
-            f"  {what:<58} {estimate.mean:>12.6g} ± {estimate.half_width:<10.3g}"
-            f" tr(H)/n = {estimate.mean / dimension:.4g}  ({spent:.1f} s)"
+            f"  non-smooth operations ({kinks_text(estimator.kinks)}): the two measure "
+            "different things and will differ"
         )
     return "\n".join(lines)
