@@ -210,8 +210,12 @@ class EvaluationConfig:
 class HessianConfig:
     """The extreme Hessian eigenvalues at grid points (Li et al. 2018, section 6).
 
-    Each end is converged when its Ritz residual is at most ``tolerance`` times the
-    eigenvalue's magnitude (an eigenvalue lies within the residual of its Ritz value).
+    Each end is converged when its Ritz residual ||H y - theta y||, checked by one
+    explicit HVP, is at most ``tolerance`` times max(|lambda_min|, |lambda_max|) (an
+    eigenvalue lies within the residual of its Ritz value; the scale never vanishes,
+    unlike |lambda_min| at a semidefinite point). ``tolerance`` is floored at 16 machine
+    epsilons of evaluation.dtype, the precision of a product. ``max_hvps`` bounds the
+    Lanczos steps per point, and so its basis (max_hvps x parameters x 8 bytes).
     """
 
     parameters: str = choice("all", ("all", "weights"))

@@ -38,7 +38,12 @@ from pipeline.direction_files import (
     weight_histograms,
 )
 from pipeline.experiment import Experiment
-from pipeline.hessian import HessianOperator, lanczos
+from pipeline.hessian import (
+    Criterion,
+    HessianOperator,
+    check_basis_memory,
+    lanczos,
+)
 from pipeline.trajectory import trajectory_files, trajectory_pca
 
 log = logging.getLogger(__name__)
@@ -157,33 +162,29 @@ def hessian_plane(experiment: Experiment, config: ExperimentConfig, count: int) 
         "weights" if settings.ignore == "biasbn" else "all",
         solver.hvp,
     )
+    check_basis_memory(operator.shape[0], solver.max_hvps, experiment.device)
     generator = torch.Generator().manual_seed(settings.seed)
     start = torch.randn(operator.shape[0], generator=generator, dtype=torch.float64)
     which = ((-1, 0) if settings.eigenvectors == "extremes" else (-1, -2))[:count]
     names = ("λmax", "λmin") if settings.eigenvectors == "extremes" else ("λ1", "λ2")
-    pairs = lanczos(
-        lambda v: operator.hvp(v.to(operator.torch_dtype)),
-        start.to(experiment.device),
-        solver.tolerance,
-        solver.max_hvps,
-        which,
-    )
+    criterion = Criterion.for_dtype(solver.tolerance, operator.torch_dtype)
+    pairs = lanczos(operator.hvp, start.to(experiment.device), criterion, solver.max_hvps, which)
     if not pairs.converged:
         log.warning(
             "Hessian directions not converged to hessian.tolerance %.1e in %d HVPs "
             "(residuals %s); raise hessian.max_hvps for exact eigenvectors",
             solver.tolerance,
-            pairs.steps,
+            pairs.hvps,
             ", ".join(f"{r:.2e}" for r in pairs.residuals),
         )
     log.info(
         "Hessian directions: %s in %d HVPs",
         ", ".join(f"{n} = {v:.6g}" for n, v in zip(names, pairs.values)),
-        pairs.steps,
+        pairs.hvps,
     )
     shapes = {name: p.shape for name, p in experiment.model.named_parameters()}
     vectors = []
-    for vector in pairs.vectors().cpu():
+    for vector in pairs.vectors.cpu():
         direction = {
             name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()
         }
@@ -197,8 +198,11 @@ def hessian_plane(experiment: Experiment, config: ExperimentConfig, count: int) 
             + ("" if pairs.converged else " (not converged)"),
             "eigenvalue": value,
             "residual": residual,
+            "criterion": Criterion.TEXT,
+            "tolerance": solver.tolerance,
+            "rounding_floor": criterion.floor,
             "converged": pairs.converged,
-            "hvps": pairs.steps,
+            "hvps": pairs.hvps,
         }
         for axis, name, value, residual in zip("xy", names, pairs.values, pairs.residuals)
     ]

@@ -17,6 +17,7 @@ from pipeline.directions import ignored_parameters, plan_directions
 from pipeline.errors import UserError
 from pipeline.experiment import Experiment
 from pipeline.grid import Grid, shard_ranges
+from pipeline.hessian import convergence_attrs
 from pipeline.store import SurfaceFile, create_surface_file
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def plan_surface(config: ExperimentConfig) -> Path:
         directions.groups,
         work,
         metadata,
+        {"hessian": convergence_attrs(config.hessian, experiment.dtype)},
     )
     log.info(
         "planned %s: %s grid, maps %s; %s",
