@@ -177,10 +177,15 @@ class DirectionsConfig:
             )
         if self.kind == "file" and self.file is None:
             raise ConfigError(f"{where}.file: required for kind 'file'; name a .pt or .h5 file")
-        if self.kind == "pca" and self.normalization != "unit":
+        unit_only = {
+            "pca": "orthonormal axes are what makes the projected trajectory exact",
+            "hessian": "a rescaled eigenvector is no eigenvector: the plane's curvatures would "
+            "not be its eigenvalues; for Li et al.'s filter scaling use kind: random",
+        }
+        if self.kind in unit_only and self.normalization != "unit":
             raise ConfigError(
-                f"{where}.normalization: pca directions must stay 'unit' (orthonormal axes are "
-                "what makes the projected trajectory exact)"
+                f"{where}.normalization: {self.kind} directions must stay 'unit' "
+                f"({unit_only[self.kind]})"
             )
         if self.kind == "interpolation" and (self.normalization != "none" or self.ignore != "none"):
             raise ConfigError(

@@ -8,9 +8,10 @@ A direction d has one entry per parameter. Kinds (``directions.kind``):
   of theta: d_ij <- d_ij / ||d_ij|| * ||theta_ij|| (a filter is one slice along the
   output dimension: a conv output channel, or one output neuron's row).
 - ``pca``: the principal directions of a training trajectory (:mod:`pipeline.trajectory`).
-- ``hessian``: eigenvectors of the Hessian at theta (Boettcher & Wheeler): the only
-  directions along which a 2D slice shows the true principal curvatures, saddles
-  included. A random slice's curvature averages the eigenvalues to about tr(H)/n.
+- ``hessian``: unit eigenvectors of the Hessian at theta (Boettcher & Wheeler): the
+  only directions along which a 2D slice shows the true principal curvatures, saddles
+  included (rescaled, they would be eigenvectors no more: their normalization stays
+  ``unit``). A random slice's curvature averages the eigenvalues to about tr(H)/n.
 - ``target``, ``interpolation``, ``file``: read from files (:mod:`pipeline.direction_files`).
 
 Scaling (``normalization``): ``filter``, ``layer`` (whole tensor), ``weight``
@@ -40,6 +41,7 @@ from pipeline.direction_files import (
 from pipeline.experiment import Experiment
 from pipeline.hessian import (
     Criterion,
+    GaugeProjection,
     HessianOperator,
     check_basis_memory,
     lanczos,
@@ -147,10 +149,13 @@ def pca_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> D
 
 
 def hessian_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> Directions:
-    """Boettcher & Wheeler: eigenvectors of the training-loss Hessian at theta, of
+    """Boettcher & Wheeler: unit eigenvectors of the training-loss Hessian at theta, of
     lambda_max and lambda_min (``extremes``) or of the two largest (``top``), by Lanczos
     from a seeded start to ``hessian.tolerance`` within ``hessian.max_hvps`` products.
-    Without biases and BN scales (``ignore: biasbn``) it is the Hessian of the weights."""
+    Without biases and BN scales (``ignore: biasbn``) it is the Hessian of the weights.
+    A softmax classifier's gauge directions, along which the loss never changes, are
+    projected out (:class:`~pipeline.hessian.GaugeProjection`): lambda_min's eigenvector
+    is then a direction the model's function feels, also where H is semidefinite."""
     settings, solver = config.directions, config.hessian
     inputs, targets = experiment.data.split("train")
     operator = HessianOperator(
@@ -163,12 +168,21 @@ def hessian_plane(experiment: Experiment, config: ExperimentConfig, count: int) 
         solver.hvp,
     )
     check_basis_memory(operator.shape[0], solver.max_hvps, experiment.device)
+    gauge = GaugeProjection.find(operator)
+    if gauge is not None:
+        log.info(
+            "Hessian directions: %d softmax gauge directions of layer %r projected out",
+            gauge.count,
+            gauge.layer,
+        )
     generator = torch.Generator().manual_seed(settings.seed)
     start = torch.randn(operator.shape[0], generator=generator, dtype=torch.float64)
     which = ((-1, 0) if settings.eigenvectors == "extremes" else (-1, -2))[:count]
     names = ("λmax", "λmin") if settings.eigenvectors == "extremes" else ("λ1", "λ2")
     criterion = Criterion.for_dtype(solver.tolerance, operator.torch_dtype)
-    pairs = lanczos(operator.hvp, start.to(experiment.device), criterion, solver.max_hvps, which)
+    pairs = lanczos(
+        operator.hvp, start.to(experiment.device), criterion, solver.max_hvps, which, gauge
+    )
     if not pairs.converged:
         log.warning(
             "Hessian directions not converged to hessian.tolerance %.1e in %d HVPs "
@@ -191,16 +205,18 @@ def hessian_plane(experiment: Experiment, config: ExperimentConfig, count: int) 
         pieces = vector.split(operator.sizes)
         direction.update((n, p.view(s)) for n, p, s in zip(operator.names, pieces, operator.shapes))
         vectors.append(direction)
-    scaling = "" if settings.normalization == "unit" else f", {scaling_note(settings)}"
+    projected = gauge is not None and "λmin" in names
     axes = [
         {
-            "label": f"{axis}: Hessian eigenvector, {name} = {value:.4g}{scaling}"
+            "label": f"{axis}: Hessian eigenvector, {name} = {value:.4g}"
+            + (" (softmax gauge projected out)" if projected and name == "λmin" else "")
             + ("" if pairs.converged else " (not converged)"),
             "eigenvalue": value,
             "residual": residual,
             "criterion": Criterion.TEXT,
             "tolerance": solver.tolerance,
             "rounding_floor": criterion.floor,
+            "gauge_directions_projected": 0 if gauge is None else gauge.count,
             "converged": pairs.converged,
             "hvps": pairs.hvps,
         }
