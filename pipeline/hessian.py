@@ -326,19 +326,9 @@ class RitzPairs:
     converged: bool
 
 
-def basis_rows(limit: int) -> list[int]:
-    """The row counts the Lanczos basis grows through: 32, doubling, up to ``limit``."""
-    rows = [min(32, limit)]
-    while rows[-1] < limit:
-        rows.append(min(2 * rows[-1], limit))
-    return rows
-
-
-def basis_peak_bytes(max_hvps: int, size: int) -> int:
-    """The most memory the float64 Lanczos basis holds at once for ``size`` parameters:
-    while it grows, the old rows and the new ones."""
-    rows = basis_rows(min(max_hvps, size))
-    return max([rows[0]] + [old + new for old, new in zip(rows, rows[1:])]) * size * 8
+def basis_bytes(max_hvps: int, size: int) -> int:
+    """The float64 Lanczos basis for ``size`` parameters: one row per step."""
+    return min(max_hvps, size) * size * 8
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -373,9 +363,9 @@ def in_units(count: float) -> str:
 def check_basis_memory(size: int, max_hvps: int, device: torch.device) -> None:
     """Log what the Lanczos basis for ``size`` parameters may take, and refuse in one line,
     before anything is allocated, if that is more than ``device`` has free."""
-    limit, need, free = min(max_hvps, size), basis_peak_bytes(max_hvps, size), free_memory(device)
+    limit, need, free = min(max_hvps, size), basis_bytes(max_hvps, size), free_memory(device)
     log.info(
-        "Lanczos basis: up to %d float64 vectors of %d parameters, %s at peak (%s free on %s)",
+        "Lanczos basis: %d float64 vectors of %d parameters, %s (%s free on %s)",
         limit,
         size,
         in_units(need),
@@ -384,15 +374,15 @@ def check_basis_memory(size: int, max_hvps: int, device: torch.device) -> None:
     )
     if free is None or need <= free:
         return
-    fitting = next((m for m in range(max_hvps - 1, 3, -1) if basis_peak_bytes(m, size) <= free), 0)
+    fitting = free // (size * 8)
     remedy = (
         f"lower hessian.max_hvps to {fitting} or fewer"
-        if fitting
+        if fitting >= 4
         else "select fewer parameters (hessian.parameters: weights) or use a larger device"
     )
     raise UserError(
         f"hessian.max_hvps: {limit} Lanczos vectors of {size:,} parameters need "
-        f"{in_units(need)} (float64, at peak) but {device} has {in_units(free)} free; {remedy}"
+        f"{in_units(need)} (float64) but {device} has {in_units(free)} free; {remedy}"
     )
 
 
@@ -420,8 +410,9 @@ def lanczos(
     """Ritz pairs ``which`` (indices into the ascending Ritz values: 0 the smallest, -1
     the largest, -2 the second largest) from one Lanczos run with full reorthogonalization.
 
-    The basis is kept in float64 on ``start``'s device (``max_hvps`` x n values at most,
-    see :func:`check_basis_memory`); every product is orthogonalized twice against it
+    The basis is kept in float64 on ``start``'s device, min(``max_hvps``, n) x n values
+    allocated at once (see :func:`check_basis_memory`; on the CPU a page is only touched
+    when a step fills it); every product is orthogonalized twice against it
     (Kahan-Parlett: twice is enough), so no ghost eigenvalues appear. After each product
     the tridiagonal T_k is solved; the estimated residual of Ritz pair (theta_i, y_i) is
     |beta_k * s_ki|, the last component of T_k's eigenvector times the next off-diagonal.
@@ -440,8 +431,7 @@ def lanczos(
     keep = project or (lambda vector: vector)
     size = start.numel()
     limit = min(max_hvps, size)
-    rows = iter(basis_rows(limit))
-    basis = torch.empty(next(rows), size, dtype=torch.float64, device=start.device)
+    basis = torch.empty(limit, size, dtype=torch.float64, device=start.device)
     restarts = torch.Generator().manual_seed(0)
     exact: list[tuple[float, int, np.ndarray]] = []  # (theta, block's first row, coefficients)
     first, alphas, betas = 0, [], []  # the current block: its first row and T's diagonals
@@ -449,10 +439,6 @@ def lanczos(
     vector = vector / vector.norm()
     steps, settled = 0, False
     while steps < limit:
-        if steps == len(basis):
-            grown = torch.empty(next(rows), size, dtype=basis.dtype, device=basis.device)
-            grown[:steps] = basis
-            basis = grown
         basis[steps] = vector
         product = keep(hvp(vector).double())
         steps += 1

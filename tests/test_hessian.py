@@ -22,7 +22,7 @@ from pipeline.hessian import (
     GaugeProjection,
     HessianEvaluator,
     HessianOperator,
-    basis_peak_bytes,
+    basis_bytes,
     extreme_eigenvalues,
     free_memory,
     lanczos,
@@ -315,15 +315,15 @@ def test_a_basis_larger_than_free_memory_is_refused_in_one_line(experiment, monk
     config = experiment(grid={"x": {"min": 0.0, "max": 1.0, "num": 2}}, maps=["lambda_max"])
     surface = plan_surface(load_config(config))
     size = 5 * 8 + 8 + 8 * 3 + 3  # the test MLP: Linear(5, 8), Linear(8, 3)
-    assert free_memory(torch.device("cpu")) > basis_peak_bytes(400, size)  # the real probe
-    monkeypatch.setattr(hessian_module, "free_memory", lambda device: basis_peak_bytes(50, size))
+    assert free_memory(torch.device("cpu")) > basis_bytes(400, size)  # the real probe
+    monkeypatch.setattr(hessian_module, "free_memory", lambda device: basis_bytes(50, size) + 7)
     caplog.set_level("INFO", logger="pipeline.hessian")
     with pytest.raises(UserError) as caught:
         run_hessian(surface, show_progress=False)
     message = str(caught.value)
     assert message.startswith("hessian.max_hvps: 75 Lanczos vectors of 75 parameters need")
     assert "lower hessian.max_hvps to 50 or fewer" in message and "\n" not in message
-    assert "Lanczos basis: up to 75 float64 vectors of 75 parameters" in caplog.text
+    assert "Lanczos basis: 75 float64 vectors of 75 parameters, 43.9 KiB" in caplog.text
     with SurfaceFile.open(surface) as untouched:
         assert not untouched.done("hessian").any()
     # Hessian directions (of the weights: 64 parameters) where not even 4 vectors fit.
