@@ -213,10 +213,15 @@ class DirectionsConfig:
             )
         if self.kind == "file" and self.file is None:
             raise ConfigError(f"{where}.file: required for kind 'file'; name a .pt or .h5 file")
-        if self.kind == "pca" and self.normalization != "unit":
+        unit_only = {
+            "pca": "orthonormal axes are what makes the projected trajectory exact",
+            "hessian": "a rescaled eigenvector is no eigenvector: the plane's curvatures would "
+            "not be its eigenvalues; for Li et al.'s filter scaling use kind: random",
+        }
+        if self.kind in unit_only and self.normalization != "unit":
             raise ConfigError(
-                f"{where}.normalization: pca directions must stay 'unit' (orthonormal axes are "
-                "what makes the projected trajectory exact)"
+                f"{where}.normalization: {self.kind} directions must stay 'unit' "
+                f"({unit_only[self.kind]})"
             )
         if self.kind == "interpolation" and (self.normalization != "none" or self.ignore != "none"):
             raise ConfigError(
@@ -246,8 +251,12 @@ class EvaluationConfig:
 class HessianConfig:
     """The extreme Hessian eigenvalues at grid points (Li et al. 2018, section 6).
 
-    Each end is converged when its Ritz residual is at most ``tolerance`` times the
-    eigenvalue's magnitude (an eigenvalue lies within the residual of its Ritz value).
+    Each end is converged when its Ritz residual ||H y - theta y||, checked by one
+    explicit HVP, is at most ``tolerance`` times max(|lambda_min|, |lambda_max|) (an
+    eigenvalue lies within the residual of its Ritz value; the scale never vanishes,
+    unlike |lambda_min| at a semidefinite point). ``tolerance`` is floored at 16 machine
+    epsilons of evaluation.dtype, the precision of a product. ``max_hvps`` bounds the
+    Lanczos steps per point, and so its basis (max_hvps x parameters x 8 bytes).
     """
 
     parameters: str = choice("all", ("all", "weights"))

@@ -8,9 +8,10 @@ A direction d has one entry per parameter. Kinds (``directions.kind``):
   of theta: d_ij <- d_ij / ||d_ij|| * ||theta_ij|| (a filter is one slice along the
   output dimension: a conv output channel, or one output neuron's row).
 - ``pca``: the principal directions of a training trajectory (:mod:`pipeline.trajectory`).
-- ``hessian``: eigenvectors of the Hessian at theta (Boettcher & Wheeler): the only
-  directions along which a 2D slice shows the true principal curvatures, saddles
-  included. A random slice's curvature at the centre is d^T H d. Only for d uniform on
+- ``hessian``: unit eigenvectors of the Hessian at theta (Boettcher & Wheeler): the
+  only directions along which a 2D slice shows the true principal curvatures, saddles
+  included (rescaled, they would be eigenvectors no more: their normalization stays
+  ``unit``). A random slice's curvature at the centre is d^T H d. Only for d uniform on
   the unit sphere is its mean tr(H)/n (what ``landscape trace`` samples); a
   filter-normalized d (u_f uniform on the unit sphere of filter f, times ||theta_f||)
   has E[d^T H d] = sum_f ||theta_f||^2 / m_f * tr(H_ff), with m_f the filter's size and
@@ -43,7 +44,13 @@ from pipeline.direction_files import (
     weight_histograms,
 )
 from pipeline.experiment import Experiment
-from pipeline.hessian import HessianOperator, lanczos
+from pipeline.hessian import (
+    Criterion,
+    GaugeProjection,
+    HessianOperator,
+    check_basis_memory,
+    lanczos,
+)
 from pipeline.trajectory import trajectory_files, trajectory_pca
 
 log = logging.getLogger(__name__)
@@ -147,10 +154,13 @@ def pca_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> D
 
 
 def hessian_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> Directions:
-    """Boettcher & Wheeler: eigenvectors of the training-loss Hessian at theta, of
+    """Boettcher & Wheeler: unit eigenvectors of the training-loss Hessian at theta, of
     lambda_max and lambda_min (``extremes``) or of the two largest (``top``), by Lanczos
     from a seeded start to ``hessian.tolerance`` within ``hessian.max_hvps`` products.
-    Without biases and BN scales (``ignore: biasbn``) it is the Hessian of the weights."""
+    Without biases and BN scales (``ignore: biasbn``) it is the Hessian of the weights.
+    A softmax classifier's gauge directions, along which the loss never changes, are
+    projected out (:class:`~pipeline.hessian.GaugeProjection`): lambda_min's eigenvector
+    is then a direction the model's function feels, also where H is semidefinite."""
     settings, solver = config.directions, config.hessian
     inputs, targets = experiment.data.split("train")
     operator = HessianOperator(
@@ -162,48 +172,58 @@ def hessian_plane(experiment: Experiment, config: ExperimentConfig, count: int) 
         "weights" if settings.ignore == "biasbn" else "all",
         solver.hvp,
     )
+    check_basis_memory(operator.shape[0], solver.max_hvps, experiment.device)
+    gauge = GaugeProjection.find(operator)
+    if gauge is not None:
+        log.info(
+            "Hessian directions: %d softmax gauge directions of layer %r projected out",
+            gauge.count,
+            gauge.layer,
+        )
     generator = torch.Generator().manual_seed(settings.seed)
     start = torch.randn(operator.shape[0], generator=generator, dtype=torch.float64)
     which = ((-1, 0) if settings.eigenvectors == "extremes" else (-1, -2))[:count]
     names = ("λmax", "λmin") if settings.eigenvectors == "extremes" else ("λ1", "λ2")
+    criterion = Criterion.for_dtype(solver.tolerance, operator.torch_dtype)
     pairs = lanczos(
-        lambda v: operator.hvp(v.to(operator.torch_dtype)),
-        start.to(experiment.device),
-        solver.tolerance,
-        solver.max_hvps,
-        which,
+        operator.hvp, start.to(experiment.device), criterion, solver.max_hvps, which, gauge
     )
     if not pairs.converged:
         log.warning(
             "Hessian directions not converged to hessian.tolerance %.1e in %d HVPs "
             "(residuals %s); raise hessian.max_hvps for exact eigenvectors",
             solver.tolerance,
-            pairs.steps,
+            pairs.hvps,
             ", ".join(f"{r:.2e}" for r in pairs.residuals),
         )
     log.info(
         "Hessian directions: %s in %d HVPs",
         ", ".join(f"{n} = {v:.6g}" for n, v in zip(names, pairs.values)),
-        pairs.steps,
+        pairs.hvps,
     )
     shapes = {name: p.shape for name, p in experiment.model.named_parameters()}
     vectors = []
-    for vector in pairs.vectors().cpu():
+    for vector in pairs.vectors.cpu():
         direction = {
             name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()
         }
         pieces = vector.split(operator.sizes)
         direction.update((n, p.view(s)) for n, p, s in zip(operator.names, pieces, operator.shapes))
         vectors.append(direction)
-    scaling = "" if settings.normalization == "unit" else f", {scaling_note(settings)}"
+    projected = gauge is not None and "λmin" in names
     axes = [
         {
-            "label": f"{axis}: Hessian eigenvector, {name} = {value:.4g}{scaling}"
+            "label": f"{axis}: Hessian eigenvector, {name} = {value:.4g}"
+            + (" (softmax gauge projected out)" if projected and name == "λmin" else "")
             + ("" if pairs.converged else " (not converged)"),
             "eigenvalue": value,
             "residual": residual,
+            "criterion": Criterion.TEXT,
+            "tolerance": solver.tolerance,
+            "rounding_floor": criterion.floor,
+            "gauge_directions_projected": 0 if gauge is None else gauge.count,
             "converged": pairs.converged,
-            "hvps": pairs.steps,
+            "hvps": pairs.hvps,
         }
         for axis, name, value, residual in zip("xy", names, pairs.values, pairs.residuals)
     ]

@@ -18,6 +18,7 @@ from pipeline.directions import ignored_parameters, plan_directions
 from pipeline.errors import UserError
 from pipeline.experiment import Experiment
 from pipeline.grid import Grid, shard_ranges
+from pipeline.hessian import convergence_attrs
 from pipeline.locking import surface_lock
 from pipeline.store import SurfaceFile, create_surface_file
 
@@ -79,6 +80,7 @@ def create_plan(path: Path, config: ExperimentConfig) -> None:
         directions.groups,
         work,
         metadata,
+        {"hessian": convergence_attrs(config.hessian, experiment.dtype)},
     )
     log.info(
         "planned %s: %s grid, maps %s; %s",

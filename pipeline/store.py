@@ -24,7 +24,9 @@ Layout (schema version 2)::
                          also writes residuals, HVP counts, a converged flag, and
                          lambda_ratio = |lambda_min / lambda_max| once it ends
     /done/<job>          uint8, 1 once every output of that job has its value at the
-                         point; attrs: outputs (the maps the job writes)
+                         point; attrs: outputs (the maps the job writes); hessian: the
+                         convergence criterion, tolerance, residual_tolerance (floored
+                         for hvp_dtype), rounding_floor, method
     /finished/<job>      float64 unix time each point was finished (progress and rate)
     /points/<job>        int64 row-major point numbers of the job (every point, or every
                          stride-th along each axis for a coarser Hessian grid)
@@ -72,14 +74,16 @@ def create_surface_file(
     groups: dict[str, tuple[dict, dict]],
     work: dict[str, tuple[np.ndarray, np.ndarray]],
     metadata: dict,
+    job_attrs: dict[str, dict] | None = None,
 ) -> None:
     """Write a complete, empty surface file atomically (temp file, then rename).
 
     ``axis_attrs`` go on each direction's group; ``groups`` are extra groups of datasets
     and attributes (a PCA trajectory, interpolation end points); ``work`` maps each job
-    to its point numbers and its shards (ranges into them). The file is built in memory
-    (as large as the directions plus the maps) and written by :func:`write_file`, so a
-    full disk or an interrupt leaves no file and no ``.tmp``.
+    to its point numbers and its shards (ranges into them); ``job_attrs`` go on a job's
+    done flags (what its values mean: the hessian job's convergence criterion). The file
+    is built in memory (as large as the directions plus the maps) and written by
+    :func:`write_file`, so a full disk or an interrupt leaves no file and no ``.tmp``.
     """
     image = io.BytesIO()
     with h5py.File(image, "w") as handle:
@@ -111,6 +115,7 @@ def create_surface_file(
                 handle.create_dataset(f"maps/{name}", data=np.full(grid.shape, np.nan))
             done = handle.create_dataset(f"done/{job}", data=np.zeros(grid.shape, np.uint8))
             done.attrs["outputs"] = outputs
+            done.attrs.update((job_attrs or {}).get(job, {}))
             handle.create_dataset(f"finished/{job}", data=np.full(grid.shape, np.nan))
             handle.create_dataset(f"points/{job}", data=points)
             handle.create_dataset(f"shards/{job}", data=shards)

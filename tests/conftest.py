@@ -161,16 +161,23 @@ def trained_experiment(experiment, model: str, epochs: int = 150, schedule=None,
     return path
 
 
-def dense_hessian(operator) -> np.ndarray:
+def dense_hessian(operator, dtype: torch.dtype | None = None) -> np.ndarray:
     """The dense Hessian of ``operator``'s full-data mean loss (torch.func.hessian), over
-    its selected parameters, at the model's current parameters."""
+    its selected parameters, at the model's current parameters, computed in ``dtype``
+    (default: the model's; float64 gives the ground truth of a float32 model)."""
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
     params, fixed = operator.state()
-    flat = torch.cat([p.reshape(-1) for p in params.values()])
+    fixed = {name: cast(t) for name, t in fixed.items()}
+    flat = cast(torch.cat([p.reshape(-1) for p in params.values()]))
+    inputs = cast(operator.inputs)
 
     def mean_loss(vector):
         pieces = (t.view(s) for t, s in zip(vector.split(operator.sizes), operator.shapes))
         outputs = functional_call(
-            operator.model, {**fixed, **dict(zip(operator.names, pieces))}, (operator.inputs,)
+            operator.model, {**fixed, **dict(zip(operator.names, pieces))}, (inputs,)
         )
         return per_sample_loss(outputs, operator.targets, operator.loss).mean()
 

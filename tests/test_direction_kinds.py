@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import dense_hessian, trained_experiment
+from scipy.linalg import null_space
 
 from pipeline import trajectory
 from pipeline.config import load_config
@@ -223,6 +224,56 @@ def test_hessian_directions_are_the_dense_eigenvectors_and_the_surface_curves_by
     np.testing.assert_allclose([curvature_x, curvature_y], values[[-1, 0]], rtol=1e-3, atol=1e-6)
     figures = {path.name for path in plot_surface_file(surface, formats=("png",))}
     assert f"{surface.stem}_train_loss_sections.png" in figures
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_hessian_directions_at_a_semidefinite_point_leave_out_the_softmax_gauge(experiment, dtype):
+    """A softmax-linear model is convex: its Hessian is zero on the gauge (one vector added
+    to every row of W), where the loss never changes. lambda_min's direction is the
+    smallest curvature the model's function feels: the dense Hessian's on the gauge's
+    orthogonal complement (before: a flat gauge direction, eigenvalue 0). Both vectors
+    are within residual / gap of the dense eigenvectors (Davis-Kahan)."""
+    config = experiment(
+        model={"name": "linear", "kwargs": {}},
+        directions={"kind": "hessian"},
+        hessian={"tolerance": 1e-10},
+        evaluation={"dtype": dtype},
+        maps=["train_loss"],
+    )
+    surface = plan_surface(load_config(config))
+    with SurfaceFile.open(surface) as planned:
+        directions, axes = planned.directions(), planned.axis_attrs()
+
+    exp = Experiment.load(load_config(config))
+    inputs, targets = exp.data.split("train")
+    operator = HessianOperator(exp.model, inputs, targets, "cross_entropy", 1000, "weights")
+    assert operator.names == ["linear.weight"]  # 3 classes x 5 inputs, biases ignored
+    exact = dense_hessian(operator, torch.float64)
+    gauge = np.kron(np.ones((3, 1)), np.eye(5)) / np.sqrt(3)  # column j raised in every row
+    scale = np.abs(np.linalg.eigvalsh(exact)).max()
+    assert np.abs(exact @ gauge).max() <= 1e-12 * scale  # flat: lambda_min = 0 exactly
+    complement = null_space(gauge.T)
+    inside, rotated = np.linalg.eigh(complement.T @ exact @ complement)
+    everywhere, vectors = np.linalg.eigh(exact)
+    expected = [(everywhere, vectors[:, -1], -1), (inside, complement @ rotated[:, 0], 0)]
+    for direction, axis, (values, vector, end) in zip(directions, axes, expected):
+        found = direction["linear.weight"].reshape(-1)
+        gap = abs(values[end] - values[end - 1 if end else 1])
+        sine = np.sqrt(max(0.0, 1 - (found @ vector) ** 2))
+        assert sine <= 2 * axis["residual"] / gap, (axis["label"], sine)
+        assert abs(axis["eigenvalue"] - values[end]) <= 2 * axis["residual"]
+        assert np.abs(found @ gauge).max() <= 1e-12 and axis["converged"]
+        assert axis["gauge_directions_projected"] == 5
+    assert inside[0] > 1e-3 * scale  # the complement is positive definite
+    assert "softmax gauge projected out" in axes[1]["label"]
+
+
+def test_filter_normalized_hessian_directions_are_refused(experiment):
+    """A rescaled eigenvector is no eigenvector: the plane's curvatures would not be the
+    eigenvalues its axes are labelled with (before: planned, labelled eigenvectors)."""
+    config = experiment(directions={"kind": "hessian", "normalization": "filter"})
+    with pytest.raises(UserError, match="directions.normalization: hessian directions must stay"):
+        load_config(config)
 
 
 def test_direction_file_must_fit_the_model_and_names_the_first_bad_key(experiment, tmp_path):

@@ -19,7 +19,8 @@ import pytest
 from pipeline import atomic
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.errors import Interrupted
+from pipeline.errors import Interrupted, UserError
+from pipeline.locking import surface_lock
 from pipeline.parts import parts_folder, points_in_parts
 from pipeline.plan import plan_surface
 from pipeline.store import SurfaceFile
@@ -189,7 +190,20 @@ def test_interrupted_mpi_run_stops_every_rank_and_resumes_bit_for_bit(experiment
         ), line
     assert len({line.split(":")[0] for line in said}) == len(said)  # one line per rank
 
+    wait_for_lock(surface)  # an aborted rank may outlive mpiexec by a moment
     run_job(surface, "surface", show_progress=False)
     with SurfaceFile.open(surface) as resumed:
         for name, values in expected.items():
             np.testing.assert_array_equal(resumed.maps()[name], values, err_msg=name)
+
+
+def wait_for_lock(surface: Path, timeout: float = 30) -> None:
+    """Until no process holds the surface's lock (the ranks of a killed job are gone)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with surface_lock(surface, "test"):
+                return
+        except UserError:
+            assert time.monotonic() < deadline, "the killed job's ranks still hold the lock"
+            time.sleep(0.1)
