@@ -43,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 
 from pipeline.checkpoint import verify_fingerprint
 from pipeline.config import TraceConfig
+from pipeline.errors import UserError
 from pipeline.evaluate import evaluate
 from pipeline.experiment import Experiment
 from pipeline.hessian import HessianOperator
@@ -246,35 +247,46 @@ def kinks_text(kinks: dict[str, int]) -> str:
 
 def estimate_trace(path: str | Path, device: str | None = None) -> str:
     """``landscape trace``: both estimates at the centre of a surface file's plan, stored
-    in its ``trace`` group (replacing an earlier one); returns a summary to print."""
+    in its ``trace`` group (replacing an earlier one); returns a summary to print.
+
+    The estimates need only the checkpoint, so jobs may write the file while they are
+    computed; the result is stored under the surface's lock, waiting for a job that
+    holds it, into the plan it was computed for.
+    """
     path = existing_surface(path)
-    with surface_lock(path, "landscape trace"):  # no job writes the file meanwhile
-        with SurfaceFile.open(path) as surface:
-            config, planned_sha = surface.config, surface.attrs["checkpoint_sha256"]
-        verify_fingerprint(config.model.checkpoint, planned_sha, path)
-        experiment = Experiment.load(config, device=device)
-        settings, hessian = config.trace, config.hessian
-        estimator = TraceEstimator(experiment, hessian.parameters, hessian.hvp, settings)
-        log.info(
-            "%s: curvature over %d parameters (%s) on %s, %d samples each way",
-            path,
-            estimator.dimension,
-            hessian.parameters,
-            experiment.device,
-            settings.samples,
+    with SurfaceFile.open(path) as surface:
+        config, plan_id = surface.config, surface.plan_id
+        planned_sha = surface.attrs["checkpoint_sha256"]
+    verify_fingerprint(config.model.checkpoint, planned_sha, path)
+    experiment = Experiment.load(config, device=device)
+    settings, hessian = config.trace, config.hessian
+    estimator = TraceEstimator(experiment, hessian.parameters, hessian.hvp, settings)
+    log.info(
+        "%s: curvature over %d parameters (%s) on %s, %d samples each way",
+        path,
+        estimator.dimension,
+        hessian.parameters,
+        experiment.device,
+        settings.samples,
+    )
+    if estimator.kinks:
+        log.warning(
+            "the model has non-smooth operations (%s): the loss-value estimate includes their "
+            "kinks at the scale of the step, Hutchinson's tr(H) does not; the two will differ",
+            kinks_text(estimator.kinks),
         )
-        if estimator.kinks:
-            log.warning(
-                "the model has non-smooth operations (%s): the loss-value estimate includes their "
-                "kinks at the scale of the step, Hutchinson's tr(H) does not; the two will differ",
-                kinks_text(estimator.kinks),
-            )
-        started = time.perf_counter()
-        projection = estimator.from_loss_values(settings.samples)
-        middle = time.perf_counter()
-        hutchinson = estimator.hutchinson(settings.samples)
-        seconds = (middle - started, time.perf_counter() - middle)
-        estimates = {"projection": projection, "hutchinson": hutchinson}
+    started = time.perf_counter()
+    projection = estimator.from_loss_values(settings.samples)
+    middle = time.perf_counter()
+    hutchinson = estimator.hutchinson(settings.samples)
+    seconds = (middle - started, time.perf_counter() - middle)
+    estimates = {"projection": projection, "hutchinson": hutchinson}
+    with surface_lock(path, "landscape trace", wait=True):
+        with SurfaceFile.open(path) as surface:
+            if surface.plan_id != plan_id:
+                raise UserError(
+                    f"{path}: planned again while trace ran; run `landscape trace {path}` again"
+                )
         rewrite_group(
             path,
             "trace",
@@ -296,7 +308,7 @@ def estimate_trace(path: str | Path, device: str | None = None) -> str:
                 **{f"{name}_half_width": e.half_width for name, e in estimates.items()},
             },
         )
-        return trace_summary(estimator, experiment.config.evaluation.dtype, estimates, seconds)
+    return trace_summary(estimator, experiment.config.evaluation.dtype, estimates, seconds)
 
 
 def trace_summary(

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.config import load_config
+from pipeline.errors import UserError
 from pipeline.experiment import Experiment
 from pipeline.plan import plan_surface
 from pipeline.status import surface_status
@@ -269,3 +270,48 @@ def test_trace_on_a_full_disk_says_so_in_one_line_and_changes_nothing(experiment
     filler.unlink()
     estimate_trace(surface)
     assert without_trace(contents(surface)) == without_trace(before)
+
+
+HOLD_LOCK = """
+import sys, time
+from pipeline.locking import surface_lock
+with surface_lock(sys.argv[1], "landscape run"):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_trace_computes_beside_a_job_and_waits_for_its_lock_to_store(
+    experiment, caplog, monkeypatch
+):
+    """A job holding the lock neither stops trace nor loses its file to trace's rename:
+    trace computes, waits for the lock, then stores; a file planned again meanwhile is
+    refused instead of receiving another plan's estimates."""
+    config = load_config(experiment(maps=["train_loss"], trace={"samples": 3}))
+    surface = plan_surface(config)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(surface), "3"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with caplog.at_level(logging.INFO, logger="pipeline.locking"):
+            estimate_trace(surface)
+        assert holder.poll() == 0  # trace stored only once the holder had ended
+        assert any("waiting for another landscape job" in r.getMessage() for r in caplog.records)
+    finally:
+        holder.kill()
+        holder.wait()
+    with SurfaceFile.open(surface) as traced:
+        assert traced.group("trace")[1]["samples"] == 3
+
+    def plan_again(*args, **kwargs):
+        surface.unlink()
+        plan_surface(config)  # a new plan id at the same path
+        return original(*args, **kwargs)
+
+    original = TraceEstimator.hutchinson
+    monkeypatch.setattr(TraceEstimator, "hutchinson", plan_again)
+    with pytest.raises(UserError, match="planned again while trace ran"):
+        estimate_trace(surface)
+    with SurfaceFile.open(surface) as replanned:
+        assert replanned.group("trace") is None
