@@ -56,7 +56,7 @@ def write_file(path: str | Path, contents: bytes | memoryview, field: str) -> No
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
-            sync_folder(path.parent)
+            sync_to_disk(path.parent)
         except BaseException as exc:  # an interrupt too: leave nothing behind
             with suppress(OSError):
                 temporary.unlink(missing_ok=True)
@@ -86,9 +86,10 @@ def folder_for(path: Path, field: str) -> Iterator[None]:
         raise
 
 
-def sync_folder(folder: Path) -> None:
-    """Flush a folder's entries, so that a rename into it survives a power cut."""
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+def sync_to_disk(path: str | Path) -> None:
+    """Flush a file written in place (a merged surface file) or a folder's entries (a
+    rename into it) from the page cache to disk, so that they survive a power cut."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:

@@ -283,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
         sys.stdout.flush()
     except BrokenPipeError:  # the reader went away (`landscape status F | head -1`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the final flush
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # for the final flush
+        os.close(devnull)
         return 128 + signal.SIGPIPE
     except UserError as exc:
         if not isinstance(exc, FailedElsewhere):

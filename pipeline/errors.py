@@ -39,6 +39,10 @@ class Interrupted(KeyboardInterrupt):
         self.signal_number = signal_number
         self.saved = saved
 
+    def __str__(self) -> str:
+        """``signal 15``: what a wrapper that keeps only the text (TorchScript) shows."""
+        return f"signal {int(self.signal_number)}"
+
 
 @contextmanager
 def reporting_interrupt(saved: Callable[[], str]) -> Iterator[None]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.config import HessianConfig
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, UserError, describe
 from pipeline.evaluate import per_sample_loss
 from pipeline.experiment import Experiment
 from pipeline.parameters import DirectionPlane
@@ -74,16 +75,36 @@ HVP_MODES = {"forward_over_reverse": "jvp of grad", "double_backward": "double b
 @contextmanager
 def product_context() -> Iterator[None]:
     """Around every HVP: the math kernel of scaled_dot_product_attention (the fused CPU
-    and GPU kernels have no double backward), and a KeyboardInterrupt raised again as
-    itself where TorchScript (torch's forward-mode decompositions) wrapped it in a
-    RuntimeError, so an interrupt always stops the job."""
+    and GPU kernels have no double backward), and an interrupt raised again as itself
+    where TorchScript (torch's forward-mode decompositions) wrapped it in a RuntimeError
+    (:func:`wrapped_interrupt`), so an interrupt always stops the job, with its status."""
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
     except RuntimeError as exc:
-        if "KeyboardInterrupt" in str(exc):
-            raise KeyboardInterrupt from exc
+        interrupt = wrapped_interrupt(exc)
+        if interrupt is not None:
+            raise interrupt from None
         raise
+
+
+WRAPPED_INTERRUPT = re.compile(r"\bKeyboardInterrupt\b|\bInterrupted: signal (\d+)")
+
+
+def wrapped_interrupt(exc: RuntimeError) -> KeyboardInterrupt | None:
+    """The interrupt inside ``exc``: the original where the exception chain keeps it, else
+    one rebuilt from the message, which is all TorchScript keeps (``Interrupted: signal
+    15``, see :class:`pipeline.errors.Interrupted`): a SIGTERM stays a SIGTERM (exit 143)."""
+    seen, inner = set(), exc.__cause__ or exc.__context__
+    while inner is not None and id(inner) not in seen:
+        if isinstance(inner, KeyboardInterrupt):
+            return inner
+        seen.add(id(inner))
+        inner = inner.__cause__ or inner.__context__
+    found = WRAPPED_INTERRUPT.search(str(exc))
+    if found is None:
+        return None
+    return Interrupted(int(found[1])) if found[1] else KeyboardInterrupt()
 
 
 class HessianOperator(LinearOperator):
@@ -152,7 +173,7 @@ class HessianOperator(LinearOperator):
                 with product_context():
                     self.batch_hvp(mode, params, fixed, tangents, probe)
             except (RuntimeError, NotImplementedError) as exc:
-                reason = str(exc).strip().splitlines()[0]
+                reason = describe(exc)
                 log.warning("Hessian-vector products by %s fail: %s", HVP_MODES[mode], reason)
                 continue
             log.info("Hessian-vector products: %s", HVP_MODES[mode])

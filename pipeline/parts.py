@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.atomic import check_writable, write_file
+from pipeline.atomic import check_writable, sync_to_disk, write_file
 from pipeline.errors import UserError
 from pipeline.locking import surface_lock
 from pipeline.store import SurfaceFile
@@ -76,6 +76,8 @@ def read_part(path: Path, surface: SurfaceFile) -> tuple[str, np.ndarray, dict, 
             points = handle["points"][()]
             values = {name: handle[f"maps/{name}"][()] for name in handle["maps"]}
             finished = handle["finished"][()]
+    except FileNotFoundError:  # a reducer deleted it meanwhile: the caller decides
+        raise
     except (OSError, KeyError) as exc:
         raise UserError(
             f"{path}: unreadable part file ({exc}); delete it to recompute its points"
@@ -92,29 +94,27 @@ def read_part(path: Path, surface: SurfaceFile) -> tuple[str, np.ndarray, dict, 
     return job, points, values, finished
 
 
-def finished_in_parts(surface_path: str | Path, job: str) -> tuple[np.ndarray, np.ndarray]:
-    """Points of ``job`` already written to part files but not yet merged, and the unix
-    time each finished. A part a reducer deletes meanwhile is skipped: its points are in
-    the surface file by then."""
-    folder = parts_folder(surface_path)
+def finished_in_parts(surface: SurfaceFile, job: str) -> tuple[np.ndarray, np.ndarray]:
+    """Points of ``job`` already written to part files but not yet merged into ``surface``,
+    and the unix time each finished. Each part is checked as the reducer checks it
+    (:func:`read_part`): a part of another plan, which a re-planned surface at the same
+    path would index out of range, is refused in one line. A part a reducer deletes
+    meanwhile is skipped: its points are in the surface file by then."""
+    folder = parts_folder(surface.path)
     points, finished = [np.zeros(0, np.int64)], [np.zeros(0)]
     for path in sorted(folder.glob(f"{job}-*.h5")) if folder.is_dir() else []:
         try:
-            with h5py.File(path, "r", locking=False) as handle:
-                points.append(handle["points"][()])
-                finished.append(handle["finished"][()])
+            _, part_points, _, part_finished = read_part(path, surface)
         except FileNotFoundError:
             continue
-        except (OSError, KeyError) as exc:
-            raise UserError(
-                f"{path}: unreadable part file ({exc}); delete it to recompute its points"
-            ) from None
+        points.append(part_points)
+        finished.append(part_finished)
     return np.concatenate(points), np.concatenate(finished)
 
 
-def points_in_parts(surface_path: str | Path, job: str) -> np.ndarray:
+def points_in_parts(surface: SurfaceFile, job: str) -> np.ndarray:
     """Points of ``job`` already written to part files but not yet merged."""
-    return finished_in_parts(surface_path, job)[0]
+    return finished_in_parts(surface, job)[0]
 
 
 def part_files(surface_path: str | Path) -> list[Path]:
@@ -126,7 +126,8 @@ def reduce_parts(surface_path: str | Path) -> int:
     """Merge every part file into the surface file, then delete them; returns points merged.
 
     Derived maps (lambda_ratio) are filled in afterwards. Parts are deleted only after the
-    surface file is flushed, so a crash in between leaves them to be merged again,
+    surface file is closed and synced to disk (a power cut must not lose the merged
+    values with the parts gone), so a crash in between leaves them to be merged again,
     which writes the same values. The surface's lock is held throughout: no array task
     writes parts meanwhile, and no other reducer merges the same ones.
     """
@@ -152,6 +153,7 @@ def reduce_parts(surface_path: str | Path) -> int:
                 surface.write_points(job, points, values, finished)
                 merged += len(points)
             surface.derive_maps()
+        sync_to_disk(surface_path)
         for path in parts:
             path.unlink()
         folder = parts_folder(surface_path)

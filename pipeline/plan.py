@@ -20,6 +20,7 @@ from pipeline.experiment import Experiment
 from pipeline.grid import Grid, shard_ranges
 from pipeline.hessian import convergence_attrs
 from pipeline.locking import surface_lock
+from pipeline.parts import part_files, parts_folder
 from pipeline.store import SurfaceFile, create_surface_file
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,17 @@ def plan_surface(config: ExperimentConfig) -> Path:
 
 
 def create_plan(path: Path, config: ExperimentConfig) -> None:
-    """Load the checkpoint, build the directions and write the surface file at ``path``."""
+    """Load the checkpoint, build the directions and write the surface file at ``path``.
+
+    Refused while part files of an earlier plan at the same path wait beside it: they
+    belong to no file any more, and would be refused by every reader of the new one."""
+    stale = part_files(path)
+    if stale:
+        raise UserError(
+            f"output: {parts_folder(path)} holds {len(stale)} part files of an earlier plan "
+            f"of {path.name}; delete that folder (or first put the old file back and merge "
+            f"them with `landscape reduce {path}`) before planning {path}"
+        )
     # Only Hessian directions compute anything heavy: they run where the workers would.
     device = None if config.directions.kind == "hessian" else "cpu"
     experiment = Experiment.load(config, device=device)

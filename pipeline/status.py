@@ -81,7 +81,7 @@ def job_progress(surface: SurfaceFile, job: str) -> str:
     """
     total = surface.points(job).size
     done = surface.done(job).reshape(-1)
-    part_points, part_finished = finished_in_parts(surface.path, job)
+    part_points, part_finished = finished_in_parts(surface, job)
     unmerged = ~done[part_points]  # a reducer killed before deleting its parts leaves both
     waiting, first = np.unique(part_points[unmerged], return_index=True)
     finished = np.concatenate(

@@ -111,9 +111,13 @@ def reduce_and_plot(path: str) -> str:
 def submit(path: Path, options: SlurmOptions, jobs: list[str] | None = None) -> dict:
     """Submit the pending work of ``path``; returns (and writes) the submission record.
 
-    Holds the surface's lock meanwhile, so it fails at once while a local job or an array
-    task writes the file, and refuses while jobs of the last submission are still queued:
-    both would compute the same shards."""
+    The surface's lock is held only while the pending shards are computed: it fails at
+    once while a local job or an array task writes the file, which would compute the same
+    shards. It is released before the first ``sbatch``: an array task, which takes it
+    shared without waiting, or an MPI job that started while it was still held would exit
+    at once, and kill-on-invalid-dep would cancel the reduce. Submitting the same surface
+    twice is refused instead by the record of its last submission, while any of those
+    jobs is still queued or running (:func:`refuse_while_queued`)."""
     with surface_lock(existing_surface(path), "landscape submit"):
         refuse_while_queued(path)
         with SurfaceFile.open(path) as surface:
@@ -122,37 +126,38 @@ def submit(path: Path, options: SlurmOptions, jobs: list[str] | None = None) -> 
             if missing:
                 raise UserError(f"--jobs: {path} has no {', '.join(missing)} job")
             pending = {
-                job: surface.pending_shard_indices(job, points_in_parts(path, job)) for job in jobs
+                job: surface.pending_shard_indices(job, points_in_parts(surface, job))
+                for job in jobs
             }
-        pending = {job: shards for job, shards in pending.items() if shards}
-        folder = path.with_name(path.name + ".slurm")
-        executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
-        executor.update_parameters(name=f"landscape-{path.stem}", **options.executor_parameters())
-        record = {
-            "surface": str(path),
-            "submitted": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "options": asdict(options),
-            "jobs": {},
-            "reduce": None,
-        }
-        waits: list[str] = []
-        for job, shards in pending.items():
-            # MPI jobs run one after the other: two parallel writers never share the file.
-            after = waits if options.mpi else []
-            record["jobs"][job] = submit_job(executor, path, job, shards, options, after)
-            waits.append(record["jobs"][job]["id"])
-        executor.update_parameters(
-            name=f"landscape-{path.stem}-reduce",
-            tasks_per_node=1,
-            gpus_per_node=0,
-            slurm_additional_parameters=with_dependency(options, waits),
-        )
-        reduce = executor.submit(reduce_and_plot, str(path))
-        record["reduce"] = {"id": reduce.job_id, "log": str(reduce.paths.stderr)}
-        write_file(
-            record_path(path), (json.dumps(record, indent=2) + "\n").encode(), "submission record"
-        )
-        return record
+    pending = {job: shards for job, shards in pending.items() if shards}
+    folder = path.with_name(path.name + ".slurm")
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    executor.update_parameters(name=f"landscape-{path.stem}", **options.executor_parameters())
+    record = {
+        "surface": str(path),
+        "submitted": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "options": asdict(options),
+        "jobs": {},
+        "reduce": None,
+    }
+    waits: list[str] = []
+    for job, shards in pending.items():
+        # MPI jobs run one after the other: two parallel writers never share the file.
+        after = waits if options.mpi else []
+        record["jobs"][job] = submit_job(executor, path, job, shards, options, after)
+        waits.append(record["jobs"][job]["id"])
+    executor.update_parameters(
+        name=f"landscape-{path.stem}-reduce",
+        tasks_per_node=1,
+        gpus_per_node=0,
+        slurm_additional_parameters=with_dependency(options, waits),
+    )
+    reduce = executor.submit(reduce_and_plot, str(path))
+    record["reduce"] = {"id": reduce.job_id, "log": str(reduce.paths.stderr)}
+    write_file(
+        record_path(path), (json.dumps(record, indent=2) + "\n").encode(), "submission record"
+    )
+    return record
 
 
 def refuse_while_queued(path: Path) -> None:

@@ -330,7 +330,7 @@ def run_job(
             else:
                 log.info("%s: array task %d of %d", path, task.index, task.count)
                 owned = task.owned(len(surface.shards(job)))
-                pending = surface.pending_shards(job, owned, points_in_parts(path, job))
+                pending = surface.pending_shards(job, owned, points_in_parts(surface, job))
             count = 0
             if pending:
                 count = evaluate_pending(
@@ -349,11 +349,12 @@ def run_job(
 
 def saved_points(path: Path, job: str) -> str:
     """How many of the job's points the file and its unmerged part files hold, for the
-    line an interrupted run ends with."""
+    line an interrupted run ends with. Never raises: an error here (a damaged file, a
+    part of another plan) would replace the interrupt and its exit status."""
     try:
         with SurfaceFile.open(path) as surface:
             done, points = surface.done(job).reshape(-1), surface.points(job)
-    except (UserError, KeyError):
-        return "nothing half-written"
-    done[points_in_parts(path, job)] = True
+            done[points_in_parts(surface, job)] = True
+    except Exception:
+        return "finished shards are saved"
     return f"{done[points].sum()} of {points.size} {job} points saved in {path}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline import hessian as hessian_module
 from pipeline.config import load_config
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, UserError
 from pipeline.evaluate import per_sample_loss
 from pipeline.experiment import Experiment
 from pipeline.hessian import (
@@ -26,6 +27,7 @@ from pipeline.hessian import (
     extreme_eigenvalues,
     free_memory,
     lanczos,
+    product_context,
 )
 from pipeline.plan import plan_surface
 from pipeline.plot import plot_surface_file
@@ -436,6 +438,26 @@ def test_attention_products_match_the_dense_hessian(dtype, mode):
     criterion = Criterion.for_dtype(TOLERANCE, DTYPES[dtype])
     assert found.converged
     assert abs(found.lambda_max - spectrum[-1]) <= criterion.bound(spectrum[-1], scale)
+
+
+@torch.jit.ignore
+def terminated(inputs):
+    raise Interrupted(signal.SIGTERM)
+    return inputs
+
+
+def scripted_terminated(inputs):
+    return terminated(inputs)
+
+
+def test_a_sigterm_inside_a_product_stays_a_sigterm():
+    """TorchScript keeps only the text of what it wraps. Before: the RuntimeError
+    (``Interrupted: (<Signals.SIGTERM: 15>, '')``) escaped as a bug; a wrapped plain
+    KeyboardInterrupt came back as one, so a SIGTERM would exit 130, not 143."""
+    scripted = torch.jit.script(scripted_terminated)
+    with pytest.raises(Interrupted) as caught, product_context():
+        scripted(torch.ones(1))
+    assert caught.value.signal_number == signal.SIGTERM
 
 
 class FusedAttentionNet(nn.Module):

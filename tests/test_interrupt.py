@@ -53,9 +53,9 @@ def saved_so_far(surface: Path) -> int:
     try:
         with SurfaceFile.open(surface) as reader:
             done = reader.done("surface").reshape(-1)
+            done[points_in_parts(reader, "surface")] = True
     except Exception:  # caught mid-write or mid-rename: look again
         return 0
-    done[points_in_parts(surface, "surface")] = True
     return int(done.sum())
 
 

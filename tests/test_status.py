@@ -5,13 +5,17 @@ submission record in one line, and a reader that goes away mid-output."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
 import h5py
 import pytest
 
+from pipeline import status as status_module
 from pipeline.atomic import write_file
+from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.parts import parts_folder
@@ -157,3 +161,17 @@ def test_status_piped_into_head_ends_quietly(surface, fake_slurm, tmp_path):
     )
     assert piped.stdout == str(surface)[0]
     assert errors.read_text() == ""
+
+
+def test_a_reader_that_leaves_costs_no_descriptor(surface, monkeypatch, tmp_path):
+    """Before: the /dev/null that replaces stdout for the final flush stayed open."""
+
+    def reader_gone(path):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(status_module, "surface_status", reader_gone)
+    with open(tmp_path / "stdout", "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        before = sorted(os.listdir("/proc/self/fd"))
+        assert main(["status", str(surface)]) == 128 + signal.SIGPIPE
+        assert sorted(os.listdir("/proc/self/fd")) == before

@@ -3,18 +3,24 @@ of only the missing shards, and MPI mode; every result bit-identical to one proc
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import final_state, write_experiment
 
+from pipeline import submit as submit_module
 from pipeline.atomic import write_file
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import UserError
+from pipeline.locking import lock_path
 from pipeline.plan import plan_surface
 from pipeline.status import record_path, surface_status
 from pipeline.store import SurfaceFile
@@ -57,6 +63,51 @@ def assert_maps(surface: Path, expected: dict[str, np.ndarray]) -> None:
     with SurfaceFile.open(surface) as result:
         for name, values in expected.items():
             np.testing.assert_array_equal(result.maps()[name], values, err_msg=name)
+
+
+def lock_is_free(surface: Path) -> bool:
+    """Whether another process could take the surface's lock now (flock locks are per
+    open file, so a second open of it here stands for another process)."""
+    try:
+        descriptor = os.open(lock_path(surface), os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(descriptor)
+
+
+def test_jobs_are_submitted_with_the_surface_lock_released(experiment, monkeypatch):
+    """Before: submit held the lock through every sbatch, so an array task (shared lock,
+    no wait) that started meanwhile exited 2, and the reduce was cancelled."""
+    surface = plan_surface(load_config(experiment(grid=BOTH_JOBS["grid"])))
+    free_at_sbatch = []
+
+    class Executor:  # submitit.AutoExecutor without a cluster: records the lock at sbatch
+        def __init__(self, folder, cluster):
+            self.count = 0
+
+        def update_parameters(self, **parameters):
+            pass
+
+        def batch(self):
+            return nullcontext()
+
+        def submit(self, function, *args):
+            free_at_sbatch.append(lock_is_free(surface))
+            self.count += 1
+            return SimpleNamespace(
+                job_id=str(self.count), paths=SimpleNamespace(stderr=f"{self.count}.err")
+            )
+
+    monkeypatch.setattr(submit_module.submitit, "AutoExecutor", Executor)
+    record = submit(surface, SlurmOptions(tasks=2))
+    assert len(record["jobs"]["surface"]["tasks"]) == 2 and record["reduce"]["id"] == "3"
+    assert free_at_sbatch == [True, True, True]
 
 
 def test_arrays_and_reduce_equal_one_process(tmp_path, cluster):
