@@ -39,6 +39,14 @@ JOB_COMMANDS = {"surface": "run", "hessian": "hessian"}
 # holds about seven arrays of the grid's size (maps, flags, times, point numbers) in
 # memory: 10^7 points are ~0.5 GB there and 28 GPU-hours at 10 ms a point.
 MAX_GRID_POINTS = 10_000_000
+# The largest |coordinate| a grid axis accepts. Directions are scaled to the weights (filter,
+# layer, weight normalization: coordinate 1 moves each filter or layer by its own norm) or
+# have unit length over all parameters (unit, pca, hessian: whose weights' norm is
+# sqrt(parameters) x their scale, below 1e4 even for 10^8 parameters of scale 1). Beyond
+# 1e6 the weights are a million times their size: the logits overflow float32 and the maps
+# are NaN or inf while the points count as done, so such a bound is a typo (1e300), not a
+# landscape.
+MAX_COORDINATE = 1e6
 INT64_RANGE = (-(2**63), 2**63 - 1)
 HESSIAN_OUTPUTS = (
     "lambda_min",
@@ -108,11 +116,14 @@ class AxisConfig:
             raise ConfigError(
                 f"{where}: min ({self.min}) must be < max ({self.max}); swap or widen the range"
             )
-        if not math.isfinite(self.max - self.min):
-            raise ConfigError(
-                f"{where}: the span max - min ({self.max} - ({self.min})) overflows float64; "
-                "choose bounds a plot can show (e.g. -1 to 1)"
-            )
+        for bound in ("min", "max"):
+            value = getattr(self, bound)
+            if abs(value) > MAX_COORDINATE:
+                raise ConfigError(
+                    f"{where}.{bound}: {value} is beyond +-{MAX_COORDINATE:g}, where the weights "
+                    f"are {MAX_COORDINATE:g} times their size and every loss overflows; "
+                    "directions are scaled to the weights, so choose bounds like -1 to 1"
+                )
         if not (np.diff(self.coordinates()) > 0).all():
             raise ConfigError(
                 f"{where}: {self.num} points from {self.min} to {self.max} are not distinct in "

@@ -64,6 +64,12 @@ def load_dataset(name: str, kwargs: dict) -> Dataset:
     data = result if isinstance(result, Dataset) else _from_mapping(result, name)
     check_dataset(data, name)
     data.num_classes = int(data.num_classes)
+    # Cross-entropy takes int64 labels only: an int32 or uint8 Dataset would fail at the
+    # first grid point, so labels of any integer type become int64 here, once.
+    for field in ("train_y", "test_y"):
+        targets = getattr(data, field)
+        if not targets.is_floating_point():
+            setattr(data, field, targets.long())
     return data
 
 

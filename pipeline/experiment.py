@@ -15,6 +15,7 @@ from pipeline.checkpoint import check_compatible, file_sha256, load_state_dict
 from pipeline.config import ExperimentConfig
 from pipeline.data import Dataset, load_dataset
 from pipeline.errors import UserError, describe
+from pipeline.evaluate import per_sample_loss
 from pipeline.models import build_model
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -72,7 +73,7 @@ class Experiment:
             if with_checkpoint
             else "its initial weights"
         )
-        check_forward(model, data, config.model.name, weights)
+        check_forward(model, data, config.model.name, weights, evaluation.loss)
         return cls(config, model, data, device, dtype, sha256)
 
 
@@ -91,13 +92,15 @@ FORWARD_SAMPLES = 2
 
 
 @torch.no_grad()
-def check_forward(model: nn.Module, data: Dataset, name: str, weights: str) -> None:
-    """One forward pass on the first training samples, with the weights every point
-    starts from (``weights`` says which): fails in one line naming ``model.name``
-    unless the model returns one finite tensor of per-sample outputs that the loss can
-    take, (B, num_classes) logits for class labels, as many values per sample as the
-    targets hold for regression. Tuples and dicts (Hugging Face style outputs) are
-    refused rather than guessed at: which entry is the logits is the user's to say.
+def check_forward(model: nn.Module, data: Dataset, name: str, weights: str, loss: str) -> None:
+    """One forward pass and its ``loss`` on the first training samples, with the weights
+    every point starts from (``weights`` says which): fails in one line naming
+    ``model.name`` unless the model returns one finite tensor of per-sample outputs that
+    the loss can take, (B, num_classes) logits for class labels, as many values per
+    sample as the targets hold for regression. Tuples and dicts (Hugging Face style
+    outputs) are refused rather than guessed at: which entry is the logits is the user's
+    to say. The loss itself is computed too, as every grid point will compute it, so
+    what it refuses (e.g. integer outputs) fails at plan, not at the first point of run.
     """
     inputs, targets = data.train_x[:FORWARD_SAMPLES], data.train_y[:FORWARD_SAMPLES]
     count = len(inputs)
@@ -141,6 +144,13 @@ def check_forward(model: nn.Module, data: Dataset, name: str, weights: str) -> N
             f"model.name: {name} outputs NaN or inf on {count} training samples with "
             f"{weights}; check its forward"
         )
+    try:
+        per_sample_loss(outputs, targets, loss)
+    except Exception as exc:
+        raise UserError(
+            f"model.name: {name} outputs ({outputs.dtype}, shape {tuple(outputs.shape)}) on "
+            f"{count} training samples fail evaluation.loss {loss}: {describe(exc)}"
+        ) from None
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -26,6 +26,49 @@ from pipeline.train import train
 TESTS = Path(__file__).resolve().parent
 LOCAL_CLUSTER = TESTS.parent / "slurm" / "local-cluster.sh"
 
+# Open MPI refuses root and more ranks than cores unless told; the library never sets these.
+MPIEXEC = shutil.which("mpiexec")
+MPI_ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+LANDSCAPE = [sys.executable, "-m", "pipeline.cli"]
+
+# 63 points in 16 shards, fast; 9 x 7 so that a swapped axis cannot pass.
+GRID = {
+    "grid": {
+        "x": {"min": -1.0, "max": 1.0, "num": 9},
+        "y": {"min": -1.0, "max": 1.0, "num": 7},
+        "shard_size": 4,
+    }
+}
+# 80 points of about 20 ms each, so a kill can land part-way.
+SLOW = {
+    "grid": {
+        "x": {"min": -1.0, "max": 1.0, "num": 10},
+        "y": {"min": -1.0, "max": 1.0, "num": 8},
+        "shard_size": 4,
+    },
+    "data": {
+        "name": "gaussian_clusters",
+        "kwargs": {"num_classes": 4, "dim": 32, "train_per_class": 1500, "test_per_class": 200},
+    },
+    "model": {"name": "mlp", "kwargs": {"hidden": [128, 128]}},
+}
+
+
+def gated(gate: Path, points: int, *args: str) -> list[str]:
+    """The command ``landscape *args`` whose every process stops before evaluating its
+    point ``points`` (from 0) until the file ``gate`` exists (tests/gated_run.py)."""
+    return [sys.executable, str(TESTS / "gated_run.py"), str(gate), str(points), *args]
+
+
+def wait_at_gate(gate: Path, job: subprocess.Popen, processes: int = 1) -> None:
+    """Until ``processes`` processes of ``job`` wait at ``gate``."""
+    deadline = time.monotonic() + 120
+    while len(list(gate.parent.glob(f"{gate.name}.reached.*"))) < processes:
+        assert job.poll() is None, f"the job ended (status {job.returncode}) before its gate"
+        assert time.monotonic() < deadline, f"no {processes} processes at the gate in 120 s"
+        time.sleep(0.01)
+
+
 BASE = {
     "model": {"name": "mlp", "kwargs": {"hidden": [8]}},
     "data": {

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.data import Dataset
+
 # The data every bad model below is planned on: 3 classes of 5 features.
 FEATURES, CLASSES = 5, 3
 
@@ -32,6 +34,19 @@ def classes(samples: int = 30, **changes) -> dict:
         "num_classes": CLASSES,
     }
     return {**data, **changes}
+
+
+def labels_of(dtype: str) -> Dataset:
+    """``classes`` as a Dataset, given as is (no conversion), with labels of ``dtype``."""
+    data = classes()
+    labels = getattr(torch, dtype)
+    return Dataset(
+        torch.as_tensor(data["train_x"], dtype=torch.float32),
+        torch.as_tensor(data["train_y"]).to(labels),
+        torch.as_tensor(data["test_x"], dtype=torch.float32),
+        torch.as_tensor(data["test_y"]).to(labels),
+        CLASSES,
+    )
 
 
 def without_test_set():
@@ -177,3 +192,10 @@ class FailingForward(Wrapped):
 class NaNOutput(Wrapped):
     def forward(self, x):
         return self.linear(x) * torch.tensor(float("nan"))
+
+
+class IntegerOutput(Wrapped):
+    """Rounded logits as integers: the right shape, finite, but no loss takes them."""
+
+    def forward(self, x):
+        return self.linear(x).round().long()

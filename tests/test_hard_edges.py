@@ -99,10 +99,12 @@ BAD_SETTINGS = {
     "nan bound": (["grid.x.min=.nan"], ["grid.x.min: must be a finite number (got nan)"]),
     "inf bound (YAML 1.1 string)": (["grid.y.max=inf"], ["grid.y.max: must be a finite", "'inf'"]),
     "bound beyond float": (["grid.x.max=1e400"], ["grid.x.max: must be a finite"]),
-    "span overflows": (
-        ["grid.x.min=-1e308", "grid.x.max=1e308"],
-        ["grid.x: the span max - min", "overflows float64"],
+    # Before: planned and run, most points NaN yet marked done.
+    "huge bounds": (
+        ["grid.x.min=-1e300", "grid.x.max=1e300"],
+        ["grid.x.min: -1e+300 is beyond +-1e+06", "choose bounds like -1 to 1"],
     ),
+    "max beyond the weights' scale": (["grid.y.max=2e6"], ["grid.y.max: 2000000.0 is beyond"]),
     "points collapse": (
         ["grid.x.min=1", "grid.x.max=1.000000000000001", "grid.x.num=100"],
         ["grid.x: 100 points from 1.0 to 1.000000000000001 are not distinct in float64"],

@@ -4,17 +4,15 @@ uninterrupted one bit for bit."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import GRID, MPI_ENV, MPIEXEC, gated, wait_at_gate
 
 from pipeline import atomic
 from pipeline.cli import main
@@ -26,25 +24,10 @@ from pipeline.plan import plan_surface
 from pipeline.store import SurfaceFile
 from pipeline.workers import run_job
 
-# 48 points of ~20-40 ms each (see test_resume).
-SLOW = {
-    "grid": {
-        "x": {"min": -1.0, "max": 1.0, "num": 8},
-        "y": {"min": -1.0, "max": 1.0, "num": 6},
-        "shard_size": 5,
-    },
-    "data": {
-        "name": "gaussian_clusters",
-        "kwargs": {"num_classes": 4, "dim": 32, "train_per_class": 1500, "test_per_class": 200},
-    },
-    "model": {"name": "mlp", "kwargs": {"hidden": [128, 128]}},
-}
-# Four times the data: mpiexec passes a signal on to the ranks only after a while.
-SLOWER = {
-    **SLOW,
-    "data": {**SLOW["data"], "kwargs": {**SLOW["data"]["kwargs"], "train_per_class": 6000}},
-}
-LANDSCAPE = [sys.executable, "-m", "pipeline.cli"]
+# The interrupted runs wait for their signal half-way through their second shard: the
+# serial writer saves each point evaluated, part files the finished shard only.
+SHARD = GRID["grid"]["shard_size"]
+EVALUATED = SHARD + 2
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d ")  # configure_logging's lines
 
 
@@ -59,22 +42,24 @@ def saved_so_far(surface: Path) -> int:
     return int(done.sum())
 
 
-def interrupt_after(command: list[str], surface: Path, points: int, number: int, **popen):
-    """Start ``command``, send it signal ``number`` once ``points`` points are saved, and
-    return its exit status and the lines of its standard error."""
+def interrupt_at_gate(
+    command: list[str], gate: Path, number: int, processes: int = 1, **popen
+) -> tuple[int, list[str]]:
+    """Start ``command`` (made by ``gated``), send it signal ``number`` once its
+    ``processes`` wait at ``gate``, and return its exit status and standard error lines."""
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, **popen)
-    deadline = time.monotonic() + 120
-    while saved_so_far(surface) < points:
-        assert process.poll() is None, "the run ended before the signal: " + process.stderr.read()
-        assert time.monotonic() < deadline, "the run made no progress"
-        time.sleep(0.01)
+    try:
+        wait_at_gate(gate, process, processes)
+    except AssertionError:
+        process.kill()
+        raise AssertionError(process.communicate()[1]) from None
     process.send_signal(number)
     _, stderr = process.communicate(timeout=120)
     return process.returncode, stderr.splitlines()
 
 
-def uninterrupted(experiment, dtype: dict, changes: dict = SLOW) -> dict[str, np.ndarray]:
-    reference = plan_surface(load_config(experiment(name="reference", evaluation=dtype, **changes)))
+def uninterrupted(experiment, dtype: dict) -> dict[str, np.ndarray]:
+    reference = plan_surface(load_config(experiment(name="reference", evaluation=dtype, **GRID)))
     run_job(reference, "surface", show_progress=False)
     with SurfaceFile.open(reference) as surface:
         return surface.maps()
@@ -96,23 +81,24 @@ def test_interrupted_run_says_what_it_saved_and_resumes_bit_for_bit(
     process silently, losing the points of its unflushed shard."""
     dtype = {"dtype": dtype}
     expected = uninterrupted(experiment, dtype)
-    surface = plan_surface(load_config(experiment(name="interrupted", evaluation=dtype, **SLOW)))
+    surface = plan_surface(load_config(experiment(name="interrupted", evaluation=dtype, **GRID)))
     task = ["--task-index", "0", "--num-tasks", "1"] if writer == "parts" else []
-    command = [*LANDSCAPE, "run", str(surface), "--no-progress", *task]
-    status, lines = interrupt_after(command, surface, 3, number)
+    gate = surface.with_suffix(".gate")  # never opened: the signal ends the wait
+    command = gated(gate, EVALUATED, "run", str(surface), "--no-progress", *task)
+    status, lines = interrupt_at_gate(command, gate, number)
 
     assert status == 128 + number
     assert not any("Traceback" in line for line in lines), "\n".join(lines)
     said = [line for line in lines if not LOG_LINE.match(line)]
     assert len(said) == 1, said
     found = re.fullmatch(
-        rf"interrupted; (\d+) of 48 surface points saved in {surface}; resume with "
+        rf"interrupted; (\d+) of 63 surface points saved in {surface}; resume with "
         rf"`landscape run {surface} --no-progress{' --task-index 0 --num-tasks 1' * bool(task)}`",
         said[0],
     )
     assert found, said[0]
     saved = int(found[1])
-    assert 3 <= saved < 48 and saved == saved_so_far(surface)
+    assert saved == (SHARD if writer == "parts" else EVALUATED) == saved_so_far(surface)
     leftovers = list(surface.parent.glob("*.tmp")) + list(parts_folder(surface).glob("*.tmp"))
     assert leftovers == []
 
@@ -162,21 +148,16 @@ def test_interrupted_training_keeps_whole_checkpoints_only(experiment, monkeypat
     assert sorted(p.name for p in folder.iterdir()) == ["epoch_000.pt", "epoch_001.pt"]
 
 
-MPIEXEC = shutil.which("mpiexec")
-# Open MPI refuses root and more ranks than cores unless told; the library never sets these.
-MPI_ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-
-
 @pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: `make install` builds it")
 def test_interrupted_mpi_run_stops_every_rank_and_resumes_bit_for_bit(experiment):
     """mpiexec passes the signal on to every rank: each says one line and the job stops
     at once (a rank cannot close a parallel file alone), without a traceback."""
-    expected = uninterrupted(experiment, {"dtype": "float64"}, SLOWER)
-    surface = plan_surface(load_config(experiment(name="interrupted", **SLOWER)))
-    command = [MPIEXEC, "--oversubscribe", "-n", "2", *LANDSCAPE, "run", str(surface)]
-    status, lines = interrupt_after(
-        [*command, "--no-progress"], surface, 5, signal.SIGTERM, env=MPI_ENV
-    )
+    expected = uninterrupted(experiment, {"dtype": "float64"})
+    surface = plan_surface(load_config(experiment(name="interrupted", **GRID)))
+    gate = surface.with_suffix(".gate")
+    command = [MPIEXEC, "--oversubscribe", "-n", "2"]
+    command += gated(gate, EVALUATED, "run", str(surface), "--no-progress")
+    status, lines = interrupt_at_gate(command, gate, signal.SIGTERM, processes=2, env=MPI_ENV)
 
     assert status != 0
     assert not any("Traceback" in line for line in lines), "\n".join(lines)

@@ -9,12 +9,9 @@ import json
 import logging
 import os
 import re
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import GRID, LANDSCAPE, MPI_ENV, MPIEXEC, TESTS, gated, wait_at_gate
 
 from pipeline import locking
 from pipeline.cli import main
@@ -30,18 +28,6 @@ from pipeline.locking import lock_path
 from pipeline.plan import plan_surface
 from pipeline.store import SurfaceFile
 from pipeline.workers import run_surface
-
-MPIEXEC = shutil.which("mpiexec")
-MPI_ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-LANDSCAPE = [sys.executable, "-m", "pipeline.cli"]
-TESTS = Path(__file__).resolve().parent
-GRID = {
-    "grid": {
-        "x": {"min": -1.0, "max": 1.0, "num": 6},
-        "y": {"min": -1.0, "max": 1.0, "num": 6},
-        "shard_size": 4,
-    }
-}
 
 
 def planned(experiment, name: str) -> Path:
@@ -70,24 +56,11 @@ def holder(surface: Path) -> dict:
         return {}
 
 
-def wait_for_holder(surface: Path, job: subprocess.Popen, what: str) -> int:
-    """The pid of the process of ``job`` that took the lock as ``what``, once it has."""
-    deadline = time.monotonic() + 120
-    while holder(surface).get("what") != what:
-        assert job.poll() is None, "the job ended before it took the lock"
-        assert time.monotonic() < deadline, f"no lock taken as {what!r}: {holder(surface)}"
-        time.sleep(0.01)
-    return holder(surface)["pid"]
-
-
-@contextmanager
-def stopped(pid: int) -> Iterator[None]:
-    """The process paused (SIGSTOP) inside the block: it holds its lock and does nothing."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
+def held(surface: Path, job: subprocess.Popen, gate: Path, processes: int = 1) -> dict:
+    """The lock record of ``job``, started ``gated(gate, 0, ...)``, once its ``processes``
+    wait at the gate: it holds its lock and writes nothing until the test opens the gate."""
+    wait_at_gate(gate, job, processes)
+    return holder(surface)
 
 
 def refusal(surface: Path, what: str, pid: int, prefix: str = "") -> str:
@@ -123,6 +96,7 @@ def test_two_planners_at_once_make_one_file_which_the_second_verifies(experiment
     with SurfaceFile.open(surface) as result:  # ... and it is still the one it wrote
         assert created[0].endswith(f"created plan {result.plan_id}")
     second = next(err for _, err in outputs if "created plan" not in err)
+    assert f"{surface}: waiting for another landscape job (" in second  # they overlapped
     assert "already planned with this config" in second
 
 
@@ -131,14 +105,16 @@ def test_serial_run_is_refused_while_an_mpio_run_writes(experiment):
         pytest.skip("no mpiexec: `make install` builds it")
     expected = reference_maps(experiment)
     surface = planned(experiment, "shared")
-    command = [MPIEXEC, "--oversubscribe", "-n", "2", *LANDSCAPE, "run", str(surface)]
-    mpio = subprocess.Popen(
-        [*command, "--writer", "mpio", "--no-progress"], env=MPI_ENV, stderr=subprocess.PIPE
-    )
+    gate = surface.with_suffix(".gate")
+    command = [MPIEXEC, "--oversubscribe", "-n", "2"]
+    command += gated(gate, 0, "run", str(surface), "--writer", "mpio", "--no-progress")
+    mpio = subprocess.Popen(command, env=MPI_ENV, stderr=subprocess.PIPE)
     try:
-        rank0 = wait_for_holder(surface, mpio, "surface job on 2 MPI ranks")
-        with stopped(rank0):
-            serial = landscape("run", str(surface))
+        lock = held(surface, mpio, gate, processes=2)
+        assert lock["what"] == "surface job on 2 MPI ranks"
+        rank0 = lock["pid"]
+        serial = landscape("run", str(surface))
+        gate.touch()
         assert mpio.wait(timeout=300) == 0
     finally:
         mpio.kill()
@@ -154,18 +130,21 @@ def test_mpio_run_is_refused_while_a_serial_run_writes(experiment):
         pytest.skip("no mpiexec: `make install` builds it")
     expected = reference_maps(experiment)
     surface = planned(experiment, "shared")
-    serial = subprocess.Popen([*LANDSCAPE, "run", str(surface)], stderr=subprocess.PIPE)
+    gate = surface.with_suffix(".gate")
+    serial = subprocess.Popen(gated(gate, 0, "run", str(surface)), stderr=subprocess.PIPE)
     try:
-        pid = wait_for_holder(surface, serial, "surface job")
+        lock = held(surface, serial, gate)
+        assert lock["what"] == "surface job"
+        pid = lock["pid"]
         assert pid == serial.pid
-        with stopped(pid):
-            mpio = subprocess.run(
-                [MPIEXEC, "--oversubscribe", "-n", "2", *LANDSCAPE, "run", str(surface)],
-                env=MPI_ENV,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
+        mpio = subprocess.run(
+            [MPIEXEC, "--oversubscribe", "-n", "2", *LANDSCAPE, "run", str(surface)],
+            env=MPI_ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        gate.touch()
         assert serial.wait(timeout=300) == 0
     finally:
         serial.kill()
@@ -179,15 +158,18 @@ def test_mpio_run_is_refused_while_a_serial_run_writes(experiment):
 def test_array_tasks_share_the_lock_and_keep_writers_out(experiment):
     expected = reference_maps(experiment)
     surface = planned(experiment, "tasks")
-    task = [*LANDSCAPE, "run", str(surface), "--num-tasks", "2", "--task-index"]
-    first = subprocess.Popen([*task, "0"], stderr=subprocess.PIPE)
+    gate = surface.with_suffix(".gate")
+    task = ["run", str(surface), "--num-tasks", "2", "--task-index"]
+    first = subprocess.Popen(gated(gate, 0, *task, "0"), stderr=subprocess.PIPE)
     try:
-        pid = wait_for_holder(surface, first, "surface job, array task 0 of 2")
-        with stopped(pid):
-            second = landscape(*task[len(LANDSCAPE) :], "1")  # runs beside the first
-            latest = holder(surface)
-            writer = landscape("run", str(surface))
-            reducer = landscape("reduce", str(surface))
+        lock = held(surface, first, gate)
+        assert lock["what"] == "surface job, array task 0 of 2"
+        pid = lock["pid"]
+        second = landscape(*task, "1")  # runs beside the first
+        latest = holder(surface)
+        writer = landscape("run", str(surface))
+        reducer = landscape("reduce", str(surface))
+        gate.touch()
         assert first.wait(timeout=300) == 0
     finally:
         first.kill()

@@ -4,7 +4,6 @@ a killed rank resumes to the same maps, and a failing rank ends the job with its
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import write_experiment
+from conftest import GRID, LANDSCAPE, MPI_ENV, MPIEXEC, SLOW, TESTS, write_experiment
 
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -24,34 +23,7 @@ from pipeline.status import surface_status
 from pipeline.store import SurfaceFile
 from pipeline.workers import run_hessian, run_surface
 
-MPIEXEC = shutil.which("mpiexec")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: `make install` builds it")
-
-# Open MPI refuses root and more ranks than cores unless told; the library never sets these.
-MPI_ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-LANDSCAPE = [sys.executable, "-m", "pipeline.cli"]
-TESTS = Path(__file__).resolve().parent
-
-GRID = {
-    "grid": {
-        "x": {"min": -1.0, "max": 1.0, "num": 9},
-        "y": {"min": -1.0, "max": 1.0, "num": 7},
-        "shard_size": 4,
-    }
-}
-# About 20 ms a point, so a kill can land part-way.
-SLOW = {
-    "grid": {
-        "x": {"min": -1.0, "max": 1.0, "num": 10},
-        "y": {"min": -1.0, "max": 1.0, "num": 8},
-        "shard_size": 4,
-    },
-    "data": {
-        "name": "gaussian_clusters",
-        "kwargs": {"num_classes": 4, "dim": 32, "train_per_class": 1500, "test_per_class": 200},
-    },
-    "model": {"name": "mlp", "kwargs": {"hidden": [128, 128]}},
-}
 
 
 def planned(folder: Path, name: str, changes: dict) -> Path:

@@ -3,14 +3,16 @@ one line naming the config field and the plug-in, and creates no file."""
 
 from __future__ import annotations
 
+import numpy as np
 import plugins
 import pytest
 import torch
 import yaml
-from test_bad_input import fails_with
+from test_bad_input import edit, fails_with
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.cli import main
+from pipeline.store import SurfaceFile
 
 GOOD_DATA = "plugins:classes"
 GOOD_MODEL = "plugins:unit"
@@ -135,6 +137,13 @@ def test_data_kwargs_the_factory_does_not_take_are_named(tmp_path, capsys):
             ],
         ),
         ("NaNOutput", ["outputs NaN or inf on 2 training samples", "model.checkpoint"]),
+        (
+            "IntegerOutput",
+            [
+                "outputs (torch.int64, shape (2, 3)) on 2 training samples fail "
+                "evaluation.loss cross_entropy: NotImplementedError:"
+            ],
+        ),
     ],
 )
 def test_broken_model_plugin_is_named_in_one_line(tmp_path, capsys, model, fragments):
@@ -170,3 +179,31 @@ def test_train_refuses_a_broken_model_before_training(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     fails_with(capsys, ["train", str(tmp_path / "config.yaml")], "returns a tuple of 2")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def maps_with_labels(folder, dtype: str, evaluation: str) -> dict[str, np.ndarray]:
+    torch.manual_seed(0)  # the same checkpoint for every label type
+    config = plan_config(
+        folder, GOOD_MODEL, "plugins:labels_of", evaluation={"device": "cpu", "dtype": evaluation}
+    )
+    edit(config, lambda c: c["data"].update(kwargs={"dtype": dtype}))
+    assert main(["plan", str(config)]) == 0
+    assert main(["run", str(folder / "surface.h5"), "--no-progress"]) == 0
+    with SurfaceFile.open(folder / "surface.h5") as surface:
+        assert surface.done("surface").all()
+        return surface.maps()
+
+
+@pytest.mark.parametrize("evaluation", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["int32", "int16", "uint8"])
+def test_integer_labels_of_any_type_give_the_maps_of_int64_labels(tmp_path, dtype, evaluation):
+    """Before: plan passed, then run failed at the first point: `RuntimeError: expected
+    target dtype to be Long or Byte, but got Int` (cross-entropy takes int64 only)."""
+    (tmp_path / "int64").mkdir()
+    (tmp_path / dtype).mkdir()
+    expected = maps_with_labels(tmp_path / "int64", "int64", evaluation)
+    maps = maps_with_labels(tmp_path / dtype, dtype, evaluation)
+    assert set(maps) == {"train_loss", "test_loss"}
+    for name, values in expected.items():
+        assert np.isfinite(values).all()
+        np.testing.assert_array_equal(maps[name], values, err_msg=name)
