@@ -41,31 +41,29 @@ class PartWriter:
         check_writable(self.folder, self.surface, folder=True)  # before any point is computed
         self.plan_id = plan_id
         self.job: str | None = None
-        self.points: list[int] = []
-        self.values: dict[str, list[float]] = {}
-        self.finished: list[float] = []
+        # One (point, values, finish time) row per point, appended in one step, so that
+        # an interrupt between two bytecodes never leaves the columns of unequal length.
+        self.rows: list[tuple[int, dict[str, float], float]] = []
 
     def write_point(self, job: str, point: int, values: dict[str, float]) -> None:
         self.job = job
-        self.points.append(point)
-        for name, value in values.items():
-            self.values.setdefault(name, []).append(value)
-        self.finished.append(time.time())
+        self.rows.append((point, values, time.time()))
 
     def commit(self) -> None:
         """Write the points since the last commit to a new part file, atomically."""
-        if not self.points:
+        if not self.rows:
             return
-        path = self.folder / f"{self.job}-{self.points[0]:09d}-{self.points[-1]:09d}.h5"
+        points, values, finished = zip(*self.rows)
+        path = self.folder / f"{self.job}-{points[0]:09d}-{points[-1]:09d}.h5"
         image = io.BytesIO()
         with h5py.File(image, "w") as handle:
             handle.attrs.update(plan_id=self.plan_id, job=self.job)
-            handle["points"] = np.asarray(self.points, np.int64)
-            handle["finished"] = np.asarray(self.finished)
-            for name, column in self.values.items():
-                handle[f"maps/{name}"] = np.asarray(column, np.float64)
+            handle["points"] = np.asarray(points, np.int64)
+            handle["finished"] = np.asarray(finished)
+            for name in values[0]:
+                handle[f"maps/{name}"] = np.asarray([row[name] for row in values], np.float64)
         write_file(path, image.getbuffer(), self.surface)
-        self.points, self.values, self.finished = [], {}, []
+        self.rows = []
 
 
 def read_part(path: Path, surface: SurfaceFile) -> tuple[str, np.ndarray, dict, np.ndarray]:

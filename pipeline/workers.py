@@ -78,17 +78,23 @@ def evaluate_shards(
     writer: PointWriter,
     on_point=None,
 ) -> int:
-    """Evaluate and write every point of each claimed shard, committing after each shard.
+    """Evaluate and write every point of each claimed shard, committing after each shard,
+    and the points written so far when an interrupt stops the shard halfway (a part
+    file then holds part of a shard: it lists its points).
 
     Returns the number of points evaluated.
     """
     count = 0
     for points in claims:
-        for point in map(int, points):
-            writer.write_point(job, point, evaluate_point(*grid.coordinates(point)))
-            count += 1
-            if on_point is not None:
-                on_point()
+        try:
+            for point in map(int, points):
+                writer.write_point(job, point, evaluate_point(*grid.coordinates(point)))
+                count += 1
+                if on_point is not None:
+                    on_point()
+        except KeyboardInterrupt:
+            writer.commit()
+            raise
         writer.commit()
     return count
 
