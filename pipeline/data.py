@@ -308,14 +308,17 @@ class CifarUnpickler(pickle.Unpickler):
 
 
 def _tensors(train_x, train_y, test_x, test_y, num_classes, name: str = "") -> Dataset:
-    """Inputs as float32, targets as int64 class labels when they are integers (else as
-    float32 targets); a value that is not numbers fails naming the field."""
+    """Inputs as floats, targets as int64 class labels when they are integers (else as
+    float targets); a value that is not numbers fails naming the field. Floats stay
+    float64 when given so (a float64 run then sees every digit of the user's data), and
+    are float32 otherwise; the experiment casts them to ``evaluation.dtype``."""
 
     def convert(values, field: str) -> torch.Tensor:
         try:
             array = np.asarray(values)
             if field.endswith("_x") or array.dtype.kind not in "iu":
-                return torch.as_tensor(array.astype(np.float32))
+                kept = np.float64 if array.dtype == np.float64 else np.float32
+                return torch.as_tensor(array.astype(kept))
             return torch.as_tensor(array.astype(np.int64))
         except (TypeError, ValueError, RuntimeError) as exc:
             raise UserError(

@@ -14,11 +14,14 @@ from pipeline.data import Dataset
 FEATURES, CLASSES = 5, 3
 
 
-def regression(samples: int = 40, inputs: int = 3, outputs: int = 2, seed: int = 0) -> dict:
+def regression(
+    samples: int = 40, inputs: int = 3, outputs: int = 2, seed: int = 0, dtype: str = "float64"
+) -> dict:
     """Random linear-regression data: float targets, so the loss must be ``mse``."""
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(samples, inputs))
-    y = x @ rng.normal(size=(inputs, outputs)) + 0.3 * rng.normal(size=(samples, outputs))
+    x = rng.normal(size=(samples, inputs)).astype(dtype)
+    y = x @ rng.normal(size=(inputs, outputs)).astype(dtype)
+    y += 0.3 * rng.normal(size=(samples, outputs)).astype(dtype)
     return {"train_x": x, "train_y": y, "test_x": x[:10], "test_y": y[:10], "num_classes": outputs}
 
 

@@ -9,6 +9,7 @@ import re
 import struct
 
 import numpy as np
+import plugins
 import pytest
 import torch
 
@@ -147,7 +148,13 @@ def test_cifar10_batch_damaged_is_named(tmp_path, damage, fragment):
 
 def test_user_data_plugs_in_by_import_path():
     data = load_dataset("plugins:regression", {"samples": 12})
-    assert data.train_x.shape == (12, 3) and data.train_y.dtype == torch.float32
+    assert data.train_x.shape == (12, 3) and data.train_y.dtype == torch.float64
+    # float64 data keeps every digit for a float64 run (float32 rounding was 1e-8 off)
+    given = plugins.regression(samples=12)
+    np.testing.assert_array_equal(data.train_x.numpy(), given["train_x"])
+    np.testing.assert_array_equal(data.train_y.numpy(), given["train_y"])
+    single = load_dataset("plugins:regression", {"samples": 12, "dtype": "float32"})
+    assert single.train_x.dtype == single.train_y.dtype == torch.float32
     with pytest.raises(UserError, match="data.name: cannot import"):
         load_dataset("no_such_module:data", {})
 

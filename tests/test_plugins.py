@@ -92,8 +92,9 @@ def test_data_kwargs_the_factory_does_not_take_are_named(tmp_path, capsys):
     fails_with(
         capsys,
         ["plan", str(tmp_path / "config.yaml")],
-        "data.kwargs: plugins:regression(samples=40, inputs=3, outputs=2, seed=0) cannot be "
-        "called with data.kwargs {'colour': 'red'} (got an unexpected keyword argument",
+        "data.kwargs: plugins:regression(samples=40, inputs=3, outputs=2, seed=0, "
+        "dtype='float64') cannot be called with data.kwargs {'colour': 'red'} (got an "
+        "unexpected keyword argument",
     )
 
 
