@@ -49,6 +49,11 @@ def load_checkpoint(
     return state, metadata
 
 
+# The first bytes of what torch.save writes: a zip archive, or a pickle (protocol >= 2)
+# in the legacy format.
+TORCH_SIGNATURES = (b"PK\x03\x04", b"\x80")
+
+
 def read_torch_file(path: Path, field: str, mmap: bool = False):
     """What ``torch.save`` wrote to ``path``, unpickled with ``weights_only=True``: tensors,
     containers and numbers, never code. Every way the file can be unreadable (a folder,
@@ -61,6 +66,13 @@ def read_torch_file(path: Path, field: str, mmap: bool = False):
         raise UserError(f"{field}: file {path} does not exist; train first or fix the path")
     if path.stat().st_size == 0:
         raise UserError(f"{field}: {path} is empty (0 bytes); the save was cut short, re-save it")
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    if not start.startswith(TORCH_SIGNATURES):
+        raise UserError(
+            f"{field}: {path} is not a torch checkpoint (it starts {start!r}, not a zip archive "
+            "or pickle); name a file written by torch.save"
+        )
     try:
         with warnings.catch_warnings():  # torch warns of a pickle protocol before refusing it
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)

@@ -74,11 +74,27 @@ def choice(default: str, options: tuple[str, ...]) -> Any:
     return field(default=default, metadata={"choices": options})
 
 
-def path_field(default: str | list | None = None) -> Any:
-    """A filesystem path (or a list of them), resolved to absolute paths at load time."""
+def check_device_name(name: str, where: str) -> None:
+    """Refuse at load a device torch cannot parse ('gpu', 'cuda0'): only its availability
+    waits for the worker, which may run on another machine than the planner."""
+    import torch  # the config module is read before any heavy import
+
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{where}: {name!r} is not a device; use auto, cpu or cuda") from None
+
+
+def path_field(default: str | list | None = None, written_file: bool = False) -> Any:
+    """A filesystem path (or a list of them), resolved to absolute paths at load time.
+    ``written_file``: a file this tool creates, so a name ending in ``/`` (a folder) is
+    refused rather than silently written as a file of the folder's name."""
+    metadata = {"path": True, "written_file": written_file}
     if isinstance(default, list):
-        return field(default_factory=list, metadata={"path": True})
-    return field(default=default, metadata={"path": True})
+        return field(default_factory=list, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -256,6 +272,7 @@ class EvaluationConfig:
             raise ConfigError(f"{where}.batch_size: must be >= 1 (got {self.batch_size})")
         if self.threads < 0:
             raise ConfigError(f"{where}.threads: must be >= 0 (got {self.threads}); 0 = default")
+        check_device_name(self.device, f"{where}.device")
 
 
 @dataclass(frozen=True)
@@ -351,6 +368,7 @@ class TrainConfig:
             raise ConfigError(f"{where}.momentum: must be in [0, 1) (got {self.momentum})")
         if self.weight_decay < 0:
             raise ConfigError(f"{where}.weight_decay: must be >= 0 (got {self.weight_decay})")
+        check_device_name(self.device, f"{where}.device")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ConfigError(
                 f"{where}.nesterov: needs optimizer sgd with momentum > 0; set nesterov: false"
@@ -362,7 +380,7 @@ class ExperimentConfig:
     """One experiment: what to load, which directions, which grid, which maps, where to write."""
 
     model: ModelConfig
-    output: str = path_field()
+    output: str = path_field(written_file=True)
     data: DataConfig = field(default_factory=DataConfig)
     directions: DirectionsConfig = field(default_factory=DirectionsConfig)
     grid: GridConfig | None = None
@@ -384,6 +402,9 @@ class ExperimentConfig:
                 raise ConfigError(f"maps: unknown map {name!r}; choose from {', '.join(MAP_NAMES)}")
         if not self.maps:
             raise ConfigError("maps: empty; list at least one of " + ", ".join(MAP_NAMES))
+        repeated = sorted({name for name in self.maps if self.maps.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"maps: {', '.join(repeated)} listed twice; list each map once")
         if self.evaluation.loss == "mse" and any(n.endswith("_acc") for n in self.maps):
             raise ConfigError("maps: accuracy is undefined for evaluation.loss 'mse'; drop *_acc")
 
@@ -433,12 +454,33 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
     return parse_config(text, source=str(path), overrides=overrides)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the
+    last silently, so a second ``grid:`` pasted below the first would replace it unseen."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen and key_node.tag != "tag:yaml.org,2002:merge":
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML text as Python values (safe tags only, every key once)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def parse_config(
     text: str, source: str = "<config>", overrides: list[str] = ()
 ) -> ExperimentConfig:
     """Validate YAML text into an :class:`ExperimentConfig`."""
     try:
-        data = yaml.safe_load(text)
+        data = read_yaml(text)
     except yaml.YAMLError as exc:
         reason = " ".join(str(exc).split())
         raise ConfigError(f"{source}: not valid YAML ({reason})") from None
@@ -461,7 +503,7 @@ def apply_override(data: dict, override: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {override!r}: {part} is not a section")
     try:
-        node[leaf] = yaml.safe_load(text)
+        node[leaf] = read_yaml(text)
     except yaml.YAMLError as exc:
         reason = " ".join(str(exc).split())
         raise ConfigError(
@@ -537,8 +579,18 @@ def _convert(hint: Any, value: Any, path: str, metadata: Any) -> Any:
     if "choices" in metadata and value not in metadata["choices"]:
         raise ConfigError(f"{path}: {value!r} is not one of {', '.join(metadata['choices'])}")
     if metadata.get("path"):
-        return str(Path(value).expanduser().resolve())
+        return _absolute_path(value, path, metadata["written_file"])
     return value
+
+
+def _absolute_path(value: str, path: str, written_file: bool) -> str:
+    """``value`` made absolute, symlinks resolved, so workers elsewhere find the same file."""
+    if written_file and value.endswith(("/", "/.")):
+        raise ConfigError(f"{path}: {value} names a folder; name the file to write (e.g. out.h5)")
+    try:
+        return str(Path(value).expanduser().resolve())
+    except RuntimeError:  # Python < 3.13 reports a symlink loop so
+        raise ConfigError(f"{path}: {value} is a symlink loop; point it at a real file") from None
 
 
 def _finite_float(value: int | float | str, path: str) -> float:

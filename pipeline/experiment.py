@@ -166,6 +166,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("evaluation.device: cuda requested but no GPU is visible; use auto or cpu")
+    if device.type not in ("cpu", "cuda"):
+        try:  # a device torch names but this build or machine may lack (mps, xpu)
+            torch.empty(0, device=device)
+        except RuntimeError as exc:
+            raise UserError(
+                f"evaluation.device: {name!r} is not available here ({describe(exc)}); use "
+                "auto, cpu or cuda"
+            ) from None
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return device

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import h5py
+
 from pipeline.atomic import folder_for
 from pipeline.checkpoint import verify_fingerprint
 from pipeline.config import ExperimentConfig, config_differences
@@ -104,6 +106,10 @@ def create_plan(path: Path, config: ExperimentConfig) -> None:
 
 def check_same_plan(path: Path, config: ExperimentConfig) -> None:
     """Fail unless ``path`` was planned from ``config`` and the same checkpoint bytes."""
+    if not h5py.is_hdf5(path):  # the config, a checkpoint, notes: never to be overwritten
+        raise UserError(
+            f"output: {path} exists and is not a surface file; choose another output path"
+        )
     with SurfaceFile.open(path) as surface:
         differences = config_differences(surface.config.to_dict(), config.to_dict())
         planned_sha = surface.attrs.get("checkpoint_sha256")
