@@ -369,6 +369,12 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise ConfigError(f"{where}.weight_decay: must be >= 0 (got {self.weight_decay})")
         check_device_name(self.device, f"{where}.device")
+        outside = [e for e in self.step_epochs if not 0 < e < self.epochs]
+        if outside:  # a step at epoch <= 0 decays from the start, one >= epochs never comes
+            raise ConfigError(
+                f"{where}.step_epochs: {outside} outside 1..{self.epochs - 1} (the 0-based "
+                "epochs at which the learning rate drops); give epochs within the run"
+            )
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ConfigError(
                 f"{where}.nesterov: needs optimizer sgd with momentum > 0; set nesterov: false"

@@ -42,6 +42,11 @@ ODD_SETTINGS = {
         ["train.checkpoint_dir=ckpt", "train.device=nonsense"],
         "train.device: 'nonsense' is not a device",
     ),
+    # Before: trained with the learning rate decayed from the first epoch.
+    "step epochs outside the run": (
+        ["train.checkpoint_dir=ckpt", "train.epochs=2", "train.step_epochs=[-3, 99]"],
+        "train.step_epochs: [-3, 99] outside 1..1",
+    ),
     # Before: "holds objects other than tensors ... never unpickles code", of an HDF5 file.
     "checkpoint an HDF5 file": (
         ["model.checkpoint={folder}/other.h5"],
