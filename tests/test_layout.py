@@ -43,3 +43,8 @@ def test_no_module_imports_another_that_imports_it_back():
         tuple(TopologicalSorter(graph).static_order())
     except CycleError as cycle:
         raise AssertionError(f"import cycle: {' -> '.join(cycle.args[1])}") from None
+
+
+def test_the_package_never_imports_the_benchmarks():
+    for path in PACKAGE.rglob("*.py"):
+        assert not any(name.split(".")[0] == "benchmarks" for name in imported_names(path)), path
