@@ -85,11 +85,11 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) -m pipeline.bench --out results/bench.json
+	$(PY) -m benchmarks.bench --out results/bench.json
 
 lint: install
-	$(VENV)/bin/ruff check pipeline tests
-	$(VENV)/bin/ruff format --check pipeline tests
+	$(VENV)/bin/ruff check pipeline tests benchmarks
+	$(VENV)/bin/ruff format --check pipeline tests benchmarks
 
 clean:
 	rm -rf $(VENV) results build *.egg-info

@@ -9,7 +9,6 @@ command with one line saying what was saved and how to go on, and exit status 13
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import signal
@@ -17,7 +16,7 @@ import sys
 from collections.abc import Callable
 
 from pipeline.errors import FailedElsewhere, Interrupted, UserError
-from pipeline.ranks import launched_size, launcher_rank
+from pipeline.ranks import configure_logging, launched_size, launcher_rank
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -212,17 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="tiny grid and 1 epoch (smoke test)")
     demo.set_defaults(handler=command_demo)
     return parser
-
-
-def configure_logging(verbose: bool = False) -> None:
-    """Log lines with time, and the rank when a launcher started several (set up once)."""
-    rank = launcher_rank()
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s " + (f"[rank {rank}] " if rank else "") + "%(levelname)s %(name)s: "
-        "%(message)s",
-        datefmt="%H:%M:%S",
-    )
 
 
 # Commands that go on where they stopped when run again (the others start over).

@@ -3,7 +3,8 @@ random plane with the Hessian's extreme eigenvalues on a coarse grid, a 1D curve
 training trajectory on its PCA plane, the plane of the Hessian's extreme eigenvectors,
 the interpolation from initialization to solution, and tr(H) estimated two ways.
 
-Uses the ``configs/demo*.yaml`` files with every output redirected under ``--out``;
+Uses the example configs shipped in the package (``pipeline/configs/demo*.yaml``, which
+``configs/`` in the repository links to), with every output redirected under ``--out``;
 training is skipped when its last checkpoint exists and planning is a resume, so
 running the demo twice only redraws the figures.
 """
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
+from importlib.resources import files
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.config import ExperimentConfig, parse_config
 from pipeline.plan import plan_surface
 from pipeline.plot import plot_surface_file
 from pipeline.trace import estimate_trace
@@ -22,7 +24,7 @@ from pipeline.train import checkpoint_path, train
 from pipeline.workers import run_job
 
 log = logging.getLogger(__name__)
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = files("pipeline") / "configs"
 QUICK_2D = ["grid.x.num=5", "grid.y.num=4", "train.epochs=2", "maps=[train_loss,train_acc]"]
 QUICK = {
     "demo_1d.yaml": ["grid.x.num=5"],
@@ -30,6 +32,14 @@ QUICK = {
     "demo_hessian.yaml": ["grid.x.num=3", "grid.y.num=3", "hessian.max_hvps=8", "trace.samples=4"],
     "demo_interpolation.yaml": ["grid.x.num=5"],
 }
+
+
+def demo_config(name: str, overrides: list[str]) -> ExperimentConfig:
+    """One of the package's example configs (read from the package, so an installed
+    ``landscape`` finds it wherever it runs), after ``key.path=value`` overrides."""
+    return parse_config(
+        (CONFIGS / name).read_text(encoding="utf-8"), f"pipeline/configs/{name}", overrides
+    )
 
 
 def run_demo(out: str | Path = "results/demo", quick: bool = False) -> list[Path]:
@@ -40,10 +50,10 @@ def run_demo(out: str | Path = "results/demo", quick: bool = False) -> list[Path
     started = time.perf_counter()
     out = Path(out).resolve()
     training = [f"train.checkpoint_dir={out / 'checkpoints'}", *(QUICK_2D if quick else [])]
-    settings = load_config(CONFIGS / "demo.yaml", training).train
+    settings = demo_config("demo.yaml", training).train
     trained = checkpoint_path(settings, settings.epochs)
-    surface_config = load_config(
-        CONFIGS / "demo.yaml",
+    surface_config = demo_config(
+        "demo.yaml",
         [*training, f"model.checkpoint={trained}", f"output={out / 'surface_2d.h5'}"],
     )
     if trained.is_file():
@@ -64,8 +74,8 @@ def run_demo(out: str | Path = "results/demo", quick: bool = False) -> list[Path
         ],
     }
     configs = [surface_config] + [
-        load_config(
-            CONFIGS / name,
+        demo_config(
+            name,
             [f"model.checkpoint={trained}", *overrides, *(QUICK[name] if quick else [])],
         )
         for name, overrides in plans.items()

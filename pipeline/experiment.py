@@ -39,8 +39,11 @@ class Experiment:
         with_checkpoint: bool = True,
         device: str | None = None,
         local_rank: int = 0,
+        checkpoint_sha256: str | None = None,
     ) -> Experiment:
-        """``device`` overrides the config's; ``local_rank`` picks this rank's GPU."""
+        """``device`` overrides the config's; ``local_rank`` picks this rank's GPU;
+        ``checkpoint_sha256``: the checkpoint's hash when the caller has just checked it
+        against a plan (hashing a large checkpoint again costs as much as reading it)."""
         evaluation = config.evaluation
         if evaluation.threads:
             torch.set_num_threads(evaluation.threads)
@@ -53,14 +56,14 @@ class Experiment:
         check_loss_fits_targets(evaluation.loss, data, config.data.name)
         # Cast first, then load: a float64 checkpoint in a float64 run keeps every digit.
         model.to(device=device, dtype=dtype).eval()
-        sha256 = None
+        sha256 = None  # an untrained model has no file to hash
         if with_checkpoint:
             if config.model.checkpoint is None:
                 raise UserError("model.checkpoint: required; name the trained checkpoint file")
             state = load_state_dict(config.model.checkpoint)
             check_compatible(model, state, config.model.checkpoint)
             model.load_state_dict(state)
-            sha256 = file_sha256(config.model.checkpoint)
+            sha256 = checkpoint_sha256 or file_sha256(config.model.checkpoint)
         data = Dataset(
             *(
                 t.to(device, dtype if t.is_floating_point() else t.dtype)

@@ -55,6 +55,17 @@ def launched_size() -> int:
     return 1 if "PMIX_RANK" in os.environ else 0
 
 
+def configure_logging(verbose: bool = False) -> None:
+    """Log lines with time, and the rank when a launcher started several (set up once)."""
+    rank = launcher_rank()
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s " + (f"[rank {rank}] " if rank else "") + "%(levelname)s %(name)s: "
+        "%(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
 def cpu_threads_per_rank(local_size: int) -> int:
     """Torch threads for one of ``local_size`` ranks sharing this node's cores.
 

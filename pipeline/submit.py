@@ -22,10 +22,10 @@ from pathlib import Path
 import submitit
 
 from pipeline.atomic import write_file
-from pipeline.cli import configure_logging
 from pipeline.errors import UserError
 from pipeline.locking import surface_lock
 from pipeline.parts import points_in_parts, reduce_parts
+from pipeline.ranks import configure_logging
 from pipeline.status import SlurmJobs, read_submission, record_path
 from pipeline.store import SurfaceFile, existing_surface
 from pipeline.workers import ArrayTask, run_job

@@ -258,7 +258,7 @@ def estimate_trace(path: str | Path, device: str | None = None) -> str:
         config, plan_id = surface.config, surface.plan_id
         planned_sha = surface.attrs["checkpoint_sha256"]
     verify_fingerprint(config.model.checkpoint, planned_sha, path)
-    experiment = Experiment.load(config, device=device)
+    experiment = Experiment.load(config, device=device, checkpoint_sha256=planned_sha)
     settings, hessian = config.trace, config.hessian
     estimator = TraceEstimator(experiment, hessian.parameters, hessian.hvp, settings)
     log.info(

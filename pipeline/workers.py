@@ -216,9 +216,17 @@ def open_surface(path: Path, writer: str, ranks: Solo) -> SurfaceFile:
 
 
 def load_evaluator(job: str, surface: SurfaceFile, device: str | None, ranks: Solo):
-    """The job's point evaluator, on this rank's device, with the file's directions."""
+    """The job's point evaluator, on this rank's device, with the file's directions.
+
+    The checkpoint's bytes were checked against the plan's hash by :func:`run_job`, on
+    this rank: its hash is the plan's, not computed again."""
     config = surface.config
-    experiment = Experiment.load(config, device=device, local_rank=ranks.local_rank)
+    experiment = Experiment.load(
+        config,
+        device=device,
+        local_rank=ranks.local_rank,
+        checkpoint_sha256=surface.attrs["checkpoint_sha256"],
+    )
     if ranks.size > 1 and not config.evaluation.threads:
         torch.set_num_threads(cpu_threads_per_rank(ranks.local_size))
     log.info(

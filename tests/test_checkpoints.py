@@ -13,6 +13,9 @@ import torch
 import yaml
 from test_bad_input import edit, fails_with
 
+import pipeline.checkpoint
+import pipeline.experiment
+from pipeline.checkpoint import file_sha256
 from pipeline.cli import main
 
 
@@ -168,3 +171,26 @@ def test_directions_file_with_a_payload_is_refused_unrun(experiment, tmp_path, c
         "holds objects other than tensors (it asks for posix.system)",
     )
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["run", "hessian", "trace"])
+def test_each_command_hashes_the_checkpoint_once(experiment, monkeypatch, command):
+    """Checked against the plan's hash, then loaded: the check's hash is the experiment's
+    (a large checkpoint hashed twice is read twice, on every rank)."""
+    config = experiment(
+        grid={"x": {"min": -1.0, "max": 1.0, "num": 3}, "y": {"min": -1.0, "max": 1.0, "num": 2}},
+        maps=["train_loss", "lambda_min", "lambda_max"],
+        trace={"samples": 2},
+    )
+    assert main(["plan", str(config)]) == 0
+    surface = str(config.with_suffix(".h5"))
+    hashed = []
+
+    def counted(path):
+        hashed.append(str(path))
+        return file_sha256(path)
+
+    monkeypatch.setattr(pipeline.checkpoint, "file_sha256", counted)
+    monkeypatch.setattr(pipeline.experiment, "file_sha256", counted)
+    assert main([command, surface]) == 0
+    assert hashed == [checkpoint_of(config)]

@@ -3,11 +3,17 @@ shipped config is valid."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+
 import numpy as np
 import pytest
+from conftest import TESTS
 
-from pipeline.config import load_config
-from pipeline.demo import CONFIGS, run_demo
+from pipeline.demo import CONFIGS, demo_config, run_demo
 from pipeline.status import surface_status
 from pipeline.store import SurfaceFile
 
@@ -50,7 +56,63 @@ def test_quick_demo_trains_maps_and_draws_every_figure(tmp_path):
         np.testing.assert_array_equal(surface.maps()["train_loss"], loss)
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_is_valid(path):
-    config = load_config(path)
+SHIPPED = sorted(entry.name for entry in CONFIGS.iterdir() if entry.name.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_is_valid(name):
+    config = demo_config(name, [])
     assert config.grid is not None and config.output.endswith(".h5")
+
+
+def test_the_repositorys_configs_are_the_packages():
+    assert sorted(path.name for path in (TESTS.parent / "configs").glob("*.yaml")) == SHIPPED
+    assert (TESTS.parent / "configs").resolve() == (TESTS.parent / "pipeline" / "configs")
+
+
+# Runs run_demo from the unpacked wheel, in a folder with no configs/, with the work
+# itself (training, planning, running, plotting) stubbed: only the configs are real.
+DEMO_FROM_WHEEL = """
+    import pathlib, sys
+    import pipeline, pipeline.demo as demo
+    assert pipeline.__file__.startswith(sys.argv[1]), pipeline.__file__
+    planned = []
+    demo.train = lambda config: None
+    demo.plan_surface = lambda config: planned.append(config) or config.output
+    demo.run_job = lambda path, job: None
+    demo.plot_surface_file = lambda path, folder: []
+    demo.estimate_trace = lambda path: ""
+    demo.run_demo(pathlib.Path.cwd() / "out", quick=True)
+    print(len(planned), *(pathlib.Path(config.output).name for config in planned))
+"""
+
+
+def test_an_installed_package_runs_the_demo_from_its_own_configs(tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(TESTS.parent / "pipeline", source / "pipeline")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(TESTS.parent / name, source)
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*build, "-w", str(tmp_path), str(source)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("*.whl")
+    installed = tmp_path / "installed"
+    zipfile.ZipFile(wheel).extractall(installed)
+    assert sorted(path.name for path in (installed / "pipeline" / "configs").iterdir()) == SHIPPED
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    demo = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(DEMO_FROM_WHEEL), str(installed)],
+        env={"PYTHONPATH": str(installed), "PATH": "/usr/bin:/bin"},
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+    )
+    assert demo.returncode == 0, demo.stderr
+    assert demo.stdout.splitlines()[-1].split() == [
+        "5",
+        "surface_2d.h5",
+        "surface_1d.h5",
+        "surface_pca.h5",
+        "surface_hessian.h5",
+        "surface_interpolation.h5",
+    ]

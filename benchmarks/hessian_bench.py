@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.config import parse_config
-from pipeline.demo import CONFIGS
+from pipeline.demo import demo_config
 from pipeline.experiment import Experiment
 from pipeline.hessian import HessianEvaluator, HessianOperator, extreme_eigenvalues
 from pipeline.plan import plan_surface
@@ -112,7 +112,7 @@ def seconds(action, repeats: int = 3) -> float:
 
 def hvp_cost() -> dict:
     """One full-data forward pass, gradient and HVP (both modes) of the demo model."""
-    config = parse_config((CONFIGS / "demo.yaml").read_text())
+    config = demo_config("demo.yaml", [])
     experiment = Experiment.load(config, with_checkpoint=False)
     inputs, targets = experiment.data.split("train")
     batch_size = config.evaluation.batch_size

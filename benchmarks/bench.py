@@ -11,7 +11,7 @@ core under ``mpiexec``. Rates come from the points' finish times in the file, le
 out each rank's first point (start-up); ``efficiency = rate(N ranks) / (N * rate(1
 rank, 1 thread))``.
 
-Hessian: see :mod:`pipeline.hessian_bench`.
+Hessian: see :mod:`benchmarks.hessian_bench`.
 
 PCA directions at scale: 12 checkpoints of a 10^7-parameter model, the principal plane
 by the Gram matrix (as planned) and by numpy's SVD of the dense matrix, each in a child
@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.hessian_bench import bench_hessian
 from pipeline.atomic import write_file
 from pipeline.checkpoint import save_checkpoint
-from pipeline.config import load_config, parse_config
+from pipeline.config import parse_config
 from pipeline.data import load_dataset
-from pipeline.demo import CONFIGS
+from pipeline.demo import demo_config
 from pipeline.experiment import Experiment
-from pipeline.hessian_bench import bench_hessian
 from pipeline.models import build_model
 from pipeline.plan import plan_surface
 from pipeline.store import SurfaceFile
@@ -172,7 +172,7 @@ def bench_ranks_run(folder: Path, checkpoint: Path, ranks: int, threads: int) ->
         f"output={folder / name}.h5",
         f"evaluation.threads={threads}",
     ]
-    path = plan_surface(load_config(CONFIGS / "demo.yaml", overrides))
+    path = plan_surface(demo_config("demo.yaml", overrides))
     command = [sys.executable, "-m", "pipeline.cli", "run", str(path), "--no-progress"]
     if ranks > 1:
         command = ["mpiexec", "-n", str(ranks), *command]
@@ -228,7 +228,7 @@ def bench_pca(folder: Path) -> dict:
     parameters = PCA_SHAPE[0] * PCA_SHAPE[1]
     runs = {}
     for method in ("gram", "dense_svd"):
-        child = f"from pipeline.bench import pca_child; pca_child({str(folder)!r}, {method!r})"
+        child = f"from benchmarks.bench import pca_child; pca_child({str(folder)!r}, {method!r})"
         output = subprocess.run(
             [sys.executable, "-c", child], check=True, capture_output=True, text=True
         ).stdout
