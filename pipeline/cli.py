@@ -46,7 +46,7 @@ def command_plan(args) -> None:
 
 
 def command_job(args) -> None:
-    from pipeline.workers import ArrayTask, run_job
+    from pipeline.workers import run_job
 
     run_job(
         args.surface,
@@ -54,15 +54,27 @@ def command_job(args) -> None:
         device=args.device,
         show_progress=not args.no_progress,
         writer=args.writer,
-        task=None if args.task_index is None else ArrayTask(args.task_index, args.num_tasks),
+        task=array_task(args.task_index, args.num_tasks),
     )
+
+
+def array_task(index: int | None, count: int | None):
+    """The ArrayTask of ``--task-index I --num-tasks N`` (N defaults to 1), or None."""
+    from pipeline.workers import ArrayTask
+
+    if index is None:
+        if count is not None:
+            raise UserError("--num-tasks: given without --task-index; give both, or neither")
+        return None
+    return ArrayTask(index, 1 if count is None else count)
 
 
 def command_submit(args) -> None:
     from pathlib import Path
 
-    from pipeline.submit import SlurmOptions, submit
+    from pipeline.submit import SlurmOptions, require_sbatch, submit
 
+    require_sbatch()  # before planning: a failed submit leaves nothing on disk
     target = Path(args.target)
     if target.suffix in (".yaml", ".yml"):
         from pipeline.config import load_config
@@ -126,8 +138,31 @@ def command_demo(args) -> None:
     run_demo(args.out, quick=args.quick)
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one ``error:`` line like every other bad input (the
+    usage text is one ``--help`` away), not a usage block."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}; see `{self.prog} --help`")
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="landscape", description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="landscape", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -156,12 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         job.add_argument(
             "--task-index",
-            type=int,
+            type=at_least(0),
             metavar="I",
             help="run as array task I of --num-tasks: every N-th shard, to part files "
             "(e.g. $SLURM_ARRAY_TASK_ID); merge with `landscape reduce`",
         )
-        job.add_argument("--num-tasks", type=int, default=1, metavar="N")
+        job.add_argument("--num-tasks", type=at_least(1), metavar="N")
         job.set_defaults(handler=command_job, job=job_name)
 
     submit = commands.add_parser(
@@ -170,13 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("target", help="experiment YAML (planned first) or surface file")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     submit.add_argument("--jobs", nargs="+", choices=["surface", "hessian"], help="default: all")
-    submit.add_argument("--tasks", type=int, default=4, help="array tasks per job, or MPI ranks")
-    submit.add_argument("--parallelism", type=int, default=0, help="array tasks at once (0: any)")
+    submit.add_argument(
+        "--tasks", type=at_least(1), default=4, help="array tasks per job, or MPI ranks"
+    )
+    submit.add_argument(
+        "--parallelism", type=at_least(0), default=0, help="array tasks at once (0: any)"
+    )
     submit.add_argument("--mpi", action="store_true", help="one srun job of --tasks MPI ranks")
     submit.add_argument("--partition")
-    submit.add_argument("--time", type=int, default=240, help="minutes per task")
-    submit.add_argument("--cpus-per-task", type=int, default=1)
-    submit.add_argument("--gpus-per-task", type=int, default=0)
+    submit.add_argument("--time", type=at_least(1), default=240, help="minutes per task")
+    submit.add_argument("--cpus-per-task", type=at_least(1), default=1)
+    submit.add_argument("--gpus-per-task", type=at_least(0), default=0)
     submit.add_argument("--mem-gb", type=float)
     submit.add_argument("--account")
     submit.add_argument("--qos")
@@ -263,7 +302,11 @@ def abort_ranks(status: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     configure_logging(args.verbose)
     command = shlex.join(["landscape", *argv])
     restore_signals = stop_on_signals(command)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,7 @@ def submit(path: Path, options: SlurmOptions, jobs: list[str] | None = None) -> 
     at once, and kill-on-invalid-dep would cancel the reduce. Submitting the same surface
     twice is refused instead by the record of its last submission, while any of those
     jobs is still queued or running (:func:`refuse_while_queued`)."""
+    require_sbatch()
     with surface_lock(existing_surface(path), "landscape submit"):
         refuse_while_queued(path)
         with SurfaceFile.open(path) as surface:
@@ -141,18 +143,26 @@ def submit(path: Path, options: SlurmOptions, jobs: list[str] | None = None) -> 
         "reduce": None,
     }
     waits: list[str] = []
-    for job, shards in pending.items():
-        # MPI jobs run one after the other: two parallel writers never share the file.
-        after = waits if options.mpi else []
-        record["jobs"][job] = submit_job(executor, path, job, shards, options, after)
-        waits.append(record["jobs"][job]["id"])
-    executor.update_parameters(
-        name=f"landscape-{path.stem}-reduce",
-        tasks_per_node=1,
-        gpus_per_node=0,
-        slurm_additional_parameters=with_dependency(options, waits),
-    )
-    reduce = executor.submit(reduce_and_plot, str(path))
+    try:
+        for job, shards in pending.items():
+            # MPI jobs run one after the other: two parallel writers never share the file.
+            after = waits if options.mpi else []
+            record["jobs"][job] = submit_job(executor, path, job, shards, options, after)
+            waits.append(record["jobs"][job]["id"])
+        executor.update_parameters(
+            name=f"landscape-{path.stem}-reduce",
+            tasks_per_node=1,
+            gpus_per_node=0,
+            slurm_additional_parameters=with_dependency(options, waits),
+        )
+        reduce = executor.submit(reduce_and_plot, str(path))
+    except submitit.core.utils.FailedJobError as exc:
+        reason = next((line for line in str(exc).splitlines() if "sbatch:" in line), str(exc))
+        queued = f"; already queued: {', '.join(waits)} (scancel them)" if waits else ""
+        raise UserError(
+            f"submit: sbatch refused the job ({reason.strip()}){queued}; check --partition, "
+            "--account, --time and the other sbatch options"
+        ) from None
     record["reduce"] = {"id": reduce.job_id, "log": str(reduce.paths.stderr)}
     write_file(
         record_path(path), (json.dumps(record, indent=2) + "\n").encode(), "submission record"
@@ -177,6 +187,15 @@ def refuse_while_queued(path: Path) -> None:
         raise UserError(
             f"{path}: jobs of its last submission are still queued or running ({shown}); "
             f"wait for them (landscape status {path}) or cancel them (scancel {arrays})"
+        )
+
+
+def require_sbatch() -> None:
+    """Fail before any work unless this machine can submit to SLURM."""
+    if shutil.which("sbatch") is None:
+        raise UserError(
+            "submit: no sbatch on this machine; run it on a SLURM login node, or compute "
+            "here with `landscape run` (or `mpirun -n N landscape run`)"
         )
 
 

@@ -3,10 +3,17 @@ naming the field or file, exit status 2, no traceback, and the disk left as it w
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import pytest
 import torch
 from test_hard_edges import fails_cleanly
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.plan import plan_surface
+from pipeline.status import record_path
 
 
 def settings(*pairs: str) -> list[str]:
@@ -91,3 +98,46 @@ def test_a_device_torch_names_but_lacks_is_refused(experiment, tmp_path, capsys)
         ["run", surface, "--device", "mps", "--no-progress"],
         "evaluation.device: 'mps' is not available here",
     )
+
+
+# Command-line arguments (before: argparse's multi-line usage block, an IndexError
+# traceback from `submit --tasks 0`, or "0 is not in 0..-1"; a lone --num-tasks ignored).
+BAD_ARGUMENTS = {
+    "format not offered": (["plot", "x.h5", "--format", "jpg"], "argument --format: invalid"),
+    "no command": ([], "landscape: the following arguments are required: command"),
+    "no array tasks": (["run", "x.h5", "--task-index", "0", "--num-tasks", "0"], "0 is below 1"),
+    "lone num-tasks": (["run", "x.h5", "--num-tasks", "2"], "--num-tasks: given without"),
+    "negative task index": (["hessian", "x.h5", "--task-index", "-1"], "-1 is below 0"),
+    "no tasks to submit": (["submit", "x.yaml", "--tasks", "0"], "--tasks: 0 is below 1"),
+    "minutes not a number": (["submit", "x.yaml", "--time", "2h"], "'2h' is not an integer"),
+}
+
+
+@pytest.mark.parametrize("argv, fragment", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS)
+def test_bad_command_line_arguments_are_one_line(tmp_path, capsys, argv, fragment):
+    fails_cleanly(capsys, tmp_path, argv, fragment)
+
+
+def test_submit_without_slurm_plans_nothing(experiment, tmp_path, capsys, monkeypatch):
+    """Before: the surface was planned, then submitit's FailedJobError traceback."""
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm"))
+    fails_cleanly(capsys, tmp_path, ["submit", experiment()], "submit: no sbatch on this machine")
+
+
+def test_sbatch_refusing_the_job_is_one_line(experiment, tmp_path, capsys, monkeypatch):
+    """A cluster that rejects the request (a wrong partition, say): sbatch's own line (which
+    submitit passes through), then one line of ours with its reason; no traceback."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    sbatch = tools / "sbatch"
+    sbatch.write_text("#!/bin/sh\necho 'sbatch: error: invalid partition: gpux' >&2\nexit 1\n")
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    surface = plan_surface(load_config(experiment()))
+    assert main(["submit", str(surface), "--partition", "gpux"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(
+        "error: submit: sbatch refused the job (sbatch: error: invalid partition: gpux)"
+    )
+    assert not any("Traceback" in line for line in lines), lines
+    assert not record_path(surface).exists()
