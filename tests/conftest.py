@@ -19,7 +19,9 @@ from torch.func import functional_call, hessian
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import load_config
 from pipeline.data import load_dataset
+from pipeline.errors import UserError
 from pipeline.evaluate import per_sample_loss
+from pipeline.locking import surface_lock
 from pipeline.models import build_model
 from pipeline.train import train
 
@@ -247,3 +249,16 @@ def fake_slurm(tmp_path, monkeypatch):
             script.chmod(0o755)
 
     return install
+
+
+def wait_for_lock(surface: Path, timeout: float = 30) -> None:
+    """Until no process holds the surface's lock: the ranks of a job that mpiexec ended
+    (a rank killed, an interrupt) can outlive mpiexec by a moment, holding it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with surface_lock(surface, "test"):
+                return
+        except UserError:
+            assert time.monotonic() < deadline, "the ended job's ranks still hold the lock"
+            time.sleep(0.1)

@@ -7,18 +7,16 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import GRID, MPI_ENV, MPIEXEC, gated, wait_at_gate
+from conftest import GRID, MPI_ENV, MPIEXEC, gated, wait_at_gate, wait_for_lock
 
 from pipeline import atomic
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.errors import Interrupted, UserError
-from pipeline.locking import surface_lock
+from pipeline.errors import Interrupted
 from pipeline.parts import parts_folder, points_in_parts
 from pipeline.plan import plan_surface
 from pipeline.store import SurfaceFile
@@ -176,15 +174,3 @@ def test_interrupted_mpi_run_stops_every_rank_and_resumes_bit_for_bit(experiment
     with SurfaceFile.open(surface) as resumed:
         for name, values in expected.items():
             np.testing.assert_array_equal(resumed.maps()[name], values, err_msg=name)
-
-
-def wait_for_lock(surface: Path, timeout: float = 30) -> None:
-    """Until no process holds the surface's lock (the ranks of a killed job are gone)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with surface_lock(surface, "test"):
-                return
-        except UserError:
-            assert time.monotonic() < deadline, "the killed job's ranks still hold the lock"
-            time.sleep(0.1)

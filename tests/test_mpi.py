@@ -13,7 +13,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import GRID, LANDSCAPE, MPI_ENV, MPIEXEC, SLOW, TESTS, write_experiment
+from conftest import (
+    GRID,
+    LANDSCAPE,
+    MPI_ENV,
+    MPIEXEC,
+    SLOW,
+    TESTS,
+    wait_for_lock,
+    write_experiment,
+)
 
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -114,6 +123,7 @@ def test_killed_rank_resumes_to_identical_maps(tmp_path, reference, writer, vict
     assert "points done" in surface_status(surface)  # status reads beside the running job
     os.kill(rank_pid(job, victim), signal.SIGKILL)
     assert job.wait(timeout=60) != 0  # mpiexec ends the job when a rank dies
+    wait_for_lock(surface)
 
     if writer == "parts":  # finished shards wait in part files for the reducer
         assert main(["reduce", str(surface)]) == 0
