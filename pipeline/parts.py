@@ -98,9 +98,8 @@ def finished_in_parts(surface: SurfaceFile, job: str) -> tuple[np.ndarray, np.nd
     (:func:`read_part`): a part of another plan, which a re-planned surface at the same
     path would index out of range, is refused in one line. A part a reducer deletes
     meanwhile is skipped: its points are in the surface file by then."""
-    folder = parts_folder(surface.path)
     points, finished = [np.zeros(0, np.int64)], [np.zeros(0)]
-    for path in sorted(folder.glob(f"{job}-*.h5")) if folder.is_dir() else []:
+    for path in part_files(surface.path, job):
         try:
             _, part_points, _, part_finished = read_part(path, surface)
         except FileNotFoundError:
@@ -115,9 +114,10 @@ def points_in_parts(surface: SurfaceFile, job: str) -> np.ndarray:
     return finished_in_parts(surface, job)[0]
 
 
-def part_files(surface_path: str | Path) -> list[Path]:
+def part_files(surface_path: str | Path, job: str = "") -> list[Path]:
+    """The part files waiting beside a surface file (of ``job`` only, if given)."""
     folder = parts_folder(surface_path)
-    return sorted(folder.glob("*.h5")) if folder.is_dir() else []
+    return sorted(folder.glob(f"{job}-*.h5" if job else "*.h5")) if folder.is_dir() else []
 
 
 def reduce_parts(surface_path: str | Path) -> int:
