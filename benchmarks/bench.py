@@ -37,16 +37,16 @@ import numpy as np
 import torch
 
 from benchmarks.hessian_bench import bench_hessian
-from pipeline.atomic import write_file
-from pipeline.checkpoint import save_checkpoint
-from pipeline.config import parse_config
-from pipeline.data import load_dataset
-from pipeline.demo import demo_config
-from pipeline.experiment import Experiment
-from pipeline.models import build_model
-from pipeline.plan import plan_surface
-from pipeline.store import SurfaceFile
-from pipeline.workers import SurfaceEvaluator, evaluate_shards
+from landscape.atomic import write_file
+from landscape.checkpoint import save_checkpoint
+from landscape.config import parse_config
+from landscape.data import load_dataset
+from landscape.demo import demo_config
+from landscape.experiment import Experiment
+from landscape.models import build_model
+from landscape.plan import plan_surface
+from landscape.store import SurfaceFile
+from landscape.workers import SurfaceEvaluator, evaluate_shards
 
 CASES = {
     "demo_resnet20_digits": {
@@ -57,7 +57,7 @@ CASES = {
     },
     "resnet20_32x32": {
         "model": {"name": "resnet20"},
-        "data": {"name": "pipeline.bench:synthetic_images", "kwargs": {"samples": 512}},
+        "data": {"name": "landscape.bench:synthetic_images", "kwargs": {"samples": 512}},
         "evaluation": {"batch_size": 256},
         "grid": {"x": {"min": -1, "max": 1, "num": 4}, "y": {"min": -1, "max": 1, "num": 3}},
     },
@@ -173,7 +173,7 @@ def bench_ranks_run(folder: Path, checkpoint: Path, ranks: int, threads: int) ->
         f"evaluation.threads={threads}",
     ]
     path = plan_surface(demo_config("demo.yaml", overrides))
-    command = [sys.executable, "-m", "pipeline.cli", "run", str(path), "--no-progress"]
+    command = [sys.executable, "-m", "landscape.cli", "run", str(path), "--no-progress"]
     if ranks > 1:
         command = ["mpiexec", "-n", str(ranks), *command]
     # Open MPI refuses root without these; the benchmark, like the tests, sets them.
@@ -243,7 +243,7 @@ def bench_pca(folder: Path) -> dict:
 
 def pca_child(folder: str, method: str) -> None:
     """One PCA by ``method``; prints seconds and memory (MB) as JSON."""
-    from pipeline.trajectory import trajectory_pca
+    from landscape.trajectory import trajectory_pca
 
     files = sorted(Path(folder).glob("pca_*.pt"))
     started = time.perf_counter()

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import parse_config
-from pipeline.demo import demo_config
-from pipeline.experiment import Experiment
-from pipeline.hessian import HessianEvaluator, HessianOperator, extreme_eigenvalues
-from pipeline.plan import plan_surface
-from pipeline.store import SurfaceFile
-from pipeline.train import train
+from landscape.config import parse_config
+from landscape.demo import demo_config
+from landscape.experiment import Experiment
+from landscape.hessian import HessianEvaluator, HessianOperator, extreme_eigenvalues
+from landscape.plan import plan_surface
+from landscape.store import SurfaceFile
+from landscape.train import train
 
 TOLERANCE = 1e-3
 METHODS = ("eigsh", "lanczos", "shift")

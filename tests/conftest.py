@@ -16,14 +16,14 @@ import torch
 import yaml
 from torch.func import functional_call, hessian
 
-from pipeline.checkpoint import save_checkpoint
-from pipeline.config import load_config
-from pipeline.data import load_dataset
-from pipeline.errors import UserError
-from pipeline.evaluate import per_sample_loss
-from pipeline.locking import surface_lock
-from pipeline.models import build_model
-from pipeline.train import train
+from landscape.checkpoint import save_checkpoint
+from landscape.config import load_config
+from landscape.data import load_dataset
+from landscape.errors import UserError
+from landscape.evaluate import per_sample_loss
+from landscape.locking import surface_lock
+from landscape.models import build_model
+from landscape.train import train
 
 TESTS = Path(__file__).resolve().parent
 LOCAL_CLUSTER = TESTS.parent / "slurm" / "local-cluster.sh"
@@ -31,7 +31,7 @@ LOCAL_CLUSTER = TESTS.parent / "slurm" / "local-cluster.sh"
 # Open MPI refuses root and more ranks than cores unless told; the library never sets these.
 MPIEXEC = shutil.which("mpiexec")
 MPI_ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-LANDSCAPE = [sys.executable, "-m", "pipeline.cli"]
+LANDSCAPE = [sys.executable, "-m", "landscape.cli"]
 
 # 63 points in 16 shards, fast; 9 x 7 so that a swapped axis cannot pass.
 GRID = {

@@ -3,7 +3,7 @@ that fails mid-run would. Launched as one rank of an MPI job by test_mpi."""
 
 import sys
 
-from pipeline import cli, workers
+from landscape import cli, workers
 
 evaluate_point = workers.SurfaceEvaluator.__call__
 calls = 0

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import cli, workers
+from landscape import cli, workers
 
 gate, points, *arguments = sys.argv[1:]
 gate = Path(gate)

@@ -18,7 +18,7 @@ import signal
 
 import h5py
 
-from pipeline import cli
+from landscape import cli
 
 
 def trace_killed_after(writes: int, surface: str) -> None:

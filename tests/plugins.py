@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.data import Dataset
+from landscape.data import Dataset
 
 # The data every bad model below is planned on: 3 classes of 5 features.
 FEATURES, CLASSES = 5, 3

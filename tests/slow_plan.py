@@ -4,8 +4,8 @@ it wrote: two planners started at once are sure to overlap. Launched by test_loc
 import sys
 import time
 
-from pipeline import cli, plan
-from pipeline.store import SurfaceFile
+from landscape import cli, plan
+from landscape.store import SurfaceFile
 
 create_surface_file = plan.create_surface_file
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.parts import PartWriter, part_files, parts_folder, reduce_parts
-from pipeline.plan import plan_surface
-from pipeline.store import SurfaceFile
-from pipeline.workers import ArrayTask, run_job, run_surface, saved_points
+from landscape.cli import main
+from landscape.config import load_config
+from landscape.parts import PartWriter, part_files, parts_folder, reduce_parts
+from landscape.plan import plan_surface
+from landscape.store import SurfaceFile
+from landscape.workers import ArrayTask, run_job, run_surface, saved_points
 
 GRID_6X6 = {
     "x": {"min": -1.0, "max": 1.0, "num": 6},

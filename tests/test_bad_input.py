@@ -9,12 +9,12 @@ import pytest
 import yaml
 from conftest import BASE, merge
 
-from pipeline.cli import main
-from pipeline.config import ConfigError, load_config, parse_config
-from pipeline.errors import UserError
-from pipeline.parts import PartWriter
-from pipeline.plan import plan_surface
-from pipeline.store import SurfaceFile
+from landscape.cli import main
+from landscape.config import ConfigError, load_config, parse_config
+from landscape.errors import UserError
+from landscape.parts import PartWriter
+from landscape.plan import plan_surface
+from landscape.store import SurfaceFile
 
 
 def fails_with(capsys, argv: list[str], *fragments: str) -> None:

@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_hard_edges import fails_cleanly
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.plan import plan_surface
-from pipeline.status import record_path
+from landscape.cli import main
+from landscape.config import load_config
+from landscape.plan import plan_surface
+from landscape.status import record_path
 
 
 def settings(*pairs: str) -> list[str]:
@@ -88,8 +88,8 @@ def test_odd_settings_are_refused_in_one_line(experiment, tmp_path, capsys, pair
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an mps device")
 def test_a_device_torch_names_but_lacks_is_refused(experiment, tmp_path, capsys):
     """Before: RuntimeError: PyTorch is not linked with support for mps devices."""
-    from pipeline.config import load_config
-    from pipeline.plan import plan_surface
+    from landscape.config import load_config
+    from landscape.plan import plan_surface
 
     surface = plan_surface(load_config(experiment()))
     fails_cleanly(

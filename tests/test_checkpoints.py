@@ -13,10 +13,10 @@ import torch
 import yaml
 from test_bad_input import edit, fails_with
 
-import pipeline.checkpoint
-import pipeline.experiment
-from pipeline.checkpoint import file_sha256
-from pipeline.cli import main
+import landscape.checkpoint
+import landscape.experiment
+from landscape.checkpoint import file_sha256
+from landscape.cli import main
 
 
 class Payload:
@@ -190,7 +190,7 @@ def test_each_command_hashes_the_checkpoint_once(experiment, monkeypatch, comman
         hashed.append(str(path))
         return file_sha256(path)
 
-    monkeypatch.setattr(pipeline.checkpoint, "file_sha256", counted)
-    monkeypatch.setattr(pipeline.experiment, "file_sha256", counted)
+    monkeypatch.setattr(landscape.checkpoint, "file_sha256", counted)
+    monkeypatch.setattr(landscape.experiment, "file_sha256", counted)
     assert main([command, surface]) == 0
     assert hashed == [checkpoint_of(config)]

@@ -13,9 +13,9 @@ import plugins
 import pytest
 import torch
 
-from pipeline.data import load_dataset
-from pipeline.errors import UserError
-from pipeline.models import ZOO, build_model
+from landscape.data import load_dataset
+from landscape.errors import UserError
+from landscape.models import ZOO, build_model
 
 
 def test_digits_has_a_fixed_stratified_split():

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import TESTS
 
-from pipeline.demo import CONFIGS, demo_config, run_demo
-from pipeline.status import surface_status
-from pipeline.store import SurfaceFile
+from landscape.demo import CONFIGS, demo_config, run_demo
+from landscape.status import surface_status
+from landscape.store import SurfaceFile
 
 
 def test_quick_demo_trains_maps_and_draws_every_figure(tmp_path):
@@ -67,15 +67,17 @@ def test_every_shipped_config_is_valid(name):
 
 def test_the_repositorys_configs_are_the_packages():
     assert sorted(path.name for path in (TESTS.parent / "configs").glob("*.yaml")) == SHIPPED
-    assert (TESTS.parent / "configs").resolve() == (TESTS.parent / "pipeline" / "configs")
+    assert (TESTS.parent / "configs").resolve() == (
+        TESTS.parent / "pipeline" / "landscape" / "configs"
+    )
 
 
 # Runs run_demo from the unpacked wheel, in a folder with no configs/, with the work
 # itself (training, planning, running, plotting) stubbed: only the configs are real.
 DEMO_FROM_WHEEL = """
     import pathlib, sys
-    import pipeline, pipeline.demo as demo
-    assert pipeline.__file__.startswith(sys.argv[1]), pipeline.__file__
+    import landscape, landscape.demo as demo
+    assert landscape.__file__.startswith(sys.argv[1]), landscape.__file__
     planned = []
     demo.train = lambda config: None
     demo.plan_surface = lambda config: planned.append(config) or config.output
@@ -97,7 +99,7 @@ def test_an_installed_package_runs_the_demo_from_its_own_configs(tmp_path):
     (wheel,) = tmp_path.glob("*.whl")
     installed = tmp_path / "installed"
     zipfile.ZipFile(wheel).extractall(installed)
-    assert sorted(path.name for path in (installed / "pipeline" / "configs").iterdir()) == SHIPPED
+    assert sorted(path.name for path in (installed / "landscape" / "configs").iterdir()) == SHIPPED
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     demo = subprocess.run(

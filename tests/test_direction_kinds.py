@@ -12,18 +12,18 @@ import yaml
 from conftest import dense_hessian, trained_experiment
 from scipy.linalg import null_space
 
-from pipeline import trajectory
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.evaluate import evaluate
-from pipeline.experiment import Experiment
-from pipeline.hessian import HessianOperator
-from pipeline.parameters import DirectionPlane
-from pipeline.plan import plan_surface
-from pipeline.plot import plot_surface_file
-from pipeline.store import SurfaceFile
-from pipeline.train import checkpoint_path
-from pipeline.workers import run_surface
+from landscape import trajectory
+from landscape.config import load_config
+from landscape.errors import UserError
+from landscape.evaluate import evaluate
+from landscape.experiment import Experiment
+from landscape.hessian import HessianOperator
+from landscape.parameters import DirectionPlane
+from landscape.plan import plan_surface
+from landscape.plot import plot_surface_file
+from landscape.store import SurfaceFile
+from landscape.train import checkpoint_path
+from landscape.workers import run_surface
 
 
 def rewrite(path, **changes):
@@ -167,7 +167,7 @@ def test_pca_directions_match_a_dense_svd_and_frame_the_trajectory(experiment, m
 
 
 def plot_contour_axis(surface):
-    from pipeline.plot import plot_contour
+    from landscape.plot import plot_contour
 
     with SurfaceFile.open(surface) as done:
         figure = plot_contour(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import DirectionsConfig
-from pipeline.directions import ignored_parameters, random_directions
-from pipeline.models import build_model
+from landscape.config import DirectionsConfig
+from landscape.directions import ignored_parameters, random_directions
+from landscape.models import build_model
 
 
 @pytest.fixture(scope="module")

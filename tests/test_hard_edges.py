@@ -15,9 +15,9 @@ import h5py
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.plan import plan_surface
+from landscape.cli import main
+from landscape.config import load_config
+from landscape.plan import plan_surface
 
 
 def tree(folder: Path) -> dict[str, str | None]:

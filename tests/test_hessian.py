@@ -13,12 +13,12 @@ from torch import nn
 from torch.func import functional_call, hessian
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline import hessian as hessian_module
-from pipeline.config import load_config
-from pipeline.errors import Interrupted, UserError
-from pipeline.evaluate import per_sample_loss
-from pipeline.experiment import Experiment
-from pipeline.hessian import (
+from landscape import hessian as hessian_module
+from landscape.config import load_config
+from landscape.errors import Interrupted, UserError
+from landscape.evaluate import per_sample_loss
+from landscape.experiment import Experiment
+from landscape.hessian import (
     Criterion,
     GaugeProjection,
     HessianEvaluator,
@@ -29,10 +29,10 @@ from pipeline.hessian import (
     lanczos,
     product_context,
 )
-from pipeline.plan import plan_surface
-from pipeline.plot import plot_surface_file
-from pipeline.store import SurfaceFile
-from pipeline.workers import run_hessian
+from landscape.plan import plan_surface
+from landscape.plot import plot_surface_file
+from landscape.store import SurfaceFile
+from landscape.workers import run_hessian
 
 TOLERANCE = 1e-3
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -319,7 +319,7 @@ def test_a_basis_larger_than_free_memory_is_refused_in_one_line(experiment, monk
     size = 5 * 8 + 8 + 8 * 3 + 3  # the test MLP: Linear(5, 8), Linear(8, 3)
     assert free_memory(torch.device("cpu")) > basis_bytes(400, size)  # the real probe
     monkeypatch.setattr(hessian_module, "free_memory", lambda device: basis_bytes(50, size) + 7)
-    caplog.set_level("INFO", logger="pipeline.hessian")
+    caplog.set_level("INFO", logger="landscape.hessian")
     with pytest.raises(UserError) as caught:
         run_hessian(surface, show_progress=False)
     message = str(caught.value)

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from conftest import GRID, MPI_ENV, MPIEXEC, gated, wait_at_gate, wait_for_lock
 
-from pipeline import atomic
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.errors import Interrupted
-from pipeline.parts import parts_folder, points_in_parts
-from pipeline.plan import plan_surface
-from pipeline.store import SurfaceFile
-from pipeline.workers import run_job
+from landscape import atomic
+from landscape.cli import main
+from landscape.config import load_config
+from landscape.errors import Interrupted
+from landscape.parts import parts_folder, points_in_parts
+from landscape.plan import plan_surface
+from landscape.store import SurfaceFile
+from landscape.workers import run_job
 
 # The interrupted runs wait for their signal half-way through their second shard: the
 # serial writer saves each point evaluated, part files the finished shard only.

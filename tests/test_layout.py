@@ -7,9 +7,9 @@ import ast
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
-import pipeline
+import landscape
 
-PACKAGE = Path(pipeline.__file__).parent
+PACKAGE = Path(landscape.__file__).parent
 
 
 def module_name(path: Path) -> str:
@@ -38,7 +38,7 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_no_module_imports_another_that_imports_it_back():
     graph = import_graph()
-    assert "pipeline.submit" in graph["pipeline.cli"]  # the graph sees imports in functions
+    assert "landscape.submit" in graph["landscape.cli"]  # the graph sees imports in functions
     try:
         tuple(TopologicalSorter(graph).static_order())
     except CycleError as cycle:

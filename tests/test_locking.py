@@ -21,13 +21,13 @@ import pytest
 import yaml
 from conftest import GRID, LANDSCAPE, MPI_ENV, MPIEXEC, TESTS, gated, wait_at_gate
 
-from pipeline import locking
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.locking import lock_path
-from pipeline.plan import plan_surface
-from pipeline.store import SurfaceFile
-from pipeline.workers import run_surface
+from landscape import locking
+from landscape.cli import main
+from landscape.config import load_config
+from landscape.locking import lock_path
+from landscape.plan import plan_surface
+from landscape.store import SurfaceFile
+from landscape.workers import run_surface
 
 
 def planned(experiment, name: str) -> Path:

@@ -24,13 +24,13 @@ from conftest import (
     write_experiment,
 )
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.parts import parts_folder
-from pipeline.plan import plan_surface
-from pipeline.status import surface_status
-from pipeline.store import SurfaceFile
-from pipeline.workers import run_hessian, run_surface
+from landscape.cli import main
+from landscape.config import load_config
+from landscape.parts import parts_folder
+from landscape.plan import plan_surface
+from landscape.status import surface_status
+from landscape.store import SurfaceFile
+from landscape.workers import run_hessian, run_surface
 
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: `make install` builds it")
 

@@ -10,9 +10,9 @@ import torch
 import yaml
 from test_bad_input import edit, fails_with
 
-from pipeline.checkpoint import save_checkpoint
-from pipeline.cli import main
-from pipeline.store import SurfaceFile
+from landscape.checkpoint import save_checkpoint
+from landscape.cli import main
+from landscape.store import SurfaceFile
 
 GOOD_DATA = "plugins:classes"
 GOOD_MODEL = "plugins:unit"
@@ -52,7 +52,7 @@ def test_the_good_plugins_plan(tmp_path):
     "data, fragments",
     [
         ("data_raises", ["raised FileNotFoundError: /data/features.npy: no such file"]),
-        ("data_returns_none", ["returned None", "return a pipeline.data.Dataset or a dict"]),
+        ("data_returns_none", ["returned None", "return a landscape.data.Dataset or a dict"]),
         ("data_returns_a_tuple", ["returned tuple"]),
         ("data_without_test_y", ["returned a dict without test_y"]),
         ("lengths_differ", ["30 train_x samples but 29 train_y targets"]),

@@ -12,10 +12,10 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.config import load_config
-from pipeline.plan import plan_surface
-from pipeline.store import SurfaceFile
-from pipeline.workers import run_job
+from landscape.config import load_config
+from landscape.plan import plan_surface
+from landscape.store import SurfaceFile
+from landscape.workers import run_job
 
 SLOW_GRID = {
     "x": {"min": -1.0, "max": 1.0, "num": 8},
@@ -32,7 +32,7 @@ COMMANDS = {"surface": "run", "hessian": "hessian"}
 
 
 def run_command(surface, job: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", COMMANDS[job], str(surface), "--no-progress"]
+    return [sys.executable, "-m", "landscape.cli", COMMANDS[job], str(surface), "--no-progress"]
 
 
 def done_count(surface, job: str) -> int:

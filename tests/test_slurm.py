@@ -11,10 +11,10 @@ import numpy as np
 import yaml
 from conftest import final_state, write_experiment
 
-from pipeline.config import load_config
-from pipeline.plan import plan_surface
-from pipeline.store import SurfaceFile
-from pipeline.workers import run_surface
+from landscape.config import load_config
+from landscape.plan import plan_surface
+from landscape.store import SurfaceFile
+from landscape.workers import run_surface
 
 SLURM = Path(__file__).resolve().parent.parent / "slurm"
 GRID_6X6 = {

@@ -13,15 +13,15 @@ import sys
 import h5py
 import pytest
 
-from pipeline import status as status_module
-from pipeline.atomic import write_file
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.parts import parts_folder
-from pipeline.plan import plan_surface
-from pipeline.status import format_duration, record_path, surface_status
-from pipeline.workers import ArrayTask, run_job
+from landscape import status as status_module
+from landscape.atomic import write_file
+from landscape.cli import main
+from landscape.config import load_config
+from landscape.errors import UserError
+from landscape.parts import parts_folder
+from landscape.plan import plan_surface
+from landscape.status import format_duration, record_path, surface_status
+from landscape.workers import ArrayTask, run_job
 
 GRID_6X6 = {
     "x": {"min": -1.0, "max": 1.0, "num": 6},
@@ -54,7 +54,7 @@ def test_points_in_unmerged_part_files_count_towards_progress_rate_and_time_left
     )
 
     kept = parts[0].read_bytes()
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "reduce", str(surface)], check=True)
+    subprocess.run([sys.executable, "-m", "landscape.cli", "reduce", str(surface)], check=True)
     merged = job_line(surface_status(surface))
     assert merged.startswith("  surface: 12/36 points done (33.3%), ")
     # A reducer killed after its flush leaves parts already merged: not counted twice.
@@ -135,7 +135,7 @@ def test_record_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     def disk_full(descriptor):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("pipeline.atomic.os.fsync", disk_full)
+    monkeypatch.setattr("landscape.atomic.os.fsync", disk_full)
     with pytest.raises(UserError, match="No space left"):
         write_file(record, b"newer, but the disk is full\n", "record")
     assert record.read_text() == "new\n"
@@ -153,7 +153,7 @@ def test_status_piped_into_head_ends_quietly(surface, fake_slurm, tmp_path):
     fake_slurm(squeue=None, sacct=None)
     errors = tmp_path / "stderr"
     piped = subprocess.run(
-        f"'{sys.executable}' -m pipeline.cli status '{surface}' 2>'{errors}' | head -c1",
+        f"'{sys.executable}' -m landscape.cli status '{surface}' 2>'{errors}' | head -c1",
         shell=True,
         capture_output=True,
         text=True,

@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 from conftest import final_state, write_experiment
 
-from pipeline import submit as submit_module
-from pipeline.atomic import write_file
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.locking import lock_path
-from pipeline.plan import plan_surface
-from pipeline.status import record_path, surface_status
-from pipeline.store import SurfaceFile
-from pipeline.submit import SlurmOptions, submit
-from pipeline.workers import run_hessian, run_surface
+from landscape import submit as submit_module
+from landscape.atomic import write_file
+from landscape.cli import main
+from landscape.config import load_config
+from landscape.errors import UserError
+from landscape.locking import lock_path
+from landscape.plan import plan_surface
+from landscape.status import record_path, surface_status
+from landscape.store import SurfaceFile
+from landscape.submit import SlurmOptions, submit
+from landscape.workers import run_hessian, run_surface
 
 BOTH_JOBS = {
     "grid": {

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.config import load_config
-from pipeline.evaluate import evaluate
-from pipeline.experiment import Experiment
-from pipeline.plan import plan_surface
-from pipeline.plot import plot_contour, plot_heatmap
-from pipeline.store import SurfaceFile
-from pipeline.workers import run_surface
+from landscape.config import load_config
+from landscape.evaluate import evaluate
+from landscape.experiment import Experiment
+from landscape.plan import plan_surface
+from landscape.plot import plot_contour, plot_heatmap
+from landscape.store import SurfaceFile
+from landscape.workers import run_surface
 
 
 def plan_and_run(config_path):

@@ -21,20 +21,20 @@ from killed_trace import trace_killed_after
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.experiment import Experiment
-from pipeline.plan import plan_surface
-from pipeline.status import surface_status
-from pipeline.store import SurfaceFile, rewrite_group
-from pipeline.trace import (
+from landscape.config import load_config
+from landscape.errors import UserError
+from landscape.experiment import Experiment
+from landscape.plan import plan_surface
+from landscape.status import surface_status
+from landscape.store import SurfaceFile, rewrite_group
+from landscape.trace import (
     HUTCHINSON_LABEL,
     TraceEstimator,
     estimate_trace,
     kinked_operations,
     projection_label,
 )
-from pipeline.workers import run_job
+from landscape.workers import run_job
 
 DTYPES = ["float32", "float64"]
 
@@ -209,7 +209,9 @@ def test_trace_killed_at_any_write_loses_nothing_and_resumes(experiment, traced_
         shutil.copyfile(surface, pristine)
     before = contents(pristine)
     children = multiprocessing.get_context("forkserver")
-    children.set_forkserver_preload(["pipeline.trace", "pipeline.cli"])  # torch once, not per kill
+    children.set_forkserver_preload(
+        ["landscape.trace", "landscape.cli"]
+    )  # torch once, not per kill
     writes = 0
     while True:
         writes += 1
@@ -257,7 +259,7 @@ def test_trace_on_a_full_disk_says_so_in_one_line_and_changes_nothing(experiment
     with open(filler, "wb") as handle, pytest.raises(OSError, match="No space left"):
         handle.write(bytes(2 << 20))
     before = contents(surface)
-    command = [sys.executable, "-m", "pipeline.cli", "trace", str(surface)]
+    command = [sys.executable, "-m", "landscape.cli", "trace", str(surface)]
     refused = subprocess.run(command, capture_output=True, text=True)
     last = refused.stderr.strip().splitlines()[-1]
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
@@ -274,7 +276,7 @@ def test_trace_on_a_full_disk_says_so_in_one_line_and_changes_nothing(experiment
 
 HOLD_LOCK = """
 import sys, time
-from pipeline.locking import surface_lock
+from landscape.locking import surface_lock
 with surface_lock(sys.argv[1], "landscape run"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -294,7 +296,7 @@ def test_trace_computes_beside_a_job_and_waits_for_its_lock_to_store(
     )
     try:
         assert holder.stdout.readline() == "held\n"
-        with caplog.at_level(logging.INFO, logger="pipeline.locking"):
+        with caplog.at_level(logging.INFO, logger="landscape.locking"):
             estimate_trace(surface)
         assert holder.poll() == 0  # trace stored only once the holder had ended
         assert any("waiting for another landscape job" in r.getMessage() for r in caplog.records)

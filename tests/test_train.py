@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import parse_config
-from pipeline.train import learning_rate, train
+from landscape.config import parse_config
+from landscape.train import learning_rate, train
 
 CONFIG = """
 model: {name: mlp, kwargs: {hidden: [32]}}

@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_bad_input import fails_with
 
-from pipeline.errors import UserError
-from pipeline.trajectory import trajectory_pca
+from landscape.errors import UserError
+from landscape.trajectory import trajectory_pca
 
 PARAMETERS, CHECKPOINTS = 3000, 8
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from pipeline.errors import UserError
+from landscape.errors import UserError
 
 
 def check_writable(path: str | Path, field: str, folder: bool = False) -> None:

@@ -53,11 +53,11 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline.config import HessianConfig
-from pipeline.errors import Interrupted, UserError, describe
-from pipeline.evaluate import per_sample_loss
-from pipeline.experiment import Experiment
-from pipeline.parameters import DirectionPlane
+from landscape.config import HessianConfig
+from landscape.errors import Interrupted, UserError, describe
+from landscape.evaluate import per_sample_loss
+from landscape.experiment import Experiment
+from landscape.parameters import DirectionPlane
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ WRAPPED_INTERRUPT = re.compile(r"\bKeyboardInterrupt\b|\bInterrupted: signal (\d
 def wrapped_interrupt(exc: RuntimeError) -> KeyboardInterrupt | None:
     """The interrupt inside ``exc``: the original where the exception chain keeps it, else
     one rebuilt from the message, which is all TorchScript keeps (``Interrupted: signal
-    15``, see :class:`pipeline.errors.Interrupted`): a SIGTERM stays a SIGTERM (exit 143)."""
+    15``, see :class:`landscape.errors.Interrupted`): a SIGTERM stays a SIGTERM (exit 143)."""
     seen, inner = set(), exc.__cause__ or exc.__context__
     while inner is not None and id(inner) not in seen:
         if isinstance(inner, KeyboardInterrupt):

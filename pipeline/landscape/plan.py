@@ -13,17 +13,17 @@ from pathlib import Path
 
 import h5py
 
-from pipeline.atomic import folder_for
-from pipeline.checkpoint import verify_fingerprint
-from pipeline.config import ExperimentConfig, config_differences
-from pipeline.directions import ignored_parameters, plan_directions
-from pipeline.errors import UserError
-from pipeline.experiment import Experiment
-from pipeline.grid import Grid, shard_ranges
-from pipeline.hessian import convergence_attrs
-from pipeline.locking import surface_lock
-from pipeline.parts import part_files, parts_folder
-from pipeline.store import SurfaceFile, create_surface_file
+from landscape.atomic import folder_for
+from landscape.checkpoint import verify_fingerprint
+from landscape.config import ExperimentConfig, config_differences
+from landscape.directions import ignored_parameters, plan_directions
+from landscape.errors import UserError
+from landscape.experiment import Experiment
+from landscape.grid import Grid, shard_ranges
+from landscape.hessian import convergence_attrs
+from landscape.locking import surface_lock
+from landscape.parts import part_files, parts_folder
+from landscape.store import SurfaceFile, create_surface_file
 
 log = logging.getLogger(__name__)
 

@@ -54,12 +54,12 @@ import h5py
 import numpy as np
 import yaml
 
-from pipeline import __version__
-from pipeline.atomic import write_file
-from pipeline.config import ConfigError, ExperimentConfig, job_outputs, parse_config
-from pipeline.errors import UserError
-from pipeline.grid import Grid
-from pipeline.locking import LOCKING_UNSUPPORTED, READ_ONLY, surface_lock, this_command
+from landscape import __version__
+from landscape.atomic import write_file
+from landscape.config import ConfigError, ExperimentConfig, job_outputs, parse_config
+from landscape.errors import UserError
+from landscape.grid import Grid
+from landscape.locking import LOCKING_UNSUPPORTED, READ_ONLY, surface_lock, this_command
 
 SCHEMA_VERSION = 2
 DERIVED_MAPS = {"hessian": ["lambda_ratio"]}
@@ -172,10 +172,10 @@ def rewrite_group(path: Path, name: str, datasets: dict, attrs: dict) -> None:
     Adding, deleting or moving a group changes HDF5 metadata (object headers, free-space
     lists) in place, and a kill or a full disk halfway through leaves a file that no
     longer opens, maps and all. So the file is read into memory, the group changed
-    there, and the new image written whole by :func:`pipeline.atomic.write_file` (temp
+    there, and the new image written whole by :func:`landscape.atomic.write_file` (temp
     file, fsync, rename): readers see the old file or the new one, never a mix, and a
     full disk leaves the old file. The caller holds the surface's lock
-    (:func:`pipeline.locking.surface_lock`), so no job writes ``path`` meanwhile.
+    (:func:`landscape.locking.surface_lock`), so no job writes ``path`` meanwhile.
     """
     image = io.BytesIO(path.read_bytes())
     with h5py.File(image, "r+") as handle:
@@ -220,7 +220,7 @@ class SurfaceFile:
     def open(cls, path: str | Path, mode: str = "r", comm=None) -> SurfaceFile:
         """Open for reading (``"r"``: no lock, so it works beside a running job), for
         writing results from one process (``"r+"``: holds the surface's exclusive lock,
-        :func:`pipeline.locking.surface_lock`, while open), or, given an MPI ``comm``,
+        :func:`landscape.locking.surface_lock`, while open), or, given an MPI ``comm``,
         from all its ranks at once with the ``mpio`` driver (a collective call; rank 0
         holds the job's lock).
 

@@ -26,7 +26,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from pipeline.errors import FailedElsewhere, UserError
+from landscape.errors import FailedElsewhere, UserError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

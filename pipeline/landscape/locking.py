@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from pipeline.errors import UserError
+from landscape.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.atomic import check_writable
-from pipeline.checkpoint import save_checkpoint
-from pipeline.config import ExperimentConfig, TrainConfig
-from pipeline.errors import UserError, reporting_interrupt
-from pipeline.evaluate import evaluate, per_sample_loss
-from pipeline.experiment import Experiment
+from landscape.atomic import check_writable
+from landscape.checkpoint import save_checkpoint
+from landscape.config import ExperimentConfig, TrainConfig
+from landscape.errors import UserError, reporting_interrupt
+from landscape.evaluate import evaluate, per_sample_loss
+from landscape.experiment import Experiment
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import AxisConfig, GridConfig
+from landscape.config import AxisConfig, GridConfig
 
 TARGET_SHARDS = 64
 FRAME_MARGIN = 0.15  # of the trajectory's extent, added on each side

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.errors import UserError
+from landscape.errors import UserError
 
 # Every map a config can ask for, and the job kind that computes it.
 MAP_JOBS = {

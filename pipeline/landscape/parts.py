@@ -19,10 +19,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.atomic import check_writable, sync_to_disk, write_file
-from pipeline.errors import UserError
-from pipeline.locking import surface_lock
-from pipeline.store import SurfaceFile
+from landscape.atomic import check_writable, sync_to_disk, write_file
+from landscape.errors import UserError
+from landscape.locking import surface_lock
+from landscape.store import SurfaceFile
 
 log = logging.getLogger(__name__)
 

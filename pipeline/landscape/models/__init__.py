@@ -11,11 +11,11 @@ import functools
 
 from torch import nn
 
-from pipeline.errors import UserError
-from pipeline.models.resnet import resnet_factory
-from pipeline.models.small import MLP, Linear, SmallCNN
-from pipeline.models.vgg import VGG
-from pipeline.plugins import call_factory, import_object
+from landscape.errors import UserError
+from landscape.models.resnet import resnet_factory
+from landscape.models.small import MLP, Linear, SmallCNN
+from landscape.models.vgg import VGG
+from landscape.plugins import call_factory, import_object
 
 ZOO = {
     "linear": Linear,
@@ -33,7 +33,7 @@ def build_model(name: str, input_shape: tuple, num_classes: int, kwargs: dict) -
 
     Fails in one line if the factory cannot be called so, raises, or returns something
     other than a module with parameters (what its outputs look like is checked on data,
-    by :func:`pipeline.experiment.check_forward`)."""
+    by :func:`landscape.experiment.check_forward`)."""
     arguments = {"input_shape": tuple(input_shape), "num_classes": num_classes}
     model = call_factory(resolve_factory(name), name, "model.name", arguments, kwargs)
     if not isinstance(model, nn.Module):

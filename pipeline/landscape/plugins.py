@@ -10,7 +10,7 @@ import importlib
 import inspect
 from collections.abc import Callable
 
-from pipeline.errors import UserError, describe
+from landscape.errors import UserError, describe
 
 
 def import_object(spec: str, field: str):

@@ -7,7 +7,7 @@ A direction d has one entry per parameter. Kinds (``directions.kind``):
   layer's weights, so each *filter* of d is rescaled to the norm of the matching filter
   of theta: d_ij <- d_ij / ||d_ij|| * ||theta_ij|| (a filter is one slice along the
   output dimension: a conv output channel, or one output neuron's row).
-- ``pca``: the principal directions of a training trajectory (:mod:`pipeline.trajectory`).
+- ``pca``: the principal directions of a training trajectory (:mod:`landscape.trajectory`).
 - ``hessian``: unit eigenvectors of the Hessian at theta (Boettcher & Wheeler): the
   only directions along which a 2D slice shows the true principal curvatures, saddles
   included (rescaled, they would be eigenvectors no more: their normalization stays
@@ -17,7 +17,7 @@ A direction d has one entry per parameter. Kinds (``directions.kind``):
   has E[d^T H d] = sum_f ||theta_f||^2 / m_f * tr(H_ff), with m_f the filter's size and
   H_ff its diagonal block: a trace weighted by each filter's mean squared weight (and 0
   for ignored tensors), not tr(H)/n.
-- ``target``, ``interpolation``, ``file``: read from files (:mod:`pipeline.direction_files`).
+- ``target``, ``interpolation``, ``file``: read from files (:mod:`landscape.direction_files`).
 
 Scaling (``normalization``): ``filter``, ``layer`` (whole tensor), ``weight``
 (elementwise, d * |theta|), ``unit`` (the whole vector to length 1) or ``none``.
@@ -35,23 +35,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import DirectionsConfig, ExperimentConfig
-from pipeline.direction_files import (
+from landscape.config import DirectionsConfig, ExperimentConfig
+from landscape.direction_files import (
     checkpoint_differences,
     file_directions,
     load_target,
     variance_range,
     weight_histograms,
 )
-from pipeline.experiment import Experiment
-from pipeline.hessian import (
+from landscape.experiment import Experiment
+from landscape.hessian import (
     Criterion,
     GaugeProjection,
     HessianOperator,
     check_basis_memory,
     lanczos,
 )
-from pipeline.trajectory import trajectory_files, trajectory_pca
+from landscape.trajectory import trajectory_files, trajectory_pca
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def hessian_plane(experiment: Experiment, config: ExperimentConfig, count: int) 
     from a seeded start to ``hessian.tolerance`` within ``hessian.max_hvps`` products.
     Without biases and BN scales (``ignore: biasbn``) it is the Hessian of the weights.
     A softmax classifier's gauge directions, along which the loss never changes, are
-    projected out (:class:`~pipeline.hessian.GaugeProjection`): lambda_min's eigenvector
+    projected out (:class:`~landscape.hessian.GaugeProjection`): lambda_min's eigenvector
     is then a direction the model's function feels, also where H is semidefinite."""
     settings, solver = config.directions, config.hessian
     inputs, targets = experiment.data.split("train")

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.errors import UserError
+from landscape.checkpoint import load_checkpoint
+from landscape.errors import UserError
 
 log = logging.getLogger(__name__)
 

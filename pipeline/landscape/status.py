@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.parts import finished_in_parts
-from pipeline.store import SurfaceFile
+from landscape.errors import UserError
+from landscape.parts import finished_in_parts
+from landscape.store import SurfaceFile
 
 RATE_WINDOW = 20
 FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED")

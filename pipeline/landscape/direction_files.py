@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.checkpoint import check_compatible, check_finite, load_state_dict, read_torch_file
-from pipeline.errors import UserError, describe
+from landscape.checkpoint import check_compatible, check_finite, load_state_dict, read_torch_file
+from landscape.errors import UserError, describe
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import UserError, describe
-from pipeline.plugins import call_factory, import_object
+from landscape.errors import UserError, describe
+from landscape.plugins import call_factory, import_object
 
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2
@@ -335,7 +335,7 @@ def _from_mapping(result, name: str) -> Dataset:
         returned = f"a dict without {', '.join(missing)}" if missing else type(result).__name__
         returned = "None" if result is None else returned
         raise UserError(
-            f"data.name: {name} returned {returned}; return a pipeline.data.Dataset or a "
+            f"data.name: {name} returned {returned}; return a landscape.data.Dataset or a "
             f"dict with {', '.join(DATASET_FIELDS)}"
         )
     return _tensors(*(result[k] for k in DATASET_FIELDS), name=name)

@@ -23,11 +23,11 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from pipeline.atomic import check_writable, write_file  # noqa: E402
-from pipeline.config import JOB_COMMANDS  # noqa: E402
-from pipeline.errors import UserError, reporting_interrupt  # noqa: E402
-from pipeline.grid import Grid  # noqa: E402
-from pipeline.store import SurfaceFile  # noqa: E402
+from landscape.atomic import check_writable, write_file  # noqa: E402
+from landscape.config import JOB_COMMANDS  # noqa: E402
+from landscape.errors import UserError, reporting_interrupt  # noqa: E402
+from landscape.grid import Grid  # noqa: E402
+from landscape.store import SurfaceFile  # noqa: E402
 
 FORMATS = ("png", "pdf")
 STYLE = {"font.size": 11, "axes.labelsize": 12, "axes.titlesize": 12, "savefig.dpi": 200}

@@ -15,8 +15,8 @@ import signal
 import sys
 from collections.abc import Callable
 
-from pipeline.errors import FailedElsewhere, Interrupted, UserError
-from pipeline.ranks import configure_logging, launched_size, launcher_rank
+from landscape.errors import FailedElsewhere, Interrupted, UserError
+from landscape.ranks import configure_logging, launched_size, launcher_rank
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,21 +32,21 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command_train(args) -> None:
-    from pipeline.config import load_config
-    from pipeline.train import train
+    from landscape.config import load_config
+    from landscape.train import train
 
     print(train(load_config(args.config, args.overrides)))
 
 
 def command_plan(args) -> None:
-    from pipeline.config import load_config
-    from pipeline.plan import plan_surface
+    from landscape.config import load_config
+    from landscape.plan import plan_surface
 
     print(plan_surface(load_config(args.config, args.overrides)))
 
 
 def command_job(args) -> None:
-    from pipeline.workers import run_job
+    from landscape.workers import run_job
 
     run_job(
         args.surface,
@@ -60,7 +60,7 @@ def command_job(args) -> None:
 
 def array_task(index: int | None, count: int | None):
     """The ArrayTask of ``--task-index I --num-tasks N`` (N defaults to 1), or None."""
-    from pipeline.workers import ArrayTask
+    from landscape.workers import ArrayTask
 
     if index is None:
         if count is not None:
@@ -72,13 +72,13 @@ def array_task(index: int | None, count: int | None):
 def command_submit(args) -> None:
     from pathlib import Path
 
-    from pipeline.submit import SlurmOptions, require_sbatch, submit
+    from landscape.submit import SlurmOptions, require_sbatch, submit
 
     require_sbatch()  # before planning: a failed submit leaves nothing on disk
     target = Path(args.target)
     if target.suffix in (".yaml", ".yml"):
-        from pipeline.config import load_config
-        from pipeline.plan import plan_surface
+        from landscape.config import load_config
+        from landscape.plan import plan_surface
 
         target = plan_surface(load_config(target, args.overrides))
     sbatch = dict(flag.partition("=")[::2] for flag in args.sbatch)
@@ -108,32 +108,32 @@ def entry_shards(entry: dict) -> list[int]:
 
 
 def command_trace(args) -> None:
-    from pipeline.trace import estimate_trace
+    from landscape.trace import estimate_trace
 
     print(estimate_trace(args.surface, args.device))
 
 
 def command_reduce(args) -> None:
-    from pipeline.parts import reduce_parts
+    from landscape.parts import reduce_parts
 
     print(f"{reduce_parts(args.surface)} points merged into {args.surface}")
 
 
 def command_status(args) -> None:
-    from pipeline.status import surface_status
+    from landscape.status import surface_status
 
     print(surface_status(args.surface))
 
 
 def command_plot(args) -> None:
-    from pipeline.plot import plot_surface_file
+    from landscape.plot import plot_surface_file
 
     for path in plot_surface_file(args.surface, args.out, tuple(args.format)):
         print(path)
 
 
 def command_demo(args) -> None:
-    from pipeline.demo import run_demo
+    from landscape.demo import run_demo
 
     run_demo(args.out, quick=args.quick)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.atomic import write_file
-from pipeline.errors import UserError, describe
+from landscape.atomic import write_file
+from landscape.errors import UserError, describe
 
 
 def load_state_dict(path: str | Path, field: str = "model.checkpoint", mmap: bool = False) -> dict:

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.checkpoint import check_compatible, file_sha256, load_state_dict
-from pipeline.config import ExperimentConfig
-from pipeline.data import Dataset, load_dataset
-from pipeline.errors import UserError, describe
-from pipeline.evaluate import per_sample_loss
-from pipeline.models import build_model
+from landscape.checkpoint import check_compatible, file_sha256, load_state_dict
+from landscape.config import ExperimentConfig
+from landscape.data import Dataset, load_dataset
+from landscape.errors import UserError, describe
+from landscape.evaluate import per_sample_loss
+from landscape.models import build_model
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

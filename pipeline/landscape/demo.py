@@ -3,7 +3,7 @@ random plane with the Hessian's extreme eigenvalues on a coarse grid, a 1D curve
 training trajectory on its PCA plane, the plane of the Hessian's extreme eigenvectors,
 the interpolation from initialization to solution, and tr(H) estimated two ways.
 
-Uses the example configs shipped in the package (``pipeline/configs/demo*.yaml``, which
+Uses the example configs shipped in the package (``landscape/configs/demo*.yaml``, which
 ``configs/`` in the repository links to), with every output redirected under ``--out``;
 training is skipped when its last checkpoint exists and planning is a resume, so
 running the demo twice only redraws the figures.
@@ -16,15 +16,15 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-from pipeline.config import ExperimentConfig, parse_config
-from pipeline.plan import plan_surface
-from pipeline.plot import plot_surface_file
-from pipeline.trace import estimate_trace
-from pipeline.train import checkpoint_path, train
-from pipeline.workers import run_job
+from landscape.config import ExperimentConfig, parse_config
+from landscape.plan import plan_surface
+from landscape.plot import plot_surface_file
+from landscape.trace import estimate_trace
+from landscape.train import checkpoint_path, train
+from landscape.workers import run_job
 
 log = logging.getLogger(__name__)
-CONFIGS = files("pipeline") / "configs"
+CONFIGS = files("landscape") / "configs"
 QUICK_2D = ["grid.x.num=5", "grid.y.num=4", "train.epochs=2", "maps=[train_loss,train_acc]"]
 QUICK = {
     "demo_1d.yaml": ["grid.x.num=5"],
@@ -38,7 +38,7 @@ def demo_config(name: str, overrides: list[str]) -> ExperimentConfig:
     """One of the package's example configs (read from the package, so an installed
     ``landscape`` finds it wherever it runs), after ``key.path=value`` overrides."""
     return parse_config(
-        (CONFIGS / name).read_text(encoding="utf-8"), f"pipeline/configs/{name}", overrides
+        (CONFIGS / name).read_text(encoding="utf-8"), f"landscape/configs/{name}", overrides
     )
 
 

@@ -1,11 +1,11 @@
 """Workers: evaluate the not-yet-done points of a surface file and write them back.
 
 The same code runs as one process or as N MPI ranks (``mpirun -n N landscape run``).
-Four pieces meet here: the ranks (:mod:`pipeline.ranks`), which hand out shards;
+Four pieces meet here: the ranks (:mod:`landscape.ranks`), which hand out shards;
 a :class:`SurfaceEvaluator`, which turns coordinates into map values (pure compute);
 a writer, which stores a point (``write_point``) and makes a shard durable
 (``commit``): the surface file itself, opened serially or with ``mpio`` by every rank,
-or a :class:`~pipeline.parts.PartWriter`; and :func:`evaluate_shards`, the loop.
+or a :class:`~landscape.parts.PartWriter`; and :func:`evaluate_shards`, the loop.
 """
 
 from __future__ import annotations
@@ -24,18 +24,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint import verify_fingerprint
-from pipeline.config import MAP_JOBS
-from pipeline.errors import UserError, reporting_interrupt
-from pipeline.evaluate import evaluate
-from pipeline.experiment import Experiment
-from pipeline.grid import Grid
-from pipeline.hessian import HessianEvaluator
-from pipeline.locking import surface_lock
-from pipeline.parameters import DirectionPlane
-from pipeline.parts import PartWriter, points_in_parts, reduce_parts
-from pipeline.ranks import CLAIMED, DONE, Solo, connect_ranks, cpu_threads_per_rank
-from pipeline.store import SurfaceFile, existing_surface
+from landscape.checkpoint import verify_fingerprint
+from landscape.config import MAP_JOBS
+from landscape.errors import UserError, reporting_interrupt
+from landscape.evaluate import evaluate
+from landscape.experiment import Experiment
+from landscape.grid import Grid
+from landscape.hessian import HessianEvaluator
+from landscape.locking import surface_lock
+from landscape.parameters import DirectionPlane
+from landscape.parts import PartWriter, points_in_parts, reduce_parts
+from landscape.ranks import CLAIMED, DONE, Solo, connect_ranks, cpu_threads_per_rank
+from landscape.store import SurfaceFile, existing_surface
 
 log = logging.getLogger(__name__)
 

@@ -41,15 +41,15 @@ from scipy import stats
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from pipeline.checkpoint import verify_fingerprint
-from pipeline.config import TraceConfig
-from pipeline.errors import UserError
-from pipeline.evaluate import evaluate
-from pipeline.experiment import Experiment
-from pipeline.hessian import HessianOperator
-from pipeline.locking import surface_lock
-from pipeline.parameters import FlatParameters
-from pipeline.store import SurfaceFile, existing_surface, rewrite_group
+from landscape.checkpoint import verify_fingerprint
+from landscape.config import TraceConfig
+from landscape.errors import UserError
+from landscape.evaluate import evaluate
+from landscape.experiment import Experiment
+from landscape.hessian import HessianOperator
+from landscape.locking import surface_lock
+from landscape.parameters import FlatParameters
+from landscape.store import SurfaceFile, existing_surface, rewrite_group
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import submitit
 
-from pipeline.atomic import write_file
-from pipeline.errors import UserError
-from pipeline.locking import surface_lock
-from pipeline.parts import points_in_parts, reduce_parts
-from pipeline.ranks import configure_logging
-from pipeline.status import SlurmJobs, read_submission, record_path
-from pipeline.store import SurfaceFile, existing_surface
-from pipeline.workers import ArrayTask, run_job
+from landscape.atomic import write_file
+from landscape.errors import UserError
+from landscape.locking import surface_lock
+from landscape.parts import points_in_parts, reduce_parts
+from landscape.ranks import configure_logging
+from landscape.status import SlurmJobs, read_submission, record_path
+from landscape.store import SurfaceFile, existing_surface
+from landscape.workers import ArrayTask, run_job
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ class MpiRun(submitit.helpers.Checkpointable):
 
 def reduce_and_plot(path: str) -> str:
     """The reduce job: merge part files; draw the figures when every job is complete."""
-    from pipeline.plot import plot_surface_file
-    from pipeline.status import surface_status
+    from landscape.plot import plot_surface_file
+    from landscape.status import surface_status
 
     configure_logging()
     reduce_parts(path)
