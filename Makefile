@@ -66,7 +66,7 @@ system-mpi:
 	fi
 
 # SLURM, munge and MariaDB for slurm/local-cluster.sh, which the SLURM tests start (they
-# are skipped without it). Debian/Ubuntu as root; .ci/run calls this before `make test`.
+# are skipped without it, and this says so). Debian/Ubuntu as root; `make test` runs it.
 local-slurm:
 	@if command -v slurmctld >/dev/null; then \
 		echo "local SLURM: $$(slurmctld -V)"; \
@@ -75,13 +75,13 @@ local-slurm:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends $(SLURM_APT_PACKAGES) >/dev/null; \
 	else \
-		echo "local SLURM: needs root and apt-get; the SLURM tests will be skipped"; \
+		echo "local SLURM: not installed (needs root and apt-get); the SLURM tests will be skipped"; \
 	fi
 
 demo: install
 	$(VENV)/bin/landscape demo --out results/demo
 
-test: install
+test: install local-slurm
 	$(PY) -m pytest -q
 
 bench: install
@@ -92,4 +92,4 @@ lint: install
 	$(VENV)/bin/ruff format --check pipeline tests benchmarks
 
 clean:
-	rm -rf $(VENV) results build *.egg-info
+	rm -rf $(VENV) results build pipeline/*.egg-info
