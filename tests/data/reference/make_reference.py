@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -48,7 +47,7 @@ import numpy as np
 
 # The command line under test, run as ``python -m CLI_MODULE``: the one name to change
 # when the package is renamed.
-CLI_MODULE = "pipeline.cli"
+CLI_MODULE = "landscape.cli"
 
 HERE = Path(__file__).resolve().parent
 REPOSITORY = HERE.parents[2]
@@ -64,14 +63,12 @@ STORED_GROUPS = ("maps", "grid", "directions")
 
 
 def landscape(*args: str, cwd: Path) -> None:
-    """Run ``python -m CLI_MODULE *args`` in ``cwd`` with the code of this checkout (not an
-    installed copy: the repository goes first on PYTHONPATH); fail with its output."""
-    path = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
+    """Run ``python -m CLI_MODULE *args`` in ``cwd`` (the package this interpreter imports:
+    the checkout's, installed in editable mode by ``make install``); fail with its output."""
     command = [sys.executable, "-m", CLI_MODULE, *args]
     done = subprocess.run(
         command,
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": path},
         capture_output=True,
         text=True,
         timeout=600,
