@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -24,6 +25,9 @@ from landscape.evaluate import per_sample_loss
 from landscape.locking import surface_lock
 from landscape.models import build_model
 from landscape.train import train
+
+# Figures go to files, as the CLI draws them (landscape.plot leaves the backend alone).
+matplotlib.use("Agg")
 
 TESTS = Path(__file__).resolve().parent
 LOCAL_CLUSTER = TESTS.parent / "slurm" / "local-cluster.sh"
