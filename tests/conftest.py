@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -24,6 +25,9 @@ from landscape.evaluate import per_sample_loss
 from landscape.locking import surface_lock
 from landscape.models import build_model
 from landscape.train import train
+
+# Figures go to files, as the CLI draws them (landscape.plot leaves the backend alone).
+matplotlib.use("Agg")
 
 TESTS = Path(__file__).resolve().parent
 LOCAL_CLUSTER = TESTS.parent / "slurm" / "local-cluster.sh"
@@ -229,26 +233,72 @@ def dense_hessian(operator, dtype: torch.dtype | None = None) -> np.ndarray:
     return hessian(mean_loss)(flat).numpy()
 
 
+class FakeSlurm:
+    """Stand-ins for SLURM's clients, first on PATH (as submitit's own tests stand in for
+    sbatch): ``fake_slurm(squeue=..., sacct=...)`` makes them print the given text (None:
+    fail as without a controller), :meth:`answer` sets any exit status and stderr,
+    :meth:`sbatch` installs an sbatch that keeps each script. Every call's arguments are
+    kept (:meth:`arguments`)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __call__(self, **outputs: str | None) -> None:
+        for command, output in outputs.items():
+            if output is None:
+                self.answer(command, stderr="error: Unable to contact slurm controller", status=1)
+            else:
+                self.answer(command, stdout=output)
+
+    def answer(self, command: str, stdout: str = "", stderr: str = "", status: int = 0) -> None:
+        (self.folder / f"{command}.out").write_text(stdout)
+        (self.folder / f"{command}.err").write_text(stderr)
+        self.install(
+            command,
+            f"cat '{self.folder}/{command}.out'\ncat '{self.folder}/{command}.err' >&2\n"
+            f"exit {status}",
+        )
+
+    def sbatch(self, refuse_from: int | None = None) -> None:
+        """sbatch numbering jobs from 41 (``Submitted batch job 41``), keeping each script
+        (:meth:`scripts`); from job ``refuse_from`` on it refuses, as for a bad account."""
+        scripts = self.folder / "scripts"
+        scripts.mkdir()
+        refuse = (
+            f"if [ $n -ge {refuse_from} ]; then echo 'sbatch: error: Batch job submission "
+            "failed: Invalid account or account/partition combination specified' >&2; exit 1; fi\n"
+            if refuse_from
+            else ""
+        )
+        self.install(
+            "sbatch",
+            f"n=$((41 + $(ls '{scripts}' | wc -l)))\n{refuse}cp \"$1\" '{scripts}'/$n\n"
+            'echo "Submitted batch job $n"',
+        )
+
+    def scripts(self) -> list[str]:
+        """The scripts sbatch was given, in order."""
+        found = sorted((self.folder / "scripts").iterdir(), key=lambda path: int(path.name))
+        return [path.read_text() for path in found]
+
+    def install(self, command: str, body: str) -> None:
+        script = self.folder / command
+        script.write_text(f"#!/bin/sh\necho \"$*\" >> '{self.folder}/{command}.calls'\n{body}\n")
+        script.chmod(0o755)
+
+    def arguments(self, command: str) -> list[list[str]]:
+        """The arguments of each call of ``command`` (split at spaces)."""
+        calls = self.folder / f"{command}.calls"
+        return [line.split() for line in calls.read_text().splitlines()] if calls.exists() else []
+
+
 @pytest.fixture
-def fake_slurm(tmp_path, monkeypatch):
-    """``fake_slurm(squeue=..., sacct=...)``: stand-in ``squeue`` and ``sacct`` first on PATH
-    that print the given text (None: the command fails as without a controller)."""
+def fake_slurm(tmp_path, monkeypatch) -> FakeSlurm:
+    """:class:`FakeSlurm` in the test's temp folder."""
     folder = tmp_path / "fake-slurm"
     folder.mkdir()
     monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
-
-    def install(**outputs: str | None) -> None:
-        for command, output in outputs.items():
-            script = folder / command
-            if output is None:
-                body = "echo 'error: Unable to contact slurm controller' >&2\nexit 1"
-            else:
-                (folder / f"{command}.out").write_text(output)
-                body = f"cat '{folder / command}.out'"
-            script.write_text(f"#!/bin/sh\n{body}\n")
-            script.chmod(0o755)
-
-    return install
+    return FakeSlurm(folder)
 
 
 def wait_for_lock(surface: Path, timeout: float = 30) -> None:

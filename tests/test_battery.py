@@ -13,7 +13,7 @@ from test_hard_edges import fails_cleanly
 from landscape.cli import main
 from landscape.config import load_config
 from landscape.plan import plan_surface
-from landscape.status import record_path
+from landscape.slurm import record_path
 
 
 def settings(*pairs: str) -> list[str]:

@@ -20,7 +20,8 @@ from landscape.config import load_config
 from landscape.errors import UserError
 from landscape.parts import parts_folder
 from landscape.plan import plan_surface
-from landscape.status import format_duration, record_path, surface_status
+from landscape.slurm import record_path
+from landscape.status import format_duration, surface_status
 from landscape.workers import ArrayTask, run_job
 
 GRID_6X6 = {

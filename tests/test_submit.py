@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 from conftest import final_state, write_experiment
 
-from landscape import submit as submit_module
+from landscape import slurm
 from landscape.atomic import write_file
 from landscape.cli import main
 from landscape.config import load_config
 from landscape.errors import UserError
 from landscape.locking import lock_path
 from landscape.plan import plan_surface
-from landscape.status import record_path, surface_status
+from landscape.slurm import SlurmOptions, record_path, submit
+from landscape.status import surface_status
 from landscape.store import SurfaceFile
-from landscape.submit import SlurmOptions, submit
 from landscape.workers import run_hessian, run_surface
 
 BOTH_JOBS = {
@@ -104,7 +104,7 @@ def test_jobs_are_submitted_with_the_surface_lock_released(experiment, monkeypat
                 job_id=str(self.count), paths=SimpleNamespace(stderr=f"{self.count}.err")
             )
 
-    monkeypatch.setattr(submit_module.submitit, "AutoExecutor", Executor)
+    monkeypatch.setattr(slurm.submitit, "AutoExecutor", Executor)
     record = submit(surface, SlurmOptions(tasks=2))
     assert len(record["jobs"]["surface"]["tasks"]) == 2 and record["reduce"]["id"] == "3"
     assert free_at_sbatch == [True, True, True]

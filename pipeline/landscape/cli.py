@@ -15,6 +15,8 @@ import signal
 import sys
 from collections.abc import Callable
 
+import matplotlib
+
 from landscape.errors import FailedElsewhere, Interrupted, UserError
 from landscape.ranks import configure_logging, launched_size, launcher_rank
 
@@ -72,7 +74,7 @@ def array_task(index: int | None, count: int | None):
 def command_submit(args) -> None:
     from pathlib import Path
 
-    from landscape.submit import SlurmOptions, require_sbatch, submit
+    from landscape.slurm import SlurmOptions, require_sbatch, submit
 
     require_sbatch()  # before planning: a failed submit leaves nothing on disk
     target = Path(args.target)
@@ -308,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(args.verbose)
+    # The command writes figures to files, on nodes without a display: Agg. Chosen here,
+    # not on import of landscape.plot, so a notebook that imports it keeps its backend.
+    matplotlib.use("Agg")
     command = shlex.join(["landscape", *argv])
     restore_signals = stop_on_signals(command)
     try:

@@ -14,20 +14,16 @@ import io
 import shutil
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from landscape.atomic import check_writable, write_file  # noqa: E402
-from landscape.config import JOB_COMMANDS  # noqa: E402
-from landscape.errors import UserError, reporting_interrupt  # noqa: E402
-from landscape.grid import Grid  # noqa: E402
-from landscape.store import SurfaceFile  # noqa: E402
+from landscape.atomic import check_writable, write_file
+from landscape.config import JOB_COMMANDS
+from landscape.errors import UserError, reporting_interrupt
+from landscape.grid import Grid
+from landscape.store import SurfaceFile
 
 FORMATS = ("png", "pdf")
 STYLE = {"font.size": 11, "axes.labelsize": 12, "axes.titlesize": 12, "savefig.dpi": 200}
