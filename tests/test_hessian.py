@@ -158,7 +158,7 @@ def test_coarser_hessian_grid_covers_every_stride_th_point(experiment):
     with SurfaceFile.open(surface) as done:
         computed = np.isfinite(done.maps()["lambda_max"])
         assert done.points("hessian").tolist() == [0, 2, 4, 10, 12, 14]
-        assert not done.done("surface").any()  # the loss job is separate
+        assert not done.done("loss").any()  # the loss job is separate
     expected = np.zeros((4, 5), bool)
     expected[::2, ::2] = True
     np.testing.assert_array_equal(computed, expected)

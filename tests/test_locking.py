@@ -43,7 +43,7 @@ def reference_maps(experiment) -> dict[str, np.ndarray]:
 
 def assert_complete_with(surface: Path, expected: dict[str, np.ndarray]) -> None:
     with SurfaceFile.open(surface) as result:
-        assert result.done("surface").all()
+        assert result.done("loss").all()
         for name, values in expected.items():
             np.testing.assert_array_equal(result.maps()[name], values, err_msg=name)
 
@@ -226,7 +226,7 @@ def test_read_only_file_and_folder_are_called_read_only(experiment, capsys):
     with read_only(surface.parent):
         assert main(["run", str(surface), "--no-progress"]) == 0
     with SurfaceFile.open(surface) as result:
-        assert result.done("surface").all()
+        assert result.done("loss").all()
 
 
 def test_empty_file_is_not_an_hdf5_file_and_stays_empty(tmp_path, capsys):
@@ -258,4 +258,4 @@ def test_file_system_without_locks_is_said_once_and_the_run_goes_on(
         "Lustre, mount with -o flock)"
     ]
     with SurfaceFile.open(surface) as result:
-        assert result.done("surface").all()
+        assert result.done("loss").all()

@@ -25,8 +25,9 @@ import submitit
 from landscape.atomic import write_file
 from landscape.errors import UserError
 from landscape.locking import surface_lock
-from landscape.parts import points_in_parts, reduce_parts
+from landscape.parts import points_in_parts
 from landscape.ranks import configure_logging
+from landscape.reduce import reduce
 from landscape.status import SlurmJobs, read_submission, record_path
 from landscape.store import SurfaceFile, existing_surface
 from landscape.workers import ArrayTask, run_job
@@ -96,12 +97,13 @@ class MpiRun(submitit.helpers.Checkpointable):
 
 
 def reduce_and_plot(path: str) -> str:
-    """The reduce job: merge part files; draw the figures when every job is complete."""
+    """The reduce job: reduce (merge part files, derive maps); draw the figures when every
+    job is complete."""
     from landscape.plot import plot_surface_file
     from landscape.status import surface_status
 
     configure_logging()
-    reduce_parts(path)
+    reduce(path)
     with SurfaceFile.open(path) as surface:
         complete = all(not surface.pending_shard_indices(job) for job in surface.jobs)
     if complete:
