@@ -178,7 +178,7 @@ def test_one_dimensional_hessian_curve_is_drawn(experiment):
     with SurfaceFile.open(surface) as done:
         assert (done.maps()["lambda_max"] >= done.maps()["lambda_min"]).all()
     figures = {path.name for path in plot_surface_file(surface, formats=("png",))}
-    assert figures == {"exp_hessian_curves.png"}  # no loss curve: the surface job has not run
+    assert figures == {"exp_hessian_curves.png"}  # no loss curve: the loss job has not run
 
 
 def start_vector(size: int) -> torch.Tensor:

@@ -133,7 +133,7 @@ def test_failed_task_is_shown_with_its_shards_and_log_and_blocks_the_reduce(tmp_
     first = record["jobs"]["loss"]["tasks"][0]
     assert final_state(cluster, first["id"]) == "FAILED"  # the reduce may be cancelled first
     status = surface_status(surface)
-    assert f"surface task {first['id']}: FAILED, shards 0, 2, 4, 6, 8; log {first['log']}" in status
+    assert f"loss task {first['id']}: FAILED, shards 0, 2, 4, 6, 8; log {first['log']}" in status
     assert "changed since" in Path(first["log"]).read_text()
     with SurfaceFile.open(surface) as untouched:
         assert not untouched.done("loss").any()
@@ -147,7 +147,7 @@ def test_resubmitting_sends_only_the_missing_shards(tmp_path, cluster):
     cancelled = first["jobs"]["loss"]["tasks"][2]
     # Behind the other two, the last task waits: pending (not yet in sacct), and a second
     # submission now would compute its shards twice.
-    assert f"    surface task {cancelled['id']}: PENDING" in surface_status(surface).splitlines()
+    assert f"    loss task {cancelled['id']}: PENDING" in surface_status(surface).splitlines()
     assert main(["submit", str(surface), "--jobs", "loss"]) == 2
     subprocess.run(["scancel", cancelled["id"]], env=cluster, check=True)
     assert final_state(cluster, first["reduce"]["id"]) == "CANCELLED"
