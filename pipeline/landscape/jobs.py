@@ -87,9 +87,6 @@ class JobKind:
     derived: tuple[DerivedMap, ...] = ()
     done_attrs: Callable[[Any, Any], dict] = lambda config, dtype: {}
 
-    def output_names(self, config) -> list[str]:
-        return [output.name for output in self.outputs(config)]
-
 
 def resolve(target: str) -> Any:
     """The object a ``"package.module:attribute"`` string names, imported now."""
