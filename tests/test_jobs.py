@@ -12,6 +12,7 @@ import pytest
 from landscape import store
 from landscape.cli import build_parser, main
 from landscape.config import load_config, parse_config
+from landscape.errors import UserError
 from landscape.grid import Grid, shard_ranges
 from landscape.jobs import JOB_KINDS, JOBS, MAP_NAMES, DerivedMap, JobKind, Output, resolve
 from landscape.parts import PartWriter, part_files, parts_folder
@@ -59,6 +60,13 @@ def test_each_kind_is_a_command_and_its_evaluator_and_figures_resolve():
         assert parser.parse_args([kind.verb, "f.h5"]).job == kind.name
         assert callable(resolve(kind.evaluator)) and callable(resolve(kind.figures))
     assert parser.parse_args(["submit", "f.h5", "--jobs", *JOBS]).jobs == list(JOBS)
+
+
+def test_an_unknown_job_is_one_line_naming_the_kinds(tmp_path):
+    with pytest.raises(
+        UserError, match="job 'surface': no such job kind; choose from loss, hessian"
+    ):
+        run_job(tmp_path / "x.h5", "surface")
 
 
 def spectrum_kind() -> JobKind:

@@ -296,6 +296,8 @@ def run_job(
     points a killed run left in part files count as done, and after it.
     Returns the number of points this rank evaluated.
     """
+    if job not in JOBS:
+        raise UserError(f"job {job!r}: no such job kind; choose from {', '.join(JOBS)}")
     path = Path(path)
     with (
         reporting_interrupt(lambda: saved_points(path, job)),
