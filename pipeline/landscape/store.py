@@ -66,7 +66,8 @@ from landscape.work_table import TABLE_GROUPS, WorkTable, update_items
 
 SCHEMA_VERSION = 3
 # Schema 2 differs only in a job's name: files planned then (a grid days into its run)
-# still open, and resume, under today's names. Part files follow the same names.
+# still open, and resume, under today's names; so do their part files, and array tasks
+# submitted then and requeued since (:func:`job_name`).
 READABLE_SCHEMAS = (2, 3)
 RENAMED_JOBS = {"surface": "loss"}
 

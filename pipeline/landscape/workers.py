@@ -34,7 +34,7 @@ from landscape.locking import surface_lock
 from landscape.parts import PartWriter, points_in_parts
 from landscape.ranks import CLAIMED, DONE, Solo, connect_ranks, cpu_threads_per_rank
 from landscape.reduce import reduce
-from landscape.store import SurfaceFile, existing_surface
+from landscape.store import SurfaceFile, existing_surface, job_name
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +296,7 @@ def run_job(
     points a killed run left in part files count as done, and after it.
     Returns the number of points this rank evaluated.
     """
+    job = job_name(job)  # an array task submitted before a rename, requeued since
     if job not in JOBS:
         raise UserError(f"job {job!r}: no such job kind; choose from {', '.join(JOBS)}")
     path = Path(path)
