@@ -42,11 +42,12 @@ from landscape.checkpoint import save_checkpoint
 from landscape.config import parse_config
 from landscape.data import load_dataset
 from landscape.demo import demo_config
+from landscape.evaluators import PointByPoint, loss_evaluator
 from landscape.experiment import Experiment
 from landscape.models import build_model
 from landscape.plan import plan_surface
 from landscape.store import SurfaceFile
-from landscape.workers import SurfaceEvaluator, evaluate_shards
+from landscape.workers import evaluate_shards
 
 CASES = {
     "demo_resnet20_digits": {
@@ -86,20 +87,21 @@ def forward_seconds(experiment: Experiment) -> float:
 
 
 class InterleavedTimer:
-    """Wraps the point evaluator: times each point, then one bare forward pass right after.
+    """Wraps the loss evaluator: times each batch of points (one point: the workers' batch
+    size), then one bare forward pass right after.
 
     Interleaving makes both medians see the same machine state (frequency, other load),
     which matters on a shared 2-core machine where run-to-run noise is 10-15 %.
     """
 
-    def __init__(self, evaluator: SurfaceEvaluator, experiment: Experiment):
+    def __init__(self, evaluator: PointByPoint, experiment: Experiment):
         self.evaluator, self.experiment = evaluator, experiment
         self.point_times: list[float] = []
         self.forward_times: list[float] = []
 
-    def __call__(self, a: float, b: float) -> dict[str, float]:
+    def __call__(self, items: np.ndarray) -> dict[str, np.ndarray]:
         started = time.perf_counter()
-        values = self.evaluator(a, b)
+        values = self.evaluator(items)
         self.point_times.append(time.perf_counter() - started)
         self.forward_times.append(forward_seconds(self.experiment))
         return values
@@ -133,12 +135,12 @@ def bench_case(name: str, spec: dict, folder: Path) -> dict:
     path = plan_surface(config)
     experiment = Experiment.load(config)
     with SurfaceFile.open(path, "r+") as surface:
-        evaluator = SurfaceEvaluator(experiment, surface.directions(), surface.job_maps("surface"))
-        evaluator(0.0, 0.0)  # warm-up, not written
+        evaluator = loss_evaluator(experiment, surface, surface.job_maps("loss"))
+        evaluator.at(0.0, 0.0)  # warm-up, not written
         timer = InterleavedTimer(evaluator, experiment)
         started = time.perf_counter()
-        shards = surface.pending_shards("surface")
-        points = evaluate_shards("surface", timer, surface.grid, shards, surface)
+        shards = surface.pending_shards("loss")
+        points = evaluate_shards("loss", timer, shards, surface)
         elapsed = time.perf_counter() - started
     # What the loop spends outside evaluation: moving nothing, writing and flushing the file.
     writing = (elapsed - sum(timer.point_times) - sum(timer.forward_times)) / points
@@ -186,7 +188,7 @@ def bench_ranks_run(folder: Path, checkpoint: Path, ranks: int, threads: int) ->
     subprocess.run(command, env=environment, check=True, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     with SurfaceFile.open(path) as surface:
-        finished = surface.finished("surface")
+        finished = surface.finished("loss")
     return {
         "ranks": ranks,
         "threads_per_rank": threads or "auto",
@@ -283,12 +285,12 @@ def main(argv: list[str] | None = None) -> None:
             "threads": torch.get_num_threads(),
             "cpu": platform.processor(),
         },
-        "surface": {},
+        "loss": {},
     }
     with tempfile.TemporaryDirectory() as folder:
         for name, spec in CASES.items():
             result = bench_case(name, spec, Path(folder))
-            results["surface"][name] = result
+            results["loss"][name] = result
             print(
                 f"{name:24s} {result['points_per_s']:7.2f} points/s  "
                 f"{1000 * result['seconds_per_point']:7.1f} ms/point  forward "

@@ -3,9 +3,9 @@ that fails mid-run would. Launched as one rank of an MPI job by test_mpi."""
 
 import sys
 
-from landscape import cli, workers
+from landscape import cli, evaluators
 
-evaluate_point = workers.SurfaceEvaluator.__call__
+evaluate_point = evaluators.LossAtPoint.__call__
 calls = 0
 
 
@@ -17,5 +17,5 @@ def failing_on_third_point(self, a, b):
     return evaluate_point(self, a, b)
 
 
-workers.SurfaceEvaluator.__call__ = failing_on_third_point
+evaluators.LossAtPoint.__call__ = failing_on_third_point
 sys.exit(cli.main())

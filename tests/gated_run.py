@@ -20,17 +20,17 @@ load_evaluator = workers.load_evaluator
 
 
 def gated_load_evaluator(*args, **kwargs):
-    evaluate_point = load_evaluator(*args, **kwargs)
+    evaluate = load_evaluator(*args, **kwargs)
     evaluated = 0
 
-    def gated(*coordinates):
+    def gated(items):
         nonlocal evaluated
-        if evaluated == int(points):
+        if evaluated <= int(points) < evaluated + len(items):
             gate.with_name(f"{gate.name}.reached.{os.getpid()}").touch()
             while not gate.exists():
                 time.sleep(0.01)
-        evaluated += 1
-        return evaluate_point(*coordinates)
+        evaluated += len(items)
+        return evaluate(items)
 
     return gated
 

@@ -12,8 +12,9 @@ import yaml
 
 from landscape.cli import main
 from landscape.config import load_config
-from landscape.parts import PartWriter, part_files, parts_folder, reduce_parts
+from landscape.parts import PartWriter, part_files, parts_folder
 from landscape.plan import plan_surface
+from landscape.reduce import reduce
 from landscape.store import SurfaceFile
 from landscape.workers import ArrayTask, run_job, run_surface, saved_points
 
@@ -30,20 +31,18 @@ def test_array_tasks_reduce_to_the_single_process_maps(experiment, capsys):
     run_surface(reference, show_progress=False)
     surface = plan_surface(load_config(experiment(name="tasks", grid=GRID_6X6)))
 
-    counts = [
-        run_job(surface, "surface", task=ArrayTask(i, 3), show_progress=False) for i in range(3)
-    ]
+    counts = [run_job(surface, "loss", task=ArrayTask(i, 3), show_progress=False) for i in range(3)]
     assert counts == [12, 12, 12]
-    assert len(list(parts_folder(surface).glob("surface-*.h5"))) == 9
+    assert len(list(parts_folder(surface).glob("loss-*.h5"))) == 9
     with SurfaceFile.open(surface) as untouched:  # tasks never write the shared file
-        assert not untouched.done("surface").any()
+        assert not untouched.done("loss").any()
     # A requeued task finds its parts and has nothing left to do.
-    assert run_job(surface, "surface", task=ArrayTask(1, 3), show_progress=False) == 0
+    assert run_job(surface, "loss", task=ArrayTask(1, 3), show_progress=False) == 0
 
     assert main(["reduce", str(surface)]) == 0
     assert "36 points merged" in capsys.readouterr().out
     with SurfaceFile.open(surface) as merged, SurfaceFile.open(reference) as single:
-        assert merged.done("surface").all()
+        assert merged.done("loss").all()
         for name, values in single.maps().items():
             np.testing.assert_array_equal(merged.maps()[name], values, err_msg=name)
 
@@ -62,7 +61,7 @@ def write_part(
     """One part file of ``points`` beside ``surface``, for the plan ``plan_id``."""
     writer = PartWriter(surface, plan_id)
     for point in points:
-        writer.write_point("surface", point, dict.fromkeys(maps, value))
+        writer.write_point("loss", point, dict.fromkeys(maps, value))
     writer.commit()
 
 
@@ -75,19 +74,19 @@ def test_parts_of_an_earlier_plan_are_refused_by_every_reader(experiment, capsys
     for command in (["status"], ["run", *task], ["reduce"]):
         assert main([command[0], str(surface), *command[1:]]) == 2, command
         err = capsys.readouterr().err
-        assert f"error: {parts_folder(surface)}/surface-" in err and "Traceback" not in err
+        assert f"error: {parts_folder(surface)}/loss-" in err and "Traceback" not in err
         assert f"belongs to another plan of exp.h5 (plan id {'0' * 32}" in err
     with SurfaceFile.open(surface) as untouched:
-        assert not untouched.done("surface").any()
+        assert not untouched.done("loss").any()
 
 
 def test_the_interrupt_line_survives_unreadable_parts(experiment):
     """Before: the IndexError (now: UserError) of such a part replaced the interrupt, so a
     SIGTERM ended in a traceback or exit 2 instead of its own status."""
     surface = plan_surface(load_config(experiment(grid=GRID_5X4)))
-    assert saved_points(surface, "surface") == "0 of 20 surface points saved in " + str(surface)
+    assert saved_points(surface, "loss") == "0 of 20 loss points saved in " + str(surface)
     write_part(surface, "0" * 32, range(70, 81))
-    assert saved_points(surface, "surface") == "finished shards are saved"
+    assert saved_points(surface, "loss") == "finished shards are saved"
 
 
 def test_plan_is_refused_while_parts_of_an_earlier_plan_wait(experiment, capsys):
@@ -106,7 +105,7 @@ def test_reduce_syncs_the_surface_file_before_deleting_the_parts(experiment, mon
     page cache: a power cut then lost both."""
     surface = plan_surface(load_config(experiment(grid=GRID_5X4)))
     with SurfaceFile.open(surface) as planned:
-        write_part(surface, planned.plan_id, range(4), planned.job_maps("surface"), 0.25)
+        write_part(surface, planned.plan_id, range(4), planned.job_maps("loss"), 0.25)
     events = []
     fsync, unlink = os.fsync, Path.unlink
 
@@ -120,7 +119,7 @@ def test_reduce_syncs_the_surface_file_before_deleting_the_parts(experiment, mon
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     monkeypatch.setattr(Path, "unlink", recording_unlink)
-    assert reduce_parts(surface) == 4
+    assert reduce(surface) == 4
     first_unlink = next(i for i, (what, _) in enumerate(events) if what == "unlink")
     assert ("fsync", str(surface.resolve())) in events[:first_unlink]
     with SurfaceFile.open(surface) as merged:

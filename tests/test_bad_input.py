@@ -92,7 +92,7 @@ def test_truncated_checkpoint_is_reported_as_corrupt(experiment, capsys):
 def map_bytes(path) -> dict[str, bytes]:
     with SurfaceFile.open(path) as surface:
         return {k: v.tobytes() for k, v in surface.maps().items()} | {
-            "done": surface.done("surface").tobytes()
+            "done": surface.done("loss").tobytes()
         }
 
 
@@ -134,7 +134,7 @@ def test_part_file_of_another_plan_is_refused(experiment, capsys):
     assert main(["plan", str(config)]) == 0 and main(["run", surface, "--no-progress"]) == 0
     before = map_bytes(surface)
     stale = PartWriter(surface, plan_id="0123456789abcdef")
-    stale.write_point("surface", 0, {name: 0.0 for name in BASE["maps"]})
+    stale.write_point("loss", 0, {name: 0.0 for name in BASE["maps"]})
     stale.commit()
 
     fails_with(capsys, ["reduce", surface], "belongs to another plan", "plan id 0123456789abcdef")

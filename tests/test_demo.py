@@ -46,10 +46,10 @@ def test_quick_demo_trains_maps_and_draws_every_figure(tmp_path):
     assert (tmp_path / "checkpoints" / "epoch_000.pt").is_file()
     with SurfaceFile.open(tmp_path / "surface_2d.h5") as surface:
         loss = surface.maps()["train_loss"]
-        assert surface.done("surface").all() and loss.shape == (4, 5)
+        assert surface.done("loss").all() and loss.shape == (4, 5)
     assert np.isfinite(loss).all()
     status = surface_status(tmp_path / "surface_2d.h5")
-    assert "surface: 20/20 points done (100.0%)" in status
+    assert "loss: 20/20 points done (100.0%)" in status
     # Running it again resumes: nothing to train or evaluate, the same numbers.
     run_demo(tmp_path, quick=True)
     with SurfaceFile.open(tmp_path / "surface_2d.h5") as surface:

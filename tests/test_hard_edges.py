@@ -242,7 +242,7 @@ def test_plot_of_a_surface_with_no_finished_point_makes_nothing(experiment, tmp_
         capsys,
         tmp_path,
         ["plot", surface],
-        "nothing to draw, no point has a value yet (points done: surface 0 of 20)",
+        "nothing to draw, no point has a value yet (points done: loss 0 of 20)",
         f"`landscape run {surface}`",
     )
 
@@ -276,9 +276,6 @@ def test_broken_surface_files_are_named_and_left_as_they_are(
     opens for writing), and plot left an empty figures folder."""
     surface = plan_surface(load_config(experiment()))
     broken = broken_files(tmp_path, surface)[kind]
-    if command == "reduce":  # reduce opens the file only when there are parts to merge
-        (tmp_path / f"{broken.name}.parts").mkdir()
-        (tmp_path / f"{broken.name}.parts/surface-000000000-000000000.h5").write_bytes(b"")
     fails_cleanly(capsys, tmp_path, [command, broken], str(broken), BROKEN[kind])
 
 
@@ -314,7 +311,7 @@ def test_part_file_on_a_full_disk_leaves_no_temporary_file(experiment, tmp_path,
         capsys,
         tmp_path,
         ["run", surface, "--task-index", "0", "--num-tasks", "1", "--no-progress"],
-        f"{surface}: cannot write {surface}.parts/surface-",
+        f"{surface}: cannot write {surface}.parts/loss-",
         "(No space left on device)",
     )
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["exp.h5", "filler"]

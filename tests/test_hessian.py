@@ -158,7 +158,7 @@ def test_coarser_hessian_grid_covers_every_stride_th_point(experiment):
     with SurfaceFile.open(surface) as done:
         computed = np.isfinite(done.maps()["lambda_max"])
         assert done.points("hessian").tolist() == [0, 2, 4, 10, 12, 14]
-        assert not done.done("surface").any()  # the loss job is separate
+        assert not done.done("loss").any()  # the loss job is separate
     expected = np.zeros((4, 5), bool)
     expected[::2, ::2] = True
     np.testing.assert_array_equal(computed, expected)
@@ -178,7 +178,7 @@ def test_one_dimensional_hessian_curve_is_drawn(experiment):
     with SurfaceFile.open(surface) as done:
         assert (done.maps()["lambda_max"] >= done.maps()["lambda_min"]).all()
     figures = {path.name for path in plot_surface_file(surface, formats=("png",))}
-    assert figures == {"exp_hessian_curves.png"}  # no loss curve: the surface job has not run
+    assert figures == {"exp_hessian_curves.png"}  # no loss curve: the loss job has not run
 
 
 def start_vector(size: int) -> torch.Tensor:

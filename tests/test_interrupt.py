@@ -33,8 +33,8 @@ def saved_so_far(surface: Path) -> int:
     """Points done in the file or waiting in part files, read beside the running job."""
     try:
         with SurfaceFile.open(surface) as reader:
-            done = reader.done("surface").reshape(-1)
-            done[points_in_parts(reader, "surface")] = True
+            done = reader.done("loss").reshape(-1)
+            done[points_in_parts(reader, "loss")] = True
     except Exception:  # caught mid-write or mid-rename: look again
         return 0
     return int(done.sum())
@@ -58,7 +58,7 @@ def interrupt_at_gate(
 
 def uninterrupted(experiment, dtype: dict) -> dict[str, np.ndarray]:
     reference = plan_surface(load_config(experiment(name="reference", evaluation=dtype, **GRID)))
-    run_job(reference, "surface", show_progress=False)
+    run_job(reference, "loss", show_progress=False)
     with SurfaceFile.open(reference) as surface:
         return surface.maps()
 
@@ -90,7 +90,7 @@ def test_interrupted_run_says_what_it_saved_and_resumes_bit_for_bit(
     said = [line for line in lines if not LOG_LINE.match(line)]
     assert len(said) == 1, said
     found = re.fullmatch(
-        rf"interrupted; (\d+) of 63 surface points saved in {surface}; resume with "
+        rf"interrupted; (\d+) of 63 loss points saved in {surface}; resume with "
         rf"`landscape run {surface} --no-progress{' --task-index 0 --num-tasks 1' * bool(task)}`",
         said[0],
     )
@@ -100,9 +100,9 @@ def test_interrupted_run_says_what_it_saved_and_resumes_bit_for_bit(
     leftovers = list(surface.parent.glob("*.tmp")) + list(parts_folder(surface).glob("*.tmp"))
     assert leftovers == []
 
-    run_job(surface, "surface", show_progress=False)  # resume (merges the parts first)
+    run_job(surface, "loss", show_progress=False)  # resume (merges the parts first)
     with SurfaceFile.open(surface) as resumed:
-        assert resumed.done("surface").all()
+        assert resumed.done("loss").all()
         for name, values in expected.items():
             np.testing.assert_array_equal(resumed.maps()[name], values, err_msg=name)
 
@@ -170,7 +170,7 @@ def test_interrupted_mpi_run_stops_every_rank_and_resumes_bit_for_bit(experiment
     assert len({line.split(":")[0] for line in said}) == len(said)  # one line per rank
 
     wait_for_lock(surface)  # an aborted rank may outlive mpiexec by a moment
-    run_job(surface, "surface", show_progress=False)
+    run_job(surface, "loss", show_progress=False)
     with SurfaceFile.open(surface) as resumed:
         for name, values in expected.items():
             np.testing.assert_array_equal(resumed.maps()[name], values, err_msg=name)

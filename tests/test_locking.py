@@ -43,7 +43,7 @@ def reference_maps(experiment) -> dict[str, np.ndarray]:
 
 def assert_complete_with(surface: Path, expected: dict[str, np.ndarray]) -> None:
     with SurfaceFile.open(surface) as result:
-        assert result.done("surface").all()
+        assert result.done("loss").all()
         for name, values in expected.items():
             np.testing.assert_array_equal(result.maps()[name], values, err_msg=name)
 
@@ -111,7 +111,7 @@ def test_serial_run_is_refused_while_an_mpio_run_writes(experiment):
     mpio = subprocess.Popen(command, env=MPI_ENV, stderr=subprocess.PIPE)
     try:
         lock = held(surface, mpio, gate, processes=2)
-        assert lock["what"] == "surface job on 2 MPI ranks"
+        assert lock["what"] == "loss job on 2 MPI ranks"
         rank0 = lock["pid"]
         serial = landscape("run", str(surface))
         gate.touch()
@@ -120,7 +120,7 @@ def test_serial_run_is_refused_while_an_mpio_run_writes(experiment):
         mpio.kill()
     assert serial.returncode == 2
     [line] = error_lines(serial.stderr)
-    assert re.fullmatch(refusal(surface, "surface job on 2 MPI ranks", rank0), line), line
+    assert re.fullmatch(refusal(surface, "loss job on 2 MPI ranks", rank0), line), line
     assert "one process: cpu" not in serial.stderr  # it never loaded the model
     assert_complete_with(surface, expected)
 
@@ -134,7 +134,7 @@ def test_mpio_run_is_refused_while_a_serial_run_writes(experiment):
     serial = subprocess.Popen(gated(gate, 0, "run", str(surface)), stderr=subprocess.PIPE)
     try:
         lock = held(surface, serial, gate)
-        assert lock["what"] == "surface job"
+        assert lock["what"] == "loss job"
         pid = lock["pid"]
         assert pid == serial.pid
         mpio = subprocess.run(
@@ -150,7 +150,7 @@ def test_mpio_run_is_refused_while_a_serial_run_writes(experiment):
         serial.kill()
     assert mpio.returncode == 2
     [line] = error_lines(mpio.stderr)
-    pattern = refusal(surface, "surface job", pid, prefix="rank 0 of 2: ")
+    pattern = refusal(surface, "loss job", pid, prefix="rank 0 of 2: ")
     assert re.fullmatch(pattern, line), line
     assert_complete_with(surface, expected)
 
@@ -163,7 +163,7 @@ def test_array_tasks_share_the_lock_and_keep_writers_out(experiment):
     first = subprocess.Popen(gated(gate, 0, *task, "0"), stderr=subprocess.PIPE)
     try:
         lock = held(surface, first, gate)
-        assert lock["what"] == "surface job, array task 0 of 2"
+        assert lock["what"] == "loss job, array task 0 of 2"
         pid = lock["pid"]
         second = landscape(*task, "1")  # runs beside the first
         latest = holder(surface)
@@ -174,7 +174,7 @@ def test_array_tasks_share_the_lock_and_keep_writers_out(experiment):
     finally:
         first.kill()
     assert second.returncode == 0, second.stderr
-    assert latest["what"] == "surface job, array task 1 of 2" and latest["pid"] != pid
+    assert latest["what"] == "loss job, array task 1 of 2" and latest["pid"] != pid
     shared = f"held shared; the latest to take it: {latest['what']}"
     for refused in (writer, reducer):
         assert refused.returncode == 2
@@ -226,7 +226,7 @@ def test_read_only_file_and_folder_are_called_read_only(experiment, capsys):
     with read_only(surface.parent):
         assert main(["run", str(surface), "--no-progress"]) == 0
     with SurfaceFile.open(surface) as result:
-        assert result.done("surface").all()
+        assert result.done("loss").all()
 
 
 def test_empty_file_is_not_an_hdf5_file_and_stays_empty(tmp_path, capsys):
@@ -258,4 +258,4 @@ def test_file_system_without_locks_is_said_once_and_the_run_goes_on(
         "Lustre, mount with -o flock)"
     ]
     with SurfaceFile.open(surface) as result:
-        assert result.done("surface").all()
+        assert result.done("loss").all()

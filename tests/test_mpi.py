@@ -45,7 +45,7 @@ def mpiexec(ranks: int, *args: str) -> list[str]:
 
 def maps_of(path: Path) -> dict[str, np.ndarray]:
     with SurfaceFile.open(path) as surface:
-        assert surface.done("surface").all()
+        assert surface.done("loss").all()
         return surface.maps()
 
 
@@ -92,7 +92,7 @@ def done_count(surface: Path, writer: str) -> int:
         return 4 * len(list(folder.glob("*.h5"))) if folder.is_dir() else 0
     try:
         with h5py.File(surface, "r", locking=False) as handle:
-            return int(handle["done/surface"][()].sum())
+            return int(handle["done/loss"][()].sum())
     except (OSError, KeyError):
         return 0  # caught mid-write: try again
 
@@ -128,7 +128,7 @@ def test_killed_rank_resumes_to_identical_maps(tmp_path, reference, writer, vict
     if writer == "parts":  # finished shards wait in part files for the reducer
         assert main(["reduce", str(surface)]) == 0
     with SurfaceFile.open(surface) as partial:  # opens cleanly after the kill
-        done = partial.done("surface")
+        done = partial.done("loss")
         maps = partial.maps()
     assert kill_after <= done.sum() < done.size, "the kill did not land part-way"
     for name, values in maps.items():  # every point flagged done has its final value
@@ -150,7 +150,7 @@ def test_rank_failing_at_setup_stops_all_with_its_message(tmp_path):
         "error: rank 1 of 2: evaluation.device: 'nodevice' is not a device; use auto, cpu or cuda"
     ]
     with SurfaceFile.open(surface) as untouched:
-        assert not untouched.done("surface").any()
+        assert not untouched.done("loss").any()
 
 
 def test_rank_failing_mid_run_aborts_the_job_with_its_message(tmp_path):
@@ -162,7 +162,7 @@ def test_rank_failing_mid_run_aborts_the_job_with_its_message(tmp_path):
     assert "error: rank 1 of 2: Traceback" in failed.stderr
     assert "RuntimeError: injected fault: device lost" in failed.stderr
     with SurfaceFile.open(surface) as partial:  # what was written before the abort is intact
-        done = partial.done("surface")
+        done = partial.done("loss")
         assert np.isfinite(partial.maps()["train_loss"][done]).all()
 
 
@@ -197,6 +197,6 @@ def test_hessian_job_on_two_ranks_equals_one_process(tmp_path):
     assert done.returncode == 0, done.stderr
     with SurfaceFile.open(surface) as parallel, SurfaceFile.open(reference) as single:
         assert parallel.done("hessian").sum() == parallel.points("hessian").size == 20
-        assert not parallel.done("surface").any()
+        assert not parallel.done("loss").any()
         for name, values in single.maps().items():
             np.testing.assert_array_equal(parallel.maps()[name], values, err_msg=name)

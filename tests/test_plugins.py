@@ -191,7 +191,7 @@ def maps_with_labels(folder, dtype: str, evaluation: str) -> dict[str, np.ndarra
     assert main(["plan", str(config)]) == 0
     assert main(["run", str(folder / "surface.h5"), "--no-progress"]) == 0
     with SurfaceFile.open(folder / "surface.h5") as surface:
-        assert surface.done("surface").all()
+        assert surface.done("loss").all()
         return surface.maps()
 
 

@@ -28,7 +28,7 @@ SLOW_DATA = {
 }
 
 
-COMMANDS = {"surface": "run", "hessian": "hessian"}
+COMMANDS = {"loss": "run", "hessian": "hessian"}
 
 
 def run_command(surface, job: str) -> list[str]:
@@ -62,7 +62,7 @@ SLOW_HESSIAN = {  # 12 points of about 0.3 s (20-40 HVPs each)
 
 @pytest.mark.parametrize(
     "job, changes, kill_after",
-    [("surface", SLOW_SURFACE, 3), ("surface", SLOW_SURFACE, 30), ("hessian", SLOW_HESSIAN, 2)],
+    [("loss", SLOW_SURFACE, 3), ("loss", SLOW_SURFACE, 30), ("hessian", SLOW_HESSIAN, 2)],
 )
 def test_killed_run_resumes_to_identical_maps(experiment, job, changes, kill_after):
     reference = plan_surface(load_config(experiment(name="reference", **changes)))

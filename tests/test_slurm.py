@@ -46,7 +46,7 @@ def sbatch(environment: dict, folder: Path, script: str, surface: Path, *options
 
 def assert_same_maps(path: Path, reference: Path) -> None:
     with SurfaceFile.open(path) as result, SurfaceFile.open(reference) as single:
-        assert result.done("surface").all()
+        assert result.done("loss").all()
         for name, values in single.maps().items():
             np.testing.assert_array_equal(result.maps()[name], values, err_msg=name)
 
@@ -92,4 +92,4 @@ def test_failing_array_task_keeps_the_reduce_from_running(tmp_path, slurm_cluste
     task_log = (tmp_path / f"landscape-{array}_0.out").read_text()
     assert "error: model.checkpoint" in task_log and "changed since" in task_log
     with SurfaceFile.open(surface) as untouched:
-        assert not untouched.done("surface").any()
+        assert not untouched.done("loss").any()

@@ -37,11 +37,11 @@ def surface(experiment):
 
 
 def job_line(status: str) -> str:
-    return next(line for line in status.splitlines() if line.startswith("  surface:"))
+    return next(line for line in status.splitlines() if line.startswith("  loss:"))
 
 
 def test_points_in_unmerged_part_files_count_towards_progress_rate_and_time_left(surface):
-    run_job(surface, "surface", task=ArrayTask(0, 3), show_progress=False)
+    run_job(surface, "loss", task=ArrayTask(0, 3), show_progress=False)
     parts = sorted(parts_folder(surface).glob("*.h5"))
     finished = []
     for part in parts:
@@ -50,14 +50,14 @@ def test_points_in_unmerged_part_files_count_towards_progress_rate_and_time_left
     assert len(finished) == 12
     rate = 11 / (max(finished) - min(finished))  # 12 finish times: 11 intervals
     assert job_line(surface_status(surface)) == (
-        "  surface: 0/36 points done (+12 in part files, not yet merged: 33.3% in all), "
+        "  loss: 0/36 points done (+12 in part files, not yet merged: 33.3% in all), "
         f"{rate:.2f} points/s, about {format_duration(24 / rate)} left"
     )
 
     kept = parts[0].read_bytes()
     subprocess.run([sys.executable, "-m", "landscape.cli", "reduce", str(surface)], check=True)
     merged = job_line(surface_status(surface))
-    assert merged.startswith("  surface: 12/36 points done (33.3%), ")
+    assert merged.startswith("  loss: 12/36 points done (33.3%), ")
     # A reducer killed after its flush leaves parts already merged: not counted twice.
     parts_folder(surface).mkdir()
     parts[0].write_bytes(kept)
@@ -121,7 +121,7 @@ def test_damaged_submission_record_is_one_line(surface, fake_slurm, damage):
     record_path(surface).write_text(damaged)
     fake_slurm(squeue=SQUEUE, sacct=SACCT)
     status = surface_status(surface)
-    assert "surface: 0/36 points done (0.0%)" in status  # the rest is still shown
+    assert "loss: 0/36 points done (0.0%)" in status  # the rest is still shown
     last = status.splitlines()[-1]
     assert last.startswith(f"  {record_path(surface)}: unreadable submission record (truncated")
     assert last.endswith("); task states unknown: submit again or delete it")

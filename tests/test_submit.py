@@ -106,7 +106,7 @@ def test_jobs_are_submitted_with_the_surface_lock_released(experiment, monkeypat
 
     monkeypatch.setattr(slurm.submitit, "AutoExecutor", Executor)
     record = submit(surface, SlurmOptions(tasks=2))
-    assert len(record["jobs"]["surface"]["tasks"]) == 2 and record["reduce"]["id"] == "3"
+    assert len(record["jobs"]["loss"]["tasks"]) == 2 and record["reduce"]["id"] == "3"
     assert free_at_sbatch == [True, True, True]
 
 
@@ -116,7 +116,7 @@ def test_arrays_and_reduce_equal_one_process(tmp_path, cluster):
     assert main(["submit", str(config), "--tasks", "3"]) == 0  # plans it first
     surface = tmp_path / "array.h5"
     record = json.loads(record_path(surface).read_text())
-    assert [len(record["jobs"][job]["tasks"]) for job in ("surface", "hessian")] == [3, 3]
+    assert [len(record["jobs"][job]["tasks"]) for job in ("loss", "hessian")] == [3, 3]
     assert final_state(cluster, record["reduce"]["id"]) == "COMPLETED"
     assert_maps(surface, expected)
     assert (tmp_path / "array_plots" / "array_lambda_ratio_heatmap.png").is_file()
@@ -128,40 +128,40 @@ def test_failed_task_is_shown_with_its_shards_and_log_and_blocks_the_reduce(tmp_
     config = write_experiment(tmp_path, "broken", **BOTH_JOBS)
     surface = plan_surface(load_config(config))
     (tmp_path / "broken.pt").write_bytes(b"corrupt")
-    record = submitted(surface, "--tasks", "2", "--jobs", "surface")
+    record = submitted(surface, "--tasks", "2", "--jobs", "loss")
     assert final_state(cluster, record["reduce"]["id"]) == "CANCELLED"
-    first = record["jobs"]["surface"]["tasks"][0]
+    first = record["jobs"]["loss"]["tasks"][0]
     assert final_state(cluster, first["id"]) == "FAILED"  # the reduce may be cancelled first
     status = surface_status(surface)
-    assert f"surface task {first['id']}: FAILED, shards 0, 2, 4, 6, 8; log {first['log']}" in status
+    assert f"loss task {first['id']}: FAILED, shards 0, 2, 4, 6, 8; log {first['log']}" in status
     assert "changed since" in Path(first["log"]).read_text()
     with SurfaceFile.open(surface) as untouched:
-        assert not untouched.done("surface").any()
+        assert not untouched.done("loss").any()
 
 
 def test_resubmitting_sends_only_the_missing_shards(tmp_path, cluster):
     expected = reference_maps(tmp_path)
     surface = plan_surface(load_config(write_experiment(tmp_path, "again", **BOTH_JOBS)))
     # One task at a time: cancel the last while it still waits, as if killed mid-array.
-    first = submitted(surface, "--tasks", "3", "--parallelism", "1", "--jobs", "surface")
-    cancelled = first["jobs"]["surface"]["tasks"][2]
+    first = submitted(surface, "--tasks", "3", "--parallelism", "1", "--jobs", "loss")
+    cancelled = first["jobs"]["loss"]["tasks"][2]
     # Behind the other two, the last task waits: pending (not yet in sacct), and a second
     # submission now would compute its shards twice.
-    assert f"    surface task {cancelled['id']}: PENDING" in surface_status(surface).splitlines()
-    assert main(["submit", str(surface), "--jobs", "surface"]) == 2
+    assert f"    loss task {cancelled['id']}: PENDING" in surface_status(surface).splitlines()
+    assert main(["submit", str(surface), "--jobs", "loss"]) == 2
     subprocess.run(["scancel", cancelled["id"]], env=cluster, check=True)
     assert final_state(cluster, first["reduce"]["id"]) == "CANCELLED"
     # The others finish and leave their parts (a task cancelled while pending has no
     # sacct record of its own: it stays in the array's).
-    started = first["jobs"]["surface"]["tasks"][:2]
+    started = first["jobs"]["loss"]["tasks"][:2]
     assert [final_state(cluster, task["id"]) for task in started] == ["COMPLETED"] * 2
 
-    second = submitted(surface, "--tasks", "3", "--jobs", "surface")
-    tasks = second["jobs"]["surface"]["tasks"]
+    second = submitted(surface, "--tasks", "3", "--jobs", "loss")
+    tasks = second["jobs"]["loss"]["tasks"]
     assert sorted(s for task in tasks for s in task["shards"]) == cancelled["shards"]
     assert final_state(cluster, second["reduce"]["id"]) == "COMPLETED"
     with SurfaceFile.open(surface) as done:
-        assert done.done("surface").all()
+        assert done.done("loss").all()
     assert_maps(surface, {name: expected[name] for name in ("train_loss", "train_acc")})
 
 
@@ -171,7 +171,7 @@ def test_mpi_mode_runs_one_srun_job_per_kind(tmp_path, cluster):
     record = submitted(surface, "--mpi", "--tasks", "2")
     assert final_state(cluster, record["reduce"]["id"]) == "COMPLETED"
     assert_maps(surface, expected)
-    log = Path(record["jobs"]["surface"]["log"]).read_text()
+    log = Path(record["jobs"]["loss"]["log"]).read_text()
     assert "2 rank(s); every rank writes its own points" in log
 
 
@@ -180,7 +180,7 @@ def test_no_second_submission_while_the_last_is_queued(experiment, fake_slurm):
     surface = plan_surface(load_config(experiment(**BOTH_JOBS)))
     last = {
         "submitted": "2024-05-01T10:00:00+00:00",
-        "jobs": {"surface": {"id": "7", "tasks": [{"id": f"7_{i}", "log": "-"} for i in range(2)]}},
+        "jobs": {"loss": {"id": "7", "tasks": [{"id": f"7_{i}", "log": "-"} for i in range(2)]}},
         "reduce": {"id": "8", "log": "-"},
     }
     write_file(record_path(surface), json.dumps(last).encode(), "record")

@@ -200,7 +200,7 @@ def test_trace_killed_at_any_write_loses_nothing_and_resumes(experiment, traced_
         experiment(maps=["train_loss"], trace={"samples": 3}, hessian={"hvp": "double_backward"})
     )
     surface = plan_surface(config)
-    run_job(surface, "surface", show_progress=False)
+    run_job(surface, "loss", show_progress=False)
     pristine = surface.with_name("pristine.h5")
     shutil.copyfile(surface, pristine)
     estimate_trace(surface)
@@ -223,7 +223,7 @@ def test_trace_killed_at_any_write_loses_nothing_and_resumes(experiment, traced_
             break
         assert child.exitcode == -signal.SIGKILL, (writes, child.exitcode)
         with SurfaceFile.open(surface) as opened:
-            assert opened.done("surface").all()
+            assert opened.done("loss").all()
         found = contents(surface)
         assert without_trace(found) == without_trace(before), writes
         assert found in (before, traced), writes
@@ -252,7 +252,7 @@ def full_disk(tmp_path):
 def test_trace_on_a_full_disk_says_so_in_one_line_and_changes_nothing(experiment, full_disk):
     config = load_config(experiment(maps=["train_loss"], trace={"samples": 3}))
     planned = plan_surface(config)
-    run_job(planned, "surface", show_progress=False)
+    run_job(planned, "loss", show_progress=False)
     surface = full_disk / planned.name
     shutil.copyfile(planned, surface)
     filler = full_disk / "filler"

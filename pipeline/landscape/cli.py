@@ -18,6 +18,7 @@ from collections.abc import Callable
 import matplotlib
 
 from landscape.errors import FailedElsewhere, Interrupted, UserError
+from landscape.jobs import JOB_KINDS, JOBS
 from landscape.ranks import configure_logging, launched_size, launcher_rank
 
 
@@ -116,9 +117,9 @@ def command_trace(args) -> None:
 
 
 def command_reduce(args) -> None:
-    from landscape.parts import reduce_parts
+    from landscape.reduce import reduce
 
-    print(f"{reduce_parts(args.surface)} points merged into {args.surface}")
+    print(f"{reduce(args.surface)} points merged into {args.surface}")
 
 
 def command_status(args) -> None:
@@ -176,11 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(plan)
     plan.set_defaults(handler=command_plan)
 
-    for name, job_name, purpose in (
-        ("run", "surface", "evaluate the pending loss/accuracy points of a surface file"),
-        ("hessian", "hessian", "lambda_min and lambda_max at the pending Hessian points"),
-    ):
-        job = commands.add_parser(name, help=purpose)
+    for kind in JOB_KINDS:
+        job = commands.add_parser(kind.verb, help=kind.description)
         job.add_argument("surface")
         job.add_argument("--device", help="override evaluation.device (e.g. cpu, cuda:1)")
         job.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -199,14 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
             "(e.g. $SLURM_ARRAY_TASK_ID); merge with `landscape reduce`",
         )
         job.add_argument("--num-tasks", type=at_least(1), metavar="N")
-        job.set_defaults(handler=command_job, job=job_name)
+        job.set_defaults(handler=command_job, job=kind.name)
 
     submit = commands.add_parser(
         "submit", help="plan if needed, then submit the pending work to SLURM (submitit)"
     )
     submit.add_argument("target", help="experiment YAML (planned first) or surface file")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
-    submit.add_argument("--jobs", nargs="+", choices=["surface", "hessian"], help="default: all")
+    submit.add_argument("--jobs", nargs="+", choices=list(JOBS), help="default: all")
     submit.add_argument(
         "--tasks", type=at_least(1), default=4, help="array tasks per job, or MPI ranks"
     )
@@ -233,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--device", help="override evaluation.device (e.g. cpu, cuda:1)")
     trace.set_defaults(handler=command_trace)
 
-    reduce = commands.add_parser("reduce", help="merge the part files of a run into its surface")
+    reduce = commands.add_parser(
+        "reduce", help="merge the part files of a run into its surface, derive derived maps"
+    )
     reduce.add_argument("surface")
     reduce.set_defaults(handler=command_reduce)
 
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that go on where they stopped when run again (the others start over).
-RESUMABLE = ("run", "hessian", "demo", "submit")
+RESUMABLE = (*(kind.verb for kind in JOB_KINDS), "demo", "submit")
 
 
 def stop_on_signals(command: str) -> Callable[[], None]:

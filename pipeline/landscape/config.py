@@ -21,20 +21,8 @@ import numpy as np
 import yaml
 
 from landscape.errors import UserError
+from landscape.jobs import MAP_NAMES, jobs_for
 
-# Every map a config can ask for, and the job kind that computes it.
-MAP_JOBS = {
-    "train_loss": "surface",
-    "train_acc": "surface",
-    "test_loss": "surface",
-    "test_acc": "surface",
-    "lambda_min": "hessian",
-    "lambda_max": "hessian",
-}
-MAP_NAMES = tuple(MAP_JOBS)
-# The ``landscape`` subcommand that computes each job.
-JOB_COMMANDS = {"surface": "run", "hessian": "hessian"}
-# The hessian job always solves for both ends and records how well each converged.
 # The largest grid a plan accepts. Every point is a full-data evaluation, and the planner
 # holds about seven arrays of the grid's size (maps, flags, times, point numbers) in
 # memory: 10^7 points are ~0.5 GB there and 28 GPU-hours at 10 ms a point.
@@ -48,21 +36,6 @@ MAX_GRID_POINTS = 10_000_000
 # landscape.
 MAX_COORDINATE = 1e6
 INT64_RANGE = (-(2**63), 2**63 - 1)
-HESSIAN_OUTPUTS = (
-    "lambda_min",
-    "lambda_max",
-    "lambda_min_residual",
-    "lambda_max_residual",
-    "hessian_hvps",
-    "hessian_converged",
-)
-
-
-def job_outputs(job: str, maps: list[str]) -> list[str]:
-    """The per-point values a job writes, given the maps a config asks for."""
-    if job == "hessian":
-        return list(HESSIAN_OUTPUTS)
-    return [name for name in maps if MAP_JOBS[name] == job]
 
 
 class ConfigError(UserError):
@@ -398,8 +371,8 @@ class ExperimentConfig:
 
     @property
     def jobs(self) -> list[str]:
-        """The job kinds this config's maps need, in a fixed order."""
-        return sorted({MAP_JOBS[name] for name in self.maps}, reverse=True)
+        """The job kinds this config's maps need, in the table's order (the order they run)."""
+        return [kind.name for kind in jobs_for(self.maps)]
 
     def check(self, where: str) -> None:
         self.check_directions_fit_grid()

@@ -2,10 +2,10 @@
 
 Each rank writes every shard it finishes to a small HDF5 file of its own beside the
 surface file, ``<surface>.parts/<job>-<first point>-<last point>.h5`` (to a temporary
-name, then renamed, so a part is either complete or absent). The reducer, one serial
-process, merges them into the surface file and deletes them: rank 0 does it when a
-run ends, ``landscape reduce`` after a crash, and every run starts by merging what a
-killed run left. A part carries its surface file's plan id and is never merged into
+name, then renamed, so a part is either complete or absent): its points, their finish
+times and each output as ``(n,) + the output's trailing shape``. The reducer
+(:func:`landscape.reduce.reduce`), one serial process, merges them into the surface file
+and deletes them. A part carries its surface file's plan id and is never merged into
 another plan.
 """
 
@@ -19,10 +19,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from landscape.atomic import check_writable, sync_to_disk, write_file
+from landscape.atomic import check_writable, write_file
 from landscape.errors import UserError
-from landscape.locking import surface_lock
-from landscape.store import SurfaceFile
+from landscape.store import SurfaceFile, job_name
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +42,9 @@ class PartWriter:
         self.job: str | None = None
         # One (point, values, finish time) row per point, appended in one step, so that
         # an interrupt between two bytecodes never leaves the columns of unequal length.
-        self.rows: list[tuple[int, dict[str, float], float]] = []
+        self.rows: list[tuple[int, dict[str, np.ndarray], float]] = []
 
-    def write_point(self, job: str, point: int, values: dict[str, float]) -> None:
+    def write_point(self, job: str, point: int, values: dict[str, np.ndarray]) -> None:
         self.job = job
         self.rows.append((point, values, time.time()))
 
@@ -70,7 +69,7 @@ def read_part(path: Path, surface: SurfaceFile) -> tuple[str, np.ndarray, dict, 
     """A part's job, points, map values and finish times, checked against ``surface``."""
     try:
         with h5py.File(path, "r", locking=False) as handle:
-            plan_id, job = handle.attrs["plan_id"], handle.attrs["job"]
+            plan_id, job = handle.attrs["plan_id"], job_name(handle.attrs["job"])
             points = handle["points"][()]
             values = {name: handle[f"maps/{name}"][()] for name in handle["maps"]}
             finished = handle["finished"][()]
@@ -115,47 +114,37 @@ def points_in_parts(surface: SurfaceFile, job: str) -> np.ndarray:
 
 
 def part_files(surface_path: str | Path, job: str = "") -> list[Path]:
-    """The part files waiting beside a surface file (of ``job`` only, if given)."""
+    """The part files waiting beside a surface file (of ``job`` only, if given, whichever
+    name the schema that wrote them gave the job)."""
     folder = parts_folder(surface_path)
-    return sorted(folder.glob(f"{job}-*.h5" if job else "*.h5")) if folder.is_dir() else []
+    found = sorted(folder.glob("*.h5")) if folder.is_dir() else []
+    return [path for path in found if not job or job_name(path.name.rsplit("-", 2)[0]) == job]
 
 
-def reduce_parts(surface_path: str | Path) -> int:
-    """Merge every part file into the surface file, then delete them; returns points merged.
-
-    Derived maps (lambda_ratio) are filled in afterwards. Parts are deleted only after the
-    surface file is closed and synced to disk (a power cut must not lose the merged
-    values with the parts gone), so a crash in between leaves them to be merged again,
-    which writes the same values. The surface's lock is held throughout: no array task
-    writes parts meanwhile, and no other reducer merges the same ones.
-    """
-    if not part_files(surface_path):
-        return 0
-    with surface_lock(surface_path, "landscape reduce"):
-        parts = part_files(surface_path)  # another reducer may have merged them meanwhile
-        if not parts:
-            return 0
-        merged = 0
-        with SurfaceFile.open(surface_path, "r+") as surface:
-            by_job: dict[str, list] = {}
-            for path in parts:
-                job, *contents = read_part(path, surface)
-                by_job.setdefault(job, []).append(contents)
-            for job, contents in by_job.items():
-                points = np.concatenate([points for points, _, _ in contents])
-                values = {
-                    name: np.concatenate([part_values[name] for _, part_values, _ in contents])
-                    for name in surface.job_maps(job)
-                }
-                finished = np.concatenate([times for _, _, times in contents])
-                surface.write_points(job, points, values, finished)
-                merged += len(points)
-            surface.derive_maps()
-        sync_to_disk(surface_path)
-        for path in parts:
-            path.unlink()
-        folder = parts_folder(surface_path)
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-    log.info("%s: merged %d points from %d part files", surface_path, merged, len(parts))
+def merge_parts(surface: SurfaceFile, parts: list[Path]) -> int:
+    """Write the points of ``parts`` into ``surface`` (open for writing), job by job;
+    returns the number of points merged. The parts stay: see :func:`delete_parts`."""
+    by_job: dict[str, list] = {}
+    for path in parts:
+        job, *contents = read_part(path, surface)
+        by_job.setdefault(job, []).append(contents)
+    merged = 0
+    for job, contents in by_job.items():
+        points = np.concatenate([points for points, _, _ in contents])
+        values = {
+            name: np.concatenate([part_values[name] for _, part_values, _ in contents])
+            for name in surface.job_maps(job)
+        }
+        finished = np.concatenate([times for _, _, times in contents])
+        surface.write_points(job, points, values, finished)
+        merged += len(points)
     return merged
+
+
+def delete_parts(surface_path: str | Path, parts: list[Path]) -> None:
+    """Delete merged parts, and their folder once empty."""
+    for path in parts:
+        path.unlink()
+    folder = parts_folder(surface_path)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()

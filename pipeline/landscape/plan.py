@@ -20,7 +20,7 @@ from landscape.directions import ignored_parameters, plan_directions
 from landscape.errors import UserError
 from landscape.experiment import Experiment
 from landscape.grid import Grid, shard_ranges
-from landscape.hessian import convergence_attrs
+from landscape.jobs import jobs_for
 from landscape.locking import surface_lock
 from landscape.parts import part_files, parts_folder
 from landscape.store import SurfaceFile, create_surface_file
@@ -69,15 +69,11 @@ def create_plan(path: Path, config: ExperimentConfig) -> None:
         "seed": config.directions.seed,
         "ignored": ignored_parameters(experiment.model, config.directions.ignore),
     }
-    work = {}
-    for job in config.jobs:
-        stride, shard_size = (
-            (config.hessian.stride, config.hessian.shard_size)
-            if job == "hessian"
-            else (1, config.grid.shard_size)
-        )
-        points = grid.sublattice(stride)
-        work[job] = (points, shard_ranges(points.size, shard_size))
+    work, job_attrs = {}, {}
+    for kind in jobs_for(config.maps):
+        points = kind.points(config, grid)
+        work[kind.name] = (points, shard_ranges(points.size, kind.shard_size(config)))
+        job_attrs[kind.name] = kind.done_attrs(config, experiment.dtype)
     metadata = {
         "checkpoint_path": config.model.checkpoint,
         "checkpoint_sha256": experiment.checkpoint_sha256,
@@ -93,7 +89,7 @@ def create_plan(path: Path, config: ExperimentConfig) -> None:
         directions.groups,
         work,
         metadata,
-        {"hessian": convergence_attrs(config.hessian, experiment.dtype)},
+        job_attrs,
     )
     log.info(
         "planned %s: %s grid, maps %s; %s",

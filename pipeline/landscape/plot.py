@@ -20,9 +20,9 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from landscape.atomic import check_writable, write_file
-from landscape.config import JOB_COMMANDS
 from landscape.errors import UserError, reporting_interrupt
 from landscape.grid import Grid
+from landscape.jobs import JOBS, resolve
 from landscape.store import SurfaceFile
 
 FORMATS = ("png", "pdf")
@@ -204,7 +204,10 @@ def plot_hessian_curves(grid: Grid, maps: dict[str, np.ndarray], labels: list[st
 
 def hessian_figures(surface: SurfaceFile, maps: dict, labels: list[str]) -> dict[str, Figure]:
     """Li et al. Fig. 7: heatmaps of |lambda_min/lambda_max|, lambda_min and lambda_max on
-    the Hessian job's own (possibly coarser) grid; 1D runs get curves."""
+    the Hessian job's own (possibly coarser) grid; 1D runs get curves. None before the
+    first point is done."""
+    if not np.isfinite(maps["lambda_max"]).any():
+        return {}
     stride = surface.config.hessian.stride
     grid = surface.grid
     if grid.y is None:
@@ -303,6 +306,24 @@ def loss_figures(
     return figures
 
 
+def loss_job_figures(surface: SurfaceFile, maps: dict, labels: list[str]) -> dict[str, Figure]:
+    """The loss job's figures (:func:`loss_figures`, with the file's trajectory or end
+    points), and, in a plane of unit Hessian eigenvectors, the training loss's sections
+    beside their quadratic models."""
+    grid = surface.grid
+    trajectory = surface.group("trajectory")
+    path_points = trajectory[0] if trajectory else None
+    figures = loss_figures(grid, maps, labels, path_points, surface.group("endpoints"))
+    axes = surface.axis_attrs()
+    unit_eigenvectors = axes[0]["kind"] == "hessian" and axes[0]["normalization"] == "unit"
+    if figures and unit_eigenvectors and grid.y is not None and "train_loss" in maps:
+        eigenvalues = [float(attrs["eigenvalue"]) for attrs in axes]
+        figures["train_loss_sections"] = plot_principal_sections(
+            grid, maps["train_loss"], eigenvalues, labels
+        )
+    return figures
+
+
 def plot_surface_file(
     path: str | Path, out_dir: str | Path | None = None, formats: tuple[str, ...] = FORMATS
 ) -> list[Path]:
@@ -316,29 +337,15 @@ def plot_surface_file(
     check_writable(out_dir, "--out", folder=True)
     figures = {}
     with SurfaceFile.open(path) as surface, plt.rc_context(STYLE):
-        grid, maps, labels = surface.grid, surface.maps(), surface.axis_labels()
-        if "surface" in surface.jobs:
-            trajectory = surface.group("trajectory")
-            path_points = trajectory[0] if trajectory else None
-            endpoints = surface.group("endpoints")
-            figures.update(loss_figures(grid, maps, labels, path_points, endpoints))
-            axes = surface.axis_attrs()
-            unit_eigenvectors = axes[0]["kind"] == "hessian" and axes[0]["normalization"] == "unit"
-            if figures and unit_eigenvectors and grid.y is not None and "train_loss" in maps:
-                eigenvalues = [float(attrs["eigenvalue"]) for attrs in axes]
-                figures["train_loss_sections"] = plot_principal_sections(
-                    grid, maps["train_loss"], eigenvalues, labels
-                )
-        if "hessian" in surface.jobs and np.isfinite(maps["lambda_max"]).any():
-            figures.update(hessian_figures(surface, maps, labels))
+        maps, labels = surface.maps(), surface.axis_labels()
+        for job in surface.jobs:
+            figures.update(resolve(JOBS[job].figures)(surface, maps, labels))
         if not figures:
             done = ", ".join(
                 f"{job} {surface.done(job).sum()} of {surface.points(job).size}"
                 for job in surface.jobs
             )
-            commands = " or ".join(
-                f"`landscape {JOB_COMMANDS[job]} {path}`" for job in surface.jobs
-            )
+            commands = " or ".join(f"`landscape {JOBS[job].verb} {path}`" for job in surface.jobs)
             raise UserError(
                 f"{path}: nothing to draw, no point has a value yet (points done: {done}); "
                 f"compute them with {commands}"

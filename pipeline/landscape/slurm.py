@@ -29,8 +29,9 @@ import submitit
 from landscape.atomic import write_file
 from landscape.errors import UserError
 from landscape.locking import surface_lock
-from landscape.parts import points_in_parts, reduce_parts
+from landscape.parts import points_in_parts
 from landscape.ranks import configure_logging
+from landscape.reduce import reduce
 from landscape.store import SurfaceFile, existing_surface
 from landscape.workers import ArrayTask, run_job
 
@@ -99,7 +100,8 @@ class MpiRun(submitit.helpers.Checkpointable):
 
 
 def reduce_and_plot(path: str) -> list[Path]:
-    """The reduce job: merge part files; once every job is complete, draw the figures
+    """The reduce job: reduce (merge part files, derive maps); once every job is complete,
+    draw the figures
     (returned; none before). Figures go to files on a node without a display: Agg."""
     import matplotlib
 
@@ -107,7 +109,7 @@ def reduce_and_plot(path: str) -> list[Path]:
 
     matplotlib.use("Agg")
     configure_logging()
-    reduce_parts(path)
+    reduce(path)
     with SurfaceFile.open(path) as surface:
         complete = all(not surface.pending_shard_indices(job) for job in surface.jobs)
     return plot_surface_file(path) if complete else []

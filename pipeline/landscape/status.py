@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from landscape.errors import UserError
+from landscape.jobs import JOBS
 from landscape.parts import finished_in_parts
 from landscape.slurm import FAILED_STATES, SlurmJobs, read_submission, record_path
 from landscape.store import SurfaceFile
@@ -55,10 +56,9 @@ def surface_status(path: str | Path) -> str:
         maps = surface.maps()
         for job in surface.jobs:
             lines.append(job_progress(surface, job))
-            for name in surface.job_maps(job):
+            derived = [derived.name for derived in JOBS[job].derived]
+            for name in surface.job_maps(job) + derived:
                 lines.append(map_line(name, maps[name]))
-        if "lambda_ratio" in maps:
-            lines.append(map_line("lambda_ratio", maps["lambda_ratio"]))
         trace = surface.group("trace")
         if trace is not None:
             lines += trace_lines(trace[1])
@@ -71,14 +71,13 @@ def job_progress(surface: SurfaceFile, job: str) -> str:
     2.10 points/s, about 0m08s left``: finished points in unmerged part files (array
     tasks, a killed part-file run) count towards the progress, the rate and the time left.
     """
-    total = surface.points(job).size
-    done = surface.done(job).reshape(-1)
+    work = surface.work(job)
+    total = work.points().size
+    done = work.done()
     part_points, part_finished = finished_in_parts(surface, job)
     unmerged = ~done[part_points]  # a reducer killed before deleting its parts leaves both
     waiting, first = np.unique(part_points[unmerged], return_index=True)
-    finished = np.concatenate(
-        [surface.finished(job).reshape(-1)[done], part_finished[unmerged][first]]
-    )
+    finished = np.concatenate([work.finished()[done], part_finished[unmerged][first]])
     merged = int(done.sum())
     count = merged + waiting.size
     line = f"  {job}: {merged}/{total} points done"

@@ -1,6 +1,6 @@
 """The surface file: one HDF5 file per experiment holding everything workers need and produce.
 
-Layout (schema version 2)::
+Layout (schema version 3; version 2 named the loss job "surface", and still opens)::
 
     /                    attrs: schema_version, plan_id (random, unique per plan),
                          config (YAML), created, package_version, checkpoint_path,
@@ -20,17 +20,19 @@ Layout (schema version 2)::
                          label, mean, half width, dtype; dimension, step (e), step_fraction,
                          non_smooth_operations. Written by ``rewrite_group`` (new image, rename)
     /grid/x, /grid/y     coordinates (no y for a 1D surface)
-    /maps/<name>         float64 (ny, nx) or (nx,), NaN until computed; the hessian job
-                         also writes residuals, HVP counts, a converged flag, and
-                         lambda_ratio = |lambda_min / lambda_max| once it ends
-    /done/<job>          uint8, 1 once every output of that job has its value at the
-                         point; attrs: outputs (the maps the job writes); hessian: the
-                         convergence criterion, tolerance, residual_tolerance (floored
-                         for hvp_dtype), rounding_floor, method
-    /finished/<job>      float64 unix time each point was finished (progress and rate)
-    /points/<job>        int64 row-major point numbers of the job (every point, or every
-                         stride-th along each axis for a coarser Hessian grid)
-    /shards/<job>        int64 (n, 2) [start, stop) ranges into points/<job>
+    /maps/<name>         float64 (ny, nx) or (nx,), plus the output's trailing shape
+                         ((k,) for k values per point), NaN until computed: every output
+                         of every job (the hessian job also writes residuals, HVP counts
+                         and a converged flag) and the derived maps (lambda_ratio =
+                         |lambda_min / lambda_max|), filled by reduce
+    /done/<job>          the work table of each job (:mod:`landscape.work_table`), whose
+    /finished/<job>      items are the row-major point numbers of the grid: every point,
+    /points/<job>        or every stride-th along each axis for a coarser Hessian grid;
+    /shards/<job>        done's attrs: outputs (the maps the job writes) and what its kind
+                         records (:attr:`landscape.jobs.JobKind.done_attrs`; hessian: the
+                         convergence criterion, tolerance, rounding_floor, method)
+
+Jobs are the kinds of :mod:`landscape.jobs` (``loss``, ``hessian``).
 
 Every dataset is created, with its storage allocated, when the file is planned; workers
 only overwrite raw values, never metadata, so a worker killed at any moment leaves a
@@ -45,7 +47,6 @@ from __future__ import annotations
 import datetime
 import errno
 import io
-import time
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
@@ -56,13 +57,25 @@ import yaml
 
 from landscape import __version__
 from landscape.atomic import write_file
-from landscape.config import ConfigError, ExperimentConfig, job_outputs, parse_config
+from landscape.config import ConfigError, ExperimentConfig, parse_config
 from landscape.errors import UserError
 from landscape.grid import Grid
+from landscape.jobs import JOB_KINDS, JOBS
 from landscape.locking import LOCKING_UNSUPPORTED, READ_ONLY, surface_lock, this_command
+from landscape.work_table import TABLE_GROUPS, WorkTable, update_items
 
-SCHEMA_VERSION = 2
-DERIVED_MAPS = {"hessian": ["lambda_ratio"]}
+SCHEMA_VERSION = 3
+# Schema 2 differs only in a job's name: files planned then (a grid days into its run)
+# still open, and resume, under today's names; so do their part files, and array tasks
+# submitted then and requeued since (:func:`job_name`).
+READABLE_SCHEMAS = (2, 3)
+RENAMED_JOBS = {"surface": "loss"}
+
+
+def job_name(stored: str) -> str:
+    """The job that a group or part file named ``stored`` belongs to (today's name of
+    a job an older schema named differently)."""
+    return RENAMED_JOBS.get(stored, stored)
 
 
 def create_surface_file(
@@ -74,14 +87,14 @@ def create_surface_file(
     groups: dict[str, tuple[dict, dict]],
     work: dict[str, tuple[np.ndarray, np.ndarray]],
     metadata: dict,
-    job_attrs: dict[str, dict] | None = None,
+    job_attrs: dict[str, dict],
 ) -> None:
     """Write a complete, empty surface file atomically (temp file, then rename).
 
     ``axis_attrs`` go on each direction's group; ``groups`` are extra groups of datasets
     and attributes (a PCA trajectory, interpolation end points); ``work`` maps each job
     to its point numbers and its shards (ranges into them); ``job_attrs`` go on a job's
-    done flags (what its values mean: the hessian job's convergence criterion). The file
+    done flags (its kind's ``done_attrs``: what its values mean). The file
     is built in memory (as large as the directions plus the maps) and written by
     :func:`write_file`, so a full disk or an interrupt leaves no file and no ``.tmp``.
     """
@@ -110,15 +123,15 @@ def create_surface_file(
             handle["grid/y"] = grid.y
         # Storage is written out now (no lazy allocation), so workers never allocate.
         for job, (points, shards) in work.items():
-            outputs = job_outputs(job, config.maps)
-            for name in outputs + DERIVED_MAPS.get(job, []):
-                handle.create_dataset(f"maps/{name}", data=np.full(grid.shape, np.nan))
-            done = handle.create_dataset(f"done/{job}", data=np.zeros(grid.shape, np.uint8))
-            done.attrs["outputs"] = outputs
-            done.attrs.update((job_attrs or {}).get(job, {}))
-            handle.create_dataset(f"finished/{job}", data=np.full(grid.shape, np.nan))
-            handle.create_dataset(f"points/{job}", data=points)
-            handle.create_dataset(f"shards/{job}", data=shards)
+            kind = JOBS[job]
+            outputs = kind.outputs(config)
+            for output in outputs:
+                values = np.full(grid.shape + output.shape, np.nan)
+                handle.create_dataset(f"maps/{output.name}", data=values)
+            for derived in kind.derived:
+                handle.create_dataset(f"maps/{derived.name}", data=np.full(grid.shape, np.nan))
+            attrs = {"outputs": [output.name for output in outputs], **job_attrs.get(job, {})}
+            WorkTable.create(handle, job, grid.shape, points, shards, attrs)
     write_file(path, image.getbuffer(), "output")
 
 
@@ -129,7 +142,7 @@ def missing_datasets(handle: h5py.File) -> list[str]:
     jobs = list(handle["done"]) if isinstance(handle.get("done"), h5py.Group) else []
     needed = ["grid/x", "directions/x", "done"]
     for job in jobs:
-        needed += [f"{kind}/{job}" for kind in ("finished", "points", "shards")]
+        needed += [f"{group}/{job}" for group in TABLE_GROUPS]
         needed += [f"maps/{name}" for name in handle[f"done/{job}"].attrs.get("outputs", [])]
     return [name for name in needed if name not in handle]
 
@@ -214,6 +227,12 @@ class SurfaceFile:
         y = handle["grid/y"][()] if "grid/y" in handle else None
         self.grid = Grid(handle["grid/x"][()], y)
         self.datasets: dict[str, h5py.Dataset] = {}
+        stored = {job_name(name): name for name in handle["done"]}
+        self.tables = {
+            kind.name: WorkTable(handle, stored[kind.name])
+            for kind in JOB_KINDS
+            if kind.name in stored
+        }
         self.lock = ExitStack()  # the surface's lock, held while open for writing
 
     @classmethod
@@ -247,7 +266,7 @@ class SurfaceFile:
             except OSError as exc:
                 raise open_failure(path, mode, exc) from None
             version = handle.attrs.get("schema_version")
-            if version != SCHEMA_VERSION or "config" not in handle.attrs:
+            if version not in READABLE_SCHEMAS or "config" not in handle.attrs:
                 handle.close()
                 raise UserError(
                     f"{path}: not a surface file of schema {SCHEMA_VERSION} (found {version}); "
@@ -281,7 +300,8 @@ class SurfaceFile:
 
     @property
     def jobs(self) -> list[str]:
-        return list(self.handle["done"])
+        """The file's jobs, in the order they run (the table's)."""
+        return list(self.tables)
 
     @property
     def map_names(self) -> list[str]:
@@ -290,24 +310,28 @@ class SurfaceFile:
     def maps(self) -> dict[str, np.ndarray]:
         return {name: self.handle[f"maps/{name}"][()] for name in self.map_names}
 
+    def work(self, job: str) -> WorkTable:
+        """The work table of ``job`` (its points, shards, done flags, finish times)."""
+        return self.tables[job]
+
     def done(self, job: str) -> np.ndarray:
-        return self.handle[f"done/{job}"][()].astype(bool)
+        return self.work(job).done().reshape(self.grid.shape)
 
     def finished(self, job: str) -> np.ndarray:
-        return self.handle[f"finished/{job}"][()]
+        return self.work(job).finished().reshape(self.grid.shape)
 
     def shards(self, job: str) -> np.ndarray:
-        return self.handle[f"shards/{job}"][()]
+        return self.work(job).shards()
 
     def points(self, job: str) -> np.ndarray:
-        return self.handle[f"points/{job}"][()]
+        return self.work(job).points()
 
     def pending_shard_indices(
         self, job: str, finished_elsewhere: np.ndarray | None = None
     ) -> list[int]:
         """Indices of the shards of ``job`` with a point neither done nor in
         ``finished_elsewhere`` (points written to part files but not yet merged)."""
-        return [index for index, _ in self._pending(job, finished_elsewhere)]
+        return [index for index, _ in self.work(job).pending(None, finished_elsewhere)]
 
     def pending_shards(
         self,
@@ -317,36 +341,20 @@ class SurfaceFile:
     ) -> list[np.ndarray]:
         """The pending point numbers of each pending shard of ``job``; ``owned`` keeps only
         those shards (by index: an array task's share)."""
-        keep = None if owned is None else set(np.asarray(owned).tolist())
-        return [
-            chunk
-            for index, chunk in self._pending(job, finished_elsewhere)
-            if keep is None or index in keep
-        ]
-
-    def _pending(self, job: str, finished_elsewhere: np.ndarray | None):
-        points, done = self.points(job), self.done(job).reshape(-1).copy()
-        if finished_elsewhere is not None:
-            done[finished_elsewhere] = True
-        for index, (start, stop) in enumerate(self.shards(job)):
-            chunk = points[start:stop]
-            if not done[chunk].all():
-                yield index, chunk[~done[chunk]]
+        return [chunk for _, chunk in self.work(job).pending(owned, finished_elsewhere)]
 
     def derive_maps(self) -> None:
-        """Fill the derived maps from their sources (serial writers only):
-        lambda_ratio = |lambda_min / lambda_max| wherever both are known."""
-        if "lambda_ratio" in self.handle["maps"]:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.abs(
-                    self.handle["maps/lambda_min"][()] / self.handle["maps/lambda_max"][()]
-                )
-            self.handle["maps/lambda_ratio"][...] = ratio
-            self.handle.flush()
+        """Fill every derived map of the file's jobs from its sources, wherever they are
+        known (serial writers only: :func:`landscape.reduce.reduce` calls it)."""
+        for job in self.jobs:
+            for derived in JOBS[job].derived:
+                sources = [self.handle[f"maps/{name}"][()] for name in derived.sources]
+                self.handle[f"maps/{derived.name}"][...] = derived.derive(*sources)
+        self.handle.flush()
 
     def job_maps(self, job: str) -> list[str]:
         """The maps ``job`` writes at each of its points."""
-        return [str(name) for name in self.handle[f"done/{job}"].attrs["outputs"]]
+        return [str(name) for name in self.work(job).attrs["outputs"]]
 
     def directions(self) -> list[dict[str, np.ndarray]]:
         groups = [
@@ -373,13 +381,13 @@ class SurfaceFile:
         group = self.handle[name]
         return {key: group[key][()] for key in group}, dict(group.attrs)
 
-    def write_point(self, job: str, point: int, values: dict[str, float]) -> None:
-        """Store one point's values, then its finish time and done flag (in that order)."""
+    def write_point(self, job: str, point: int, values: dict[str, np.ndarray]) -> None:
+        """Store one point's values (each of its output's trailing shape), then its finish
+        time and done flag (in that order)."""
         index = self.grid.index(point)
         for name, value in values.items():
             self.dataset(f"maps/{name}")[index] = value
-        self.dataset(f"finished/{job}")[index] = time.time()
-        self.dataset(f"done/{job}")[index] = 1
+        self.work(job).mark_done(point)
 
     def dataset(self, name: str) -> h5py.Dataset:
         """The dataset object, looked up once: a path lookup per point costs more than the write."""
@@ -390,19 +398,12 @@ class SurfaceFile:
     def write_points(
         self, job: str, points: np.ndarray, values: dict[str, np.ndarray], finished: np.ndarray
     ) -> None:
-        """Store many points at once (the reducer): maps, then finish times, then done
-        flags, each read, updated and written whole, then flushed."""
+        """Store many points at once (the reducer): maps (``(n,) + trailing shape``), then
+        finish times, then done flags, each read, updated and written whole, then flushed."""
         for name, column in values.items():
-            self.update_flat(f"maps/{name}", points, column)
-        self.update_flat(f"finished/{job}", points, finished)
-        self.update_flat(f"done/{job}", points, np.ones(len(points), np.uint8))
+            update_items(self.handle[f"maps/{name}"], points, column, len(self.grid.shape))
+        self.work(job).mark_all_done(points, finished)
         self.handle.flush()
-
-    def update_flat(self, name: str, points: np.ndarray, values: np.ndarray) -> None:
-        dataset = self.handle[name]
-        array = dataset[()]
-        array.reshape(-1)[points] = values
-        dataset[...] = array
 
     def commit(self) -> None:
         """Make the points written so far survive a crash of this process.

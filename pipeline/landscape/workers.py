@@ -2,10 +2,12 @@
 
 The same code runs as one process or as N MPI ranks (``mpirun -n N landscape run``).
 Four pieces meet here: the ranks (:mod:`landscape.ranks`), which hand out shards;
-a :class:`SurfaceEvaluator`, which turns coordinates into map values (pure compute);
-a writer, which stores a point (``write_point``) and makes a shard durable
-(``commit``): the surface file itself, opened serially or with ``mpio`` by every rank,
-or a :class:`~landscape.parts.PartWriter`; and :func:`evaluate_shards`, the loop.
+the job kind's evaluator (:mod:`landscape.jobs`, :mod:`landscape.evaluators`), which
+turns a batch of points into map values (pure compute); a writer, which stores a point
+(``write_point``) and makes a shard durable (``commit``): the surface file itself,
+opened serially or with ``mpio`` by every rank, or a :class:`~landscape.parts.PartWriter`;
+and :func:`evaluate_shards`, the loop. Rank 0 reduces (:func:`landscape.reduce.reduce`)
+before and after.
 """
 
 from __future__ import annotations
@@ -25,73 +27,55 @@ import torch
 from tqdm import tqdm
 
 from landscape.checkpoint import verify_fingerprint
-from landscape.config import MAP_JOBS
 from landscape.errors import UserError, reporting_interrupt
-from landscape.evaluate import evaluate
 from landscape.experiment import Experiment
-from landscape.grid import Grid
-from landscape.hessian import HessianEvaluator
+from landscape.jobs import JOBS, Evaluator, resolve
 from landscape.locking import surface_lock
-from landscape.parameters import DirectionPlane
-from landscape.parts import PartWriter, points_in_parts, reduce_parts
+from landscape.parts import PartWriter, points_in_parts
 from landscape.ranks import CLAIMED, DONE, Solo, connect_ranks, cpu_threads_per_rank
-from landscape.store import SurfaceFile, existing_surface
+from landscape.reduce import reduce
+from landscape.store import SurfaceFile, existing_surface, job_name
 
 log = logging.getLogger(__name__)
 
 
+# Work items handed to the evaluator per call. Today's evaluators move the model to one
+# point at a time; one that evaluates several points per forward pass raises this.
+ITEMS_PER_CALL = 1
+
+
 class PointWriter(Protocol):
-    def write_point(self, job: str, point: int, values: dict[str, float]) -> None: ...
+    def write_point(self, job: str, point: int, values: dict[str, np.ndarray]) -> None: ...
 
     def commit(self) -> None: ...
 
 
-class SurfaceEvaluator:
-    """Loss and accuracy maps at theta0 + a*d1 + b*d2 for one experiment on one device."""
-
-    def __init__(
-        self, experiment: Experiment, directions: list[dict[str, np.ndarray]], maps: list[str]
-    ):
-        self.experiment = experiment
-        self.maps = maps
-        self.plane = DirectionPlane(experiment.model, directions)
-
-    def __call__(self, a: float, b: float) -> dict[str, float]:
-        self.plane.move_to(a, b)
-        values = {}
-        evaluation = self.experiment.config.evaluation
-        for split in ("train", "test"):
-            if any(m.startswith(split) for m in self.maps):
-                inputs, targets = self.experiment.data.split(split)
-                loss, accuracy = evaluate(
-                    self.experiment.model, inputs, targets, evaluation.batch_size, evaluation.loss
-                )
-                values.update({f"{split}_loss": loss, f"{split}_acc": accuracy})
-        return {m: values[m] for m in self.maps}
-
-
 def evaluate_shards(
     job: str,
-    evaluate_point,
-    grid: Grid,
+    evaluator: Evaluator,
     claims: Iterable[np.ndarray],
     writer: PointWriter,
     on_point=None,
+    items_per_call: int = ITEMS_PER_CALL,
 ) -> int:
-    """Evaluate and write every point of each claimed shard, committing after each shard,
-    and the points written so far when an interrupt stops the shard halfway (a part
-    file then holds part of a shard: it lists its points).
+    """Evaluate and write every point of each claimed shard, ``items_per_call`` points
+    per evaluator call, committing after each shard, and the points written so far
+    when an interrupt stops the shard halfway (a part file then holds part of a shard:
+    it lists its points).
 
     Returns the number of points evaluated.
     """
     count = 0
     for points in claims:
         try:
-            for point in map(int, points):
-                writer.write_point(job, point, evaluate_point(*grid.coordinates(point)))
-                count += 1
-                if on_point is not None:
-                    on_point()
+            for start in range(0, len(points), items_per_call):
+                batch = points[start : start + items_per_call]
+                values = evaluator(batch)
+                for row, point in enumerate(map(int, batch)):
+                    writer.write_point(job, point, {name: v[row] for name, v in values.items()})
+                    count += 1
+                    if on_point is not None:
+                        on_point()
         except KeyboardInterrupt:
             writer.commit()
             raise
@@ -215,8 +199,8 @@ def open_surface(path: Path, writer: str, ranks: Solo) -> SurfaceFile:
     return SurfaceFile.open(path, "r" if writer == "parts" else "r+")
 
 
-def load_evaluator(job: str, surface: SurfaceFile, device: str | None, ranks: Solo):
-    """The job's point evaluator, on this rank's device, with the file's directions.
+def load_evaluator(job: str, surface: SurfaceFile, device: str | None, ranks: Solo) -> Evaluator:
+    """The job kind's evaluator, on this rank's device, with the file's directions.
 
     The checkpoint's bytes were checked against the plan's hash by :func:`run_job`, on
     this rank: its hash is the plan's, not computed again."""
@@ -236,9 +220,7 @@ def load_evaluator(job: str, surface: SurfaceFile, device: str | None, ranks: So
         config.evaluation.dtype,
         torch.get_num_threads(),
     )
-    if job == "hessian":
-        return HessianEvaluator(experiment, surface.directions(), config.hessian)
-    return SurfaceEvaluator(experiment, surface.directions(), surface.job_maps(job))
+    return resolve(JOBS[job].evaluator)(experiment, surface, surface.job_maps(job))
 
 
 def evaluate_pending(
@@ -260,9 +242,7 @@ def evaluate_pending(
     claims = ShardClaims(job, ranks, pending, show_progress)
     started = time.perf_counter()
     with ranks.failing_together():
-        count = evaluate_shards(
-            job, evaluator, surface.grid, claims, point_writer, claims.point_done
-        )
+        count = evaluate_shards(job, evaluator, claims, point_writer, claims.point_done)
         ranks.wait_for_all(claims.show_progress)
     claims.close()
     if ranks.rank == 0:
@@ -292,7 +272,7 @@ def job_lock(path: Path, job: str, task: ArrayTask | None, ranks: Solo):
 
 def run_surface(path: str | Path, **options) -> int:
     """``landscape run``: the loss and accuracy maps (see :func:`run_job`)."""
-    return run_job(path, "surface", **options)
+    return run_job(path, "loss", **options)
 
 
 def run_hessian(path: str | Path, **options) -> int:
@@ -312,8 +292,13 @@ def run_job(
 
     ``task``: one of several independent array tasks (SLURM arrays), which evaluates
     only its own shards, writes part files and leaves the merge to a reduce job.
+    Otherwise rank 0 reduces (:func:`landscape.reduce.reduce`) before the run, so that
+    points a killed run left in part files count as done, and after it.
     Returns the number of points this rank evaluated.
     """
+    job = job_name(job)  # an array task submitted before a rename, requeued since
+    if job not in JOBS:
+        raise UserError(f"job {job!r}: no such job kind; choose from {', '.join(JOBS)}")
     path = Path(path)
     with (
         reporting_interrupt(lambda: saved_points(path, job)),
@@ -325,7 +310,7 @@ def run_job(
         if ranks.rank == 0:
             log.info("%s: %d rank(s); %s", path, ranks.size, WRITERS[writer])
         if task is None:  # merge what a killed part-file run left before reading done flags
-            ranks.on_rank0(lambda: reduce_parts(path))
+            ranks.on_rank0(lambda: reduce(path))
         with ranks.agree(lambda: open_surface(path, writer, ranks)) as surface:
             # Every rank reads the checkpoint it will load: one node may see other bytes.
             ranks.agree(
@@ -334,7 +319,7 @@ def run_job(
                 )
             )
             if job not in surface.jobs:
-                needed = ", ".join(name for name, owner in MAP_JOBS.items() if owner == job)
+                needed = ", ".join(JOBS[job].maps)
                 raise UserError(
                     f"{path}: has no {job} job (its maps: {', '.join(surface.map_names)}); "
                     f"add {needed} to maps and plan a new file"
@@ -353,11 +338,7 @@ def run_job(
             elif ranks.rank == 0:
                 log.info("%s: all %d %s points already done", path, surface.points(job).size, job)
         if ranks.rank == 0 and task is None:  # one serial writer, once all ranks closed the file
-            if writer == "parts":
-                reduce_parts(path)
-            elif job == "hessian":
-                with SurfaceFile.open(path, "r+") as surface:
-                    surface.derive_maps()
+            reduce(path)
         return count
 
 
