@@ -101,8 +101,7 @@ class MpiRun(submitit.helpers.Checkpointable):
 
 def reduce_and_plot(path: str) -> list[Path]:
     """The reduce job: reduce (merge part files, derive maps); once every job is complete,
-    draw the figures
-    (returned; none before). Figures go to files on a node without a display: Agg."""
+    draw the figures (returned; none before), to files on a node without a display: Agg."""
     import matplotlib
 
     from landscape.plot import plot_surface_file
