@@ -106,13 +106,14 @@ def check_forward(
     """One forward pass and its ``loss`` on the first training samples, with the weights
     every point starts from (``weights`` says which): fails in one line naming
     ``model.name`` unless the model returns one finite tensor of per-sample outputs that
-    the loss can take, (B, num_classes) logits for class labels, as many values per
+    the loss can take, logits of the labels' shape plus num_classes for class labels
+    ((B, C) for (B,) labels, (B, T, C) for (B, T) token labels), as many values per
     sample as the targets hold for regression. Tuples and dicts (Hugging Face style
     outputs) are refused rather than guessed at: which entry is the logits is the user's
-    to say. The loss itself is computed too, as every grid point will compute it, so
-    what it refuses (e.g. integer outputs) fails at plan, not at the first point of run;
-    a loss (``loss`` names the objective) that is not one finite-or-not floating value
-    per sample (or per token: shape (B, ...)) fails naming evaluation.loss.
+    to say. The objective's loss (``loss`` names it) is computed too, as every grid
+    point will compute it, so what it refuses (e.g. integer outputs) fails at plan, not
+    at the first point of run, and so does a loss that is not floating and of shape
+    (B,) or (B, ...): one value per sample or per token, naming evaluation.loss.
     """
     inputs, targets = data.train_x[:FORWARD_SAMPLES], data.train_y[:FORWARD_SAMPLES]
     count = len(inputs)
@@ -124,7 +125,7 @@ def check_forward(
             f"{tuple(inputs.shape[1:])}: {describe(exc)}"
         ) from None
     classification = not targets.is_floating_point()
-    wanted = (count, data.num_classes) if classification else tuple(targets.shape)
+    wanted = (*targets.shape, data.num_classes) if classification else tuple(targets.shape)
     one_tensor = f"return one tensor of outputs, shape {wanted} here"
     if isinstance(outputs, dict):
         raise UserError(
