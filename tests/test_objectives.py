@@ -7,13 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CLUSTERS, MODELS, write_experiment
+import yaml
+from conftest import BASE, CLUSTERS, MODELS, merge, write_experiment
 from test_bad_input import fails_with
 from torch import nn
 from torch.func import functional_call, hessian
 from torch.nn import functional as F
 
-from landscape.config import load_config
+from landscape.config import ConfigError, load_config, parse_config
 from landscape.curvature.operators import HessianOperator
 from landscape.evaluate import evaluate
 from landscape.experiment import Experiment
@@ -209,3 +210,10 @@ def test_accuracy_maps_need_an_objective_with_accuracy(tmp_path, capsys):
         evaluation={"loss": "mse"},
     )
     fails_with(capsys, ["plan", path], "maps: accuracy is undefined for evaluation.loss 'mse'")
+
+
+def test_a_bad_objective_name_is_a_config_error_at_load():
+    raw = merge(BASE, {"evaluation": {"loss": "hinge"}})
+    with pytest.raises(ConfigError, match="evaluation.loss: 'hinge' is not an objective"):
+        parse_config(yaml.safe_dump(raw))
+    assert parse_config(yaml.safe_dump(BASE)).evaluation.loss_kwargs == {}  # older configs

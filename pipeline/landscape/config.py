@@ -274,7 +274,10 @@ class EvaluationConfig:
     def check(self, where: str) -> None:
         from landscape.objectives import check_spec  # torch, only once a config is read
 
-        check_spec(self.loss, self.loss_kwargs, where)
+        try:
+            check_spec(self.loss, self.loss_kwargs, where)
+        except UserError as exc:  # a config error like any other (a stored config's too)
+            raise ConfigError(str(exc)) from None
         if self.batch_size < 1:
             raise ConfigError(f"{where}.batch_size: must be >= 1 (got {self.batch_size})")
         if self.threads < 0:
