@@ -15,7 +15,7 @@ from torch.func import functional_call, hessian
 from torch.nn import functional as F
 
 from landscape.config import ConfigError, load_config, parse_config
-from landscape.curvature.operators import HessianOperator
+from landscape.curvature.operators import GaugeProjection, HessianOperator
 from landscape.evaluate import evaluate
 from landscape.experiment import Experiment
 from landscape.objectives import TokenCrossEntropy
@@ -151,6 +151,10 @@ def test_token_cross_entropy_is_the_mean_over_unmasked_tokens_of_the_whole_set(d
     dense = hessian(mean_loss)(flat).numpy()
     vector = np.random.default_rng(0).normal(size=len(flat))
     np.testing.assert_allclose(operator @ vector, dense @ vector, rtol=0, atol=1e-12)
+    gauge = GaugeProjection.find(operator)  # one shift of all V logits of a token
+    assert gauge.layer == "head" and gauge.count == 4 + 1
+    shift = torch.as_tensor(vector) - gauge(torch.as_tensor(vector))
+    assert np.abs(dense @ shift.numpy()).max() <= 1e-12 * np.abs(dense).max()
 
 
 def planned(tmp_path, **changes) -> str:
