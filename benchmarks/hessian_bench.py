@@ -18,15 +18,17 @@ import numpy as np
 import torch
 
 from landscape.config import parse_config
+from landscape.curvature import METHODS
+from landscape.curvature.lanczos import extreme_eigenvalues
+from landscape.curvature.operators import HessianOperator
 from landscape.demo import demo_config
 from landscape.experiment import Experiment
-from landscape.hessian import HessianEvaluator, HessianOperator, extreme_eigenvalues
+from landscape.hessian import HessianEvaluator, training_hessian
 from landscape.plan import plan_surface
 from landscape.store import SurfaceFile
 from landscape.train import train
 
 TOLERANCE = 1e-3
-METHODS = ("eigsh", "lanczos", "shift")
 SOLVER_CASE = {
     "model": {"name": "small_cnn", "kwargs": {"channels": [3, 4]}},
     "data": {"name": "digits"},
@@ -115,11 +117,8 @@ def hvp_cost() -> dict:
     config = demo_config("demo.yaml", [])
     experiment = Experiment.load(config, with_checkpoint=False)
     inputs, targets = experiment.data.split("train")
-    batch_size = config.evaluation.batch_size
     operators = {
-        mode: HessianOperator(
-            experiment.model, inputs, targets, "cross_entropy", batch_size, hvp=mode
-        )
+        mode: training_hessian(experiment, "all", mode)
         for mode in ("forward_over_reverse", "double_backward")
     }
     anyone = operators["double_backward"]

@@ -19,11 +19,12 @@ from torch.func import functional_call, hessian
 
 from landscape.checkpoint import save_checkpoint
 from landscape.config import load_config
+from landscape.curvature.operators import HessianOperator, select_parameters
 from landscape.data import load_dataset
 from landscape.errors import UserError
-from landscape.evaluate import per_sample_loss
 from landscape.locking import surface_lock
 from landscape.models import build_model
+from landscape.objectives import CrossEntropy, Objective
 from landscape.train import train
 
 # Figures go to files, as the CLI draws them (landscape.plot leaves the backend alone).
@@ -210,10 +211,27 @@ def trained_experiment(experiment, model: str, epochs: int = 150, schedule=None,
     return path
 
 
+CROSS_ENTROPY = CrossEntropy()
+
+
+def hessian_operator(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    objective: Objective,
+    batch_size: int,
+    parameters: str = "all",
+    hvp: str = "forward_over_reverse",
+) -> HessianOperator:
+    """The Hessian operator over the parameters ``parameters`` selects (all or weights)."""
+    names = select_parameters(model, parameters)
+    return HessianOperator(model, names, inputs, targets, objective, batch_size, hvp)
+
+
 def dense_hessian(operator, dtype: torch.dtype | None = None) -> np.ndarray:
-    """The dense Hessian of ``operator``'s full-data mean loss (torch.func.hessian), over
-    its selected parameters, at the model's current parameters, computed in ``dtype``
-    (default: the model's; float64 gives the ground truth of a float32 model)."""
+    """The dense Hessian of ``operator``'s full-data mean loss (torch.func.hessian) of its
+    objective, over its selected parameters, at the model's current parameters, computed
+    in ``dtype`` (default: the model's; float64 gives the ground truth of a float32 model)."""
 
     def cast(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
@@ -228,7 +246,7 @@ def dense_hessian(operator, dtype: torch.dtype | None = None) -> np.ndarray:
         outputs = functional_call(
             operator.model, {**fixed, **dict(zip(operator.names, pieces))}, (inputs,)
         )
-        return per_sample_loss(outputs, operator.targets, operator.loss).mean()
+        return operator.objective.losses(outputs, operator.targets).sum() / operator.count
 
     return hessian(mean_loss)(flat).numpy()
 

@@ -1,7 +1,8 @@
 """User plug-ins for tests, imported by name (``plugins:regression``) as a user's would be.
 
-Beside the good ones, a battery of broken data and model factories, each broken the way a
-user's can be; ``tests/test_plugins.py`` plans each and expects one line naming it.
+Beside the good ones, a battery of broken data, model and objective factories, each
+broken the way a user's can be; ``tests/test_plugins.py`` and ``tests/test_objectives.py``
+plan each and expect one line naming it.
 """
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from landscape.data import Dataset
+from landscape.objectives import Objective
 
 # The data every bad model below is planned on: 3 classes of 5 features.
 FEATURES, CLASSES = 5, 3
@@ -202,3 +204,54 @@ class IntegerOutput(Wrapped):
 
     def forward(self, x):
         return self.linear(x).round().long()
+
+
+class LabelSmoothed(Objective):
+    """Cross-entropy against labels smoothed by ``smoothing``, written out as a user would:
+    (1 - s) * (-log p_y) + s * mean over classes of (-log p_c)."""
+
+    accuracy = True
+    softmax_gauge = True  # a function of log_softmax: blind to a shift of all logits
+
+    def __init__(self, smoothing: float):
+        self.smoothing = smoothing
+
+    def losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_p = outputs.log_softmax(1)
+        picked = log_p.gather(1, targets[:, None])[:, 0]
+        return -(1 - self.smoothing) * picked - self.smoothing * log_p.mean(1)
+
+    def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs.argmax(1) == targets).sum()
+
+    def target_problem(self, targets: torch.Tensor) -> str | None:
+        return "float targets; use mse" if targets.is_floating_point() else None
+
+
+def label_smoothed(smoothing: float = 0.1) -> Objective:
+    """``evaluation.loss: plugins:label_smoothed`` with ``loss_kwargs: {smoothing: ...}``."""
+    return LabelSmoothed(smoothing)
+
+
+class MeanOnly(LabelSmoothed):
+    """Returns the batch mean instead of one loss per sample."""
+
+    def losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return super().losses(outputs, targets).mean()
+
+
+class LossRaises(LabelSmoothed):
+    def losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise ValueError("labels must be one-hot")
+
+
+def loss_returns_a_mean() -> Objective:
+    return MeanOnly(0.1)
+
+
+def loss_raises() -> Objective:
+    return LossRaises(0.1)
+
+
+def loss_returns_a_function():
+    return torch.nn.functional.cross_entropy

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import dense_hessian, trained_experiment
+from conftest import CROSS_ENTROPY, dense_hessian, hessian_operator, trained_experiment
 from scipy.linalg import null_space
 
 from landscape import trajectory
@@ -17,7 +17,6 @@ from landscape.config import load_config
 from landscape.errors import UserError
 from landscape.evaluate import evaluate
 from landscape.experiment import Experiment
-from landscape.hessian import HessianOperator
 from landscape.parameters import DirectionPlane
 from landscape.plan import plan_surface
 from landscape.plot import plot_surface_file
@@ -42,7 +41,7 @@ def losses_of(config_path, checkpoint: str) -> dict[str, float]:
     exp = Experiment.load(config)
     values = {}
     for split in ("train", "test"):
-        loss, acc = evaluate(exp.model, *exp.data.split(split), 16)
+        loss, acc = evaluate(exp.model, *exp.data.split(split), 16, exp.objective)
         values.update({f"{split}_loss": loss, f"{split}_acc": acc})
     return values
 
@@ -203,7 +202,7 @@ def test_hessian_directions_are_the_dense_eigenvectors_and_the_surface_curves_by
 
     exp = Experiment.load(load_config(config))
     inputs, targets = exp.data.split("train")
-    operator = HessianOperator(exp.model, inputs, targets, "cross_entropy", 1000, "weights")
+    operator = hessian_operator(exp.model, inputs, targets, CROSS_ENTROPY, 1000, "weights")
     values, vectors = np.linalg.eigh(dense_hessian(operator))
     assert values[0] < 0 < values[-1]  # a saddle-like point after 20 epochs
     for direction, exact, axis in zip(directions, (vectors[:, -1], vectors[:, 0]), axes):
@@ -246,7 +245,7 @@ def test_hessian_directions_at_a_semidefinite_point_leave_out_the_softmax_gauge(
 
     exp = Experiment.load(load_config(config))
     inputs, targets = exp.data.split("train")
-    operator = HessianOperator(exp.model, inputs, targets, "cross_entropy", 1000, "weights")
+    operator = hessian_operator(exp.model, inputs, targets, CROSS_ENTROPY, 1000, "weights")
     assert operator.names == ["linear.weight"]  # 3 classes x 5 inputs, biases ignored
     exact = dense_hessian(operator, torch.float64)
     gauge = np.kron(np.ones((3, 1)), np.eye(5)) / np.sqrt(3)  # column j raised in every row

@@ -8,27 +8,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DIGITS, MODELS, dense_hessian, trained_experiment
+from conftest import (
+    CROSS_ENTROPY,
+    DIGITS,
+    MODELS,
+    dense_hessian,
+    hessian_operator,
+    trained_experiment,
+)
 from torch import nn
 from torch.func import functional_call, hessian
+from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from landscape import hessian as hessian_module
 from landscape.config import load_config
-from landscape.errors import Interrupted, UserError
-from landscape.evaluate import per_sample_loss
-from landscape.experiment import Experiment
-from landscape.hessian import (
+from landscape.curvature import lanczos as lanczos_module
+from landscape.curvature.lanczos import (
     Criterion,
-    GaugeProjection,
-    HessianEvaluator,
-    HessianOperator,
     basis_bytes,
     extreme_eigenvalues,
     free_memory,
     lanczos,
-    product_context,
 )
+from landscape.curvature.operators import GaugeProjection, HessianOperator, product_context
+from landscape.errors import Interrupted, UserError
+from landscape.experiment import Experiment
+from landscape.hessian import HessianEvaluator
 from landscape.plan import plan_surface
 from landscape.plot import plot_surface_file
 from landscape.store import SurfaceFile
@@ -53,16 +58,16 @@ def test_hvp_equals_dense_hessian_in_both_modes_and_ignores_batch_size(experimen
     network, data = MODELS[model]
     exp = Experiment.load(load_config(experiment(model=network, data=data)))
     inputs, targets = exp.data.split("train")
-    whole = HessianOperator(exp.model, inputs, targets, "cross_entropy", len(inputs))
-    batched = HessianOperator(exp.model, inputs, targets, "cross_entropy", 7)
-    reverse = HessianOperator(exp.model, inputs, targets, "cross_entropy", 7, hvp="double_backward")
+    whole = hessian_operator(exp.model, inputs, targets, CROSS_ENTROPY, len(inputs))
+    batched = hessian_operator(exp.model, inputs, targets, CROSS_ENTROPY, 7)
+    reverse = hessian_operator(exp.model, inputs, targets, CROSS_ENTROPY, 7, hvp="double_backward")
     params, fixed = whole.state()
     flat = torch.cat([p.reshape(-1) for p in params.values()])
 
     def mean_loss(vector):
         pieces = (t.view(s) for t, s in zip(vector.split(whole.sizes), whole.shapes))
         outputs = functional_call(exp.model, {**fixed, **dict(zip(whole.names, pieces))}, (inputs,))
-        return per_sample_loss(outputs, targets, "cross_entropy").mean()
+        return F.cross_entropy(outputs, targets)
 
     dense = hessian(mean_loss)(flat).numpy()
     vector = np.random.default_rng(0).normal(size=len(flat))
@@ -132,7 +137,7 @@ def test_no_method_reports_an_inaccurate_end_as_converged(experiment):
     lambda_min: whatever it returns, 'converged' must mean 'within tolerance'."""
     exp = Experiment.load(load_config(trained_experiment(experiment, "mlp")))
     inputs, targets = exp.data.split("train")
-    operator = HessianOperator(exp.model, inputs, targets, "cross_entropy", 120)
+    operator = hessian_operator(exp.model, inputs, targets, CROSS_ENTROPY, 120)
     exact = dense_spectrum(operator)
     start = torch.randn(operator.shape[0], dtype=torch.float64, generator=torch.Generator())
     counts = {}
@@ -232,7 +237,7 @@ def test_converged_ends_have_true_residuals_within_the_criterion(experiment, dty
     exp = Experiment.load(
         load_config(experiment(model=network, data=data, evaluation={"dtype": dtype}))
     )
-    operator = HessianOperator(exp.model, *exp.data.split("train"), "cross_entropy", 1000)
+    operator = hessian_operator(exp.model, *exp.data.split("train"), CROSS_ENTROPY, 1000)
     exact = dense_hessian(operator, torch.float64)
     criterion = Criterion.for_dtype(1e-7, DTYPES[dtype])
     pairs = lanczos(operator.hvp, start_vector(operator.shape[0]), criterion, 400)
@@ -254,7 +259,7 @@ def test_softmax_gauge_is_flat_and_projected_only_where_softmax_ignores_it(exper
         load_config(experiment(model=network, data=data, evaluation={"dtype": dtype}))
     )
     inputs, targets = exp.data.split("train")
-    operator = HessianOperator(exp.model, inputs, targets, "cross_entropy", 1000)
+    operator = hessian_operator(exp.model, inputs, targets, CROSS_ENTROPY, 1000)
     gauge = GaugeProjection.find(operator)
     assert gauge.layer == "net.5" and gauge.count == 12 + 1  # Linear(12, 3) and its bias
     identity = torch.eye(operator.shape[0], dtype=torch.float64)
@@ -269,8 +274,7 @@ def test_softmax_gauge_is_flat_and_projected_only_where_softmax_ignores_it(exper
 
     squashed = nn.Sequential(exp.model, nn.Tanh())  # the last Linear is not the output
     assert (
-        GaugeProjection.find(HessianOperator(squashed, inputs, targets, "cross_entropy", 99))
-        is None
+        GaugeProjection.find(hessian_operator(squashed, inputs, targets, CROSS_ENTROPY, 99)) is None
     )
     regression = Experiment.load(
         load_config(
@@ -283,7 +287,9 @@ def test_softmax_gauge_is_flat_and_projected_only_where_softmax_ignores_it(exper
             )
         )
     )
-    mse = HessianOperator(regression.model, *regression.data.split("train"), "mse", 99)
+    mse = hessian_operator(
+        regression.model, *regression.data.split("train"), regression.objective, 99
+    )
     assert GaugeProjection.find(mse) is None
 
 
@@ -318,8 +324,8 @@ def test_a_basis_larger_than_free_memory_is_refused_in_one_line(experiment, monk
     surface = plan_surface(load_config(config))
     size = 5 * 8 + 8 + 8 * 3 + 3  # the test MLP: Linear(5, 8), Linear(8, 3)
     assert free_memory(torch.device("cpu")) > basis_bytes(400, size)  # the real probe
-    monkeypatch.setattr(hessian_module, "free_memory", lambda device: basis_bytes(50, size) + 7)
-    caplog.set_level("INFO", logger="landscape.hessian")
+    monkeypatch.setattr(lanczos_module, "free_memory", lambda device: basis_bytes(50, size) + 7)
+    caplog.set_level("INFO", logger="landscape.curvature.lanczos")
     with pytest.raises(UserError) as caught:
         run_hessian(surface, show_progress=False)
     message = str(caught.value)
@@ -329,7 +335,7 @@ def test_a_basis_larger_than_free_memory_is_refused_in_one_line(experiment, monk
     with SurfaceFile.open(surface) as untouched:
         assert not untouched.done("hessian").any()
     # Hessian directions (of the weights: 64 parameters) where not even 4 vectors fit.
-    monkeypatch.setattr(hessian_module, "free_memory", lambda device: 1000)
+    monkeypatch.setattr(lanczos_module, "free_memory", lambda device: 1000)
     hessian_plane = experiment(name="directions", directions={"kind": "hessian"})
     with pytest.raises(UserError, match="64 Lanczos vectors of 64 parameters") as caught:
         plan_surface(load_config(hessian_plane))
@@ -420,7 +426,7 @@ def test_attention_products_match_the_dense_hessian(dtype, mode):
     model = AttentionClassifier().to(DTYPES[dtype]).eval()
     inputs = torch.randn(12, 6, generator=torch.Generator().manual_seed(1)).to(DTYPES[dtype])
     targets = torch.arange(12) % 3
-    operator = HessianOperator(model, inputs, targets, "cross_entropy", 5, hvp=mode)
+    operator = hessian_operator(model, inputs, targets, CROSS_ENTROPY, 5, hvp=mode)
     assert operator.mode == mode
     with sdpa_kernel(SDPBackend.MATH):  # torch.func.hessian needs it as much
         exact = dense_hessian(operator, torch.float64)
@@ -478,7 +484,7 @@ def test_a_model_without_second_derivatives_is_refused_in_one_line():
     """Before: the operator was built, and the first product raised a RuntimeError."""
     inputs, targets = torch.randn(6, 6), torch.arange(6) % 3
     with pytest.raises(UserError) as caught:
-        HessianOperator(FusedAttentionNet(), inputs, targets, "cross_entropy", 6)
+        hessian_operator(FusedAttentionNet(), inputs, targets, CROSS_ENTROPY, 6)
     message = str(caught.value)
     assert message.startswith("hessian.hvp: the model cannot be differentiated twice")
     assert "_scaled_dot_product_flash_attention_for_cpu_backward" in message

@@ -58,7 +58,7 @@ def direct_loss(exp: Experiment, d1, d2, a: float, b: float, split: str = "train
         state[name] = state[name] + a * torch.from_numpy(direction) + b * torch.from_numpy(d2[name])
     exp.model.load_state_dict(state)
     inputs, targets = exp.data.split(split)
-    return evaluate(exp.model, inputs, targets, batch_size=1000)[0]
+    return evaluate(exp.model, inputs, targets, 1000, exp.objective)[0]
 
 
 def test_non_square_grid_stores_and_draws_each_value_at_its_own_coordinates(experiment):

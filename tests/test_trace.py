@@ -21,22 +21,24 @@ from killed_trace import trace_killed_after
 from torch import nn
 from torch.nn import functional as F
 
-from landscape.config import load_config
+from landscape.config import TraceConfig, load_config
+from landscape.curvature.trace import TraceEstimator, kinked_operations
 from landscape.errors import UserError
 from landscape.experiment import Experiment
+from landscape.hessian import training_hessian
 from landscape.plan import plan_surface
 from landscape.status import surface_status
 from landscape.store import SurfaceFile, rewrite_group
-from landscape.trace import (
-    HUTCHINSON_LABEL,
-    TraceEstimator,
-    estimate_trace,
-    kinked_operations,
-    projection_label,
-)
+from landscape.trace import HUTCHINSON_LABEL, estimate_trace, projection_label
 from landscape.workers import run_job
 
 DTYPES = ["float32", "float64"]
+
+
+def trace_estimator(exp: Experiment, settings: TraceConfig) -> TraceEstimator:
+    """What ``landscape trace`` estimates with, over all parameters."""
+    operator = training_hessian(exp, "all", "forward_over_reverse")
+    return TraceEstimator(operator, settings.step, settings.confidence, settings.seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -58,7 +60,7 @@ def test_projection_interval_covers_the_quadratic_trace_for_most_seeds(experimen
     covered = {"projection": 0, "hutchinson": 0}
     for seed in range(50):
         settings = dataclasses.replace(config.trace, samples=20, seed=seed)
-        estimator = TraceEstimator(exp, "all", "forward_over_reverse", settings)
+        estimator = trace_estimator(exp, settings)
         covered["projection"] += estimator.from_loss_values(20).covers(exact)
         covered["hutchinson"] += estimator.hutchinson(20).covers(exact)
     assert covered["projection"] >= 42 and covered["hutchinson"] >= 42, covered
@@ -86,7 +88,7 @@ def test_smooth_net_trace_lies_in_both_intervals_and_is_stored_with_labels(
     assert "non-smooth" not in caplog.text and "non-smooth operations" not in summary
 
     exp = Experiment.load(load_config(config, ["evaluation.dtype=float64"]))
-    estimator = TraceEstimator(exp, "all", "forward_over_reverse", load_config(config).trace)
+    estimator = trace_estimator(exp, load_config(config).trace)
     exact = float(np.trace(dense_hessian(estimator.operator)))
     with SurfaceFile.open(surface) as done:
         samples, attrs = done.group("trace")

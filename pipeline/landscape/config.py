@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from landscape.curvature import HVP_MODES, METHODS, PARAMETER_SELECTIONS
 from landscape.errors import UserError
 from landscape.jobs import MAP_NAMES, jobs_for
 
@@ -232,15 +233,24 @@ class DirectionsConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """How each grid point is evaluated: batch size only changes speed, never the value."""
+    """How each grid point is evaluated: batch size only changes speed, never the value.
+    ``loss``: a built-in objective or ``package.module:name``, built with ``loss_kwargs``
+    (:mod:`landscape.objectives`)."""
 
     batch_size: int = 1024
     device: str = "auto"
     dtype: str = choice("float32", ("float32", "float64"))
-    loss: str = choice("cross_entropy", ("cross_entropy", "mse"))
+    loss: str = "cross_entropy"
+    loss_kwargs: dict = field(default_factory=dict)
     threads: int = 0
 
     def check(self, where: str) -> None:
+        from landscape.objectives import check_spec  # torch, only once a config is read
+
+        try:
+            check_spec(self.loss, self.loss_kwargs, where)
+        except UserError as exc:  # a config error like any other (a stored config's too)
+            raise ConfigError(str(exc)) from None
         if self.batch_size < 1:
             raise ConfigError(f"{where}.batch_size: must be >= 1 (got {self.batch_size})")
         if self.threads < 0:
@@ -260,9 +270,9 @@ class HessianConfig:
     Lanczos steps per point, and so its basis (max_hvps x parameters x 8 bytes).
     """
 
-    parameters: str = choice("all", ("all", "weights"))
-    method: str = choice("lanczos", ("lanczos", "eigsh", "shift"))
-    hvp: str = choice("forward_over_reverse", ("forward_over_reverse", "double_backward"))
+    parameters: str = choice("all", PARAMETER_SELECTIONS)
+    method: str = choice("lanczos", METHODS)
+    hvp: str = choice("forward_over_reverse", tuple(HVP_MODES))
     tolerance: float = 1e-3
     max_hvps: int = 400
     stride: int = 1
@@ -384,8 +394,6 @@ class ExperimentConfig:
         repeated = sorted({name for name in self.maps if self.maps.count(name) > 1})
         if repeated:
             raise ConfigError(f"maps: {', '.join(repeated)} listed twice; list each map once")
-        if self.evaluation.loss == "mse" and any(n.endswith("_acc") for n in self.maps):
-            raise ConfigError("maps: accuracy is undefined for evaluation.loss 'mse'; drop *_acc")
 
     def check_directions_fit_grid(self) -> None:
         if self.grid is None:

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 from landscape.config import DirectionsConfig, ExperimentConfig
+from landscape.curvature.lanczos import Criterion, check_basis_memory, lanczos, start_vector
+from landscape.curvature.operators import GaugeProjection
 from landscape.direction_files import (
     checkpoint_differences,
     file_directions,
@@ -44,13 +46,7 @@ from landscape.direction_files import (
     weight_histograms,
 )
 from landscape.experiment import Experiment
-from landscape.hessian import (
-    Criterion,
-    GaugeProjection,
-    HessianOperator,
-    check_basis_memory,
-    lanczos,
-)
+from landscape.hessian import training_hessian
 from landscape.trajectory import trajectory_files, trajectory_pca
 
 log = logging.getLogger(__name__)
@@ -159,18 +155,12 @@ def hessian_plane(experiment: Experiment, config: ExperimentConfig, count: int) 
     from a seeded start to ``hessian.tolerance`` within ``hessian.max_hvps`` products.
     Without biases and BN scales (``ignore: biasbn``) it is the Hessian of the weights.
     A softmax classifier's gauge directions, along which the loss never changes, are
-    projected out (:class:`~landscape.hessian.GaugeProjection`): lambda_min's eigenvector
-    is then a direction the model's function feels, also where H is semidefinite."""
+    projected out (:class:`~landscape.curvature.operators.GaugeProjection`): lambda_min's
+    eigenvector is then a direction the model's function feels, also where H is
+    semidefinite."""
     settings, solver = config.directions, config.hessian
-    inputs, targets = experiment.data.split("train")
-    operator = HessianOperator(
-        experiment.model,
-        inputs,
-        targets,
-        config.evaluation.loss,
-        config.evaluation.batch_size,
-        "weights" if settings.ignore == "biasbn" else "all",
-        solver.hvp,
+    operator = training_hessian(
+        experiment, "weights" if settings.ignore == "biasbn" else "all", solver.hvp
     )
     check_basis_memory(operator.shape[0], solver.max_hvps, experiment.device)
     gauge = GaugeProjection.find(operator)
@@ -180,8 +170,7 @@ def hessian_plane(experiment: Experiment, config: ExperimentConfig, count: int) 
             gauge.count,
             gauge.layer,
         )
-    generator = torch.Generator().manual_seed(settings.seed)
-    start = torch.randn(operator.shape[0], generator=generator, dtype=torch.float64)
+    start = start_vector(operator.shape[0], settings.seed)
     which = ((-1, 0) if settings.eigenvectors == "extremes" else (-1, -2))[:count]
     names = ("λmax", "λmin") if settings.eigenvectors == "extremes" else ("λ1", "λ2")
     criterion = Criterion.for_dtype(solver.tolerance, operator.torch_dtype)

@@ -48,12 +48,12 @@ class LossAtPoint:
     def __call__(self, a: float, b: float) -> dict[str, float]:
         self.plane.move_to(a, b)
         values = {}
-        evaluation = self.experiment.config.evaluation
+        batch_size = self.experiment.config.evaluation.batch_size
         for split in ("train", "test"):
             if any(m.startswith(split) for m in self.maps):
                 inputs, targets = self.experiment.data.split(split)
                 loss, accuracy = evaluate(
-                    self.experiment.model, inputs, targets, evaluation.batch_size, evaluation.loss
+                    self.experiment.model, inputs, targets, batch_size, self.experiment.objective
                 )
                 values.update({f"{split}_loss": loss, f"{split}_acc": accuracy})
         return {m: values[m] for m in self.maps}

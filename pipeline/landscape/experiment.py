@@ -15,19 +15,21 @@ from landscape.checkpoint import check_compatible, file_sha256, load_state_dict
 from landscape.config import ExperimentConfig
 from landscape.data import Dataset, load_dataset
 from landscape.errors import UserError, describe
-from landscape.evaluate import per_sample_loss
 from landscape.models import build_model
+from landscape.objectives import Objective, build_objective
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
 class Experiment:
-    """A model (checkpoint loaded, eval mode) and its data set, both on ``device``."""
+    """A model (checkpoint loaded, eval mode) and its data set, both on ``device``, and the
+    objective whose loss every map and every curvature of the experiment is taken of."""
 
     config: ExperimentConfig
     model: nn.Module
     data: Dataset
+    objective: Objective
     device: torch.device
     dtype: torch.dtype
     checkpoint_sha256: str | None
@@ -53,7 +55,8 @@ class Experiment:
         model = build_model(
             config.model.name, data.input_shape, data.num_classes, config.model.kwargs
         )
-        check_loss_fits_targets(evaluation.loss, data, config.data.name)
+        objective = build_objective(evaluation.loss, evaluation.loss_kwargs)
+        check_objective_fits(objective, config, data)
         # Cast first, then load: a float64 checkpoint in a float64 run keeps every digit.
         model.to(device=device, dtype=dtype).eval()
         sha256 = None  # an untrained model has no file to hash
@@ -76,34 +79,41 @@ class Experiment:
             if with_checkpoint
             else "its initial weights"
         )
-        check_forward(model, data, config.model.name, weights, evaluation.loss)
-        return cls(config, model, data, device, dtype, sha256)
+        check_forward(model, data, config.model.name, weights, objective, evaluation.loss)
+        return cls(config, model, data, objective, device, dtype, sha256)
 
 
-def check_loss_fits_targets(loss: str, data: Dataset, name: str) -> None:
-    """Cross-entropy needs integer class labels; mse needs float targets."""
-    classification = not data.train_y.is_floating_point()
-    if classification != (loss == "cross_entropy"):
-        kind = "integer class labels" if classification else "float targets"
-        fitting = "cross_entropy" if classification else "mse"
+def check_objective_fits(objective: Objective, config: ExperimentConfig, data: Dataset) -> None:
+    """The objective takes the data's targets (cross-entropy needs integer class labels,
+    mse float targets) and has an accuracy where the maps ask for one."""
+    loss = config.evaluation.loss
+    problem = objective.target_problem(data.train_y)
+    if problem is not None:
         raise UserError(
-            f"evaluation.loss: {loss!r} does not fit data {name!r}, which has {kind}; use {fitting}"
+            f"evaluation.loss: {loss!r} does not fit data {config.data.name!r}, which has {problem}"
         )
+    if not objective.accuracy and any(name.endswith("_acc") for name in config.maps):
+        raise UserError(f"maps: accuracy is undefined for evaluation.loss {loss!r}; drop *_acc")
 
 
 FORWARD_SAMPLES = 2
 
 
 @torch.no_grad()
-def check_forward(model: nn.Module, data: Dataset, name: str, weights: str, loss: str) -> None:
+def check_forward(
+    model: nn.Module, data: Dataset, name: str, weights: str, objective: Objective, loss: str
+) -> None:
     """One forward pass and its ``loss`` on the first training samples, with the weights
     every point starts from (``weights`` says which): fails in one line naming
     ``model.name`` unless the model returns one finite tensor of per-sample outputs that
-    the loss can take, (B, num_classes) logits for class labels, as many values per
+    the loss can take, logits of the labels' shape plus num_classes for class labels
+    ((B, C) for (B,) labels, (B, T, C) for (B, T) token labels), as many values per
     sample as the targets hold for regression. Tuples and dicts (Hugging Face style
     outputs) are refused rather than guessed at: which entry is the logits is the user's
-    to say. The loss itself is computed too, as every grid point will compute it, so
-    what it refuses (e.g. integer outputs) fails at plan, not at the first point of run.
+    to say. The objective's loss (``loss`` names it) is computed too, as every grid
+    point will compute it, so what it refuses (e.g. integer outputs) fails at plan, not
+    at the first point of run, and so does a loss that is not floating and of shape
+    (B,) or (B, ...): one value per sample or per token, naming evaluation.loss.
     """
     inputs, targets = data.train_x[:FORWARD_SAMPLES], data.train_y[:FORWARD_SAMPLES]
     count = len(inputs)
@@ -115,7 +125,7 @@ def check_forward(model: nn.Module, data: Dataset, name: str, weights: str, loss
             f"{tuple(inputs.shape[1:])}: {describe(exc)}"
         ) from None
     classification = not targets.is_floating_point()
-    wanted = (count, data.num_classes) if classification else tuple(targets.shape)
+    wanted = (*targets.shape, data.num_classes) if classification else tuple(targets.shape)
     one_tensor = f"return one tensor of outputs, shape {wanted} here"
     if isinstance(outputs, dict):
         raise UserError(
@@ -148,12 +158,27 @@ def check_forward(model: nn.Module, data: Dataset, name: str, weights: str, loss
             f"{weights}; check its forward"
         )
     try:
-        per_sample_loss(outputs, targets, loss)
+        losses = objective.losses(outputs, targets)
     except Exception as exc:
         raise UserError(
             f"model.name: {name} outputs ({outputs.dtype}, shape {tuple(outputs.shape)}) on "
             f"{count} training samples fail evaluation.loss {loss}: {describe(exc)}"
         ) from None
+    if not (
+        isinstance(losses, torch.Tensor)
+        and losses.is_floating_point()
+        and losses.dim() >= 1
+        and len(losses) == count
+    ):
+        got = (
+            f"{losses.dtype} of shape {tuple(losses.shape)}"
+            if isinstance(losses, torch.Tensor)
+            else f"a {type(losses).__name__}"
+        )
+        raise UserError(
+            f"evaluation.loss: {loss} returns {got} for {count} training samples; return "
+            f"one floating loss per sample, shape ({count},) (or ({count}, tokens))"
+        )
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

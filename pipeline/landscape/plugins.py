@@ -30,15 +30,23 @@ def import_object(spec: str, field: str):
         raise UserError(f"{field}: {module_name} has no attribute {attribute!r}") from None
 
 
-def call_factory(factory: Callable, spec: str, field: str, arguments: dict, kwargs: dict):
+def call_factory(
+    factory: Callable,
+    spec: str,
+    field: str,
+    arguments: dict,
+    kwargs: dict,
+    kwargs_field: str | None = None,
+):
     """``factory(*arguments.values(), **kwargs)``, with every way it can fail as one line.
 
     ``field`` is the config field naming ``spec`` (``model.name``); ``arguments`` are the
     positional arguments by name (``input_shape``, ``num_classes``), ``kwargs`` come from
-    ``<section>.kwargs``. The signature is checked before the call, so that a factory
-    taking the wrong arguments is told apart from one whose body raises.
+    ``kwargs_field`` (default ``<section>.kwargs``). The signature is checked before the
+    call, so that a factory taking the wrong arguments is told apart from one whose body
+    raises.
     """
-    section = field.rpartition(".")[0]
+    kwargs_field = kwargs_field or f"{field.rpartition('.')[0]}.kwargs"
     if not callable(factory):
         raise UserError(f"{field}: {spec} is a {type(factory).__name__}, not a function")
     try:
@@ -60,8 +68,8 @@ def call_factory(factory: Callable, spec: str, field: str, arguments: dict, kwar
             signature.bind(*arguments.values(), **kwargs)
         except TypeError as exc:
             raise UserError(
-                f"{section}.kwargs: {spec}{signature} cannot be called with {section}.kwargs "
-                f"{kwargs} ({exc}); fix {section}.kwargs"
+                f"{kwargs_field}: {spec}{signature} cannot be called with {kwargs_field} "
+                f"{kwargs} ({exc}); fix {kwargs_field}"
             ) from None
     try:
         return factory(*arguments.values(), **kwargs)
@@ -69,5 +77,5 @@ def call_factory(factory: Callable, spec: str, field: str, arguments: dict, kwar
         raise
     except Exception as exc:
         given = [f"{name} {value!r}" for name, value in arguments.items()]
-        called = ", ".join([*given, f"{section}.kwargs {kwargs}"])
+        called = ", ".join([*given, f"{kwargs_field} {kwargs}"])
         raise UserError(f"{field}: {spec} raised {describe(exc)} (called with {called})") from None

@@ -18,7 +18,7 @@ from landscape.atomic import check_writable
 from landscape.checkpoint import save_checkpoint
 from landscape.config import ExperimentConfig, TrainConfig
 from landscape.errors import UserError, reporting_interrupt
-from landscape.evaluate import evaluate, per_sample_loss
+from landscape.evaluate import evaluate
 from landscape.experiment import Experiment
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def train(config: ExperimentConfig) -> Path:
     check_writable(settings.checkpoint_dir, "train.checkpoint_dir", folder=True)
     torch.manual_seed(settings.seed)
     experiment = Experiment.load(config, with_checkpoint=False, device=settings.device)
-    model, data, loss_name = experiment.model, experiment.data, config.evaluation.loss
+    model, data, objective = experiment.model, experiment.data, experiment.objective
     optimizer = make_optimizer(settings, model.parameters())
     generator = torch.Generator(device=data.train_x.device).manual_seed(settings.seed)
     saved = []  # epochs whose checkpoint is written
@@ -86,21 +86,21 @@ def train(config: ExperimentConfig) -> Path:
             for start in range(0, len(order), settings.batch_size):
                 batch = order[start : start + settings.batch_size]
                 outputs = model(data.train_x[batch])
-                loss = per_sample_loss(outputs, data.train_y[batch], loss_name).mean()
+                loss = objective.mean(outputs, data.train_y[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
             model.eval()
             batch_size = config.evaluation.batch_size
             train_loss, train_acc = evaluate(
-                model, data.train_x, data.train_y, batch_size, loss_name
+                model, data.train_x, data.train_y, batch_size, objective
             )
             if not math.isfinite(train_loss):
                 raise UserError(
                     f"train.lr: the training loss is {train_loss} after epoch {epoch + 1} at "
                     f"learning rate {lr:g} (diverged); lower train.lr"
                 )
-            test_loss, test_acc = evaluate(model, data.test_x, data.test_y, batch_size, loss_name)
+            test_loss, test_acc = evaluate(model, data.test_x, data.test_y, batch_size, objective)
             path = checkpoint_path(settings, epoch + 1)
             save_checkpoint(
                 path,

@@ -1,0 +1,14 @@
+"""Curvature of a model's loss below any experiment: Hessian operators
+(:mod:`~landscape.curvature.operators`), their extreme eigenvalues
+(:mod:`~landscape.curvature.lanczos`) and trace estimators
+(:mod:`~landscape.curvature.trace`). They take a model, the names of the parameters to
+differentiate, data and an objective (:mod:`landscape.objectives`); nothing here reads a
+config or a file.
+
+This file names the choices a config may make, without importing torch, so the config
+checks them at load.
+"""
+
+PARAMETER_SELECTIONS = ("all", "weights")
+HVP_MODES = {"forward_over_reverse": "jvp of grad", "double_backward": "double backward"}
+METHODS = ("lanczos", "eigsh", "shift")

@@ -1,0 +1,378 @@
+"""Contains Lanczos with full reorthogonalization and the extreme-eigenvalue solvers of
+a symmetric operator (ARPACK's ``eigsh``, Li et al.'s shift), with their stopping rule.
+
+Lanczos with full reorthogonalization reads both ends of the spectrum from one Krylov
+space. An end theta with unit Ritz vector y is converged (:class:`Criterion`) when
+
+    ||H y - theta y|| <= max(tol * max(|theta|, tol * S), floor * S),
+    S = max(|theta_min|, |theta_max|),  floor = ROUNDING_FLOOR * eps,
+
+tol being ``hessian.tolerance`` and eps the machine epsilon of the products' dtype.
+Some eigenvalue lies within the residual of theta (the bound ARPACK uses) and Ritz
+values approach the extremes from inside, so an end is exact to tol relative to
+itself, or to tol^2 S where it is smaller than tol S, and |lambda_min / lambda_max| to
+tol (2 |ratio| + tol). The bound cannot vanish: relative to |theta| alone it never
+passes where lambda_min = 0 exactly, as at every positive-semidefinite point of a
+softmax classifier (see :class:`GaugeProjection`). It is not relaxed to tol S for
+lambda_min: a residual says that some eigenvalue is near theta, not that it is the
+smallest, and at a trained MLP's minimum Lanczos then stops on the bulk near zero and
+reports lambda_min = +4e-4 for -0.017 (tests/test_hessian.py). The floor is where
+products stop being exact: in float32 a product is good to about 2 eps ||H||, and
+Lanczos' own residual estimate |beta_k s_ki| assumes exact products (it reads 0 where
+the true residual is 2 eps ||H||). So every chosen end is verified by one explicit
+product of its Ritz vector, and the residuals reported are those true ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.linalg import eigh_tridiagonal
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+from landscape.curvature import METHODS
+from landscape.curvature.operators import HessianOperator
+from landscape.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SHIFT_TOLERANCE = 1e-2  # what Li et al.'s code passes to ARPACK
+SHIFT_FACTOR = 0.51
+# Products in float32 err by up to ~2 eps ||H|| (measured on MLPs and a BN conv net on
+# digits); 16 eps leaves room for larger sums without hiding a real residual.
+ROUNDING_FLOOR = 16
+# A Lanczos step whose new direction is this small (relative to the spectral scale, or
+# below the products' rounding floor) found an invariant subspace.
+INVARIANT = 1e-12
+
+
+def start_vector(size: int, seed: int) -> torch.Tensor:
+    """The seeded float64 Gaussian vector every solve of one run starts from (on the CPU:
+    the same numbers on every device), so a result does not depend on where or in which
+    order it is computed."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(size, generator=generator, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class Extremes:
+    """Both ends of a spectrum as one solve found them, with their true residuals."""
+
+    lambda_min: float
+    lambda_max: float
+    residual_min: float
+    residual_max: float
+    hvps: int
+    converged: bool
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """When a Ritz pair (theta, y) counts as converged: its residual ||H y - theta y|| at
+    most ``bound(theta, scale)`` = max(tolerance * max(|theta|, tolerance * scale),
+    floor * scale), with ``scale`` the larger magnitude of the two ends (see the module
+    docstring for why)."""
+
+    tolerance: float
+    floor: float  # relative to the scale: the products' rounding
+
+    TEXT = (
+        "||H y - theta y|| <= max(tolerance * max(|theta|, tolerance * S), rounding_floor * S), "
+        "S = max(|lambda_min|, |lambda_max|); the residual from one explicit HVP of the Ritz "
+        "vector y"
+    )
+
+    @classmethod
+    def for_dtype(cls, tolerance: float, dtype: torch.dtype) -> Criterion:
+        """``tolerance`` for products computed in ``dtype``: floored at ROUNDING_FLOOR of
+        its machine epsilons."""
+        return cls(tolerance, ROUNDING_FLOOR * torch.finfo(dtype).eps)
+
+    def bound(self, theta: float, scale: float) -> float:
+        return max(self.tolerance * max(abs(theta), self.tolerance * scale), self.floor * scale)
+
+    def met(self, values: Sequence[float], residuals: Sequence[float], scale: float) -> bool:
+        return all(r <= self.bound(t, scale) for t, r in zip(values, residuals))
+
+
+def ritz_residual(hvp: Callable[[torch.Tensor], torch.Tensor], theta: float, vector) -> float:
+    """||H y - theta y|| for the unit vector y along ``vector``, by one explicit product:
+    the solvers' own estimates assume exact products."""
+    vector = torch.as_tensor(vector, dtype=torch.float64)
+    vector = vector / vector.norm()
+    return float((hvp(vector).double().to(vector.device) - theta * vector).norm())
+
+
+@dataclass
+class RitzPairs:
+    """Chosen Ritz pairs of one Lanczos run: values, true residuals, unit vectors
+    (float64, one row each), the spectral scale they converge against, and the products
+    spent (Krylov steps plus one check per pair)."""
+
+    values: np.ndarray
+    residuals: np.ndarray
+    vectors: torch.Tensor
+    scale: float
+    hvps: int
+    converged: bool
+
+
+def basis_bytes(max_hvps: int, size: int) -> int:
+    """The float64 Lanczos basis for ``size`` parameters: one row per step."""
+    return min(max_hvps, size) * size * 8
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a new tensor can take on ``device``: free GPU memory plus what PyTorch's
+    cache holds unused; on the CPU, the kernel's MemAvailable; None where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def in_units(count: float) -> str:
+    """A byte count for people: ``162 GiB``, ``81.4 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.3g} {unit}"
+        count /= 1024
+
+
+def check_basis_memory(size: int, max_hvps: int, device: torch.device) -> None:
+    """Log what the Lanczos basis for ``size`` parameters may take, and refuse in one line,
+    before anything is allocated, if that is more than ``device`` has free."""
+    limit, need, free = min(max_hvps, size), basis_bytes(max_hvps, size), free_memory(device)
+    log.info(
+        "Lanczos basis: %d float64 vectors of %d parameters, %s (%s free on %s)",
+        limit,
+        size,
+        in_units(need),
+        "unknown" if free is None else in_units(free),
+        device,
+    )
+    if free is None or need <= free:
+        return
+    fitting = free // (size * 8)
+    remedy = (
+        f"lower hessian.max_hvps to {fitting} or fewer"
+        if fitting >= 4
+        else "select fewer parameters (hessian.parameters: weights) or use a larger device"
+    )
+    raise UserError(
+        f"hessian.max_hvps: {limit} Lanczos vectors of {size:,} parameters need "
+        f"{in_units(need)} (float64) but {device} has {in_units(free)} free; {remedy}"
+    )
+
+
+def fresh_vector(
+    basis: torch.Tensor, keep: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator
+) -> torch.Tensor | None:
+    """A seeded random unit vector orthogonal to ``basis`` (and kept by ``keep``), or None
+    when the basis already spans the whole space."""
+    draw = torch.randn(basis.shape[1], generator=generator, dtype=torch.float64)
+    vector = keep(draw.to(basis.device))
+    for _ in range(2):
+        vector = vector - basis.T @ (basis @ vector)
+    length = float(vector.norm())
+    return vector / length if length > 1e-8 * float(draw.norm()) else None
+
+
+def lanczos(
+    hvp: Callable[[torch.Tensor], torch.Tensor],
+    start: torch.Tensor,
+    criterion: Criterion,
+    max_hvps: int,
+    which: tuple[int, ...] = (0, -1),
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> RitzPairs:
+    """Ritz pairs ``which`` (indices into the ascending Ritz values: 0 the smallest, -1
+    the largest, -2 the second largest) from one Lanczos run with full reorthogonalization.
+
+    The basis is kept in float64 on ``start``'s device, min(``max_hvps``, n) x n values
+    allocated at once (see :func:`check_basis_memory`; on the CPU a page is only touched
+    when a step fills it); every product is orthogonalized twice against it
+    (Kahan-Parlett: twice is enough), so no ghost eigenvalues appear. After each product
+    the tridiagonal T_k is solved; the estimated residual of Ritz pair (theta_i, y_i) is
+    |beta_k * s_ki|, the last component of T_k's eigenvector times the next off-diagonal.
+    It stops when every chosen pair's estimate meets ``criterion``; each chosen pair is
+    then checked by one explicit product, whose residual decides ``converged``.
+
+    A vanishing beta_k means the Krylov space is an invariant subspace (the start vector
+    lay in one, e.g. H v0 = 0): its Ritz pairs are exact eigenpairs, but say nothing of
+    the eigenvalues outside it. They are kept, and Lanczos starts a new block from a
+    seeded random vector orthogonal to the basis, which explores the rest; the ends are
+    chosen among all blocks' pairs once the current block's own ends have converged (or
+    no vector is left outside the basis). ``project``: an orthogonal projection applied
+    to the start vector and every product (:class:`GaugeProjection`), which restricts
+    the Hessian to its range.
+    """
+    keep = project or (lambda vector: vector)
+    size = start.numel()
+    limit = min(max_hvps, size)
+    basis = torch.empty(limit, size, dtype=torch.float64, device=start.device)
+    restarts = torch.Generator().manual_seed(0)
+    exact: list[tuple[float, int, np.ndarray]] = []  # (theta, block's first row, coefficients)
+    first, alphas, betas = 0, [], []  # the current block: its first row and T's diagonals
+    vector = keep(start.double())
+    vector = vector / vector.norm()
+    steps, settled = 0, False
+    while steps < limit:
+        basis[steps] = vector
+        product = keep(hvp(vector).double())
+        steps += 1
+        alphas.append(float(vector @ product))
+        known = basis[:steps]
+        for _ in range(2):
+            product -= known.T @ (known @ product)
+        beta = float(product.norm())
+        thetas, ritz = eigh_tridiagonal(np.array(alphas), np.array(betas))
+        scale = max([abs(thetas[0]), abs(thetas[-1])] + [abs(t) for t, _, _ in exact])
+        if beta <= max(INVARIANT, criterion.floor) * max(scale, 1e-300):
+            exact += [(theta, first, ritz[:, i]) for i, theta in enumerate(thetas)]
+            first, alphas, betas = steps, [], []
+            vector = fresh_vector(known, keep, restarts)
+            if vector is None:
+                settled = True
+                break
+            continue
+        ends = list(which)
+        if len(thetas) >= len(ends):
+            settled = criterion.met(thetas[ends], np.abs(beta * ritz[-1, ends]), scale)
+            if settled:
+                break
+        betas.append(beta)
+        vector = product / beta
+    current = []
+    if alphas:
+        current = [(theta, first, ritz[:, i]) for i, theta in enumerate(thetas)]
+    pairs = sorted(exact + current, key=lambda pair: pair[0])
+    chosen = [pairs[index] for index in which if -len(pairs) <= index < len(pairs)]
+    vectors = torch.stack(
+        [
+            basis[row : row + len(s)].T @ torch.as_tensor(s, device=basis.device)
+            for _, row, s in chosen
+        ]
+    )
+    vectors /= vectors.norm(dim=1, keepdim=True)
+    values = np.array([theta for theta, _, _ in chosen])
+    residuals = np.array([ritz_residual(hvp, t, y) for t, y in zip(values, vectors)])
+    scale = max(abs(pairs[0][0]), abs(pairs[-1][0]))
+    return RitzPairs(
+        values,
+        residuals,
+        vectors,
+        scale,
+        steps + len(chosen),
+        settled and len(chosen) == len(which) and criterion.met(values, residuals, scale),
+    )
+
+
+def lanczos_extremes(
+    hvp: Callable[[torch.Tensor], torch.Tensor],
+    start: torch.Tensor,
+    criterion: Criterion,
+    max_hvps: int,
+) -> Extremes:
+    """lambda_min and lambda_max from one Lanczos run (see :func:`lanczos`)."""
+    pairs = lanczos(hvp, start, criterion, max_hvps)
+    (low, high), (residual_low, residual_high) = pairs.values, pairs.residuals
+    return Extremes(
+        float(low),
+        float(high),
+        float(residual_low),
+        float(residual_high),
+        pairs.hvps,
+        pairs.converged,
+    )
+
+
+def arpack_end(operator: LinearOperator, which: str, tolerance: float, start, max_hvps: int):
+    """One end by ARPACK's implicitly restarted Lanczos: (theta, ritz vector) or NaNs."""
+    try:
+        values, vectors = eigsh(
+            operator, k=1, which=which, tol=tolerance, v0=start, maxiter=max_hvps
+        )
+        return float(values[0]), vectors[:, 0]
+    except ArpackNoConvergence:
+        return float("nan"), np.full(operator.shape[0], np.nan)
+
+
+def eigsh_extremes(
+    operator: HessianOperator, start: np.ndarray, criterion: Criterion, max_hvps: int
+) -> Extremes:
+    """Two ARPACK solves, ``LA`` then ``SA``; residuals checked with one more HVP each."""
+    before = operator.hvps
+    top = arpack_end(operator, "LA", criterion.tolerance, start, max_hvps)
+    bottom = arpack_end(operator, "SA", criterion.tolerance, start, max_hvps)
+    return checked_extremes(operator, bottom, top, before, criterion)
+
+
+def shifted_extremes(
+    operator: HessianOperator, start: np.ndarray, criterion: Criterion, max_hvps: int
+) -> Extremes:
+    """Li et al.'s recipe, for comparison only: lambda_max by ARPACK at tol 1e-2, then the
+    largest-magnitude eigenvalue of H - 0.51 lambda_max I, shifted back. Near a minimum,
+    where |lambda_min| << lambda_max, it stops early and lambda_min can be far off;
+    the residual check below reports it unconverged by ``criterion``."""
+    before = operator.hvps
+    top, top_vector = arpack_end(operator, "LM", SHIFT_TOLERANCE, start, max_hvps)
+    shift = SHIFT_FACTOR * top
+    shifted = LinearOperator(
+        operator.shape, matvec=lambda v: operator @ v - shift * v, dtype=np.float64
+    )
+    bottom, bottom_vector = arpack_end(shifted, "LM", SHIFT_TOLERANCE, start, max_hvps)
+    return checked_extremes(
+        operator, (bottom + shift, bottom_vector), (top, top_vector), before, criterion
+    )
+
+
+def checked_extremes(
+    operator: HessianOperator,
+    bottom: tuple[float, np.ndarray],
+    top: tuple[float, np.ndarray],
+    hvps_before: int,
+    criterion: Criterion,
+) -> Extremes:
+    """Extremes whose residuals are checked by one explicit product each (counted in
+    ``hvps``) and whose converged flag comes from them, not from the solver's word."""
+    (low, low_vector), (high, high_vector) = bottom, top
+    if not (np.isfinite(low) and np.isfinite(high)):
+        nan = float("nan")
+        return Extremes(low, high, nan, nan, operator.hvps - hvps_before, False)
+    residuals = [
+        ritz_residual(operator.hvp, t, y) for t, y in ((low, low_vector), (high, high_vector))
+    ]
+    ok = criterion.met((low, high), residuals, max(abs(low), abs(high)))
+    return Extremes(low, high, *residuals, operator.hvps - hvps_before, ok)
+
+
+def extreme_eigenvalues(
+    operator: HessianOperator, method: str, start: torch.Tensor, tolerance: float, max_hvps: int
+) -> Extremes:
+    """lambda_min and lambda_max of ``operator`` by ``method`` (see METHODS), converged to
+    ``tolerance`` as :class:`Criterion` says for the operator's dtype."""
+    criterion = Criterion.for_dtype(tolerance, operator.torch_dtype)
+    if method not in METHODS:
+        raise ValueError(f"Solver {method!r}; choose from {METHODS}")
+    if method == "lanczos":
+        return lanczos_extremes(operator.hvp, start, criterion, max_hvps)
+    solve = eigsh_extremes if method == "eigsh" else shifted_extremes
+    return solve(operator, start.double().cpu().numpy(), criterion, max_hvps)

@@ -1,0 +1,220 @@
+"""Contains two estimators of the Hessian's trace: from loss values (Boettcher & Wheeler)
+and by Hutchinson.
+
+From loss values only: for d uniform on the unit sphere of the n selected parameters,
+E[d^T H d] = tr(H) / n, the mean curvature. Each direction's curvature is read from a
+central second difference at step e,
+
+    D(d, e) = (L(theta + e d) - 2 L(theta) + L(theta - e d)) / e^2,
+
+so K directions cost 2K + 1 loss evaluations and no Hessian-vector product, and the
+estimate is n * mean D. That is tr(H) only where the loss is smooth at the scale of
+the step: a ReLU network's loss has kinks (jumps of the gradient), each of which adds a
+delta mass to the second difference that does not shrink with e, and which autograd's
+Hessian does not see. The estimate is therefore labelled for what it is (n x mean
+second difference at step e), its step is stored and printed beside it, and a model
+with non-smooth operations gets a warning that the two estimates will differ.
+
+Rounding: n / e^2 multiplies the error of every loss value (about 2e8 on the demo
+ResNet-20), and the error of L(theta), shared by all K samples, becomes a bias that no
+confidence interval includes. The losses are therefore evaluated by a float64 copy of
+the model at positions theta +- e d formed in float64, whatever ``evaluation.dtype``
+(the data stay in their dtype; each batch is cast on its way in). On GPUs with slow
+float64 arithmetic these 2K + 1 evaluations are the expensive part.
+
+Hutchinson's estimator, E[z^T H z] = tr(H) for Rademacher z, needs one HVP per probe
+(in the config's dtype). Both are reported with a Student-t confidence interval over
+their K samples.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from landscape.curvature.operators import HessianOperator
+from landscape.evaluate import evaluate
+from landscape.parameters import FlatParameters
+
+# Torch functions whose gradient jumps somewhere (a kink): ReLU and its relatives, hard
+# clipping and shrinking, max pooling. ELU is smooth enough (C1) only with alpha = 1.
+KINKED_FUNCTIONS = frozenset(
+    {
+        "relu",
+        "relu_",
+        "relu6",
+        "leaky_relu",
+        "leaky_relu_",
+        "prelu",
+        "rrelu",
+        "rrelu_",
+        "selu",
+        "selu_",
+        "hardtanh",
+        "hardtanh_",
+        "hardswish",
+        "hardsigmoid",
+        "hardshrink",
+        "softshrink",
+        "threshold",
+        "threshold_",
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "adaptive_max_pool1d",
+        "adaptive_max_pool2d",
+        "adaptive_max_pool3d",
+        "fractional_max_pool2d",
+        "fractional_max_pool3d",
+        "abs",
+        "clamp",
+        "clamp_",
+        "clip",
+        "maximum",
+        "minimum",
+        "amax",
+        "amin",
+    }
+)
+
+
+class KinkedCalls(TorchFunctionMode):
+    """Counts the calls of kinked torch functions while active, whether a model calls
+    them through modules (``nn.ReLU``, ``nn.MaxPool2d``) or directly (``F.relu``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in KINKED_FUNCTIONS or (name in ("elu", "elu_") and elu_alpha(args, kwargs) != 1):
+            self.counts[name] += 1
+        return func(*args, **kwargs)
+
+
+def elu_alpha(args: tuple, kwargs: dict) -> float:
+    """The alpha of a call ``elu(input, alpha=1.0, inplace=False)``."""
+    return kwargs.get("alpha", args[1] if len(args) > 1 else 1.0)
+
+
+@torch.no_grad()
+def kinked_operations(model: nn.Module, inputs: torch.Tensor) -> dict[str, int]:
+    """Kinked functions one forward pass of ``model`` on ``inputs`` calls, with how often."""
+    with KinkedCalls() as calls:
+        model(inputs)
+    return dict(sorted(calls.counts.items()))
+
+
+class InFloat64(nn.Module):
+    """A float64 copy of ``model`` that casts floating inputs to float64 as they come in,
+    so the data set stays on the device in its own dtype (no float64 copy of it)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = copy.deepcopy(model).to(torch.float64)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs.to(torch.float64) if inputs.is_floating_point() else inputs)
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """A sample mean with its confidence interval (mean +- half_width)."""
+
+    samples: np.ndarray
+    confidence: float
+
+    @property
+    def mean(self) -> float:
+        return float(self.samples.mean())
+
+    @property
+    def half_width(self) -> float:
+        count = len(self.samples)
+        quantile = stats.t.ppf(0.5 + self.confidence / 2, count - 1)
+        return float(quantile * self.samples.std(ddof=1) / np.sqrt(count))
+
+    def covers(self, value: float) -> bool:
+        return abs(value - self.mean) <= self.half_width
+
+
+class TraceEstimator:
+    """Curvature of ``operator``'s full-data mean loss at the model's parameters, over the
+    parameters it differentiates: Hutchinson by its products, and the second differences
+    of the same objective's loss by a float64 copy of the model.
+
+    ``step``: the second difference's step as a fraction of the selected parameters'
+    norm; ``confidence``: of the intervals; ``seed``: of the random vectors, drawn one
+    after the other from one generator (the loss-value directions first)."""
+
+    def __init__(self, operator: HessianOperator, step: float, confidence: float, seed: int):
+        self.operator, self.confidence = operator, confidence
+        self.float64_model = InFloat64(operator.model)
+        self.flat = FlatParameters(self.float64_model.model)
+        selected = set(operator.names)
+        self.mask = torch.cat(
+            [
+                torch.full((size,), name in selected, dtype=torch.bool)
+                for name, size in zip(self.flat.names, self.flat.sizes)
+            ]
+        ).to(self.flat.vector.device)
+        self.dimension = operator.shape[0]
+        length = float(self.flat.origin[self.mask].norm())
+        self.step = step * (length if length > 0 else 1.0)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.kinks = kinked_operations(operator.model, operator.inputs[:2])
+
+    def loss(self) -> float:
+        """The full-data mean loss of the float64 copy at its current parameters."""
+        operator = self.operator
+        return evaluate(
+            self.float64_model,
+            operator.inputs,
+            operator.targets,
+            operator.batch_size,
+            operator.objective,
+        )[0]
+
+    def random_vector(self, rademacher: bool) -> torch.Tensor:
+        """A full-length float64 vector, zero outside the selected parameters: Rademacher
+        signs, or a uniform direction on the unit sphere of the selection."""
+        values = torch.randn(self.dimension, generator=self.generator, dtype=torch.float64)
+        values = values.sign() if rademacher else values / values.norm()
+        vector = torch.zeros_like(self.flat.origin)
+        vector[self.mask] = values.to(vector.device)
+        return vector
+
+    def from_loss_values(self, samples: int) -> TraceEstimate:
+        """n times the second difference of the loss along each of ``samples`` random unit
+        directions, with step ``step * ||theta||``, all in float64."""
+        step = self.step
+        self.flat.reset()
+        center = self.loss()
+        values = []
+        for _ in range(samples):
+            direction = self.random_vector(rademacher=False)
+            self.flat.move_to(step, direction)
+            ahead = self.loss()
+            self.flat.move_to(-step, direction)
+            behind = self.loss()
+            values.append(self.dimension * (ahead - 2 * center + behind) / step**2)
+        self.flat.reset()
+        return TraceEstimate(np.array(values), self.confidence)
+
+    def hutchinson(self, samples: int) -> TraceEstimate:
+        """z^T H z for ``samples`` Rademacher probes z (one HVP each)."""
+        values = []
+        for _ in range(samples):
+            probe = self.random_vector(rademacher=True)[self.mask]
+            product = self.operator.hvp(probe.to(self.operator.torch_dtype)).double()
+            values.append(float(probe @ product))
+        return TraceEstimate(np.array(values), self.confidence)
