@@ -48,3 +48,44 @@ def test_no_module_imports_another_that_imports_it_back():
 def test_the_package_never_imports_the_benchmarks():
     for path in PACKAGE.rglob("*.py"):
         assert not any(name.split(".")[0] == "benchmarks" for name in imported_names(path)), path
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every package module that importing ``start`` imports, directly or not."""
+    seen, stack = set(), [start]
+    while stack:
+        for name in graph[stack.pop()] - seen:
+            seen.add(name)
+            stack.append(name)
+    return seen
+
+
+# What curvature math must never depend on: an experiment, a config, a file, a job.
+ABOVE_THE_MATH = {
+    f"landscape.{name}"
+    for name in (
+        "checkpoint",
+        "cli",
+        "config",
+        "data",
+        "directions",
+        "experiment",
+        "hessian",
+        "jobs",
+        "parts",
+        "plan",
+        "reduce",
+        "slurm",
+        "store",
+        "trace",
+        "work_table",
+        "workers",
+    )
+}
+
+
+def test_curvature_math_knows_no_experiment_config_or_file():
+    graph = import_graph()
+    for module in (name for name in graph if name.startswith("landscape.curvature")):
+        upward = reachable(graph, module) & ABOVE_THE_MATH
+        assert not upward, f"{module} imports {', '.join(sorted(upward))}"
