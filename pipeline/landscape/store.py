@@ -55,13 +55,13 @@ import h5py
 import numpy as np
 import yaml
 
-from landscape import __version__
 from landscape.atomic import write_file
 from landscape.config import ConfigError, ExperimentConfig, parse_config
 from landscape.errors import UserError
 from landscape.grid import Grid
 from landscape.jobs import JOB_KINDS, JOBS
 from landscape.locking import LOCKING_UNSUPPORTED, READ_ONLY, surface_lock, this_command
+from landscape.version import __version__
 from landscape.work_table import TABLE_GROUPS, WorkTable, update_items
 
 SCHEMA_VERSION = 3
