@@ -58,7 +58,7 @@ CASES = {
     },
     "resnet20_32x32": {
         "model": {"name": "resnet20"},
-        "data": {"name": "landscape.bench:synthetic_images", "kwargs": {"samples": 512}},
+        "data": {"name": "benchmarks.bench:synthetic_images", "kwargs": {"samples": 512}},
         "evaluation": {"batch_size": 256},
         "grid": {"x": {"min": -1, "max": 1, "num": 4}, "y": {"min": -1, "max": 1, "num": 3}},
     },

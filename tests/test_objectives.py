@@ -18,7 +18,7 @@ from landscape.config import ConfigError, load_config, parse_config
 from landscape.curvature.operators import GaugeProjection, HessianOperator
 from landscape.evaluate import evaluate
 from landscape.experiment import Experiment
-from landscape.objectives import TokenCrossEntropy
+from landscape.objectives import CrossEntropy, TokenCrossEntropy
 from landscape.parameters import DirectionPlane
 from landscape.plan import plan_surface
 from landscape.store import SurfaceFile
@@ -221,3 +221,12 @@ def test_a_bad_objective_name_is_a_config_error_at_load():
     with pytest.raises(ConfigError, match="evaluation.loss: 'hinge' is not an objective"):
         parse_config(yaml.safe_dump(raw))
     assert parse_config(yaml.safe_dump(BASE)).evaluation.loss_kwargs == {}  # older configs
+
+
+def test_class_cross_entropy_refuses_token_labels_and_names_the_objective_that_takes_them():
+    """(B, T) labels beside (B, T, C) logits would make F.cross_entropy read T as the class
+    axis: silently wrong where T == C."""
+    assert CrossEntropy().target_problem(torch.zeros(4, dtype=torch.int64)) is None
+    problem = CrossEntropy().target_problem(torch.zeros(4, 6, dtype=torch.int64))
+    assert "(4, 6)" in problem and "token_cross_entropy" in problem
+    assert TokenCrossEntropy().target_problem(torch.zeros(4, 6, dtype=torch.int64)) is None

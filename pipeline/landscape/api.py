@@ -48,7 +48,8 @@ __all__ = [
     "train",
 ]
 
-LOSS_JOB = JOB_KINDS[0].name  # what `landscape run` computes: loss and accuracy
+# The job `landscape run` computes (loss and accuracy), api.run's default.
+LOSS_JOB = next(kind.name for kind in JOB_KINDS if kind.verb == "run")
 
 
 def plan(config: ExperimentConfig | str | Path, overrides: list[str] = ()) -> Path:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from landscape.config import DirectionsConfig, ExperimentConfig
-from landscape.curvature.lanczos import Criterion, check_basis_memory, lanczos, start_vector
+from landscape.curvature.lanczos import Criterion, lanczos
 from landscape.curvature.operators import GaugeProjection
 from landscape.direction_files import (
     checkpoint_differences,
@@ -46,7 +46,7 @@ from landscape.direction_files import (
     weight_histograms,
 )
 from landscape.experiment import Experiment
-from landscape.hessian import training_hessian
+from landscape.hessian import seeded_hessian
 from landscape.trajectory import trajectory_files, trajectory_pca
 
 log = logging.getLogger(__name__)
@@ -159,10 +159,10 @@ def hessian_plane(experiment: Experiment, config: ExperimentConfig, count: int) 
     eigenvector is then a direction the model's function feels, also where H is
     semidefinite."""
     settings, solver = config.directions, config.hessian
-    operator = training_hessian(
-        experiment, "weights" if settings.ignore == "biasbn" else "all", solver.hvp
+    parameters = "weights" if settings.ignore == "biasbn" else "all"
+    operator, start = seeded_hessian(
+        experiment, parameters, solver.hvp, settings.seed, solver.max_hvps
     )
-    check_basis_memory(operator.shape[0], solver.max_hvps, experiment.device)
     gauge = GaugeProjection.find(operator)
     if gauge is not None:
         log.info(
@@ -170,13 +170,10 @@ def hessian_plane(experiment: Experiment, config: ExperimentConfig, count: int) 
             gauge.count,
             gauge.layer,
         )
-    start = start_vector(operator.shape[0], settings.seed)
     which = ((-1, 0) if settings.eigenvectors == "extremes" else (-1, -2))[:count]
     names = ("λmax", "λmin") if settings.eigenvectors == "extremes" else ("λ1", "λ2")
     criterion = Criterion.for_dtype(solver.tolerance, operator.torch_dtype)
-    pairs = lanczos(
-        operator.hvp, start.to(experiment.device), criterion, solver.max_hvps, which, gauge
-    )
+    pairs = lanczos(operator.hvp, start, criterion, solver.max_hvps, which, gauge)
     if not pairs.converged:
         log.warning(
             "Hessian directions not converged to hessian.tolerance %.1e in %d HVPs "

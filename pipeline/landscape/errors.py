@@ -30,7 +30,7 @@ class Interrupted(KeyboardInterrupt):
     """SIGINT (Ctrl-C) or SIGTERM (what SLURM sends before a kill) stopped the command.
 
     A KeyboardInterrupt, so no ``except Exception`` can mistake it for a failure and carry
-    on. ``saved`` says what the command left on disk (``"37 of 120 surface points saved
+    on. ``saved`` says what the command left on disk (``"37 of 120 loss points saved
     in x.h5"``); the command line adds how to go on.
     """
 

@@ -42,6 +42,19 @@ def training_hessian(experiment: Experiment, parameters: str, hvp: str) -> Hessi
     )
 
 
+def seeded_hessian(
+    experiment: Experiment, parameters: str, hvp: str, seed: int, max_hvps: int | None
+) -> tuple[HessianOperator, torch.Tensor]:
+    """:func:`training_hessian` and the seeded start vector (float64, on the experiment's
+    device) that every Lanczos run of the tool begins from, so equal seeds give equal
+    numbers wherever they run. With ``max_hvps``, a Lanczos basis of that many vectors
+    is first checked to fit in memory (``hessian.max_hvps`` names the fix)."""
+    operator = training_hessian(experiment, parameters, hvp)
+    if max_hvps is not None:
+        check_basis_memory(operator.shape[0], max_hvps, experiment.device)
+    return operator, start_vector(operator.shape[0], seed).to(experiment.device)
+
+
 def convergence_attrs(settings: HessianConfig, dtype: torch.dtype) -> dict:
     """What ``hessian_converged`` and the residual maps mean, for the surface file."""
     criterion = Criterion.for_dtype(settings.tolerance, dtype)
@@ -64,8 +77,10 @@ class HessianEvaluator:
 
     def __init__(self, experiment: Experiment, directions: list[dict], settings: HessianConfig):
         self.plane = DirectionPlane(experiment.model, directions)
-        self.operator = training_hessian(experiment, settings.parameters, settings.hvp)
-        self.start = start_vector(self.operator.shape[0], settings.seed).to(experiment.device)
+        lanczos_basis = settings.max_hvps if settings.method == "lanczos" else None
+        self.operator, self.start = seeded_hessian(
+            experiment, settings.parameters, settings.hvp, settings.seed, lanczos_basis
+        )
         self.settings = settings
         floor = Criterion.for_dtype(settings.tolerance, self.operator.torch_dtype).floor
         if settings.tolerance < floor:
@@ -76,8 +91,6 @@ class HessianEvaluator:
                 experiment.config.evaluation.dtype,
                 floor,
             )
-        if settings.method == "lanczos":
-            check_basis_memory(self.operator.shape[0], settings.max_hvps, experiment.device)
         if settings.method == "shift":
             log.warning(
                 "hessian.method 'shift' reproduces Li et al.'s code (ARPACK at tol 1e-2 on "

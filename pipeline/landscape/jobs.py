@@ -11,9 +11,9 @@ adding a kind is one entry here plus one evaluator. Jobs run in table order.
 
 Evaluators and figures are named as ``"module:attribute"`` strings, resolved on first
 use (:func:`resolve`): :mod:`landscape.config` imports this module to check ``maps:``,
-while evaluators import torch, the experiment and the config itself. Importing them here
-would make a cycle (config -> jobs -> evaluators -> config) and make reading a config
-load torch.
+while evaluators import the experiment and the config itself: importing them here would
+make a cycle (config -> jobs -> evaluators -> config). ``tests/test_jobs.py`` resolves
+every name of the table, so a typo fails there, not in a run.
 
 An evaluator is built once per rank, ``factory(experiment, surface, outputs)``, and
 called with a batch of K work items (int64 point numbers): it returns

@@ -210,7 +210,7 @@ def record_holder(descriptor: int, what: str, shared: bool) -> None:
 
 
 def describe_holder(descriptor: int) -> str:
-    """``surface job on 4 rank(s), pid 1234 on host node7, started 2024-05-01T10:00:00+02:00``."""
+    """``loss job on 4 rank(s), pid 1234 on host node7, started 2024-05-01T10:00:00+02:00``."""
     try:
         holder = json.loads(os.pread(descriptor, 4096, 0))
         line = (

@@ -78,7 +78,14 @@ class CrossEntropy(Objective):
         return (outputs.argmax(1) == targets).sum()
 
     def target_problem(self, targets: torch.Tensor) -> str | None:
-        return "float targets; use mse" if targets.is_floating_point() else None
+        if targets.is_floating_point():
+            return "float targets; use mse"
+        if targets.dim() != 1:
+            return (
+                f"labels of shape {tuple(targets.shape)}, one class per sample is (samples,); "
+                "for token labels use token_cross_entropy"
+            )
+        return None
 
 
 class MeanSquaredError(Objective):

@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 def reduce(surface_path: str | Path) -> int:
     """Merge every part file into the surface file, derive its derived maps, then delete
-    the parts; returns the number of points merged.
+    the parts; returns the number of points merged. A file with no part waiting and every
+    derived map up to date is only read: a run that ends (or starts) with nothing to
+    reduce never opens its file for writing, which HDF5's file locking would refuse on
+    NFS and Lustre under an ``mpio`` job.
 
     Parts are deleted only after the surface file is closed and synced to disk (a power
     cut must not lose the merged values with the parts gone), so a crash in between
@@ -32,11 +35,15 @@ def reduce(surface_path: str | Path) -> int:
     held throughout: no array task writes parts meanwhile, and no other reducer merges
     the same ones.
     """
+    if not part_files(surface_path):
+        with SurfaceFile.open(surface_path) as surface:
+            if not surface.stale_derived_maps():
+                return 0  # nothing to write: no lock, no writable open (NFS, Lustre, mpio)
     with surface_lock(surface_path, "landscape reduce"):
         parts = part_files(surface_path)
         with SurfaceFile.open(surface_path, "r+") as surface:
             merged = merge_parts(surface, parts)
-            surface.derive_maps()
+            surface.store_derived_maps(surface.stale_derived_maps())
         if parts:
             sync_to_disk(surface_path)
             delete_parts(surface_path, parts)

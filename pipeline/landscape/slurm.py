@@ -33,7 +33,6 @@ from landscape.parts import points_in_parts
 from landscape.ranks import configure_logging
 from landscape.reduce import reduce
 from landscape.store import SurfaceFile, existing_surface
-from landscape.workers import ArrayTask, run_job
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +86,10 @@ class ShardTask(submitit.helpers.Checkpointable):
     resubmits the same call: the shards already in part files are skipped."""
 
     def __call__(self, path: str, job: str, index: int, count: int, shards: list[int]) -> int:
+        # The workers (torch, the model code) are imported where the task runs, on its
+        # node: `landscape status` and `submit` read this module and need none of them.
+        from landscape.workers import ArrayTask, run_job
+
         configure_logging()
         return run_job(path, job, show_progress=False, task=ArrayTask(index, count, tuple(shards)))
 
@@ -95,6 +98,8 @@ class MpiRun(submitit.helpers.Checkpointable):
     """Every rank of an MPI job: the ranks find each other through srun's PMIx."""
 
     def __call__(self, path: str, job: str) -> int:
+        from landscape.workers import run_job  # on the node, as in ShardTask
+
         configure_logging()
         return run_job(path, job, show_progress=False)
 

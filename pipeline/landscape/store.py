@@ -144,6 +144,8 @@ def missing_datasets(handle: h5py.File) -> list[str]:
     for job in jobs:
         needed += [f"{group}/{job}" for group in TABLE_GROUPS]
         needed += [f"maps/{name}" for name in handle[f"done/{job}"].attrs.get("outputs", [])]
+        kind = JOBS.get(job_name(job))
+        needed += [f"maps/{derived.name}" for derived in (kind.derived if kind else ())]
     return [name for name in needed if name not in handle]
 
 
@@ -343,13 +345,29 @@ class SurfaceFile:
         those shards (by index: an array task's share)."""
         return [chunk for _, chunk in self.work(job).pending(owned, finished_elsewhere)]
 
-    def derive_maps(self) -> None:
-        """Fill every derived map of the file's jobs from its sources, wherever they are
-        known (serial writers only: :func:`landscape.reduce.reduce` calls it)."""
-        for job in self.jobs:
-            for derived in JOBS[job].derived:
-                sources = [self.handle[f"maps/{name}"][()] for name in derived.sources]
-                self.handle[f"maps/{derived.name}"][...] = derived.derive(*sources)
+    def derived_maps(self) -> dict[str, np.ndarray]:
+        """Every derived map of the file's jobs, computed from its sources as they are now
+        (NaN where a source is unknown)."""
+        return {
+            derived.name: derived.derive(
+                *(self.handle[f"maps/{name}"][()] for name in derived.sources)
+            )
+            for job in self.jobs
+            for derived in JOBS[job].derived
+        }
+
+    def stale_derived_maps(self) -> dict[str, np.ndarray]:
+        """The derived maps whose stored values differ from :meth:`derived_maps`."""
+        return {
+            name: values
+            for name, values in self.derived_maps().items()
+            if not np.array_equal(self.handle[f"maps/{name}"][()], values, equal_nan=True)
+        }
+
+    def store_derived_maps(self, maps: dict[str, np.ndarray]) -> None:
+        """Write derived maps (serial writers only: :func:`landscape.reduce.reduce`)."""
+        for name, values in maps.items():
+            self.handle[f"maps/{name}"][...] = values
         self.handle.flush()
 
     def job_maps(self, job: str) -> list[str]:
