@@ -255,3 +255,13 @@ def loss_raises() -> Objective:
 
 def loss_returns_a_function():
     return torch.nn.functional.cross_entropy
+
+
+def absolute_error() -> Objective:
+    """A regression objective of the user's, without an accuracy: |output - target|."""
+
+    class AbsoluteError(Objective):
+        def losses(self, outputs, targets):
+            return (outputs - targets.view_as(outputs)).abs().flatten(1).mean(1)
+
+    return AbsoluteError()

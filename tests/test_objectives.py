@@ -202,18 +202,28 @@ def planned(tmp_path, **changes) -> str:
     ],
 )
 def test_a_bad_objective_is_refused_in_one_line(tmp_path, capsys, evaluation, fragments):
-    fails_with(capsys, ["plan", planned(tmp_path, evaluation=evaluation)], *fragments)
+    config = planned(tmp_path, evaluation=evaluation, maps=["train_loss", "test_loss"])
+    fails_with(capsys, ["plan", config], *fragments)
     assert not (tmp_path / "exp.h5").exists()
 
 
-def test_accuracy_maps_need_an_objective_with_accuracy(tmp_path, capsys):
+def test_accuracy_maps_are_refused_for_a_built_in_at_load_and_for_a_plug_in_at_plan(
+    tmp_path, capsys
+):
+    raw = merge(BASE, {"evaluation": {"loss": "mse"}})
+    with pytest.raises(ConfigError, match="maps: accuracy is undefined for evaluation.loss 'mse'"):
+        parse_config(yaml.safe_dump(raw))
     path = planned(
         tmp_path,
         data={"name": "plugins:regression", "kwargs": {}},
         model={"name": "mlp", "kwargs": {"hidden": [4]}},
-        evaluation={"loss": "mse"},
+        evaluation={"loss": "plugins:absolute_error"},
     )
-    fails_with(capsys, ["plan", path], "maps: accuracy is undefined for evaluation.loss 'mse'")
+    fails_with(
+        capsys,
+        ["plan", path],
+        "maps: accuracy is undefined for evaluation.loss 'plugins:absolute_error'",
+    )
 
 
 def test_a_bad_objective_name_is_a_config_error_at_load():

@@ -394,6 +394,14 @@ class ExperimentConfig:
         repeated = sorted({name for name in self.maps if self.maps.count(name) > 1})
         if repeated:
             raise ConfigError(f"maps: {', '.join(repeated)} listed twice; list each map once")
+        from landscape.objectives import BUILT_IN, check_accuracy_maps  # as in evaluation
+
+        built_in = BUILT_IN.get(self.evaluation.loss)
+        if built_in is not None:  # a plug-in's accuracy is known once it is built
+            try:
+                check_accuracy_maps(built_in, self.evaluation.loss, self.maps)
+            except UserError as exc:
+                raise ConfigError(str(exc)) from None
 
     def check_directions_fit_grid(self) -> None:
         if self.grid is None:

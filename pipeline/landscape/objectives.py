@@ -146,6 +146,13 @@ BUILT_IN = {
 }
 
 
+def check_accuracy_maps(objective: Objective | type[Objective], spec: str, maps: list[str]) -> None:
+    """Refuse accuracy maps for an objective without an accuracy (regression): at config
+    load for a built-in (its class), once built for a plug-in."""
+    if not objective.accuracy and any(name.endswith("_acc") for name in maps):
+        raise UserError(f"maps: accuracy is undefined for evaluation.loss {spec!r}; drop *_acc")
+
+
 def check_spec(spec: str, kwargs: dict, where: str) -> None:
     """At config load: ``spec`` is a built-in name (whose ``kwargs`` are then tried) or a
     ``package.module:name`` plug-in (imported only when an experiment is built)."""
