@@ -4,6 +4,7 @@ trailing shape go through the file, part files and reduce, and reduce always der
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -83,7 +84,8 @@ def spectrum_kind() -> JobKind:
     )
 
 
-def test_outputs_with_a_trailing_shape_go_through_file_parts_and_reduce(tmp_path, monkeypatch):
+def spectrum_file(tmp_path, monkeypatch) -> Path:
+    """A 3 x 2 surface file of :func:`spectrum_kind` only, its kind in the table."""
     kind = spectrum_kind()
     monkeypatch.setattr(store, "JOB_KINDS", (*JOB_KINDS, kind))
     monkeypatch.setattr(store, "JOBS", {**JOBS, kind.name: kind})
@@ -94,6 +96,11 @@ def test_outputs_with_a_trailing_shape_go_through_file_parts_and_reduce(tmp_path
     metadata = dict(checkpoint_path="x.pt", checkpoint_sha256="0", model="mlp", dataset="d")
     work = {kind.name: (points, shard_ranges(points.size, kind.shard_size(config)))}
     create_surface_file(path, config, grid, [{"w": np.zeros(2)}], [{}], {}, work, metadata, {})
+    return path
+
+
+def test_outputs_with_a_trailing_shape_go_through_file_parts_and_reduce(tmp_path, monkeypatch):
+    path = spectrum_file(tmp_path, monkeypatch)
     values = {point: np.array([point, 10.0 * point, -1.0]) for point in range(6)}
 
     with SurfaceFile.open(path, "r+") as surface:  # the serial writer: point 0
@@ -117,6 +124,19 @@ def test_outputs_with_a_trailing_shape_go_through_file_parts_and_reduce(tmp_path
     expected = np.stack([values[point] for point in range(6)]).reshape(2, 3, 3)
     np.testing.assert_array_equal(maps["top3"], expected)
     np.testing.assert_array_equal(maps["top3_sum"], expected.sum(axis=-1))
+
+
+def test_a_part_of_the_wrong_trailing_shape_is_refused_in_one_line(tmp_path, monkeypatch):
+    path = spectrum_file(tmp_path, monkeypatch)
+    with SurfaceFile.open(path) as surface:
+        parts = PartWriter(path, surface.plan_id)
+    parts.write_point("spectrum", 1, {"top3": np.array([1.0, 2.0])})  # two numbers, not 3
+    parts.commit()
+    with pytest.raises(UserError, match=r"damaged part file \(top3 not of its 1 points' shape"):
+        reduce(path)
+    with SurfaceFile.open(path) as surface:
+        assert not surface.done("spectrum").any()  # nothing merged, the part still there
+    assert len(part_files(path)) == 1
 
 
 def test_a_hessian_run_without_parts_has_lambda_ratio_and_reduce_restores_it(experiment):

@@ -46,11 +46,13 @@ class Output:
 
 @dataclass(frozen=True)
 class DerivedMap:
-    """A map computed from other maps, point by point, by reduce once a run ends."""
+    """A map computed from other maps, point by point, by reduce once a run ends; ``shape``
+    is its trailing shape per point, as for an :class:`Output`."""
 
     name: str
     sources: tuple[str, ...]
     derive: Callable[..., np.ndarray]
+    shape: tuple[int, ...] = ()
 
 
 def eigenvalue_ratio(lambda_min: np.ndarray, lambda_max: np.ndarray) -> np.ndarray:

@@ -88,6 +88,13 @@ def read_part(path: Path, surface: SurfaceFile) -> tuple[str, np.ndarray, dict, 
         raise UserError(
             f"{path}: job {job!r} with maps {sorted(values)} does not fit {surface.path}"
         )
+    shapes = {name: (len(points), *surface.output_shape(name)) for name in values}
+    wrong = sorted(name for name, shape in shapes.items() if values[name].shape != shape)
+    if wrong or finished.shape != points.shape:
+        raise UserError(
+            f"{path}: damaged part file ({', '.join(wrong) or 'finished'} not of its "
+            f"{len(points)} points' shape); delete it to recompute its points"
+        )
     return job, points, values, finished
 
 

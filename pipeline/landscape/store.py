@@ -129,7 +129,8 @@ def create_surface_file(
                 values = np.full(grid.shape + output.shape, np.nan)
                 handle.create_dataset(f"maps/{output.name}", data=values)
             for derived in kind.derived:
-                handle.create_dataset(f"maps/{derived.name}", data=np.full(grid.shape, np.nan))
+                values = np.full(grid.shape + derived.shape, np.nan)
+                handle.create_dataset(f"maps/{derived.name}", data=values)
             attrs = {"outputs": [output.name for output in outputs], **job_attrs.get(job, {})}
             WorkTable.create(handle, job, grid.shape, points, shards, attrs)
     write_file(path, image.getbuffer(), "output")
@@ -369,6 +370,10 @@ class SurfaceFile:
         for name, values in maps.items():
             self.handle[f"maps/{name}"][...] = values
         self.handle.flush()
+
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        """The trailing shape of map ``name`` at one point (``()`` for one number)."""
+        return self.handle[f"maps/{name}"].shape[len(self.grid.shape) :]
 
     def job_maps(self, job: str) -> list[str]:
         """The maps ``job`` writes at each of its points."""
