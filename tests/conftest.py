@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -189,15 +191,33 @@ MODELS = {
 }
 
 
+# Checkpoint folders trained so far in this test run, by what training reads of the config
+# (training_settings): each with its last checkpoint and torch's global generator state
+# after training. Tests get copies, so none can change another's.
+TRAINED_FOLDERS = tempfile.TemporaryDirectory(prefix="landscape-tests-trained-")
+TRAINED: dict[str, tuple[Path, torch.Tensor]] = {}
+
+
+def training_settings(config: dict) -> str:
+    """The sections training reads (model, data, evaluation, train), less the paths."""
+    settings = {section: dict(config[section]) for section in ("model", "data", "evaluation")}
+    settings["train"] = {**config["train"], "checkpoint_dir": None}
+    settings["model"]["checkpoint"] = None
+    return json.dumps(settings, sort_keys=True)
+
+
 def trained_experiment(experiment, model: str, epochs: int = 150, schedule=None, **changes):
     """A config whose checkpoint is the model trained near a minimum (BN statistics too),
     one checkpoint per epoch in ``<model>_checkpoints``; ``schedule`` changes the train
-    section (e.g. a step schedule)."""
+    section (e.g. a step schedule). Trained once per test run for the same settings: later
+    calls copy the checkpoints (training is deterministic) and set torch's global generator
+    as training leaves it."""
     network, data = MODELS[model]
     path = experiment(name=model, model=network, data=data, **changes)
     config = yaml.safe_load(path.read_text())
+    folder = path.parent / f"{model}_checkpoints"
     config["train"] = {
-        "checkpoint_dir": str(path.parent / f"{model}_checkpoints"),
+        "checkpoint_dir": str(folder),
         "lr": 0.05,
         "epochs": epochs,
         "batch_size": 120,
@@ -206,7 +226,16 @@ def trained_experiment(experiment, model: str, epochs: int = 150, schedule=None,
         **(schedule or {}),
     }
     path.write_text(yaml.safe_dump(config))
-    config["model"]["checkpoint"] = str(train(load_config(path)))
+    settings = training_settings(config)
+    if settings in TRAINED:
+        last, generator_state = TRAINED[settings]
+        shutil.copytree(last.parent, folder)
+        torch.set_rng_state(generator_state)
+    else:
+        last = train(load_config(path))
+        kept = shutil.copytree(folder, Path(TRAINED_FOLDERS.name) / str(len(TRAINED)))
+        TRAINED[settings] = (kept / last.name, torch.get_rng_state())
+    config["model"]["checkpoint"] = str(folder / last.name)
     path.write_text(yaml.safe_dump(config))
     return path
 
