@@ -276,13 +276,28 @@ def test_trace_on_a_full_disk_says_so_in_one_line_and_changes_nothing(experiment
     assert without_trace(contents(surface)) == without_trace(before)
 
 
+# Holds the lock on argv[1] until the file argv[2] exists.
 HOLD_LOCK = """
-import sys, time
+import pathlib, sys, time
 from landscape.locking import surface_lock
 with surface_lock(sys.argv[1], "landscape run"):
     print("held", flush=True)
-    time.sleep(float(sys.argv[2]))
+    while not pathlib.Path(sys.argv[2]).exists():
+        time.sleep(0.01)
 """
+
+
+class GateOpenedByWaiting(logging.Handler):
+    """Creates ``gate`` when landscape says it waits for the lock: the holder ends then,
+    not after a sleep long enough for trace to compute on a loaded machine."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.gate = gate
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "waiting for another landscape job" in record.getMessage():
+            self.gate.touch()
 
 
 def test_trace_computes_beside_a_job_and_waits_for_its_lock_to_store(
@@ -293,16 +308,22 @@ def test_trace_computes_beside_a_job_and_waits_for_its_lock_to_store(
     refused instead of receiving another plan's estimates."""
     config = load_config(experiment(maps=["train_loss"], trace={"samples": 3}))
     surface = plan_surface(config)
+    gate = surface.with_suffix(".gate")
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(surface), "3"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD_LOCK, str(surface), str(gate)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
+    opener = GateOpenedByWaiting(gate)
     try:
         assert holder.stdout.readline() == "held\n"
+        logging.getLogger("landscape.locking").addHandler(opener)
         with caplog.at_level(logging.INFO, logger="landscape.locking"):
             estimate_trace(surface)
         assert holder.poll() == 0  # trace stored only once the holder had ended
         assert any("waiting for another landscape job" in r.getMessage() for r in caplog.records)
     finally:
+        logging.getLogger("landscape.locking").removeHandler(opener)
         holder.kill()
         holder.wait()
     with SurfaceFile.open(surface) as traced:
