@@ -14,12 +14,17 @@ import pytest
 from conftest import TESTS
 
 from landscape.demo import CONFIGS, demo_config, run_demo
+from landscape.plot import plot_surface_file
 from landscape.status import surface_status
 from landscape.store import SurfaceFile
 
 
 def trained_again(config):
     raise AssertionError(f"trained again: {config.train.checkpoint_dir}")
+
+
+def redraw_1d_only(path, folder):
+    return plot_surface_file(path, folder) if path.name == "surface_1d.h5" else []
 
 
 def test_quick_demo_trains_maps_and_draws_every_figure(tmp_path, monkeypatch):
@@ -54,12 +59,14 @@ def test_quick_demo_trains_maps_and_draws_every_figure(tmp_path, monkeypatch):
     assert np.isfinite(loss).all()
     status = surface_status(tmp_path / "surface_2d.h5")
     assert "loss: 20/20 points done (100.0%)" in status
-    # Running it again resumes: nothing to train or evaluate, the same numbers. The figures
-    # and the trace, drawn and estimated as the first time, are stubbed: they were its cost.
+    # Running it again resumes: nothing to train or evaluate, the same numbers. Of the
+    # figures and the trace, the run's cost and made as the first time, only the 1D curve
+    # is drawn again, over its earlier files.
     monkeypatch.setattr("landscape.demo.train", trained_again)
-    monkeypatch.setattr("landscape.demo.plot_surface_file", lambda path, folder: [])
+    monkeypatch.setattr("landscape.demo.plot_surface_file", redraw_1d_only)
     monkeypatch.setattr("landscape.demo.estimate_trace", lambda path: "")
-    run_demo(tmp_path, quick=True)
+    again = run_demo(tmp_path, quick=True)
+    assert sorted(f.name for f in again) == ["surface_1d_curves.pdf", "surface_1d_curves.png"]
     with SurfaceFile.open(tmp_path / "surface_2d.h5") as surface:
         np.testing.assert_array_equal(surface.maps()["train_loss"], loss)
 
