@@ -16,7 +16,7 @@ from landscape.parts import PartWriter, part_files, parts_folder
 from landscape.plan import plan_surface
 from landscape.reduce import reduce
 from landscape.store import SurfaceFile
-from landscape.workers import ArrayTask, run_job, run_surface, saved_points
+from landscape.workers import ArrayTask, run_job, saved_points
 
 GRID_6X6 = {
     "x": {"min": -1.0, "max": 1.0, "num": 6},
@@ -28,7 +28,7 @@ GRID_5X4 = {"x": {"min": -1.0, "max": 1.0, "num": 5}, "y": {"min": -1.0, "max": 
 
 def test_array_tasks_reduce_to_the_single_process_maps(experiment, capsys):
     reference = plan_surface(load_config(experiment(name="reference", grid=GRID_6X6)))
-    run_surface(reference, show_progress=False)
+    run_job(reference, "loss", show_progress=False)
     surface = plan_surface(load_config(experiment(name="tasks", grid=GRID_6X6)))
 
     counts = [run_job(surface, "loss", task=ArrayTask(i, 3), show_progress=False) for i in range(3)]

@@ -22,7 +22,7 @@ from landscape.plan import plan_surface
 from landscape.plot import plot_surface_file
 from landscape.store import SurfaceFile
 from landscape.train import checkpoint_path
-from landscape.workers import run_surface
+from landscape.workers import run_job
 
 
 def rewrite(path, **changes):
@@ -59,7 +59,7 @@ def test_interpolation_ends_are_the_checkpoints_and_bn_statistics_move_too(exper
         grid={"x": {"min": -0.5, "max": 1.5, "num": 5}},
     )
     surface = plan_surface(load_config(interpolation))
-    run_surface(surface, show_progress=False)
+    run_job(surface, "loss", show_progress=False)
     with SurfaceFile.open(surface) as done:
         maps, grid, directions = done.maps(), done.grid, done.directions()
         histograms, attrs = done.group("endpoints")
@@ -158,7 +158,7 @@ def test_pca_directions_match_a_dense_svd_and_frame_the_trajectory(experiment, m
     for axis, values in zip((grid.x, grid.y), path["coordinates"].T):
         assert axis[0] < min(values.min(), 0) and max(values.max(), 0) < axis[-1]
 
-    run_surface(surface, show_progress=False)
+    run_job(surface, "loss", show_progress=False)
     plot_surface_file(surface, formats=("png",))
     contour = plot_contour_axis(surface)
     drawn = [line for line in contour.lines if len(line.get_xdata()) == len(files)]
@@ -195,7 +195,7 @@ def test_hessian_directions_are_the_dense_eigenvectors_and_the_surface_curves_by
         },
     )
     surface = plan_surface(load_config(config))
-    run_surface(surface, show_progress=False)
+    run_job(surface, "loss", show_progress=False)
     with SurfaceFile.open(surface) as done:
         directions, loss = done.directions(), done.maps()["train_loss"]
         axes = [dict(done.handle[f"directions/{a}"].attrs) for a in "xy"]
@@ -323,7 +323,7 @@ def test_target_directions_reach_the_targets(experiment):
         grid={"x": {"min": 0.0, "max": 1.0, "num": 2}, "y": {"min": 0.0, "max": 1.0, "num": 2}},
     )
     surface = plan_surface(load_config(planned))
-    run_surface(surface, show_progress=False)
+    run_job(surface, "loss", show_progress=False)
     with SurfaceFile.open(surface) as done:
         loss = done.maps()["train_loss"]
     assert loss[0, 1] == losses_of(planned, targets[0])["train_loss"]

@@ -37,7 +37,7 @@ from landscape.hessian import HessianEvaluator
 from landscape.plan import plan_surface
 from landscape.plot import plot_surface_file
 from landscape.store import SurfaceFile
-from landscape.workers import run_hessian
+from landscape.workers import run_job
 
 TOLERANCE = 1e-3
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -83,7 +83,7 @@ def test_hessian_job_matches_dense_eigenvalues_at_every_point(experiment, model)
         experiment, model, grid=HESSIAN_GRID, maps=["train_loss", "lambda_min", "lambda_max"]
     )
     surface = plan_surface(load_config(config))
-    run_hessian(surface, show_progress=False)
+    run_job(surface, "hessian", show_progress=False)
 
     exp = Experiment.load(load_config(config))
     with SurfaceFile.open(surface) as planned:
@@ -118,7 +118,7 @@ def test_quadratic_model_has_its_closed_form_spectrum_everywhere(experiment):
         maps=["lambda_min", "lambda_max"],
     )
     surface = plan_surface(load_config(config))
-    run_hessian(surface, show_progress=False)
+    run_job(surface, "hessian", show_progress=False)
 
     exp = Experiment.load(load_config(config))
     inputs, targets = exp.data.split("train")
@@ -159,7 +159,7 @@ def test_coarser_hessian_grid_covers_every_stride_th_point(experiment):
         hessian={"stride": 2},
     )
     surface = plan_surface(load_config(config))
-    run_hessian(surface, show_progress=False)
+    run_job(surface, "hessian", show_progress=False)
     with SurfaceFile.open(surface) as done:
         computed = np.isfinite(done.maps()["lambda_max"])
         assert done.points("hessian").tolist() == [0, 2, 4, 10, 12, 14]
@@ -179,7 +179,7 @@ def test_one_dimensional_hessian_curve_is_drawn(experiment):
         maps=["train_loss", "lambda_max", "lambda_min"],
     )
     surface = plan_surface(load_config(config))
-    run_hessian(surface, show_progress=False)
+    run_job(surface, "hessian", show_progress=False)
     with SurfaceFile.open(surface) as done:
         assert (done.maps()["lambda_max"] >= done.maps()["lambda_min"]).all()
     figures = {path.name for path in plot_surface_file(surface, formats=("png",))}
@@ -205,7 +205,7 @@ def test_lambda_min_converges_where_the_hessian_is_semidefinite(experiment, dtyp
         maps=["lambda_min", "lambda_max"],
     )
     surface = plan_surface(load_config(config))
-    run_hessian(surface, show_progress=False)
+    run_job(surface, "hessian", show_progress=False)
     with SurfaceFile.open(surface) as done:
         directions, grid, maps = done.directions(), done.grid, done.maps()
         attrs = dict(done.handle["done/hessian"].attrs)
@@ -327,7 +327,7 @@ def test_a_basis_larger_than_free_memory_is_refused_in_one_line(experiment, monk
     monkeypatch.setattr(lanczos_module, "free_memory", lambda device: basis_bytes(50, size) + 7)
     caplog.set_level("INFO", logger="landscape.curvature.lanczos")
     with pytest.raises(UserError) as caught:
-        run_hessian(surface, show_progress=False)
+        run_job(surface, "hessian", show_progress=False)
     message = str(caught.value)
     assert message.startswith("hessian.max_hvps: 75 Lanczos vectors of 75 parameters need")
     assert "lower hessian.max_hvps to 50 or fewer" in message and "\n" not in message
@@ -385,17 +385,17 @@ def test_an_interrupt_inside_a_product_stops_the_job_and_marks_nothing_wrong(
     }
     reference = plan_surface(load_config(experiment(name="reference", **changes)))
     monkeypatch.setitem(FORWARDS, "count", 0)
-    run_hessian(reference, show_progress=False)
+    run_job(reference, "hessian", show_progress=False)
     interrupted = plan_surface(load_config(experiment(name="interrupted", **changes)))
     monkeypatch.setitem(FORWARDS, "left", FORWARDS["count"] // 2)
     with pytest.raises(KeyboardInterrupt):
-        run_hessian(interrupted, show_progress=False)
+        run_job(interrupted, "hessian", show_progress=False)
     with SurfaceFile.open(reference) as clean, SurfaceFile.open(interrupted) as stopped:
         expected, done, written = clean.maps(), stopped.done("hessian"), stopped.maps()
         assert done.any() and not done.all()
         for name in stopped.job_maps("hessian"):  # lambda_ratio is derived once the job ends
             np.testing.assert_array_equal(written[name][done], expected[name][done], name)
-    run_hessian(interrupted, show_progress=False)  # resume
+    run_job(interrupted, "hessian", show_progress=False)  # resume
     with SurfaceFile.open(interrupted) as resumed:
         for name, values in resumed.maps().items():
             np.testing.assert_array_equal(values, expected[name], err_msg=name)

@@ -22,7 +22,7 @@ from landscape.plot import plot_surface_file
 from landscape.reduce import reduce
 from landscape.status import surface_status
 from landscape.store import SurfaceFile, create_surface_file
-from landscape.workers import ArrayTask, run_hessian, run_job, run_surface
+from landscape.workers import ArrayTask, run_job
 
 GRID_6X6 = {
     "x": {"min": -1.0, "max": 1.0, "num": 6},
@@ -142,7 +142,7 @@ def test_a_part_of_the_wrong_trailing_shape_is_refused_in_one_line(tmp_path, mon
 def test_a_hessian_run_without_parts_has_lambda_ratio_and_reduce_restores_it(experiment):
     grid = {"x": {"min": -1.0, "max": 1.0, "num": 2}, "y": {"min": -1.0, "max": 1.0, "num": 2}}
     surface = plan_surface(load_config(experiment(maps=["lambda_min", "lambda_max"], grid=grid)))
-    run_hessian(surface, show_progress=False, writer="serial")
+    run_job(surface, "hessian", show_progress=False, writer="serial")
     with SurfaceFile.open(surface) as result:
         maps = result.maps()
     expected = np.abs(maps["lambda_min"] / maps["lambda_max"])
@@ -171,7 +171,7 @@ def as_schema_2(surface) -> None:
 
 def test_a_schema_2_file_opens_shows_status_plots_and_resumes(experiment, tmp_path):
     reference = plan_surface(load_config(experiment(name="reference", grid=GRID_6X6)))
-    run_surface(reference, show_progress=False)
+    run_job(reference, "loss", show_progress=False)
     surface = plan_surface(load_config(experiment(name="old", grid=GRID_6X6)))
     run_job(surface, "loss", task=ArrayTask(0, 3), show_progress=False)
     reduce(surface)  # 12 points in the file
@@ -185,7 +185,9 @@ def test_a_schema_2_file_opens_shows_status_plots_and_resumes(experiment, tmp_pa
     # A task submitted before the rename, requeued: finds its parts, nothing left to do.
     assert run_job(surface, "surface", task=ArrayTask(1, 3), show_progress=False) == 0
 
-    assert run_surface(surface, show_progress=False) == 12  # merges the parts, computes the rest
+    assert (
+        run_job(surface, "loss", show_progress=False) == 12
+    )  # merges the parts, computes the rest
     assert not parts_folder(surface).exists()
     with SurfaceFile.open(surface) as resumed, SurfaceFile.open(reference) as single:
         assert resumed.attrs["schema_version"] == 2 and "surface" in resumed.handle["done"]

@@ -27,7 +27,7 @@ from landscape.config import load_config
 from landscape.locking import lock_path
 from landscape.plan import plan_surface
 from landscape.store import SurfaceFile
-from landscape.workers import run_surface
+from landscape.workers import run_job
 
 
 def planned(experiment, name: str) -> Path:
@@ -36,7 +36,7 @@ def planned(experiment, name: str) -> Path:
 
 def reference_maps(experiment) -> dict[str, np.ndarray]:
     path = planned(experiment, "reference")
-    run_surface(path, show_progress=False)
+    run_job(path, "loss", show_progress=False)
     with SurfaceFile.open(path) as surface:
         return surface.maps()
 
@@ -250,7 +250,7 @@ def test_file_system_without_locks_is_said_once_and_the_run_goes_on(
     monkeypatch.setattr(locking, "warned_unlocked", False)
     with caplog.at_level(logging.WARNING):
         surface = planned(experiment, "lustre")  # plan, then run: two jobs, one warning
-        run_surface(surface, show_progress=False)
+        run_job(surface, "loss", show_progress=False)
     warnings = [r.getMessage() for r in caplog.records if "cannot lock" in r.getMessage()]
     assert warnings == [
         f"{lock_path(surface)}: this file system cannot lock files (Function not implemented); "

@@ -30,7 +30,7 @@ from landscape.parts import parts_folder
 from landscape.plan import plan_surface
 from landscape.status import surface_status
 from landscape.store import SurfaceFile
-from landscape.workers import run_hessian, run_surface
+from landscape.workers import run_job
 
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: `make install` builds it")
 
@@ -56,7 +56,7 @@ def reference(tmp_path_factory):
     result = {}
     for name, changes in (("grid", GRID), ("slow", SLOW)):
         path = planned(folder, name, changes)
-        run_surface(path, show_progress=False)
+        run_job(path, "loss", show_progress=False)
         result[name] = maps_of(path)
     return result
 
@@ -185,7 +185,7 @@ def test_hessian_job_on_two_ranks_equals_one_process(tmp_path):
         "hessian": {"stride": 2},  # 20 of the 63 points
     }
     reference = planned(tmp_path, "single", hessian_maps)
-    run_hessian(reference, show_progress=False)
+    run_job(reference, "hessian", show_progress=False)
     surface = planned(tmp_path, "ranks", hessian_maps)
     done = subprocess.run(
         mpiexec(2, "hessian", str(surface)),

@@ -23,7 +23,7 @@ from landscape.parameters import DirectionPlane
 from landscape.plan import plan_surface
 from landscape.store import SurfaceFile
 from landscape.trace import estimate_trace
-from landscape.workers import run_hessian, run_surface
+from landscape.workers import run_job
 
 DTYPES = ["float32", "float64"]
 SMOOTHING = 0.3
@@ -63,8 +63,8 @@ def test_a_label_smoothing_plugin_flows_through_surface_hessian_and_trace(experi
         trace={"samples": 64},
     )
     surface = plan_surface(load_config(path))
-    run_surface(surface, show_progress=False)
-    run_hessian(surface, show_progress=False)
+    run_job(surface, "loss", show_progress=False)
+    run_job(surface, "hessian", show_progress=False)
     estimate_trace(surface)
 
     exp = Experiment.load(load_config(path, ["evaluation.dtype=float64"]))

@@ -14,7 +14,7 @@ from conftest import final_state, write_experiment
 from landscape.config import load_config
 from landscape.plan import plan_surface
 from landscape.store import SurfaceFile
-from landscape.workers import run_surface
+from landscape.workers import run_job
 
 SLURM = Path(__file__).resolve().parent.parent / "slurm"
 GRID_6X6 = {
@@ -53,7 +53,7 @@ def assert_same_maps(path: Path, reference: Path) -> None:
 
 def test_array_tasks_then_reduce_equal_one_process(tmp_path, slurm_cluster):
     reference, surface = planned(tmp_path, "reference"), planned(tmp_path, "array")
-    run_surface(reference, show_progress=False)
+    run_job(reference, "loss", show_progress=False)
     array = sbatch(slurm_cluster, tmp_path, "array.sbatch", surface, "--array=0-2")
     reduce = sbatch(
         slurm_cluster, tmp_path, "reduce.sbatch", surface, f"--dependency=afterok:{array}"
@@ -66,7 +66,7 @@ def test_array_tasks_then_reduce_equal_one_process(tmp_path, slurm_cluster):
 
 def test_mpi_job_with_srun_equals_one_process(tmp_path, slurm_cluster):
     reference, surface = planned(tmp_path, "reference"), planned(tmp_path, "mpi")
-    run_surface(reference, show_progress=False)
+    run_job(reference, "loss", show_progress=False)
     job = sbatch(slurm_cluster, tmp_path, "mpi.sbatch", surface, "--ntasks=2")
     assert final_state(slurm_cluster, job) == "COMPLETED"
     assert_same_maps(surface, reference)

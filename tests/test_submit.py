@@ -25,7 +25,7 @@ from landscape.plan import plan_surface
 from landscape.slurm import SlurmOptions, record_path, submit
 from landscape.status import surface_status
 from landscape.store import SurfaceFile
-from landscape.workers import run_hessian, run_surface
+from landscape.workers import run_job
 
 BOTH_JOBS = {
     "grid": {
@@ -48,8 +48,8 @@ def cluster(slurm_cluster, monkeypatch):
 
 def reference_maps(folder: Path) -> dict[str, np.ndarray]:
     path = plan_surface(load_config(write_experiment(folder, "reference", **BOTH_JOBS)))
-    run_surface(path, show_progress=False)
-    run_hessian(path, show_progress=False)
+    run_job(path, "loss", show_progress=False)
+    run_job(path, "hessian", show_progress=False)
     with SurfaceFile.open(path) as surface:
         return surface.maps()
 

@@ -11,12 +11,12 @@ from landscape.experiment import Experiment
 from landscape.plan import plan_surface
 from landscape.plot import plot_contour, plot_heatmap
 from landscape.store import SurfaceFile
-from landscape.workers import run_surface
+from landscape.workers import run_job
 
 
 def plan_and_run(config_path):
     path = plan_surface(load_config(config_path))
-    run_surface(path, show_progress=False)
+    run_job(path, "loss", show_progress=False)
     return SurfaceFile.open(path)
 
 

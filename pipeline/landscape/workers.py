@@ -270,16 +270,6 @@ def job_lock(path: Path, job: str, task: ArrayTask | None, ranks: Solo):
     )
 
 
-def run_surface(path: str | Path, **options) -> int:
-    """``landscape run``: the loss and accuracy maps (see :func:`run_job`)."""
-    return run_job(path, "loss", **options)
-
-
-def run_hessian(path: str | Path, **options) -> int:
-    """``landscape hessian``: lambda_min and lambda_max maps (see :func:`run_job`)."""
-    return run_job(path, "hessian", **options)
-
-
 def run_job(
     path: str | Path,
     job: str,

@@ -60,23 +60,25 @@ REFERENCE_JSON = HERE / "reference.json"
 # The groups of a surface file whose every dataset is stored and compared: what the
 # planner (grid, directions) and the workers (maps) compute.
 STORED_GROUPS = ("maps", "grid", "directions")
+# The commands that fill the surface file after plan: the loss job, then the hessian job.
+VERBS = ("run", "hessian")
 
 
-def landscape(*args: str, cwd: Path) -> None:
-    """Run ``python -m CLI_MODULE *args`` in ``cwd`` (the package this interpreter imports:
-    the checkout's, installed in editable mode by ``make install``); fail with its output."""
-    command = [sys.executable, "-m", CLI_MODULE, *args]
+def landscape(commands: list[list[str]], cwd: Path) -> None:
+    """Run the ``landscape`` commands one after the other in one process started in ``cwd``
+    (``CLI_MODULE``'s ``main``, as the command runs it: the package this interpreter
+    imports, the checkout's in editable mode); fail with its output at the first failure.
+    One process instead of one per command saves a start-up of torch each."""
+    script = (
+        f"import sys\nfrom {CLI_MODULE} import main\nfor args in {commands!r}:\n"
+        "    status = main(args)\n    if status:\n        sys.exit(status)\n"
+    )
     done = subprocess.run(
-        command,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=600
     )
     if done.returncode:
         raise RuntimeError(
-            f"{' '.join(command[2:])} failed (status {done.returncode}) in {cwd}:\n"
-            f"{done.stdout}{done.stderr}"
+            f"{commands} failed (status {done.returncode}) in {cwd}:\n{done.stdout}{done.stderr}"
         )
 
 
@@ -87,9 +89,8 @@ def compute(name: str, folder: Path) -> dict[str, np.ndarray]:
     for item in INPUTS:
         shutil.copyfile(HERE / item, folder / item)
     surface = f"out/{name}.h5"
-    landscape("plan", f"{name}.yaml", cwd=folder)
-    landscape("run", surface, "--no-progress", cwd=folder)
-    landscape("hessian", surface, "--no-progress", cwd=folder)
+    commands = [["plan", f"{name}.yaml"], *([verb, surface, "--no-progress"] for verb in VERBS)]
+    landscape(commands, cwd=folder)
     return read_arrays(folder / surface)
 
 
@@ -134,7 +135,7 @@ def train_checkpoint(folder: Path) -> None:
     ``model.pt`` here."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(HERE / "train.yaml", folder / "train.yaml")
-    landscape("train", "train.yaml", cwd=folder)
+    landscape([["train", "train.yaml"]], cwd=folder)
     last = sorted((folder / "checkpoints").glob("epoch_*.pt"))[-1]
     shutil.copyfile(last, HERE / CHECKPOINT)
 
