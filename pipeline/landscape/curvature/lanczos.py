@@ -96,8 +96,12 @@ class Criterion:
     def bound(self, theta: float, scale: float) -> float:
         return max(self.tolerance * max(abs(theta), self.tolerance * scale), self.floor * scale)
 
+    def each(self, values: Sequence[float], residuals: Sequence[float], scale: float) -> np.ndarray:
+        """Whether each pair (value, residual) meets the bound, as a boolean array."""
+        return np.array([r <= self.bound(t, scale) for t, r in zip(values, residuals)], bool)
+
     def met(self, values: Sequence[float], residuals: Sequence[float], scale: float) -> bool:
-        return all(r <= self.bound(t, scale) for t, r in zip(values, residuals))
+        return bool(self.each(values, residuals, scale).all())
 
 
 def ritz_residual(hvp: Callable[[torch.Tensor], torch.Tensor], theta: float, vector) -> float:
@@ -112,7 +116,9 @@ def ritz_residual(hvp: Callable[[torch.Tensor], torch.Tensor], theta: float, vec
 class RitzPairs:
     """Chosen Ritz pairs of one Lanczos run: values, true residuals, unit vectors
     (float64, one row each), the spectral scale they converge against, and the products
-    spent (Krylov steps plus one check per pair)."""
+    spent (Krylov steps plus one check per pair). ``pair_converged``: each pair's true
+    residual against the criterion; ``converged``: all of them, and the run stopped on
+    its own test rather than on ``max_hvps``."""
 
     values: np.ndarray
     residuals: np.ndarray
@@ -120,6 +126,7 @@ class RitzPairs:
     scale: float
     hvps: int
     converged: bool
+    pair_converged: np.ndarray
 
 
 def basis_bytes(max_hvps: int, size: int) -> int:
@@ -156,9 +163,12 @@ def in_units(count: float) -> str:
         count /= 1024
 
 
-def check_basis_memory(size: int, max_hvps: int, device: torch.device) -> None:
+def check_basis_memory(
+    size: int, max_hvps: int, device: torch.device, setting: str = "hessian.max_hvps"
+) -> None:
     """Log what the Lanczos basis for ``size`` parameters may take, and refuse in one line,
-    before anything is allocated, if that is more than ``device`` has free."""
+    before anything is allocated, if that is more than ``device`` has free, naming the
+    ``setting`` that sets the basis length (``max_hvps``)."""
     limit, need, free = min(max_hvps, size), basis_bytes(max_hvps, size), free_memory(device)
     log.info(
         "Lanczos basis: %d float64 vectors of %d parameters, %s (%s free on %s)",
@@ -172,12 +182,12 @@ def check_basis_memory(size: int, max_hvps: int, device: torch.device) -> None:
         return
     fitting = free // (size * 8)
     remedy = (
-        f"lower hessian.max_hvps to {fitting} or fewer"
+        f"lower {setting} to {fitting} or fewer"
         if fitting >= 4
         else "select fewer parameters (hessian.parameters: weights) or use a larger device"
     )
     raise UserError(
-        f"hessian.max_hvps: {limit} Lanczos vectors of {size:,} parameters need "
+        f"{setting}: {limit} Lanczos vectors of {size:,} parameters need "
         f"{in_units(need)} (float64) but {device} has {in_units(free)} free; {remedy}"
     )
 
@@ -193,6 +203,31 @@ def fresh_vector(
         vector = vector - basis.T @ (basis @ vector)
     length = float(vector.norm())
     return vector / length if length > 1e-8 * float(draw.norm()) else None
+
+
+def reorthogonalized_product(
+    hvp: Callable[[torch.Tensor], torch.Tensor],
+    known: torch.Tensor,
+    keep: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[float, torch.Tensor, float]:
+    """One Lanczos step with full reorthogonalization from the basis rows ``known``, the
+    last of which is the current unit vector q: alpha = q^T H q (the next diagonal of T),
+    the product H q (kept by ``keep``, in float64) orthogonalized twice against every row
+    (Kahan-Parlett: twice is enough), and its norm beta (the next off-diagonal, before
+    normalizing it into the next vector)."""
+    vector = known[-1]
+    product = keep(hvp(vector).double())
+    alpha = float(vector @ product)
+    for _ in range(2):
+        product -= known.T @ (known @ product)
+    return alpha, product, float(product.norm())
+
+
+def found_invariant(beta: float, scale: float, floor: float) -> bool:
+    """Whether a step's new direction of length ``beta`` vanishes: relative to the spectral
+    scale, below INVARIANT or below the products' rounding ``floor``; the Krylov space
+    then is an invariant subspace of H."""
+    return beta <= max(INVARIANT, floor) * max(scale, 1e-300)
 
 
 def lanczos(
@@ -236,16 +271,13 @@ def lanczos(
     steps, settled = 0, False
     while steps < limit:
         basis[steps] = vector
-        product = keep(hvp(vector).double())
         steps += 1
-        alphas.append(float(vector @ product))
         known = basis[:steps]
-        for _ in range(2):
-            product -= known.T @ (known @ product)
-        beta = float(product.norm())
+        alpha, product, beta = reorthogonalized_product(hvp, known, keep)
+        alphas.append(alpha)
         thetas, ritz = eigh_tridiagonal(np.array(alphas), np.array(betas))
         scale = max([abs(thetas[0]), abs(thetas[-1])] + [abs(t) for t, _, _ in exact])
-        if beta <= max(INVARIANT, criterion.floor) * max(scale, 1e-300):
+        if found_invariant(beta, scale, criterion.floor):
             exact += [(theta, first, ritz[:, i]) for i, theta in enumerate(thetas)]
             first, alphas, betas = steps, [], []
             vector = fresh_vector(known, keep, restarts)
@@ -275,13 +307,15 @@ def lanczos(
     values = np.array([theta for theta, _, _ in chosen])
     residuals = np.array([ritz_residual(hvp, t, y) for t, y in zip(values, vectors)])
     scale = max(abs(pairs[0][0]), abs(pairs[-1][0]))
+    each = criterion.each(values, residuals, scale)
     return RitzPairs(
         values,
         residuals,
         vectors,
         scale,
         steps + len(chosen),
-        settled and len(chosen) == len(which) and criterion.met(values, residuals, scale),
+        settled and len(chosen) == len(which) and bool(each.all()),
+        each,
     )
 
 
