@@ -5,6 +5,7 @@ eigenpairs, and the outlier count of MLPs trained on Gaussian clusters."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -20,12 +21,15 @@ from conftest import (
 from landscape.config import load_config
 from landscape.curvature import lanczos as lanczos_module
 from landscape.curvature.spectrum import (
+    count_outliers,
     rademacher_probe,
     stochastic_lanczos_quadrature,
     top_eigenpairs,
 )
+from landscape.data import load_dataset
 from landscape.errors import UserError
 from landscape.experiment import Experiment
+from landscape.models import build_model
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -215,7 +219,69 @@ def test_top_eigenpairs_refuses_more_pairs_than_dimensions_and_a_basis_that_cann
     with pytest.raises(UserError, match="top_k: 7 eigenpairs of a 6-parameter"):
         top_eigenpairs(hvp, 6, 7, 1e-6, 10, seed=0)
     monkeypatch.setattr(lanczos_module, "free_memory", lambda device: 200)
-    with pytest.raises(UserError, match="^max_hvps: 6 Lanczos vectors .* lower max_hvps to 4 or fewer$"):
+    with pytest.raises(
+        UserError, match="^max_hvps: 6 Lanczos vectors .* lower max_hvps to 4 or fewer$"
+    ):
         top_eigenpairs(hvp, 6, 2, 1e-6, 10, seed=0)
     with pytest.raises(UserError, match="^steps: 6 Lanczos vectors .* lower steps to 4 or fewer$"):
         stochastic_lanczos_quadrature(hvp, 6, 2, 10, seed=0)
+
+
+def test_outliers_of_a_known_spectrum_the_bulk_edge_and_a_too_small_k():
+    """Outliers 14, 9, 6 above a Marchenko-Pastur bulk ending at ~2.9: three, with the
+    edge the bulk's top; with k = 3 the gap is below all three, seen through the SLQ
+    estimate of lambda_4, and saturated says so; a bulk alone has none."""
+    matrix = bulk_and_outliers()
+    spectrum = np.linalg.eigvalsh(matrix)[::-1]
+    quadrature = stochastic_lanczos_quadrature(products(matrix, torch.float64), 150, 10, 40, 0)
+    found = count_outliers(spectrum[:5], quadrature)
+    assert found.count == 3 and not found.saturated
+    assert found.edge == spectrum[3] and found.threshold == 1.5 * spectrum[3]
+    np.testing.assert_allclose(found.ratios[:4], spectrum[:4] / spectrum[1:5])
+    smaller = count_outliers(spectrum[:3], quadrature)
+    assert smaller.count == 3 and smaller.saturated
+    assert 0.9 * spectrum[3] < smaller.edge <= spectrum[3] + 1e-12  # the SLQ bound on lambda_4
+    bulk = np.linalg.eigvalsh(matrix)[:-4]
+    alone = symmetric(bulk[bulk > 0.2], seed=3)
+    alone_spectrum = np.linalg.eigvalsh(alone)[::-1]
+    slq = stochastic_lanczos_quadrature(products(alone, torch.float64), len(alone), 10, 40, 0)
+    assert count_outliers(alone_spectrum[:5], slq).count == 0
+    with pytest.raises(UserError, match="^gap: "):
+        count_outliers(spectrum[:5], quadrature, gap=0)
+
+
+@functools.cache
+def trained_on_clusters(classes: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A ReLU MLP (one hidden layer of 16) trained by 300 steps of full-batch gradient
+    descent (rate 0.5, float64) on ``classes`` Gaussian clusters in 20 dimensions with
+    means 12 from the origin, 50 points each, to a cross-entropy of 1e-4 to 2e-4."""
+    kwargs = {"num_classes": classes, "dim": 20, "train_per_class": 50, "separation": 12.0}
+    data = load_dataset("gaussian_clusters", kwargs)
+    torch.manual_seed(0)
+    model = build_model("mlp", data.input_shape, classes, {"hidden": [16]}).double()
+    inputs, targets = data.train_x.double(), data.train_y
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(300):
+        loss = CROSS_ENTROPY.mean(model(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss < 3e-4
+    return model.eval(), inputs, targets
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("classes", [3, 6])
+def test_an_mlp_trained_to_near_zero_loss_on_clusters_has_one_outlier_per_class(classes, dtype):
+    model, inputs, targets = trained_on_clusters(classes)
+    operator, dense = mlp_hessian((model, inputs, targets), dtype)
+    size, k = operator.shape[0], classes + 2
+    tolerance = 1e-6 if dtype == torch.float64 else 1e-4
+    pairs = top_eigenpairs(operator.hvp, size, k, tolerance, size, seed=0, dtype=dtype)
+    quadrature = stochastic_lanczos_quadrature(operator.hvp, size, 4, 20, seed=0, dtype=dtype)
+    found = count_outliers(pairs.values, quadrature)
+    spectrum = np.linalg.eigvalsh(dense)[::-1]
+    assert found.count == classes and not found.saturated
+    assert found.edge == pytest.approx(spectrum[classes], rel=1e-3)
+    gaps = spectrum[: k - 1] / spectrum[1:k]
+    assert gaps[classes - 1] > 1.5 * max(np.delete(gaps, classes - 1).max(), 1.4)
