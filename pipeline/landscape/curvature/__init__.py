@@ -1,6 +1,7 @@
 """Curvature of a model's loss below any experiment: Hessian operators
 (:mod:`~landscape.curvature.operators`), their extreme eigenvalues
-(:mod:`~landscape.curvature.lanczos`) and trace estimators
+(:mod:`~landscape.curvature.lanczos`), their spectrum (density, top-k, outliers:
+:mod:`~landscape.curvature.spectrum`) and trace estimators
 (:mod:`~landscape.curvature.trace`). They take a model, the names of the parameters to
 differentiate, data and an objective (:mod:`landscape.objectives`); nothing here reads a
 config or a file.

@@ -18,7 +18,10 @@ degree <= 2m - 1, is the Hutchinson error alone, with variance
     Var = (2 / n^2) (||f(H)||_F^2 - sum_i f(H)_ii^2) / probes
 
 (Rademacher probes; Gaussian ones would have (2 / n^2) ||f(H)||_F^2, always larger, and
-||v||^2 would vary, so the quadrature would be a ratio estimate: hence Rademacher). For
+||v||^2 would vary, so the quadrature would be a ratio estimate: hence Rademacher). The
+tests hold the moments tr(H^j) / n, j = 1..4, to 4 of these standard errors (computed
+from the dense H) plus rounding: float64 products are exact to ~1e-13 ||H||^j, float32
+products are H + E with ||E|| ~ eps ||H||, so about j eps ||H||^j. For
 other f (the Gaussian broadening below) the quadrature adds an error that falls
 with m as fast as f is smooth. Every product is reorthogonalized against the whole basis
 (:func:`~landscape.curvature.lanczos.reorthogonalized_product`), so no ghost copies of
