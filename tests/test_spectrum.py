@@ -58,11 +58,10 @@ def products(matrix: np.ndarray, dtype: torch.dtype):
 
 @pytest.fixture(scope="module")
 def trained_mlp(tmp_path_factory) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """conftest's MLP (303 parameters, 3 Gaussian clusters) trained 30 epochs, float64."""
+    """conftest's MLP (303 parameters, 3 Gaussian clusters) trained as test_hessian's is
+    (150 epochs, float64; trained once per test run by conftest)."""
     folder = tmp_path_factory.mktemp("spectrum")
-    config = trained_experiment(
-        lambda **changes: write_experiment(folder, **changes), "mlp", epochs=30
-    )
+    config = trained_experiment(lambda **changes: write_experiment(folder, **changes), "mlp")
     exp = Experiment.load(load_config(config))
     return exp.model, *exp.data.split("train")
 
