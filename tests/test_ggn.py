@@ -4,13 +4,14 @@ torch.func.jacrev / hessian + numpy.linalg.eigh, on models of a few hundred para
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import pytest
 import torch
 from conftest import dense_hessian
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import functional_call, hessian, jacrev, vmap
 
 from landscape.curvature.operators import (
     DifferenceOperator,
@@ -43,11 +44,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_problem(kind: str, dtype: torch.dtype, seed: int = 0):
-    """(model in eval mode, inputs, targets): an MLP of 303 parameters on 3 Gaussian
-    clusters, or a conv net with BatchNorm (122 parameters) on 89 digits whose running
-    statistics came from the data (not the identity of a fresh layer)."""
-    torch.manual_seed(seed)
+@functools.cache
+def tiny_problem(kind: str, dtype: torch.dtype):
+    """(model in eval mode, inputs, targets), seeded, shared by the tests (no test moves
+    the model): an MLP of 303 parameters on 3 Gaussian clusters, or a conv net with
+    BatchNorm (122 parameters) on 89 digits whose running statistics came from the data
+    (not the identity of a fresh layer)."""
+    torch.manual_seed(0)
     if kind == "mlp":
         data = load_dataset(
             "gaussian_clusters",
@@ -63,55 +66,71 @@ def tiny_problem(kind: str, dtype: torch.dtype, seed: int = 0):
     return model, data.train_x.to(dtype), data.train_y
 
 
-def operators(model, inputs, targets, objective: Objective, batch_size: int, mode: str):
+def operators(
+    kind: str, dtype: torch.dtype, objective: Objective, batch_size: int, mode: str, targets=None
+) -> tuple[HessianOperator, GaussNewtonOperator]:
+    model, inputs, labels = tiny_problem(kind, dtype)
+    targets = labels if targets is None else targets
     names = select_parameters(model, "all")
-    hessian_operator = HessianOperator(model, names, inputs, targets, objective, batch_size, mode)
-    gauss_newton = GaussNewtonOperator(model, names, inputs, targets, objective, batch_size, mode)
-    return hessian_operator, gauss_newton
-
-
-def in_float64(operator):
-    """(model, parameter vector, fixed tensors, inputs) of ``operator`` cast to float64."""
-    model = copy.deepcopy(operator.model).double()
-    params, fixed = operator.state()
-    params, fixed = (
-        {name: t.double() if t.is_floating_point() else t for name, t in tensors.items()}
-        for tensors in (params, fixed)
+    return (
+        HessianOperator(model, names, inputs, targets, objective, batch_size, mode),
+        GaussNewtonOperator(model, names, inputs, targets, objective, batch_size, mode),
     )
-    flat = torch.cat([p.reshape(-1) for p in params.values()])
-    return model, flat, fixed, operator.inputs.double()
 
 
-def dense_gauss_newton(operator, output_hessian=None) -> np.ndarray:
-    """(1/N) sum_i J_i^T H_i J_i in float64: J from torch.func.jacrev of the outputs,
-    H_i from torch.func.hessian of sample i's loss w.r.t. its outputs, or from
-    ``output_hessian(outputs_i, target_i)`` (a closed form)."""
-    model, flat, fixed, inputs = in_float64(operator)
+@functools.cache
+def outputs_and_jacobian(kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's outputs z (N, C) and their Jacobian J (N, C, n) w.r.t. all parameters,
+    by torch.func.jacrev in float64 at the (dtype) model's parameters."""
+    model, inputs, _ = tiny_problem(kind, dtype)
+    model = copy.deepcopy(model).double()
+    names = select_parameters(model, "all")
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    fixed = {**params, **dict(model.named_buffers())}
+    shapes = [params[name].shape for name in names]
+    flat = torch.cat([params[name].reshape(-1) for name in names])
 
     def outputs_of(vector):
-        pieces = (t.view(s) for t, s in zip(vector.split(operator.sizes), operator.shapes))
-        return functional_call(model, {**fixed, **dict(zip(operator.names, pieces))}, (inputs,))
+        pieces = (t.view(s) for t, s in zip(vector.split([s.numel() for s in shapes]), shapes))
+        return functional_call(model, {**fixed, **dict(zip(names, pieces))}, (inputs.double(),))
 
-    jacobian = jacrev(outputs_of)(flat)  # (N, C, n)
-    outputs = outputs_of(flat).detach()
-    blocks = []
-    for output, target in zip(outputs, operator.targets):
-        if output_hessian is None:
-            loss = lambda z, t=target: operator.objective.losses(z[None], t[None]).sum()  # noqa: E731
-            blocks.append(hessian(loss)(output))
-        else:
-            blocks.append(output_hessian(output, target))
-    curvature = torch.stack(blocks)  # (N, C, C)
+    return outputs_of(flat).detach(), jacrev(outputs_of)(flat)
+
+
+def dense_gauss_newton(operator, kind: str, output_hessian=None) -> np.ndarray:
+    """(1/N) sum_i J_i^T H_i J_i of ``operator``'s loss in float64: J by jacrev, H_i by
+    torch.func.hessian of sample i's loss w.r.t. its outputs (vmapped over the samples),
+    or ``output_hessian(outputs, targets)``, a closed form for all samples at once."""
+    outputs, jacobian = outputs_and_jacobian(kind, operator.torch_dtype)
+
+    def sample_loss(output, target):
+        return operator.objective.losses(output[None], target[None]).sum()
+
+    if output_hessian is None:
+        curvature = vmap(hessian(sample_loss))(outputs, operator.targets)  # (N, C, C)
+    else:
+        curvature = output_hessian(outputs, operator.targets)
     dense = torch.einsum("iap,iab,ibq->pq", jacobian, curvature, jacobian) / operator.count
     return dense.numpy()
 
 
+@functools.cache
+def dense_cross_entropy_hessian(kind: str, dtype: torch.dtype) -> np.ndarray:
+    hessian_operator, _ = operators(kind, dtype, CrossEntropy(), 200, "double_backward")
+    return dense_hessian(hessian_operator, torch.float64)
+
+
 def dense_full_gradient(operator) -> np.ndarray:
-    model, flat, fixed, inputs = in_float64(operator)
+    model = copy.deepcopy(operator.model).double()
+    params, fixed = operator.state()
+    fixed = {name: t.double() if t.is_floating_point() else t for name, t in fixed.items()}
+    flat = torch.cat([p.reshape(-1) for p in params.values()]).double()
 
     def mean_loss(vector):
         pieces = (t.view(s) for t, s in zip(vector.split(operator.sizes), operator.shapes))
-        outputs = functional_call(model, {**fixed, **dict(zip(operator.names, pieces))}, (inputs,))
+        outputs = functional_call(
+            model, {**fixed, **dict(zip(operator.names, pieces))}, (operator.inputs.double(),)
+        )
         return operator.objective.losses(outputs, operator.targets).sum() / operator.count
 
     return torch.func.grad(mean_loss)(flat).numpy()
@@ -129,10 +148,9 @@ def assert_product(operator, dense: np.ndarray, dtype: torch.dtype, seed: int = 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("kind", ["mlp", "cnn_bn"])
 def test_gauss_newton_product_equals_dense_jacobian_form_and_ignores_batch_size(kind, dtype, mode):
-    model, inputs, targets = tiny_problem(kind, dtype)
-    _, whole = operators(model, inputs, targets, CrossEntropy(), len(inputs), mode)
-    _, batched = operators(model, inputs, targets, CrossEntropy(), 7, mode)
-    dense = dense_gauss_newton(whole)
+    _, whole = operators(kind, dtype, CrossEntropy(), 200, mode)
+    _, batched = operators(kind, dtype, CrossEntropy(), 7, mode)
+    dense = dense_gauss_newton(whole, kind)
     assert whole.mode == mode and whole.torch_dtype == dtype
     assert_product(whole, dense, dtype)
     assert_product(batched, dense, dtype)
@@ -145,19 +163,15 @@ def test_gauss_newton_product_equals_dense_jacobian_form_and_ignores_batch_size(
 def test_residual_is_hessian_minus_gauss_newton_and_gauss_newton_alone_is_semidefinite(kind, dtype):
     """Cross-entropy is convex in the logits, so G is PSD while H, at this random point,
     has negative eigenvalues that only H - G can carry."""
-    model, inputs, targets = tiny_problem(kind, dtype)
-    hessian_operator, gauss_newton = operators(
-        model, inputs, targets, CrossEntropy(), 32, "forward_over_reverse"
-    )
+    hessian_operator, gauss_newton = operators(kind, dtype, CrossEntropy(), 200, "double_backward")
     residual = DifferenceOperator(hessian_operator, gauss_newton)
-    dense_g = dense_gauss_newton(gauss_newton)
-    dense_h = dense_hessian(hessian_operator, torch.float64)
+    dense_g = dense_gauss_newton(gauss_newton, kind)
+    dense_h = dense_cross_entropy_hessian(kind, dtype)
     assert_product(residual, dense_h - dense_g, dtype)
     assert residual.hvps == 1 and hessian_operator.hvps == gauss_newton.hvps == 1
 
     # The operator's own matrix, column by column: symmetric, PSD to its rounding.
-    size = gauss_newton.shape[0]
-    matrix = gauss_newton @ np.eye(size)
+    matrix = gauss_newton @ np.eye(gauss_newton.shape[0])
     scale = np.linalg.norm(dense_g, 2)
     np.testing.assert_allclose(matrix, matrix.T, rtol=0, atol=RELATIVE[dtype] * scale)
     lowest = np.linalg.eigvalsh((matrix + matrix.T) / 2)[0]
@@ -168,18 +182,19 @@ def test_residual_is_hessian_minus_gauss_newton_and_gauss_newton_alone_is_semide
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_gauss_newton_is_semidefinite_for_squared_error(dtype):
-    model, inputs, _ = tiny_problem("mlp", dtype)
-    targets = torch.randn(len(inputs), 3, generator=torch.Generator().manual_seed(1)).to(dtype)
+    targets = torch.randn(120, 3, generator=torch.Generator().manual_seed(1)).to(dtype)
     hessian_operator, gauss_newton = operators(
-        model, inputs, targets, MeanSquaredError(), 50, "forward_over_reverse"
+        "mlp", dtype, MeanSquaredError(), 50, "forward_over_reverse", targets
     )
-    dense_g = dense_gauss_newton(gauss_newton)
+    dense_g = dense_gauss_newton(gauss_newton, "mlp")
     scale = np.linalg.norm(dense_g, 2)
     assert_product(gauss_newton, dense_g, dtype)
     assert np.linalg.eigvalsh(dense_g)[0] >= -1e-12 * scale
     assert np.linalg.eigvalsh(dense_hessian(hessian_operator, torch.float64))[0] < -1e-3 * scale
     # Squared error averaged over 3 outputs: H_i = (2/3) I, so G = (2/(3N)) sum_i J_i^T J_i.
-    exact = dense_gauss_newton(gauss_newton, lambda z, t: 2 / 3 * torch.eye(3, dtype=z.dtype))
+    exact = dense_gauss_newton(
+        gauss_newton, "mlp", lambda z, t: 2 / 3 * torch.eye(3, dtype=z.dtype).expand(len(z), 3, 3)
+    )
     np.testing.assert_allclose(dense_g, exact, rtol=0, atol=1e-12 * scale)
 
 
@@ -188,21 +203,18 @@ def test_gauss_newton_is_semidefinite_for_squared_error(dtype):
 def test_autograd_output_hessian_is_the_softmax_closed_form(dtype, smoothing):
     """For softmax cross-entropy, label-smoothed or not, H_i = diag(p_i) - p_i p_i^T:
     the operator's autograd H_out against the closed form."""
-    model, inputs, targets = tiny_problem("cnn_bn", dtype)
     _, gauss_newton = operators(
-        model, inputs, targets, CrossEntropy(smoothing), 30, "forward_over_reverse"
+        "cnn_bn", dtype, CrossEntropy(smoothing), 30, "forward_over_reverse"
     )
 
-    def softmax_curvature(output, target):
-        p = torch.softmax(output, 0)
-        return torch.diag(p) - torch.outer(p, p)
+    def softmax_curvature(outputs, targets):
+        p = torch.softmax(outputs, 1)
+        return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
 
-    closed_form = dense_gauss_newton(gauss_newton, softmax_curvature)
+    closed_form = dense_gauss_newton(gauss_newton, "cnn_bn", softmax_curvature)
+    autograd = dense_gauss_newton(gauss_newton, "cnn_bn")
     np.testing.assert_allclose(
-        dense_gauss_newton(gauss_newton),
-        closed_form,
-        rtol=0,
-        atol=1e-12 * np.abs(closed_form).max(),
+        autograd, closed_form, rtol=0, atol=1e-12 * np.abs(closed_form).max()
     )
     assert_product(gauss_newton, closed_form, dtype)
 
@@ -213,9 +225,9 @@ def test_gauss_newton_is_the_hessian_for_squared_error_of_a_linear_model(dtype):
     inputs = torch.randn(40, 4, generator=generator).to(dtype)
     targets = torch.randn(40, 3, generator=generator).to(dtype)
     model = nn.Linear(4, 3).to(dtype)
-    hessian_operator, gauss_newton = operators(
-        model, inputs, targets, MeanSquaredError(), 16, "forward_over_reverse"
-    )
+    names = select_parameters(model, "all")
+    hessian_operator = HessianOperator(model, names, inputs, targets, MeanSquaredError(), 16)
+    gauss_newton = GaussNewtonOperator(model, names, inputs, targets, MeanSquaredError(), 16)
     dense_h = dense_hessian(hessian_operator, torch.float64)
     assert_product(gauss_newton, dense_h, dtype)
     residual = DifferenceOperator(hessian_operator, gauss_newton)
@@ -225,10 +237,8 @@ def test_gauss_newton_is_the_hessian_for_squared_error_of_a_linear_model(dtype):
 
 
 def test_difference_of_operators_of_different_losses_is_refused():
-    model, inputs, targets = tiny_problem("mlp", torch.float64)
-    names = select_parameters(model, "all")
-    first = HessianOperator(model, names, inputs, targets, CrossEntropy(), 50)
-    second = GaussNewtonOperator(model, names, inputs, targets, CrossEntropy(0.1), 50)
+    first, _ = operators("mlp", torch.float64, CrossEntropy(), 50, "double_backward")
+    _, second = operators("mlp", torch.float64, CrossEntropy(0.1), 50, "double_backward")
     with pytest.raises(ValueError, match="not of one loss"):
         DifferenceOperator(first, second)
 
@@ -237,9 +247,7 @@ def test_difference_of_operators_of_different_losses_is_refused():
 def test_full_gradient_is_the_dense_gradient_whatever_the_batch_size(dtype):
     model, inputs, targets = tiny_problem("cnn_bn", dtype)
     names = select_parameters(model, "all")
-    hessian_operator, _ = operators(
-        model, inputs, targets, CrossEntropy(), 89, "forward_over_reverse"
-    )
+    hessian_operator, _ = operators("cnn_bn", dtype, CrossEntropy(), 89, "double_backward")
     exact = dense_full_gradient(hessian_operator)
     for batch_size in (89, 10):
         found = full_gradient(model, names, inputs, targets, CrossEntropy(), batch_size)
@@ -254,10 +262,7 @@ def test_full_gradient_is_the_dense_gradient_whatever_the_batch_size(dtype):
 def test_gradient_fractions_in_the_top_subspace_equal_the_dense_projection(dtype):
     model, inputs, targets = tiny_problem("mlp", dtype)
     names = select_parameters(model, "all")
-    hessian_operator, _ = operators(
-        model, inputs, targets, CrossEntropy(), 120, "forward_over_reverse"
-    )
-    values, vectors = np.linalg.eigh(dense_hessian(hessian_operator, torch.float64))
+    vectors = np.linalg.eigh(dense_cross_entropy_hessian("mlp", dtype))[1]
     top = vectors[:, ::-1][:, :6]  # columns by eigenvalue descending
     gradient = full_gradient(model, names, inputs, targets, CrossEntropy(), 120)
     g = gradient.numpy()
@@ -272,21 +277,18 @@ def test_gradient_fractions_in_the_top_subspace_equal_the_dense_projection(dtype
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_overlap_of_top_eigenspaces_of_hessian_and_gauss_newton_equals_the_dense_one(dtype):
-    model, inputs, targets = tiny_problem("mlp", dtype)
-    hessian_operator, gauss_newton = operators(
-        model, inputs, targets, CrossEntropy(), 120, "forward_over_reverse"
-    )
+    _, gauss_newton = operators("mlp", dtype, CrossEntropy(), 120, "double_backward")
     k = 3
-    top_h = np.linalg.eigh(dense_hessian(hessian_operator, torch.float64))[1][:, -k:]
-    top_g = np.linalg.eigh(dense_gauss_newton(gauss_newton))[1][:, -k:]
+    top_h = np.linalg.eigh(dense_cross_entropy_hessian("mlp", dtype))[1][:, -k:]
+    g_vectors = np.linalg.eigh(dense_gauss_newton(gauss_newton, "mlp"))[1]
+    top_g, bottom_g = g_vectors[:, -k:], g_vectors[:, :k]
     expected = np.trace((top_h @ top_h.T) @ (top_g @ top_g.T)) / k
     overlap = subspace_overlap(top_h, top_g)
     assert overlap == pytest.approx(expected, rel=1e-12)
     assert 0 < overlap < 1
     rotation = np.linalg.qr(np.random.default_rng(0).normal(size=(k, k)))[0]
     assert subspace_overlap(top_h, top_h @ rotation) == pytest.approx(1, abs=1e-12)
-    rest = np.linalg.eigh(dense_gauss_newton(gauss_newton))[1][:, :k]
-    assert subspace_overlap(top_g, rest) == pytest.approx(0, abs=1e-12)
+    assert subspace_overlap(top_g, bottom_g) == pytest.approx(0, abs=1e-12)
 
 
 def test_bases_that_are_not_orthonormal_columns_are_refused():
