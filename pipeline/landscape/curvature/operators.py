@@ -180,7 +180,22 @@ def full_gradient(
     return MeanLoss(model, names, inputs, targets, objective, batch_size).gradient()
 
 
-class CurvatureOperator(MeanLoss, LinearOperator):
+class SymmetricOperator(LinearOperator):
+    """A symmetric float64 ``LinearOperator`` over the torch product ``hvp`` of a
+    subclass, so that scipy's solvers (``eigsh``) run on it unchanged."""
+
+    def hvp(self, vector: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        vector = torch.as_tensor(np.ascontiguousarray(x).reshape(-1))
+        return self.hvp(vector).double().cpu().numpy()
+
+    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matvec(x)  # symmetric
+
+
+class CurvatureOperator(MeanLoss, SymmetricOperator):
     """A symmetric n x n curvature matrix M of the mean loss (see :class:`MeanLoss`) over
     the n selected parameters, at the model's current parameter values (so moving the
     model moves the operator), applied batch by batch: M v = sum_b M_b v, M_b the
@@ -204,7 +219,7 @@ class CurvatureOperator(MeanLoss, LinearOperator):
         MeanLoss.__init__(self, model, names, inputs, targets, objective, batch_size)
         self.hvps = 0
         size = sum(self.sizes)
-        LinearOperator.__init__(self, dtype=np.float64, shape=(size, size))
+        SymmetricOperator.__init__(self, dtype=np.float64, shape=(size, size))
         self.mode = self.choose_mode(hvp)
 
     def choose_mode(self, requested: str) -> str:
@@ -253,13 +268,6 @@ class CurvatureOperator(MeanLoss, LinearOperator):
     ) -> list[torch.Tensor]:
         """M_b @ tangents for one batch, one tensor per selected parameter."""
         raise NotImplementedError
-
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
-        vector = torch.as_tensor(np.ascontiguousarray(x).reshape(-1))
-        return self.hvp(vector).double().cpu().numpy()
-
-    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
-        return self._matvec(x)  # symmetric
 
 
 class HessianOperator(CurvatureOperator):
@@ -357,7 +365,7 @@ class GaussNewtonOperator(CurvatureOperator):
             return list(torch.autograd.grad(outputs, list(leaves.values()), curved))
 
 
-class DifferenceOperator(LinearOperator):
+class DifferenceOperator(SymmetricOperator):
     """first - second of two curvature operators of the same loss (model, parameters,
     data and objective), e.g. the residual H - G of the Gauss-Newton split (Sagun et al.):
     (1/N) sum_i sum_k (dl_i/dz_ik) d^2 z_ik / dtheta^2, the curvature the model's outputs
@@ -390,13 +398,6 @@ class DifferenceOperator(LinearOperator):
         self.hvps += 1
         return product
 
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
-        vector = torch.as_tensor(np.ascontiguousarray(x).reshape(-1))
-        return self.hvp(vector).double().cpu().numpy()
-
-    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
-        return self._matvec(x)  # symmetric
-
 
 class GaugeProjection:
     """The orthogonal projection off the softmax gauge directions of a classifier.
@@ -417,7 +418,7 @@ class GaugeProjection:
         self.count = sum(columns for _, _, columns in blocks)
 
     @classmethod
-    def find(cls, operator: HessianOperator) -> GaugeProjection | None:
+    def find(cls, operator: CurvatureOperator) -> GaugeProjection | None:
         """The projection for ``operator``'s selected parameters, or None where the loss
         does not see the logits through their softmax only (``objective.softmax_gauge``)
         or the model's output is not its last Linear layer's output (checked on one
