@@ -1,23 +1,25 @@
-"""Contains the Hessian of the full-data mean loss as a linear operator.
+"""Contains the Hessian of the full-data mean loss, and its generalized Gauss-Newton
+part, as linear operators, and the loss's full-data gradient.
 
 The loss is the mean over all N training samples, L(theta) = (1/N) sum_i l_i(theta),
 with the model in eval mode (BatchNorm uses its running statistics, so every l_i
 depends on its own sample only); for a token-averaged objective N counts the unmasked
-tokens of the whole set and l_i is one token's loss. Its Hessian-vector product is
-accumulated over batches as sum_b H_b v with H_b the Hessian of (1/N) sum_{i in b} l_i:
-each batch is weighted by its share of the samples, so H v does not depend on the batch
-size (Li et al.'s code sums batch means instead, which scales H with the number of
-batches).
+tokens of the whole set and l_i is one token's loss (:class:`MeanLoss`). A curvature
+product is accumulated over batches as sum_b M_b v with M_b the curvature of
+(1/N) sum_{i in b} l_i: each batch is weighted by its share of the samples, so M v does
+not depend on the batch size (Li et al.'s code sums batch means instead, which scales H
+with the number of batches). The gradient (:func:`full_gradient`) is summed the same way.
 
-Products (HVPs) are ``jvp`` of ``grad`` (forward over reverse) or double backward. The
-mode is decided once, when the operator is built, by one product on a two-sample batch,
-never inside a run: an interrupt or any other error during a product stops the job.
+Hessian products (HVPs) are ``jvp`` of ``grad`` (forward over reverse) or double
+backward; Gauss-Newton products J^T H_out J v are ``jvp``, ``jvp`` of the outputs'
+gradient and ``vjp``, or all reverse mode (:class:`GaussNewtonOperator`). The mode is
+decided once, when the operator is built, by one product on a two-sample batch, never
+inside a run: an interrupt or any other error during a product stops the job.
 Attention runs on the math kernel of ``scaled_dot_product_attention`` during products,
 since the fused kernels have no double backward.
 
-A generalized Gauss-Newton operator would sit beside :class:`HessianOperator`, with the
-same constructor and ``hvp``: the solvers in :mod:`landscape.curvature.lanczos` only
-need ``hvp``, ``hvps``, ``torch_dtype`` and the ``LinearOperator`` interface.
+The solvers in :mod:`landscape.curvature.lanczos` only need ``hvp``, ``hvps``,
+``torch_dtype`` and the ``LinearOperator`` interface, which every operator here has.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call, grad, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from landscape.curvature import HVP_MODES, PARAMETER_SELECTIONS
@@ -88,17 +90,14 @@ def wrapped_interrupt(exc: RuntimeError) -> KeyboardInterrupt | None:
     return Interrupted(int(found[1])) if found[1] else KeyboardInterrupt()
 
 
-class HessianOperator(LinearOperator):
-    """H of the mean loss over ``inputs`` w.r.t. the parameters ``names``, at the model's
-    current parameter values (so moving the model moves the operator).
+class MeanLoss:
+    """The full-data mean loss L(theta) = (1/N) sum_i l_i(theta) of ``objective`` over
+    ``inputs``, as a function of the parameters ``names`` (the rest of the model, its
+    other parameters and buffers, held fixed) at the model's current values.
 
-    The loss is ``objective``'s (see :mod:`landscape.objectives`): the sum of its
-    per-sample (or per-token) losses over the whole set, divided by its count of them,
-    so every batch carries its own share. ``names``: see :func:`select_parameters`.
-    ``hvp``: ``forward_over_reverse`` (``jvp`` of ``grad``) or ``double_backward``
-    (faster for conv nets on CPU, see ``make bench``); a model with an operation that
-    has no forward-mode rule gets double backward (see :meth:`choose_mode`). ``hvps``
-    counts products.
+    The sum runs batch by batch: each batch contributes (1/N) sum_{i in b} l_i, its
+    share, with N = ``objective.count(targets)`` over the whole set, so nothing computed
+    from it depends on ``batch_size``. ``names``: see :func:`select_parameters`.
     """
 
     def __init__(
@@ -109,7 +108,6 @@ class HessianOperator(LinearOperator):
         targets: torch.Tensor,
         objective: Objective,
         batch_size: int,
-        hvp: str = "forward_over_reverse",
     ):
         selected = dict(model.named_parameters())
         unknown = [name for name in names if name not in selected]
@@ -123,10 +121,6 @@ class HessianOperator(LinearOperator):
         self.sizes = [selected[name].numel() for name in self.names]
         reference = selected[self.names[0]]
         self.device, self.torch_dtype = reference.device, reference.dtype
-        self.hvps = 0
-        size = sum(self.sizes)
-        super().__init__(dtype=np.float64, shape=(size, size))
-        self.mode = self.choose_mode(hvp)
 
     def state(self) -> tuple[dict, dict]:
         """(selected parameters, everything else: other parameters and buffers), detached."""
@@ -135,13 +129,101 @@ class HessianOperator(LinearOperator):
         selected = {name: tensors.pop(name) for name in self.names}
         return selected, tensors
 
-    def batch_loss(self, params: dict, fixed: dict, inputs, targets) -> torch.Tensor:
-        """The batch's share of the mean loss: its summed losses over the whole set's count."""
-        outputs = functional_call(self.model, {**fixed, **params}, (inputs,))
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, targets) of each batch, in order."""
+        for start in range(0, len(self.inputs), self.batch_size):
+            yield (
+                self.inputs[start : start + self.batch_size],
+                self.targets[start : start + self.batch_size],
+            )
+
+    def outputs(self, params: dict, fixed: dict, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's outputs on ``inputs`` with the selected parameters ``params``."""
+        return functional_call(self.model, {**fixed, **params}, (inputs,))
+
+    def share(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """A batch's share of the mean loss from its outputs: its summed losses over N."""
         return self.objective.losses(outputs, targets).sum() / self.count
 
+    def batch_loss(self, params: dict, fixed: dict, inputs, targets) -> torch.Tensor:
+        """The batch's share of the mean loss: its summed losses over the whole set's count."""
+        return self.share(self.outputs(params, fixed, inputs), targets)
+
+    def split(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat vector over the selected parameters as one tensor per parameter (views)."""
+        pieces = (t.view(s) for t, s in zip(vector.split(self.sizes), self.shapes))
+        return dict(zip(self.names, pieces))
+
+    def gradient(self) -> torch.Tensor:
+        """g = dL/dtheta, flat, float64, on the model's device: each batch's share
+        differentiated in the model's dtype (``torch.func.grad``), the shares summed in
+        float64, so g is exact to the rounding of one batch's gradient."""
+        params, fixed = self.state()
+        total = torch.zeros(sum(self.sizes), dtype=torch.float64, device=self.device)
+        for inputs, targets in self.batches():
+            share = grad(self.batch_loss)(params, fixed, inputs, targets)
+            total += torch.cat([share[name].reshape(-1) for name in self.names]).double()
+        return total
+
+
+def full_gradient(
+    model: nn.Module,
+    names: Sequence[str],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    objective: Objective,
+    batch_size: int,
+) -> torch.Tensor:
+    """The gradient of the full-data mean loss w.r.t. the parameters ``names``, as a flat
+    float64 vector in their order: one pass over the data, batches weighted as in the
+    curvature operators (see :meth:`MeanLoss.gradient`)."""
+    return MeanLoss(model, names, inputs, targets, objective, batch_size).gradient()
+
+
+class SymmetricOperator(LinearOperator):
+    """A symmetric float64 ``LinearOperator`` over the torch product ``hvp`` of a
+    subclass, so that scipy's solvers (``eigsh``) run on it unchanged."""
+
+    def hvp(self, vector: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        vector = torch.as_tensor(np.ascontiguousarray(x).reshape(-1))
+        return self.hvp(vector).double().cpu().numpy()
+
+    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matvec(x)  # symmetric
+
+
+class CurvatureOperator(MeanLoss, SymmetricOperator):
+    """A symmetric n x n curvature matrix M of the mean loss (see :class:`MeanLoss`) over
+    the n selected parameters, at the model's current parameter values (so moving the
+    model moves the operator), applied batch by batch: M v = sum_b M_b v, M_b the
+    batch's share. A subclass writes :meth:`batch_product`, in each of the two modes
+    (``forward_over_reverse``, ``double_backward``); the mode is chosen once, when the
+    operator is built (:meth:`choose_mode`). ``hvp(v)`` is M @ v; ``hvps`` counts them.
+    """
+
+    PRODUCTS = "curvature-vector products"  # in logs and errors
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        objective: Objective,
+        batch_size: int,
+        hvp: str = "forward_over_reverse",
+    ):
+        MeanLoss.__init__(self, model, names, inputs, targets, objective, batch_size)
+        self.hvps = 0
+        size = sum(self.sizes)
+        SymmetricOperator.__init__(self, dtype=np.float64, shape=(size, size))
+        self.mode = self.choose_mode(hvp)
+
     def choose_mode(self, requested: str) -> str:
-        """The product mode of every HVP of this operator, tried once on two samples:
+        """The product mode of every product of this operator, tried once on two samples:
         ``requested``, else double backward (an operation without a forward-mode rule).
         A model that cannot be differentiated twice at all is refused in one line."""
         params, fixed = self.state()
@@ -153,41 +235,57 @@ class HessianOperator(LinearOperator):
         for mode in candidates:
             try:
                 with product_context():
-                    self.batch_hvp(mode, params, fixed, tangents, probe)
+                    self.batch_product(mode, params, fixed, tangents, probe)
             except (RuntimeError, NotImplementedError) as exc:
                 reason = describe(exc)
-                log.warning("Hessian-vector products by %s fail: %s", HVP_MODES[mode], reason)
+                log.warning("%s by %s fail: %s", self.PRODUCTS, HVP_MODES[mode], reason)
                 continue
-            log.info("Hessian-vector products: %s", HVP_MODES[mode])
+            log.info("%s: %s", self.PRODUCTS, HVP_MODES[mode])
             return mode
         raise UserError(
-            f"hessian.hvp: the model cannot be differentiated twice, which Hessian-vector "
-            f"products need ({reason}); replace that operation by one with a double "
+            f"hessian.hvp: the model cannot be differentiated twice, which "
+            f"{self.PRODUCTS} need ({reason}); replace that operation by one with a double "
             "backward (attention: F.scaled_dot_product_attention or nn.MultiheadAttention, "
             "whose math kernel products use), or leave the model out of Hessian maps"
         )
 
     def hvp(self, vector: torch.Tensor) -> torch.Tensor:
-        """H @ vector (any dtype and device), as a flat tensor on the model's device, in the
+        """M @ vector (any dtype and device), as a flat tensor on the model's device, in the
         model's dtype."""
         vector = vector.to(self.device, self.torch_dtype)
         params, fixed = self.state()
-        tangents = dict(
-            zip(self.names, (t.view(s) for t, s in zip(vector.split(self.sizes), self.shapes)))
-        )
+        tangents = self.split(vector)
         total = torch.zeros(vector.numel(), dtype=self.torch_dtype, device=self.device)
         with product_context():
-            for start in range(0, len(self.inputs), self.batch_size):
-                batch = (
-                    self.inputs[start : start + self.batch_size],
-                    self.targets[start : start + self.batch_size],
-                )
-                product = self.batch_hvp(self.mode, params, fixed, tangents, batch)
+            for batch in self.batches():
+                product = self.batch_product(self.mode, params, fixed, tangents, batch)
                 total += torch.cat([t.reshape(-1) for t in product])
         self.hvps += 1
         return total
 
-    def batch_hvp(
+    def batch_product(
+        self, mode: str, params: dict, fixed: dict, tangents: dict, batch
+    ) -> list[torch.Tensor]:
+        """M_b @ tangents for one batch, one tensor per selected parameter."""
+        raise NotImplementedError
+
+
+class HessianOperator(CurvatureOperator):
+    """H of the mean loss over ``inputs`` w.r.t. the parameters ``names``, at the model's
+    current parameter values (so moving the model moves the operator).
+
+    The loss is ``objective``'s (see :mod:`landscape.objectives`): the sum of its
+    per-sample (or per-token) losses over the whole set, divided by its count of them,
+    so every batch carries its own share. ``names``: see :func:`select_parameters`.
+    ``hvp``: ``forward_over_reverse`` (``jvp`` of ``grad``) or ``double_backward``
+    (faster for conv nets on CPU, see ``make bench``); a model with an operation that
+    has no forward-mode rule gets double backward (see :meth:`choose_mode`). ``hvps``
+    counts products.
+    """
+
+    PRODUCTS = "Hessian-vector products"
+
+    def batch_product(
         self, mode: str, params: dict, fixed: dict, tangents: dict, batch
     ) -> list[torch.Tensor]:
         if mode == "forward_over_reverse":
@@ -201,12 +299,104 @@ class HessianOperator(LinearOperator):
             dot = sum((g * tangents[name]).sum() for g, name in zip(gradients, self.names))
             return list(torch.autograd.grad(dot, list(leaves.values())))
 
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
-        vector = torch.as_tensor(np.ascontiguousarray(x).reshape(-1))
-        return self.hvp(vector).double().cpu().numpy()
 
-    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
-        return self._matvec(x)  # symmetric
+class GaussNewtonOperator(CurvatureOperator):
+    """The generalized Gauss-Newton matrix G of the mean loss over ``inputs`` w.r.t. the
+    parameters ``names``, at the model's current parameter values:
+
+        G = (1/N) sum_i J_i^T H_i J_i,
+
+    J_i the Jacobian of unit i's model outputs z_i w.r.t. the selected parameters, H_i =
+    d^2 l_i / dz_i^2 the Hessian of its loss w.r.t. those outputs (N, l_i: see
+    :class:`MeanLoss`). It is the Hessian H without the outputs' own curvature:
+
+        H = G + (1/N) sum_i sum_k (dl_i/dz_ik) d^2 z_ik / dtheta^2,
+
+    the second term being :class:`DifferenceOperator` (H - G). For a loss convex in the
+    outputs (cross-entropy, squared error) every H_i is positive semidefinite and so is
+    G; for a model linear in its parameters the second term vanishes and G = H. For
+    softmax cross-entropy H_i = diag(p_i) - p_i p_i^T with p_i the softmax, with label
+    smoothing too (the smoothed targets sum to 1), which has the constant vector in its
+    kernel: G has the softmax gauge directions in its kernel, as H does
+    (:class:`GaugeProjection`).
+
+    Each product is J^T (H_out (J v)) for a batch, where H_out is block diagonal (one
+    block H_i / N per unit): nothing of size outputs x parameters is formed, and H_out
+    comes from the objective by autograd (any :class:`~landscape.objectives.Objective`).
+    ``hvp``: ``forward_over_reverse`` takes J v by ``jvp`` of the model, H_out (J v) by
+    ``jvp`` of the outputs' gradient and J^T by ``vjp`` (two forward passes);
+    ``double_backward`` takes J v by the double-vjp trick (the vjp of the model's vjp,
+    which is linear in its cotangent), H_out by double backward of the loss, and J^T by
+    the same graph (one forward pass; the model must have a double backward).
+    """
+
+    PRODUCTS = "Gauss-Newton-vector products"
+
+    def batch_product(
+        self, mode: str, params: dict, fixed: dict, tangents: dict, batch
+    ) -> list[torch.Tensor]:
+        inputs, targets = batch
+        if mode == "forward_over_reverse":
+
+            def outputs_of(selected: dict) -> torch.Tensor:
+                return self.outputs(selected, fixed, inputs)
+
+            outputs, output_tangent = jvp(outputs_of, (params,), (tangents,))
+            output_gradient = grad(lambda z: self.share(z, targets))
+            _, curved = jvp(output_gradient, (outputs,), (output_tangent,))
+            _, pullback = vjp(outputs_of, params)
+            (product,) = pullback(curved)
+            return [product[name] for name in self.names]
+        leaves = {name: p.clone().requires_grad_(True) for name, p in params.items()}
+        with torch.enable_grad():
+            outputs = self.outputs(leaves, fixed, inputs)
+            cotangent = torch.zeros_like(outputs, requires_grad=True)
+            pulled = torch.autograd.grad(
+                outputs, list(leaves.values()), cotangent, create_graph=True
+            )
+            (output_tangent,) = torch.autograd.grad(
+                pulled, cotangent, [tangents[name] for name in self.names], retain_graph=True
+            )
+            detached = outputs.detach().requires_grad_(True)
+            (output_gradient,) = torch.autograd.grad(
+                self.share(detached, targets), detached, create_graph=True
+            )
+            (curved,) = torch.autograd.grad(output_gradient, detached, output_tangent)
+            return list(torch.autograd.grad(outputs, list(leaves.values()), curved))
+
+
+class DifferenceOperator(SymmetricOperator):
+    """first - second of two curvature operators of the same loss (model, parameters,
+    data and objective), e.g. the residual H - G of the Gauss-Newton split (Sagun et al.):
+    (1/N) sum_i sum_k (dl_i/dz_ik) d^2 z_ik / dtheta^2, the curvature the model's outputs
+    add through the loss's gradient. Each product costs one of each operator (both
+    count it in their ``hvps``); ``hvps`` counts this operator's. For the gauge
+    projection use ``GaugeProjection.find(difference.first)``."""
+
+    def __init__(self, first: CurvatureOperator, second: CurvatureOperator):
+        same = (
+            first.model is second.model
+            and first.names == second.names
+            and first.inputs is second.inputs
+            and first.targets is second.targets
+            and type(first.objective) is type(second.objective)
+            and vars(first.objective) == vars(second.objective)
+        )
+        if not same:
+            raise ValueError(
+                f"{type(first).__name__} - {type(second).__name__}: not of one loss; build "
+                "both from the same model, parameter names, data and objective"
+            )
+        self.first, self.second = first, second
+        self.torch_dtype, self.device = first.torch_dtype, first.device
+        self.hvps = 0
+        super().__init__(dtype=np.float64, shape=first.shape)
+
+    def hvp(self, vector: torch.Tensor) -> torch.Tensor:
+        """(first - second) @ vector, on the model's device, in the model's dtype."""
+        product = self.first.hvp(vector) - self.second.hvp(vector)
+        self.hvps += 1
+        return product
 
 
 class GaugeProjection:
@@ -228,7 +418,7 @@ class GaugeProjection:
         self.count = sum(columns for _, _, columns in blocks)
 
     @classmethod
-    def find(cls, operator: HessianOperator) -> GaugeProjection | None:
+    def find(cls, operator: CurvatureOperator) -> GaugeProjection | None:
         """The projection for ``operator``'s selected parameters, or None where the loss
         does not see the logits through their softmax only (``objective.softmax_gauge``)
         or the model's output is not its last Linear layer's output (checked on one
