@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import CROSS_ENTROPY, MODELS, dense_hessian, hessian_operator
 
+from landscape.curvature.operators import PASS_BYTES
 from landscape.curvature.trace import trace_and_frobenius
 from landscape.data import load_dataset
 from landscape.models import build_model
@@ -36,11 +37,11 @@ def small_model(name: str, dtype: torch.dtype, seed: int = 0):
 @pytest.mark.parametrize("name", ["mlp", "cnn_bn"])
 def test_hvp_many_equals_separate_products(name, mode, dtype, caplog):
     """Eight vectors in one pass give the eight products of :meth:`hvp`, on an MLP and a
-    CNN with BatchNorm (batch size 50 of 120 / 89 samples: several batches, and batches
-    of 50 // 8 = 6 in the batched pass, so the weighting is exercised). Only the
-    summation order differs: float64 to 1e-12 relative, float32 to 2e-5 relative to
-    the largest entry (measured up to about 2e-6: batch sums in another grouping, each
-    rounded at eps = 1.2e-7)."""
+    CNN with BatchNorm (batch size 50 of 120 / 89 samples: several batches, passes of
+    the default 50 samples or of 7, so the weighting is exercised). Only the summation
+    order differs: float64 to 1e-12 relative, float32 to 2e-5 relative to the largest
+    entry (measured up to about 1e-6: batch sums in another grouping, each rounded at
+    eps = 1.2e-7)."""
     model, inputs, targets = small_model(name, DTYPES[dtype])
     operator = hessian_operator(model, inputs, targets, CROSS_ENTROPY, 50, hvp=mode)
     vectors = torch.randn(8, operator.shape[0], generator=torch.Generator().manual_seed(1))
@@ -51,6 +52,21 @@ def test_hvp_many_equals_separate_products(name, mode, dtype, caplog):
     separate = torch.stack([operator.hvp(vector) for vector in vectors]).double()
     tolerance = 1e-12 if dtype == "float64" else 2e-5
     assert (batched.double() - separate).abs().max() <= tolerance * separate.abs().max()
+    in_sevens = operator.hvp_many(vectors, samples_per_pass=7).double()
+    assert (in_sevens - separate).abs().max() <= tolerance * separate.abs().max()
+    assert operator.hvps == 24
+
+
+def test_a_pass_holds_as_many_samples_as_fit_pass_bytes():
+    """The CNN's largest activation is a conv output of 4 x 8 x 8 floats: 8 tangents of it
+    fit PASS_BYTES (float64) for 1024 samples, capped at the batch size; the MLP's is its 12 units."""
+    model, inputs, targets = small_model("cnn_bn", torch.float64)
+    operator = hessian_operator(model, inputs, targets, CROSS_ENTROPY, 5000)
+    assert operator.samples_per_pass(8) == PASS_BYTES // (8 * 4 * 8 * 8 * 8) == 1024
+    assert operator.samples_per_pass(10**5) == 1
+    model, inputs, targets = small_model("mlp", torch.float32)
+    operator = hessian_operator(model, inputs, targets, CROSS_ENTROPY, 10**6)
+    assert operator.samples_per_pass(8) == PASS_BYTES // (8 * 12 * 4)
 
 
 class Cube(torch.autograd.Function):

@@ -1,7 +1,8 @@
 """Curvature of a model's loss below any experiment: Hessian operators
 (:mod:`~landscape.curvature.operators`), their extreme eigenvalues
-(:mod:`~landscape.curvature.lanczos`) and trace estimators
-(:mod:`~landscape.curvature.trace`). They take a model, the names of the parameters to
+(:mod:`~landscape.curvature.lanczos`), trace and Frobenius-norm estimators
+(:mod:`~landscape.curvature.trace`) and the clustering of logit gradients
+(:mod:`~landscape.curvature.clustering`). They take a model, the names of the parameters to
 differentiate, data and an objective (:mod:`landscape.objectives`); nothing here reads a
 config or a file.
 
