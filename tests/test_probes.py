@@ -59,7 +59,8 @@ def test_hvp_many_equals_separate_products(name, mode, dtype, caplog):
 
 def test_a_pass_holds_as_many_samples_as_fit_pass_bytes():
     """The CNN's largest activation is a conv output of 4 x 8 x 8 floats: 8 tangents of it
-    fit PASS_BYTES (float64) for 1024 samples, capped at the batch size; the MLP's is its 12 units."""
+    fit PASS_BYTES (float64) for 1024 samples, capped at the batch size; the MLP's is
+    one of its hidden layers (12 units)."""
     model, inputs, targets = small_model("cnn_bn", torch.float64)
     operator = hessian_operator(model, inputs, targets, CROSS_ENTROPY, 5000)
     assert operator.samples_per_pass(8) == PASS_BYTES // (8 * 4 * 8 * 8 * 8) == 1024

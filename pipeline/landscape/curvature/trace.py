@@ -284,7 +284,9 @@ class RatioEstimate:
     confidence: float
 
     @classmethod
-    def from_samples(cls, traces: np.ndarray, squares: np.ndarray, confidence: float):
+    def from_samples(
+        cls, traces: np.ndarray, squares: np.ndarray, confidence: float
+    ) -> RatioEstimate:
         a, b = traces.mean(), squares.mean()
         slope = np.array([b**-0.5, -0.5 * a * b**-1.5])
         covariance = np.cov(np.stack([traces, squares]), ddof=1)
@@ -332,17 +334,15 @@ def trace_and_frobenius(
         raise ValueError(f"samples {samples} (at least 2), sketch {sketch} (0 to {size - 1})")
     generator = torch.Generator().manual_seed(seed)
     exact_trace = exact_square = 0.0
-    probes = None
     if sketch:
         sketched = products(operator, rademacher_probes(sketch, size, generator), per_pass)
         basis = torch.linalg.qr(sketched.cpu().T).Q.T  # (s, P), orthonormal rows
         on_basis = products(operator, basis, per_pass).cpu()
         exact_trace = float((basis * on_basis).sum())
         exact_square = float((on_basis**2).sum())
-        probes = rademacher_probes(samples, size, generator)
+    probes = rademacher_probes(samples, size, generator)
+    if sketch:
         probes = probes - (probes @ basis.T) @ basis
-    else:
-        probes = rademacher_probes(samples, size, generator)
     traces, squares = probe_samples(operator, probes, per_pass)
     traces, squares = traces + exact_trace, squares + exact_square
     return TraceAndNorm(
