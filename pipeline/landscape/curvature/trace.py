@@ -1,5 +1,5 @@
-"""Contains two estimators of the Hessian's trace: from loss values (Boettcher & Wheeler)
-and by Hutchinson.
+"""Contains estimators of the Hessian's trace, from loss values (Boettcher & Wheeler) and
+by Hutchinson or Hutch++, and of its squared Frobenius norm and Trace(H)/||H||_F.
 
 From loss values only: for d uniform on the unit sphere of the n selected parameters,
 E[d^T H d] = tr(H) / n, the mean curvature. Each direction's curvature is read from a
@@ -25,6 +25,21 @@ float64 arithmetic these 2K + 1 evaluations are the expensive part.
 Hutchinson's estimator, E[z^T H z] = tr(H) for Rademacher z, needs one HVP per probe
 (in the config's dtype). Both are reported with a Student-t confidence interval over
 their K samples.
+
+The same products give the squared Frobenius norm: for Rademacher z, E[z z^T] = I, so
+E[||H z||^2] = tr(H^T H) = ||H||_F^2 (:func:`trace_and_frobenius`). Hutch++ (Meyer,
+Musco, Musco & Woodruff 2021) first spends 2s products on a sketch: Q, an orthonormal
+basis of H S for s Rademacher columns S, and H Q. With P = I - Q Q^T,
+
+    tr(H)     = tr(Q^T H Q) + E[(P g)^T H (P g)],
+    ||H||_F^2 = ||H Q||_F^2 + E[||H P g||^2]       (P idempotent, H symmetric),
+
+so each of K further probes g gives one sample of each: the exact part on the top
+subspace plus a Hutchinson sample of the deflated rest, whose variance is small once Q
+holds the outliers. Given Q the K samples are independent with the true mean, so the
+Student-t interval holds as for Hutchinson (s = 0). Trace(H)/||H||_F is estimated as
+mean(x) / sqrt(mean(y)) from the paired samples (x, y) and given a delta-method
+interval (:class:`RatioEstimate`): asymptotic in K, with a bias of order 1/K.
 """
 
 from __future__ import annotations
@@ -138,6 +153,11 @@ class TraceEstimate:
         return float(self.samples.mean())
 
     @property
+    def standard_error(self) -> float:
+        """The standard error of the mean, std(samples, ddof=1) / sqrt(K)."""
+        return float(self.samples.std(ddof=1) / np.sqrt(len(self.samples)))
+
+    @property
     def half_width(self) -> float:
         count = len(self.samples)
         quantile = stats.t.ppf(0.5 + self.confidence / 2, count - 1)
@@ -212,9 +232,123 @@ class TraceEstimator:
 
     def hutchinson(self, samples: int) -> TraceEstimate:
         """z^T H z for ``samples`` Rademacher probes z (one HVP each)."""
-        values = []
-        for _ in range(samples):
-            probe = self.random_vector(rademacher=True)[self.mask]
-            product = self.operator.hvp(probe.to(self.operator.torch_dtype)).double()
-            values.append(float(probe @ product))
-        return TraceEstimate(np.array(values), self.confidence)
+        probes = torch.stack(
+            [self.random_vector(rademacher=True)[self.mask] for _ in range(samples)]
+        )
+        values, _ = probe_samples(self.operator, probes, per_pass=1)
+        return TraceEstimate(values, self.confidence)
+
+
+def products(operator, vectors: torch.Tensor, per_pass: int) -> torch.Tensor:
+    """H @ each row of (m, P) ``vectors``, float64 on the operator's device: ``per_pass``
+    rows share one pass over the data where the operator has ``hvp_many``
+    (:meth:`~landscape.curvature.operators.HessianOperator.hvp_many`), else one ``hvp``
+    each (in the operator's dtype)."""
+    dtype = operator.torch_dtype
+    if per_pass == 1 or not hasattr(operator, "hvp_many"):
+        return torch.stack([operator.hvp(vector.to(dtype)).double() for vector in vectors])
+    return torch.cat(
+        [
+            operator.hvp_many(vectors[start : start + per_pass].to(dtype)).double()
+            for start in range(0, len(vectors), per_pass)
+        ]
+    )
+
+
+def probe_samples(operator, probes: torch.Tensor, per_pass: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each row z of ``probes`` (float64), z^T H z and ||H z||^2 from its one product."""
+    values, squares = [], []
+    for start in range(0, len(probes), per_pass):
+        chunk = probes[start : start + per_pass]
+        for probe, product in zip(chunk, products(operator, chunk, per_pass)):
+            values.append(float(probe.to(product.device) @ product))
+            squares.append(float(product @ product))
+    return np.array(values), np.array(squares)
+
+
+def rademacher_probes(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """(count, size) float64 Rademacher signs (the signs of Gaussians, on the CPU)."""
+    return torch.randn(count, size, generator=generator, dtype=torch.float64).sign()
+
+
+@dataclass(frozen=True)
+class RatioEstimate:
+    """Trace(H)/||H||_F as mean(x) / sqrt(mean(y)) from K paired samples x (of tr(H)) and
+    y (of ||H||_F^2), with its delta-method standard error: for f(a, b) = a / sqrt(b),
+    grad f = (b^(-1/2), -a b^(-3/2) / 2) and se^2 = grad f^T C grad f / K, C the samples'
+    2 x 2 covariance (ddof 1). The interval value +- t_(K-1) se is asymptotic in K."""
+
+    value: float
+    standard_error: float
+    count: int
+    confidence: float
+
+    @classmethod
+    def from_samples(
+        cls, traces: np.ndarray, squares: np.ndarray, confidence: float
+    ) -> RatioEstimate:
+        a, b = traces.mean(), squares.mean()
+        slope = np.array([b**-0.5, -0.5 * a * b**-1.5])
+        covariance = np.cov(np.stack([traces, squares]), ddof=1)
+        variance = float(slope @ covariance @ slope) / len(traces)
+        return cls(
+            float(a / np.sqrt(b)), float(np.sqrt(max(variance, 0.0))), len(traces), confidence
+        )
+
+    @property
+    def half_width(self) -> float:
+        return float(stats.t.ppf(0.5 + self.confidence / 2, self.count - 1) * self.standard_error)
+
+    def covers(self, value: float) -> bool:
+        return abs(value - self.value) <= self.half_width
+
+
+@dataclass(frozen=True)
+class TraceAndNorm:
+    """tr(H), ||H||_F^2 and Trace(H)/||H||_F from the same K probes, and the products they
+    cost (K for Hutchinson, 2 sketch + K for Hutch++)."""
+
+    trace: TraceEstimate
+    frobenius_squared: TraceEstimate
+    ratio: RatioEstimate
+    sketch: int
+    hvps: int
+
+
+def trace_and_frobenius(
+    operator,
+    samples: int,
+    seed: int,
+    confidence: float = 0.95,
+    sketch: int = 0,
+    per_pass: int = 8,
+) -> TraceAndNorm:
+    """tr(H) and ||H||_F^2 of ``operator`` (anything with ``hvp``, ``torch_dtype`` and a
+    ``shape``), each the mean of ``samples`` samples with its Student-t interval, and
+    their ratio (see the module docstring): Hutchinson where ``sketch`` is 0, Hutch++
+    with an s = ``sketch`` column sketch otherwise (s < P). Probes are float64 Rademacher
+    vectors from a CPU generator seeded ``seed`` (the sketch's first), ``per_pass`` of
+    them per pass over the data."""
+    size = operator.shape[0]
+    if samples < 2 or not 0 <= sketch < size:
+        raise ValueError(f"samples {samples} (at least 2), sketch {sketch} (0 to {size - 1})")
+    generator = torch.Generator().manual_seed(seed)
+    exact_trace = exact_square = 0.0
+    if sketch:
+        sketched = products(operator, rademacher_probes(sketch, size, generator), per_pass)
+        basis = torch.linalg.qr(sketched.cpu().T).Q.T  # (s, P), orthonormal rows
+        on_basis = products(operator, basis, per_pass).cpu()
+        exact_trace = float((basis * on_basis).sum())
+        exact_square = float((on_basis**2).sum())
+    probes = rademacher_probes(samples, size, generator)
+    if sketch:
+        probes = probes - (probes @ basis.T) @ basis
+    traces, squares = probe_samples(operator, probes, per_pass)
+    traces, squares = traces + exact_trace, squares + exact_square
+    return TraceAndNorm(
+        TraceEstimate(traces, confidence),
+        TraceEstimate(squares, confidence),
+        RatioEstimate.from_samples(traces, squares, confidence),
+        sketch,
+        samples + 2 * sketch,
+    )
