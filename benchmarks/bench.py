@@ -11,7 +11,8 @@ core under ``mpiexec``. Rates come from the points' finish times in the file, le
 out each rank's first point (start-up); ``efficiency = rate(N ranks) / (N * rate(1
 rank, 1 thread))``.
 
-Hessian: see :mod:`benchmarks.hessian_bench`.
+Hessian: see :mod:`benchmarks.hessian_bench`. Several probe vectors in one pass over the
+data against one product each: see :mod:`benchmarks.probe_bench`.
 
 PCA directions at scale: 12 checkpoints of a 10^7-parameter model, the principal plane
 by the Gram matrix (as planned) and by numpy's SVD of the dense matrix, each in a child
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from benchmarks.hessian_bench import bench_hessian
+from benchmarks.probe_bench import PROBES, bench_probes
 from landscape.atomic import write_file
 from landscape.checkpoint import save_checkpoint
 from landscape.config import parse_config
@@ -325,6 +327,12 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"efficiency {scaling['efficiency']:.3f}, speed-up over one process on all "
                 f"cores {scaling['speedup_over_1_rank_all_cores']:.2f}x"
+            )
+        probes = results["probes"] = bench_probes()
+        for case, ratio in probes["fastest_batched_over_fastest_separate"].items():
+            print(
+                f"{PROBES} probe HVPs in one pass / {PROBES} separate, {case:32s} {ratio:.2f}x "
+                f"(target <= {probes['target_ratio']})"
             )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

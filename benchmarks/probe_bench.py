@@ -10,6 +10,8 @@ repeats after a warm-up (the first forward-mode product compiles decompositions)
 one thread, since the machine's cores may be shared.
 
     python -m benchmarks.probe_bench --out results/probe_bench.json
+
+``make bench`` runs it too (``probes`` in results/bench.json).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from landscape.atomic import write_file
 from landscape.curvature.operators import HessianOperator, select_parameters
 from landscape.data import load_dataset
 from landscape.models import build_model
@@ -65,7 +68,16 @@ def compare(operator: HessianOperator, vectors: torch.Tensor) -> dict:
 
 
 def bench_probes() -> dict:
+    """Every case, on one thread (the caller's thread count is restored after)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return probe_cases()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def probe_cases() -> dict:
     data = load_dataset("digits", {})
     inputs, targets = data.split("train")
     results = {}
@@ -110,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     results = bench_probes()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_file(args.out, (json.dumps(results, indent=2) + "\n").encode(), "--out")
     print(f"wrote {args.out}")
 
 
