@@ -36,7 +36,7 @@ from scipy.linalg import eigh_tridiagonal
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
 from landscape.curvature import METHODS
-from landscape.curvature.operators import HessianOperator
+from landscape.curvature.operators import CurvatureOperator
 from landscape.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -350,7 +350,7 @@ def arpack_end(operator: LinearOperator, which: str, tolerance: float, start, ma
 
 
 def eigsh_extremes(
-    operator: HessianOperator, start: np.ndarray, criterion: Criterion, max_hvps: int
+    operator: CurvatureOperator, start: np.ndarray, criterion: Criterion, max_hvps: int
 ) -> Extremes:
     """Two ARPACK solves, ``LA`` then ``SA``; residuals checked with one more HVP each."""
     before = operator.hvps
@@ -360,7 +360,7 @@ def eigsh_extremes(
 
 
 def shifted_extremes(
-    operator: HessianOperator, start: np.ndarray, criterion: Criterion, max_hvps: int
+    operator: CurvatureOperator, start: np.ndarray, criterion: Criterion, max_hvps: int
 ) -> Extremes:
     """Li et al.'s recipe, for comparison only: lambda_max by ARPACK at tol 1e-2, then the
     largest-magnitude eigenvalue of H - 0.51 lambda_max I, shifted back. Near a minimum,
@@ -379,7 +379,7 @@ def shifted_extremes(
 
 
 def checked_extremes(
-    operator: HessianOperator,
+    operator: CurvatureOperator,
     bottom: tuple[float, np.ndarray],
     top: tuple[float, np.ndarray],
     hvps_before: int,
@@ -399,7 +399,7 @@ def checked_extremes(
 
 
 def extreme_eigenvalues(
-    operator: HessianOperator, method: str, start: torch.Tensor, tolerance: float, max_hvps: int
+    operator: CurvatureOperator, method: str, start: torch.Tensor, tolerance: float, max_hvps: int
 ) -> Extremes:
     """lambda_min and lambda_max of ``operator`` by ``method`` (see METHODS), converged to
     ``tolerance`` as :class:`Criterion` says for the operator's dtype."""
