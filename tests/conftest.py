@@ -191,6 +191,32 @@ MODELS = {
 }
 
 
+def small_model(name: str, dtype: torch.dtype, seed: int = 0):
+    """A :data:`MODELS` entry at its seeded initialization, in eval mode and ``dtype``,
+    with its training inputs (cast) and targets."""
+    network, data = MODELS[name]
+    dataset = load_dataset(data["name"], data["kwargs"])
+    inputs, targets = dataset.split("train")
+    torch.manual_seed(seed)
+    model = build_model(
+        network["name"], dataset.input_shape, dataset.num_classes, network["kwargs"]
+    )
+    return model.to(dtype).eval(), inputs.to(dtype), targets
+
+
+# 6 x 6 points in 9 shards for the loss/accuracy job; a Hessian job on every 3rd point:
+# the experiment the SLURM tests submit.
+BOTH_JOBS = {
+    "grid": {
+        "x": {"min": -1.0, "max": 1.0, "num": 6},
+        "y": {"min": -1.0, "max": 1.0, "num": 6},
+        "shard_size": 4,
+    },
+    "maps": ["train_loss", "train_acc", "lambda_min", "lambda_max"],
+    "hessian": {"stride": 3},
+}
+
+
 # Checkpoint folders trained so far in this test run, by what training reads of the config
 # (training_settings): each with its last checkpoint and torch's global generator state
 # after training. Tests get copies, so none can change another's.

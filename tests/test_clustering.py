@@ -7,27 +7,13 @@ import math
 
 import pytest
 import torch
-from conftest import MODELS
+from conftest import small_model
 
 from landscape.curvature.clustering import logit_gradient_clustering, subsample
 from landscape.curvature.operators import select_parameters
-from landscape.data import load_dataset
 from landscape.errors import UserError
-from landscape.models import build_model
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def clusters_mlp(dtype: torch.dtype, seed: int = 0):
-    """conftest's MLP (hidden [12, 12]) on its 3 Gaussian clusters, seeded, in eval mode."""
-    network, data = MODELS["mlp"]
-    dataset = load_dataset(data["name"], data["kwargs"])
-    inputs, targets = dataset.split("train")
-    torch.manual_seed(seed)
-    model = build_model(
-        network["name"], dataset.input_shape, dataset.num_classes, network["kwargs"]
-    )
-    return model.to(dtype).eval(), inputs.to(dtype), targets
 
 
 def explicit_cosines(model, names, inputs, targets) -> dict[str, float]:
@@ -66,7 +52,7 @@ def test_cosines_equal_explicit_per_sample_gradients(dtype, parameters):
     """40 of 120 samples, in passes of 16 (the last one short). float64 to 1e-12;
     float32 to 1e-5 (the gradients are the same float32 numbers up to summation order,
     ~1e-7 relative, and a cosine of unit vectors carries that error)."""
-    model, inputs, targets = clusters_mlp(DTYPES[dtype])
+    model, inputs, targets = small_model("mlp", DTYPES[dtype])
     names = select_parameters(model, parameters)
     found = logit_gradient_clustering(model, names, inputs, targets, samples=40, seed=5)
     chosen = subsample(len(inputs), 40, seed=5)
@@ -91,7 +77,7 @@ def test_subsample_is_seeded_and_fixed():
 
 
 def test_refuses_a_model_in_training_mode_and_token_logits():
-    model, inputs, targets = clusters_mlp(torch.float64)
+    model, inputs, targets = small_model("mlp", torch.float64)
     names = select_parameters(model, "all")
     with pytest.raises(ValueError, match="eval mode"):
         logit_gradient_clustering(model.train(), names, inputs, targets, 8, 0)
@@ -109,7 +95,7 @@ def test_a_trained_classifier_clusters_gradients_by_logit():
     different logits -0.06, logit variance 95 (at initialization: 0.77, 0.71, 0.67,
     -0.02, 0.025: the same-logit clustering is there from the start, and training
     separates the logit's own class)."""
-    model, inputs, targets = clusters_mlp(torch.float64)
+    model, inputs, targets = small_model("mlp", torch.float64)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
     for _ in range(60):
         optimizer.zero_grad()

@@ -9,27 +9,12 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import CROSS_ENTROPY, MODELS, dense_hessian, hessian_operator
+from conftest import CROSS_ENTROPY, dense_hessian, hessian_operator, small_model
 
 from landscape.curvature.operators import PASS_BYTES
 from landscape.curvature.trace import trace_and_frobenius
-from landscape.data import load_dataset
-from landscape.models import build_model
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def small_model(name: str, dtype: torch.dtype, seed: int = 0):
-    """A conftest MODELS entry at its seeded initialization, in eval mode and ``dtype``,
-    with its training inputs (cast) and targets."""
-    network, data = MODELS[name]
-    dataset = load_dataset(data["name"], data["kwargs"])
-    inputs, targets = dataset.split("train")
-    torch.manual_seed(seed)
-    model = build_model(
-        network["name"], dataset.input_shape, dataset.num_classes, network["kwargs"]
-    )
-    return model.to(dtype).eval(), inputs.to(dtype), targets
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import submitit
+from conftest import BOTH_JOBS
 
 from landscape.config import load_config
 from landscape.errors import UserError
@@ -28,16 +29,6 @@ from landscape.slurm import (
 from landscape.store import SurfaceFile
 from landscape.workers import ArrayTask, run_job
 
-# 6 x 6 points in 9 shards for the loss/accuracy job; a Hessian job on every 3rd point.
-BOTH_JOBS = {
-    "grid": {
-        "x": {"min": -1.0, "max": 1.0, "num": 6},
-        "y": {"min": -1.0, "max": 1.0, "num": 6},
-        "shard_size": 4,
-    },
-    "maps": ["train_loss", "train_acc", "lambda_min", "lambda_max"],
-    "hessian": {"stride": 3},
-}
 OPTIONS = SlurmOptions(
     tasks=3,
     parallelism=2,

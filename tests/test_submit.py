@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import final_state, write_experiment
+from conftest import BOTH_JOBS, final_state, write_experiment
 
 from landscape import slurm
 from landscape.atomic import write_file
@@ -26,16 +26,6 @@ from landscape.slurm import SlurmOptions, record_path, submit
 from landscape.status import surface_status
 from landscape.store import SurfaceFile
 from landscape.workers import run_job
-
-BOTH_JOBS = {
-    "grid": {
-        "x": {"min": -1.0, "max": 1.0, "num": 6},
-        "y": {"min": -1.0, "max": 1.0, "num": 6},
-        "shard_size": 4,
-    },
-    "maps": ["train_loss", "train_acc", "lambda_min", "lambda_max"],
-    "hessian": {"stride": 3},
-}
 
 
 @pytest.fixture
