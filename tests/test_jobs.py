@@ -50,7 +50,7 @@ def config_text(folder, **changes) -> str:
 
 
 def test_jobs_run_in_table_order_whatever_the_order_of_the_maps(tmp_path):
-    assert [kind.name for kind in JOB_KINDS] == ["loss", "hessian"]
+    assert [kind.name for kind in JOB_KINDS] == ["loss", "hessian", "analysis"]
     for maps in (["lambda_max", "train_loss"], ["train_loss", "lambda_max"]):
         assert parse_config(config_text(tmp_path, maps=maps)).jobs == ["loss", "hessian"]
 

@@ -154,13 +154,16 @@ def save_checkpoint(path: str | Path, model: nn.Module, **metadata) -> None:
     write_file(path, image.getbuffer(), "train.checkpoint_dir")
 
 
-def verify_fingerprint(path: str | Path, expected_sha256: str, surface: str | Path) -> None:
-    """Fail unless the checkpoint still has the bytes ``surface`` was planned with."""
+def verify_fingerprint(
+    path: str | Path, expected_sha256: str, surface: str | Path, field: str = "model.checkpoint"
+) -> None:
+    """Fail unless the checkpoint still has the bytes ``surface`` was planned with;
+    ``field``: the config field that names it."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"model.checkpoint: {path} (planned in {surface}) is missing; restore it")
+        raise UserError(f"{field}: {path} (planned in {surface}) is missing; restore it")
     if file_sha256(path) != expected_sha256:
         raise UserError(
-            f"model.checkpoint: {path} changed since {surface} was planned (sha256 differs); "
-            "restore it or plan a new surface file"
+            f"{field}: {path} changed since {surface} was planned (sha256 differs); "
+            "restore it or plan a new file"
         )

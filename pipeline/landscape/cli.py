@@ -1,6 +1,6 @@
 """The ``landscape`` command: from an experiment config to loss-landscape maps and figures.
 
-Subcommands: train, plan, run, hessian, trace, submit, reduce, status, plot, demo.
+Subcommands: train, plan, run, hessian, analyze, trace, submit, reduce, status, plot, demo.
 Each subcommand is a thin shell over one module; a :class:`UserError` anywhere prints
 one line and exits with status 2, a bug keeps its traceback. SIGINT and SIGTERM stop any
 command with one line saying what was saved and how to go on, and exit status 130 / 143.
@@ -51,14 +51,27 @@ def command_plan(args) -> None:
 def command_job(args) -> None:
     from landscape.workers import run_job
 
+    target = args.target
+    if is_config(target):
+        from landscape.config import load_config
+        from landscape.plan import PLANNERS
+
+        target = PLANNERS[JOBS[args.job].file](load_config(target, args.overrides))
+    elif args.overrides:
+        raise UserError(f"--set: only for a config; {target} is planned already")
     run_job(
-        args.surface,
+        target,
         args.job,
         device=args.device,
         show_progress=not args.no_progress,
         writer=args.writer,
         task=array_task(args.task_index, args.num_tasks),
     )
+
+
+def is_config(target: str) -> bool:
+    """Whether a command's target names an experiment YAML (else a result file)."""
+    return target.endswith((".yaml", ".yml"))
 
 
 def array_task(index: int | None, count: int | None):
@@ -79,11 +92,14 @@ def command_submit(args) -> None:
 
     require_sbatch()  # before planning: a failed submit leaves nothing on disk
     target = Path(args.target)
-    if target.suffix in (".yaml", ".yml"):
+    if is_config(args.target):
         from landscape.config import load_config
-        from landscape.plan import plan_surface
+        from landscape.plan import PLANNERS
 
-        target = plan_surface(load_config(target, args.overrides))
+        file = "analysis" if args.analysis else "surface"
+        target = PLANNERS[file](load_config(target, args.overrides))
+    elif args.analysis:
+        raise UserError(f"--analysis: only with a config; {target} is planned already")
     sbatch = dict(flag.partition("=")[::2] for flag in args.sbatch)
     options = SlurmOptions(
         tasks=args.tasks,
@@ -179,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for kind in JOB_KINDS:
         job = commands.add_parser(kind.verb, help=kind.description)
-        job.add_argument("surface")
+        job.add_argument(
+            "target", help=f"{kind.file} file, or an experiment YAML (planned first if needed)"
+        )
+        job.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
         job.add_argument("--device", help="override evaluation.device (e.g. cpu, cuda:1)")
         job.add_argument("--no-progress", action="store_true", help="no progress bar")
         job.add_argument(
@@ -202,8 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser(
         "submit", help="plan if needed, then submit the pending work to SLURM (submitit)"
     )
-    submit.add_argument("target", help="experiment YAML (planned first) or surface file")
+    submit.add_argument("target", help="experiment YAML (planned first) or result file")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    submit.add_argument(
+        "--analysis",
+        action="store_true",
+        help="with a YAML: plan and submit its analysis (analysis:) instead of its surface",
+    )
     submit.add_argument("--jobs", nargs="+", choices=list(JOBS), help="default: all")
     submit.add_argument(
         "--tasks", type=at_least(1), default=4, help="array tasks per job, or MPI ranks"

@@ -323,6 +323,96 @@ class TraceConfig:
             raise ConfigError(f"{where}.confidence: must be in (0, 1) (got {self.confidence})")
 
 
+# The analyses `landscape analyze` can compute at each checkpoint (analysis.quantities),
+# in the order they are computed; see landscape.analysis for what each one stores.
+ANALYSIS_QUANTITIES = (
+    "density",
+    "top_eigenpairs",
+    "gauss_newton",
+    "gradient_overlap",
+    "trace",
+    "clustering",
+)
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Curvature analyses at each checkpoint of ``checkpoints`` (default: model.checkpoint;
+    globs expand in natural order, so ``epoch_*.pt`` is a training run), over the full
+    training set, into the analysis file ``output`` (``landscape analyze``). Sagun et al.
+    2017 and Fort & Ganguli 2019; :mod:`landscape.analysis` says what each quantity stores.
+
+    ``density``: stochastic Lanczos quadrature, ``probes`` Rademacher probes x ``steps``
+    Lanczos steps (the basis, steps x parameters float64, must fit the device), drawn on
+    ``density_points`` points. ``top_eigenpairs``: the ``top_k`` largest eigenvalues (0:
+    classes + 2) to ``tolerance`` within ``max_hvps`` products, and the outliers above
+    the bulk by the largest relative gap of at least ``gap`` (its edge from the density's
+    nodes, so the density is computed for it too). ``gauss_newton``: the same for G and
+    H - G, and the overlap of H's and G's top-k eigenspaces. ``gradient_overlap``: the
+    full gradient's share in H's top-j eigenspaces, j = 1..top_k. ``trace``: tr(H) and
+    ||H||_F^2 from ``trace_samples`` Rademacher probes (Hutch++ with a ``trace_sketch``
+    column sketch when > 0) with ``confidence`` intervals. ``clustering``: logit-gradient
+    cosines on ``clustering_samples`` seeded training samples. ``seed`` seeds every probe
+    and start vector: equal seeds give equal numbers wherever they run.
+    """
+
+    output: str | None = path_field(written_file=True)
+    checkpoints: list[str] = path_field([])
+    quantities: list[str] = field(default_factory=lambda: list(ANALYSIS_QUANTITIES))
+    parameters: str = choice("all", PARAMETER_SELECTIONS)
+    hvp: str = choice("forward_over_reverse", tuple(HVP_MODES))
+    probes: int = 8
+    steps: int = 64
+    density_points: int = 512
+    top_k: int = 0
+    gap: float = 0.5
+    tolerance: float = 1e-3
+    max_hvps: int = 300
+    trace_samples: int = 64
+    trace_sketch: int = 0
+    confidence: float = 0.95
+    clustering_samples: int = 256
+    shard_size: int = 1
+    seed: int = 0
+
+    def check(self, where: str) -> None:
+        if self.output is None:
+            raise ConfigError(f"{where}.output: required; name the analysis file (e.g. an.h5)")
+        unknown = [name for name in self.quantities if name not in ANALYSIS_QUANTITIES]
+        if unknown or not self.quantities:
+            raise ConfigError(
+                f"{where}.quantities: {', '.join(unknown) or 'empty'}; choose from "
+                + ", ".join(ANALYSIS_QUANTITIES)
+            )
+        repeated = sorted({q for q in self.quantities if self.quantities.count(q) > 1})
+        if repeated:
+            raise ConfigError(f"{where}.quantities: {', '.join(repeated)} listed twice")
+        minimum = {
+            "probes": 1,
+            "steps": 2,
+            "density_points": 16,
+            "top_k": 0,
+            "max_hvps": 4,
+            "trace_samples": 2,
+            "trace_sketch": 0,
+            "clustering_samples": 2,
+            "shard_size": 1,
+        }
+        for name, least in minimum.items():
+            if getattr(self, name) < least:
+                raise ConfigError(f"{where}.{name}: must be >= {least} (got {getattr(self, name)})")
+        if self.top_k and self.max_hvps < self.top_k:
+            raise ConfigError(
+                f"{where}.max_hvps: {self.max_hvps} products cannot find top_k = {self.top_k} "
+                "eigenpairs; raise max_hvps"
+            )
+        if not self.gap > 0:
+            raise ConfigError(f"{where}.gap: must be > 0 (got {self.gap}); 0.5 is measured")
+        for name in ("tolerance", "confidence"):
+            if not 0 < getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be in (0, 1) (got {getattr(self, name)})")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Plain supervised training that leaves one checkpoint per epoch (a trajectory)."""
@@ -369,7 +459,7 @@ class ExperimentConfig:
     """One experiment: what to load, which directions, which grid, which maps, where to write."""
 
     model: ModelConfig
-    output: str = path_field(written_file=True)
+    output: str | None = path_field(written_file=True)
     data: DataConfig = field(default_factory=DataConfig)
     directions: DirectionsConfig = field(default_factory=DirectionsConfig)
     grid: GridConfig | None = None
@@ -378,6 +468,7 @@ class ExperimentConfig:
     hessian: HessianConfig = field(default_factory=HessianConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
     train: TrainConfig | None = None
+    analysis: AnalysisConfig | None = None
 
     @property
     def jobs(self) -> list[str]:
@@ -427,6 +518,18 @@ class ExperimentConfig:
             raise ConfigError("output: required; name the surface file to write (e.g. out.h5)")
         if self.model.checkpoint is None:
             raise ConfigError("model.checkpoint: required; name the trained checkpoint file")
+
+    def require_analysis(self) -> AnalysisConfig:
+        """The analysis section, once the fields an analysis needs are known present."""
+        if self.analysis is None:
+            raise ConfigError(
+                "analysis: section missing; add analysis.output (and checkpoints, quantities)"
+            )
+        if not self.analysis.checkpoints and self.model.checkpoint is None:
+            raise ConfigError(
+                "analysis.checkpoints: none given and no model.checkpoint; list the checkpoints"
+            )
+        return self.analysis
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -38,10 +38,13 @@ class Evaluator(Protocol):
 
 @dataclass(frozen=True)
 class Output:
-    """One value a job stores per point: a number (``shape == ()``) or an array."""
+    """One value a job stores per point: a number (``shape == ()``) or an array.
+    ``description`` says what it is (estimator, tolerance, known biases); it is stored
+    as the map's ``description`` attribute."""
 
     name: str
     shape: tuple[int, ...] = ()
+    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,9 @@ class JobKind:
       many of them make a shard (0: about 64 shards);
     - ``done_attrs(config, dtype)``: attributes of its done flags (what its values mean);
     - ``evaluator`` and ``figures``: ``"module:attribute"`` of the evaluator factory and of
-      ``figures(surface, maps, labels) -> {name: Figure}``.
+      ``figures(surface, maps, labels) -> {name: Figure}``;
+    - ``file``: the kind of result file it works in: ``surface`` (items are grid points)
+      or ``analysis`` (items are checkpoints, :mod:`landscape.analysis`).
     """
 
     name: str
@@ -88,6 +93,7 @@ class JobKind:
     figures: str
     derived: tuple[DerivedMap, ...] = ()
     done_attrs: Callable[[Any, Any], dict] = lambda config, dtype: {}
+    file: str = "surface"
 
 
 def resolve(target: str) -> Any:
@@ -103,16 +109,190 @@ def hessian_done_attrs(config, dtype) -> dict:
 
 LOSS_MAPS = ("train_loss", "train_acc", "test_loss", "test_acc")
 HESSIAN_OUTPUTS = tuple(
-    Output(name)
-    for name in (
-        "lambda_min",
-        "lambda_max",
-        "lambda_min_residual",
-        "lambda_max_residual",
-        "hessian_hvps",
-        "hessian_converged",
+    Output(name, (), description)
+    for name, description in (
+        ("lambda_min", "smallest eigenvalue of the training-loss Hessian (done/hessian: method)"),
+        ("lambda_max", "largest eigenvalue of the training-loss Hessian (done/hessian: method)"),
+        ("lambda_min_residual", "||H y - theta y|| of lambda_min's Ritz pair, one explicit HVP"),
+        ("lambda_max_residual", "||H y - theta y|| of lambda_max's Ritz pair, one explicit HVP"),
+        ("hessian_hvps", "Hessian-vector products spent at the point"),
+        ("hessian_converged", "1 where both ends met done/hessian's criterion, else 0"),
     )
 )
+LOSS_DESCRIPTIONS = {
+    "train_loss": "mean loss (evaluation.loss of the config) over the full training set",
+    "train_acc": "accuracy over the full training set",
+    "test_loss": "mean loss over the full test set",
+    "test_acc": "accuracy over the full test set",
+}
+
+
+def density_outputs(prefix: str, operator: str, settings) -> tuple[Output, ...]:
+    """What the SLQ of ``operator`` stores per checkpoint (:mod:`landscape.curvature.spectrum`)."""
+    probes, steps, points = settings.probes, settings.steps, settings.density_points
+    return (
+        Output(
+            f"{prefix}density_nodes",
+            (probes, steps),
+            f"stochastic Lanczos quadrature of {operator}: each Rademacher probe's Ritz "
+            "values (Lanczos with full reorthogonalization, float64 tridiagonal), ascending; "
+            "NaN past the last node of an exhausted Krylov space",
+        ),
+        Output(
+            f"{prefix}density_weights",
+            (probes, steps),
+            "Gauss quadrature weight of each node (squared first component of its "
+            "tridiagonal eigenvector); each probe's sum to 1; moments sum w theta^j are "
+            "exact for j <= 2 steps - 1, up to the Hutchinson error of the probe count",
+        ),
+        Output(
+            f"{prefix}density_grid",
+            (points,),
+            "where the density is evaluated: evenly from 6 broadenings below the smallest "
+            "node to 6 above the largest",
+        ),
+        Output(
+            f"{prefix}density",
+            (points,),
+            f"spectral density of {operator}: every node a Gaussian of width "
+            f"{prefix}density_sigma weighted by its weight / probes (integrates to 1); "
+            "broadening blurs features narrower than sigma",
+        ),
+        Output(
+            f"{prefix}density_sigma",
+            (),
+            "the density's Gaussian broadening: the nodes' range / steps",
+        ),
+    )
+
+
+def top_outputs(prefix: str, operator: str, settings) -> tuple[Output, ...]:
+    """What the top-k Lanczos run of ``operator`` stores per checkpoint."""
+    k = settings.top_k
+    return (
+        Output(
+            f"{prefix}top_eigenvalues",
+            (k,),
+            f"the {k} largest eigenvalues of {operator}, descending (Lanczos, full "
+            "reorthogonalization, seeded start)",
+        ),
+        Output(
+            f"{prefix}top_residuals",
+            (k,),
+            "||M y - theta y|| of each Ritz pair by one explicit product: an eigenvalue "
+            "lies within it of theta",
+        ),
+        Output(
+            f"{prefix}top_converged",
+            (k,),
+            f"1 where the residual is <= tolerance {settings.tolerance:g} x the spectral "
+            "scale (floored at 16 eps of the products' dtype), else 0",
+        ),
+    )
+
+
+def cost_outputs(quantity: str) -> tuple[Output, ...]:
+    return (
+        Output(
+            f"{quantity}_hvps",
+            (),
+            f"curvature-vector products {quantity} spent (an intermediate that several "
+            "quantities use is counted by the first one computed)",
+        ),
+        Output(f"{quantity}_seconds", (), f"wall-clock seconds {quantity} took at this checkpoint"),
+    )
+
+
+def estimate_outputs(name: str, what: str) -> tuple[Output, ...]:
+    return (
+        Output(name, (), what),
+        Output(f"{name}_se", (), f"standard error of {name} (sample std / sqrt(probes))"),
+    )
+
+
+def analysis_outputs(config) -> tuple[Output, ...]:
+    """The values an analysis file stores per checkpoint for ``config.analysis`` (its
+    ``top_k`` resolved by the plan): the training loss and accuracy, then each selected
+    quantity's values and its cost."""
+    settings = config.analysis
+    if settings.top_k < 1:
+        raise ValueError("analysis_outputs needs analysis.top_k resolved by the plan")
+    k = settings.top_k
+    chosen = {
+        "density": density_outputs("", "H", settings),
+        "top_eigenpairs": top_outputs("", "H", settings)
+        + (
+            Output(
+                "outliers",
+                (),
+                f"eigenvalues above the bulk: c at the largest ratio lambda_c / lambda_c+1 "
+                f"among the top {k}, if >= 1 + gap ({settings.gap:g}), else 0 "
+                "(landscape.curvature.spectrum.count_outliers)",
+            ),
+            Output("bulk_edge", (), "lambda_c+1, the top of the bulk under the outliers"),
+            Output(
+                "outlier_ratios",
+                (k,),
+                "lambda_i / lambda_i+1, i = 1..k (lambda_k+1 bounded below by the density's nodes)",
+            ),
+            Output(
+                "outliers_saturated",
+                (),
+                "1 where all top_k eigenvalues are outliers: there may be more; raise top_k",
+            ),
+        ),
+        "gauss_newton": top_outputs("gn_", "G (Gauss-Newton, J^T H_out J)", settings)
+        + top_outputs("residual_", "H - G", settings)
+        + (
+            Output(
+                "hg_overlap",
+                (k,),
+                "overlap (1/j) ||U_j^T V_j||_F^2 of the top-j eigenspaces of H and G, j = 1..k",
+            ),
+        )
+        + density_outputs("gn_", "G", settings)
+        + density_outputs("residual_", "H - G", settings),
+        "gradient_overlap": (
+            Output(
+                "gradient_fractions",
+                (k,),
+                "||P_j g||^2 / ||g||^2: the full-data gradient's share in the span of H's "
+                "top-j eigenvectors, j = 1..k (Gur-Ari et al.; Ritz vectors, see top_residuals)",
+            ),
+            Output("gradient_norm", (), "||g|| of the full-data mean loss"),
+        ),
+        "trace": estimate_outputs("trace", "tr(H), Hutchinson (Hutch++ with a sketch)")
+        + estimate_outputs("frobenius_squared", "||H||_F^2 = mean ||H v||^2 over the probes")
+        + estimate_outputs(
+            "trace_over_frobenius",
+            "tr(H) / ||H||_F, ratio of the two means (delta method; biased by O(1/probes))",
+        ),
+        "clustering": tuple(
+            Output(name, (), f"{what} (Fort & Ganguli Fig. 1, seeded subsample)")
+            for name, what in (
+                ("same_logit_same_class", "mean cosine of grad z_k for pairs of class k"),
+                ("same_logit", "mean cosine of grad z_k over all pairs of samples"),
+                ("same_logit_different_class", "mean cosine of grad z_k, pairs of two classes"),
+                ("different_logits", "mean cosine of grad z_k and grad z_l, k != l"),
+                ("logit_variance", "variance of a sample's logits, mean over samples"),
+                ("logit_gradient_norm", "mean ||grad z_k|| over samples and logits"),
+                ("weight_norm", "||theta|| of the analysed parameters"),
+            )
+        ),
+    }
+    outputs = (
+        Output("train_loss", (), "full-training-set mean loss at the checkpoint"),
+        Output("train_acc", (), "full-training-set accuracy (NaN for objectives without one)"),
+    )
+    for quantity in config.analysis.quantities:
+        outputs += chosen[quantity] + cost_outputs(quantity)
+    return outputs
+
+
+def analysis_done_attrs(config, dtype) -> dict:
+    """The settings behind an analysis file's values (what its estimators were given)."""
+    return resolve("landscape.analysis:analysis_attrs")(config.analysis, dtype)
+
 
 JOB_KINDS: tuple[JobKind, ...] = (
     JobKind(
@@ -120,7 +300,9 @@ JOB_KINDS: tuple[JobKind, ...] = (
         verb="run",
         description="evaluate the pending loss/accuracy points of a surface file",
         maps=LOSS_MAPS,
-        outputs=lambda config: tuple(Output(name) for name in config.maps if name in LOSS_MAPS),
+        outputs=lambda config: tuple(
+            Output(name, (), LOSS_DESCRIPTIONS[name]) for name in config.maps if name in LOSS_MAPS
+        ),
         points=lambda config, grid: grid.sublattice(1),
         shard_size=lambda config: config.grid.shard_size,
         evaluator="landscape.evaluators:loss_evaluator",
@@ -139,6 +321,20 @@ JOB_KINDS: tuple[JobKind, ...] = (
         figures="landscape.plot:hessian_figures",
         derived=(DerivedMap("lambda_ratio", ("lambda_min", "lambda_max"), eigenvalue_ratio),),
         done_attrs=hessian_done_attrs,
+    ),
+    JobKind(
+        name="analysis",
+        verb="analyze",
+        description="curvature analyses (spectra, outliers, Gauss-Newton split, gradient "
+        "subspace, trace, clustering) at each checkpoint of an analysis file",
+        maps=(),
+        outputs=analysis_outputs,
+        points=lambda config, grid: grid.sublattice(1),
+        shard_size=lambda config: config.analysis.shard_size,
+        evaluator="landscape.analysis:analysis_evaluator",
+        figures="landscape.analysis_plot:analysis_figures",
+        done_attrs=analysis_done_attrs,
+        file="analysis",
     ),
 )
 JOBS: dict[str, JobKind] = {kind.name: kind for kind in JOB_KINDS}

@@ -1,29 +1,35 @@
-"""The coordinator: turn a config into a surface file, or confirm an existing one matches.
+"""The coordinator: turn a config into a surface or analysis file, or confirm an existing
+one matches.
 
-Planning loads the checkpoint once, draws the directions and writes them into the
-file, so every worker, wherever it runs, applies the same vectors. Planning a file
-that exists is a resume: a no-op when the config and checkpoint are unchanged, an
-error naming the differing fields otherwise. An existing file is never overwritten.
+Planning a surface loads the checkpoint once, draws the directions and writes them into
+the file, so every worker, wherever it runs, applies the same vectors. Planning an
+analysis lists its checkpoints with their hashes and epochs. Planning a file that exists
+is a resume: a no-op when the config and checkpoints are unchanged, an error naming the
+differing fields otherwise. An existing file is never overwritten.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from landscape.atomic import folder_for
-from landscape.checkpoint import verify_fingerprint
+from landscape.checkpoint import check_compatible, file_sha256, load_checkpoint, verify_fingerprint
 from landscape.config import ExperimentConfig, config_differences
+from landscape.curvature.operators import select_parameters
 from landscape.directions import ignored_parameters, plan_directions
 from landscape.errors import UserError
 from landscape.experiment import Experiment
 from landscape.grid import Grid, shard_ranges
-from landscape.jobs import jobs_for
+from landscape.jobs import JOB_KINDS, jobs_for
 from landscape.locking import surface_lock
 from landscape.parts import part_files, parts_folder
-from landscape.store import SurfaceFile, create_surface_file
+from landscape.store import SurfaceFile, create_surface_file, texts
+from landscape.trajectory import trajectory_files
 
 log = logging.getLogger(__name__)
 
@@ -115,3 +121,128 @@ def check_same_plan(path: Path, config: ExperimentConfig) -> None:
             f"{', '.join(differences)}); choose another output path or delete the file"
         )
     verify_fingerprint(config.model.checkpoint, planned_sha, path)
+
+
+ANALYSIS_FIELD = "analysis.checkpoints"
+
+
+def plan_analysis(config: ExperimentConfig) -> Path:
+    """Create the analysis file of ``config.analysis`` (or check the existing one)."""
+    path = Path(config.require_analysis().output)
+    if not path.is_file():
+        with folder_for(path, "analysis.output"), surface_lock(path, "landscape plan", wait=True):
+            if not path.exists():
+                create_analysis_plan(path, config)
+                return path
+    check_same_analysis(path, config)
+    log.info("%s already planned with this config: nothing to do (resume with analyze)", path)
+    return path
+
+
+def analysis_checkpoints(config: ExperimentConfig) -> list[Path]:
+    """The checkpoints an analysis covers, in order: analysis.checkpoints (globs in
+    natural order), or model.checkpoint alone."""
+    patterns = config.analysis.checkpoints or [config.model.checkpoint]
+    return trajectory_files(patterns, ANALYSIS_FIELD, minimum=1)
+
+
+def resolved_analysis(config: ExperimentConfig, classes: int, parameters: int) -> ExperimentConfig:
+    """``config`` with analysis.top_k made concrete: 0 becomes C + 2 (Sagun et al.'s C
+    outliers and two eigenvalues of the bulk to find the gap below them), at most the
+    number of analysed parameters."""
+    settings = config.analysis
+    top_k = settings.top_k or min(classes + 2, parameters)
+    if top_k > parameters:
+        raise UserError(
+            f"analysis.top_k: {top_k} eigenpairs of {parameters} analysed parameters; give at "
+            f"most {parameters}"
+        )
+    return dataclasses.replace(config, analysis=dataclasses.replace(settings, top_k=top_k))
+
+
+def create_analysis_plan(path: Path, config: ExperimentConfig) -> None:
+    """Check every checkpoint against the model (shapes, finite values) and write the
+    analysis file at ``path``: its checkpoints' paths, hashes and epochs, and an empty
+    work table over them."""
+    files = analysis_checkpoints(config)
+    experiment = Experiment.load(config, with_checkpoint=False, device="cpu")
+    if "clustering" in config.analysis.quantities and experiment.data.train_y.is_floating_point():
+        raise UserError(
+            "analysis.quantities: clustering groups logit gradients by class and needs class "
+            "labels; this data set's targets are real numbers: drop clustering"
+        )
+    names = select_parameters(experiment.model, config.analysis.parameters)
+    parameters = dict(experiment.model.named_parameters())
+    size = sum(parameters[name].numel() for name in names)
+    classes = experiment.data.num_classes
+    config = resolved_analysis(config, classes, size)
+    epochs = []
+    for file in files:
+        state, metadata = load_checkpoint(file, ANALYSIS_FIELD)
+        check_compatible(experiment.model, state, file)
+        epochs.append(int(metadata.get("epoch", -1)))
+    strings = h5py.string_dtype()
+    rows = {
+        "path": np.array([str(file) for file in files], dtype=strings),
+        "sha256": np.array([file_sha256(file) for file in files], dtype=strings),
+        "epoch": np.asarray(epochs, np.int64),
+    }
+    grid = Grid(np.arange(len(files), dtype=np.float64))
+    work, job_attrs = {}, {}
+    for kind in JOB_KINDS:
+        if kind.file == "analysis":
+            points = kind.points(config, grid)
+            work[kind.name] = (points, shard_ranges(points.size, kind.shard_size(config)))
+            job_attrs[kind.name] = kind.done_attrs(config, experiment.dtype)
+    metadata = {
+        "model": config.model.name,
+        "dataset": config.data.name,
+        "classes": classes,
+        "parameters": size,
+    }
+    groups = {"checkpoints": (rows, {"classes": classes, "parameters": size})}
+    create_surface_file(path, config, grid, [], [], groups, work, metadata, job_attrs, "analysis")
+    log.info(
+        "planned %s: %d checkpoints, %s; top_k %d (%d classes), %d parameters",
+        path,
+        len(files),
+        ", ".join(config.analysis.quantities),
+        config.analysis.top_k,
+        classes,
+        size,
+    )
+
+
+def check_same_analysis(path: Path, config: ExperimentConfig) -> None:
+    """Fail unless ``path`` was planned from ``config`` (top_k resolved as then) over the
+    checkpoints it names now."""
+    if not h5py.is_hdf5(path):
+        raise UserError(
+            f"analysis.output: {path} exists and is not an analysis file; choose another path"
+        )
+    with SurfaceFile.open(path) as analysis:
+        if analysis.kind != "analysis":
+            raise UserError(
+                f"analysis.output: {path} is a {analysis.kind} file; choose another path"
+            )
+        attrs = analysis.attrs
+        planned = analysis.config.to_dict()
+        rows, _ = analysis.group("checkpoints")
+    config = resolved_analysis(config, int(attrs["classes"]), int(attrs["parameters"]))
+    differences = config_differences(planned, config.to_dict())
+    if differences:
+        raise UserError(
+            f"analysis.output: {path} was planned with a different config (differs in "
+            f"{', '.join(differences)}); choose another output path or delete the file"
+        )
+    planned_files = texts(rows["path"])
+    files = [str(file) for file in analysis_checkpoints(config)]
+    if files != planned_files:
+        raise UserError(
+            f"{ANALYSIS_FIELD}: now {len(files)} checkpoints, {path} was planned over "
+            f"{len(planned_files)} (training went on?); choose another analysis.output for them"
+        )
+
+
+# The planner of each kind of result file (:attr:`landscape.jobs.JobKind.file`).
+PLANNERS = {"surface": plan_surface, "analysis": plan_analysis}

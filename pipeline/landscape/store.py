@@ -1,4 +1,11 @@
-"""The surface file: one HDF5 file per experiment holding everything workers need and produce.
+"""The result files: one HDF5 file per experiment holding everything workers need and produce.
+
+A *surface* file's items are the points of a grid of directions (``landscape plan``);
+an *analysis* file's are the checkpoints of a list (``landscape analyze``, whose layout
+:mod:`landscape.analysis` describes: no directions, a 1D ``grid/x`` numbering the
+checkpoints, ``/checkpoints`` with their paths, hashes and epochs). Both share the maps,
+the work tables and everything below; the root attribute ``file_kind`` tells them apart
+(absent: a surface file of an older version).
 
 Layout (schema version 3; version 2 named the loss job "surface", and still opens)::
 
@@ -21,7 +28,8 @@ Layout (schema version 3; version 2 named the loss job "surface", and still open
                          non_smooth_operations. Written by ``rewrite_group`` (new image, rename)
     /grid/x, /grid/y     coordinates (no y for a 1D surface)
     /maps/<name>         float64 (ny, nx) or (nx,), plus the output's trailing shape
-                         ((k,) for k values per point), NaN until computed: every output
+                         ((k,) for k values per point), NaN until computed (attrs:
+                         description, what the value is and how it is estimated): every output
                          of every job (the hessian job also writes residuals, HVP counts
                          and a converged flag) and the derived maps (lambda_ratio =
                          |lambda_min / lambda_max|), filled by reduce
@@ -78,6 +86,9 @@ def job_name(stored: str) -> str:
     return RENAMED_JOBS.get(stored, stored)
 
 
+FILE_KINDS = ("surface", "analysis")
+
+
 def create_surface_file(
     path: Path,
     config: ExperimentConfig,
@@ -88,9 +99,11 @@ def create_surface_file(
     work: dict[str, tuple[np.ndarray, np.ndarray]],
     metadata: dict,
     job_attrs: dict[str, dict],
+    file_kind: str = "surface",
 ) -> None:
-    """Write a complete, empty surface file atomically (temp file, then rename).
+    """Write a complete, empty result file atomically (temp file, then rename).
 
+    ``file_kind``: one of FILE_KINDS (an analysis file has no directions).
     ``axis_attrs`` go on each direction's group; ``groups`` are extra groups of datasets
     and attributes (a PCA trajectory, interpolation end points); ``work`` maps each job
     to its point numbers and its shards (ranges into them); ``job_attrs`` go on a job's
@@ -106,6 +119,7 @@ def create_surface_file(
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             package_version=__version__,
             plan_id=uuid.uuid4().hex,
+            file_kind=file_kind,
             **metadata,
         )
         for axis, direction, attrs in zip("xy", directions, axis_attrs):
@@ -128,6 +142,7 @@ def create_surface_file(
             for output in outputs:
                 values = np.full(grid.shape + output.shape, np.nan)
                 handle.create_dataset(f"maps/{output.name}", data=values)
+                handle[f"maps/{output.name}"].attrs["description"] = output.description
             for derived in kind.derived:
                 values = np.full(grid.shape + derived.shape, np.nan)
                 handle.create_dataset(f"maps/{derived.name}", data=values)
@@ -136,12 +151,23 @@ def create_surface_file(
     write_file(path, image.getbuffer(), "output")
 
 
+def texts(values: np.ndarray) -> list[str]:
+    """A string dataset's values as ``str`` (h5py reads variable-length strings as bytes)."""
+    return [value.decode() if isinstance(value, bytes) else str(value) for value in values]
+
+
+def file_kind(handle: h5py.File) -> str:
+    """``surface`` or ``analysis`` (files of versions before analyses are surfaces)."""
+    return str(handle.attrs.get("file_kind", "surface"))
+
+
 def missing_datasets(handle: h5py.File) -> list[str]:
     """The datasets of the schema that ``handle`` lacks (the maps and work table of every
     job it lists), so that a file that has a surface file's attributes but not its
     contents is refused by name instead of failing later at the first missing key."""
     jobs = list(handle["done"]) if isinstance(handle.get("done"), h5py.Group) else []
-    needed = ["grid/x", "directions/x", "done"]
+    needed = ["grid/x", "done"]
+    needed += ["directions/x"] if file_kind(handle) == "surface" else ["checkpoints/path"]
     for job in jobs:
         needed += [f"{group}/{job}" for group in TABLE_GROUPS]
         needed += [f"maps/{name}" for name in handle[f"done/{job}"].attrs.get("outputs", [])]
@@ -290,6 +316,15 @@ class SurfaceFile:
         self.lock.close()
 
     @property
+    def kind(self) -> str:
+        """``surface`` (items: grid points) or ``analysis`` (items: checkpoints)."""
+        return file_kind(self.handle)
+
+    def description(self, name: str) -> str:
+        """What map ``name`` holds, as its job stored it ("" for files before descriptions)."""
+        return str(self.handle[f"maps/{name}"].attrs.get("description", ""))
+
+    @property
     def stored_config(self) -> dict:
         return yaml.safe_load(self.handle.attrs["config"])
 
@@ -379,19 +414,22 @@ class SurfaceFile:
         """The maps ``job`` writes at each of its points."""
         return [str(name) for name in self.work(job).attrs["outputs"]]
 
+    def direction_groups(self) -> list[h5py.Group]:
+        """The group of each direction, x first (none in an analysis file)."""
+        stored = self.handle.get("directions", {})
+        return [stored[axis] for axis in "xy" if axis in stored]
+
     def directions(self) -> list[dict[str, np.ndarray]]:
-        groups = [
-            self.handle[f"directions/{axis}"] for axis in "xy" if axis in self.handle["directions"]
-        ]
-        return [{name: group[name][()] for name in group} for group in groups]
+        return [{name: group[name][()] for name in group} for group in self.direction_groups()]
 
     def axis_attrs(self) -> list[dict]:
         """What the planner recorded about each direction (kind, eigenvalue, ...)."""
-        groups = [self.handle[f"directions/{a}"] for a in "xy" if a in self.handle["directions"]]
-        return [dict(group.attrs) for group in groups]
+        return [dict(group.attrs) for group in self.direction_groups()]
 
     def axis_labels(self) -> list[str]:
         """What each axis is, for plots: e.g. ``x: PCA-1 (62.3% of the path's variance)``."""
+        if self.kind == "analysis":
+            return ["checkpoint"]
         return [
             str(attrs.get("label", f"{axis}: {attrs['kind']} direction"))
             for axis, attrs in zip("xy", self.axis_attrs())

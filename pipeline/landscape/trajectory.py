@@ -61,9 +61,12 @@ class Trajectory:
             return (following <= LR_DROP * self.lr) & held
 
 
-def trajectory_files(patterns: list[str]) -> list[Path]:
+def trajectory_files(
+    patterns: list[str], field: str = "directions.checkpoints", minimum: int = 2
+) -> list[Path]:
     """Checkpoint paths in order; a glob pattern expands in natural order (epoch_2 before
-    epoch_10). Fails naming a pattern that matches nothing."""
+    epoch_10). Fails naming ``field`` and a pattern that matches nothing, or when fewer
+    than ``minimum`` files are found (PCA needs two)."""
     files = []
     for pattern in patterns:
         matches = (
@@ -71,12 +74,11 @@ def trajectory_files(patterns: list[str]) -> list[Path]:
         )
         if not matches or not Path(matches[0]).is_file():
             raise UserError(
-                f"directions.checkpoints: {pattern} matches no file; train first (landscape "
-                "train) or fix the path"
+                f"{field}: {pattern} matches no file; train first (landscape train) or fix the path"
             )
         files += [Path(match) for match in matches]
-    if len(files) < 2:
-        raise UserError("directions.checkpoints: PCA needs at least 2 checkpoints")
+    if len(files) < minimum:
+        raise UserError(f"{field}: {len(files)} checkpoints; give at least {minimum}")
     return files
 
 

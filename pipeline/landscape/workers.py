@@ -202,14 +202,17 @@ def open_surface(path: Path, writer: str, ranks: Solo) -> SurfaceFile:
 def load_evaluator(job: str, surface: SurfaceFile, device: str | None, ranks: Solo) -> Evaluator:
     """The job kind's evaluator, on this rank's device, with the file's directions.
 
-    The checkpoint's bytes were checked against the plan's hash by :func:`run_job`, on
-    this rank: its hash is the plan's, not computed again."""
+    A surface's checkpoint was checked against the plan's hash by :func:`run_job`, on
+    this rank: its hash is the plan's, not computed again. An analysis file has none:
+    its evaluator loads (and checks) each checkpoint in turn."""
     config = surface.config
+    planned_sha = surface.attrs.get("checkpoint_sha256")
     experiment = Experiment.load(
         config,
+        with_checkpoint=planned_sha is not None,
         device=device,
         local_rank=ranks.local_rank,
-        checkpoint_sha256=surface.attrs["checkpoint_sha256"],
+        checkpoint_sha256=planned_sha,
     )
     if ranks.size > 1 and not config.evaluation.threads:
         torch.set_num_threads(cpu_threads_per_rank(ranks.local_size))
@@ -303,11 +306,12 @@ def run_job(
             ranks.on_rank0(lambda: reduce(path))
         with ranks.agree(lambda: open_surface(path, writer, ranks)) as surface:
             # Every rank reads the checkpoint it will load: one node may see other bytes.
-            ranks.agree(
-                lambda: verify_fingerprint(
-                    surface.config.model.checkpoint, surface.attrs["checkpoint_sha256"], path
+            if "checkpoint_sha256" in surface.attrs:
+                ranks.agree(
+                    lambda: verify_fingerprint(
+                        surface.config.model.checkpoint, surface.attrs["checkpoint_sha256"], path
+                    )
                 )
-            )
             if job not in surface.jobs:
                 needed = ", ".join(JOBS[job].maps)
                 raise UserError(

@@ -164,13 +164,18 @@ def in_units(count: float) -> str:
 
 
 def check_basis_memory(
-    size: int, max_hvps: int, device: torch.device, setting: str = "hessian.max_hvps"
+    size: int,
+    max_hvps: int,
+    device: torch.device,
+    setting: str = "hessian.max_hvps",
+    level: int = logging.INFO,
 ) -> None:
-    """Log what the Lanczos basis for ``size`` parameters may take, and refuse in one line,
-    before anything is allocated, if that is more than ``device`` has free, naming the
-    ``setting`` that sets the basis length (``max_hvps``)."""
+    """Log (at ``level``) what the Lanczos basis for ``size`` parameters may take, and
+    refuse in one line, before anything is allocated, if that is more than ``device`` has
+    free, naming the ``setting`` that sets the basis length (``max_hvps``)."""
     limit, need, free = min(max_hvps, size), basis_bytes(max_hvps, size), free_memory(device)
-    log.info(
+    log.log(
+        level,
         "Lanczos basis: %d float64 vectors of %d parameters, %s (%s free on %s)",
         limit,
         size,

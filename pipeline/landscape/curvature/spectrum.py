@@ -35,6 +35,7 @@ run (:func:`~landscape.curvature.lanczos.lanczos`), each verified by one explici
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -199,7 +200,7 @@ def stochastic_lanczos_quadrature(
     if probes < 1 or steps < 1:
         raise UserError(f"probes, steps: {probes} probes of {steps} steps; give at least 1 each")
     device = torch.device(device)
-    check_basis_memory(size, steps, device, setting="steps")
+    check_basis_memory(size, steps, device, setting="steps", level=logging.DEBUG)
     columns = min(steps, size)
     basis = torch.empty(columns, size, dtype=torch.float64, device=device)
     nodes = np.full((probes, columns), np.nan)
@@ -242,7 +243,7 @@ def top_eigenpairs(
     if max_hvps < k:
         raise UserError(f"max_hvps: {max_hvps} products cannot find {k} eigenpairs; raise it")
     device = torch.device(device)
-    check_basis_memory(size, max_hvps, device, setting="max_hvps")
+    check_basis_memory(size, max_hvps, device, setting="max_hvps", level=logging.DEBUG)
     criterion = Criterion.for_dtype(tolerance, dtype)
     which = tuple(range(-1, -k - 1, -1))
     return lanczos(hvp, start_vector(size, seed).to(device), criterion, max_hvps, which, project)
