@@ -138,9 +138,16 @@ class ShardClaims:
 
 
 WRITERS = {
-    "serial": "one process writes the surface file",
-    "mpio": "every rank writes its own points into the surface file (parallel HDF5, mpio)",
-    "parts": "each rank writes part files, merged into the surface file at the end",
+    "serial": "one process writes the file",
+    "mpio": "every rank writes its own points into the file (parallel HDF5, mpio)",
+    "parts": "each rank writes part files, merged into the file at the end",
+}
+
+
+# How a user makes each kind of result file (JobKind.file).
+PLANNED_BY = {
+    "surface": "plan one with `landscape plan CONFIG` (a config with grid: and maps:)",
+    "analysis": "plan one with `landscape analyze CONFIG` (a config with an analysis: section)",
 }
 
 
@@ -311,6 +318,11 @@ def run_job(
                     lambda: verify_fingerprint(
                         surface.config.model.checkpoint, surface.attrs["checkpoint_sha256"], path
                     )
+                )
+            if JOBS[job].file != surface.kind:
+                raise UserError(
+                    f"{path}: is a file of kind {surface.kind}; `landscape {JOBS[job].verb}` "
+                    f"works on {JOBS[job].file} files: {PLANNED_BY[JOBS[job].file]}"
                 )
             if job not in surface.jobs:
                 needed = ", ".join(JOBS[job].maps)
