@@ -10,6 +10,9 @@
     result.maps["train_loss"]                 # (ny, nx) float64, NaN where not yet computed
     api.plot(path, "figures/")
 
+    analysis = api.analyze("configs/analysis_digits.yaml")   # an analysis: section
+    api.read(analysis).maps["top_eigenvalues"]   # (checkpoints, top_k)
+
 Each function does what the ``landscape`` command of the same name does, in this process
 (one rank: for several, ``mpirun -n N landscape run``), with the same files, locks and
 resume; where the command prints a one-line error, these raise
@@ -27,7 +30,7 @@ import numpy as np
 from landscape.config import ExperimentConfig, load_config
 from landscape.grid import Grid
 from landscape.jobs import JOB_KINDS
-from landscape.plan import plan_surface
+from landscape.plan import plan_analysis, plan_surface
 from landscape.reduce import reduce
 from landscape.status import surface_status
 from landscape.store import SurfaceFile
@@ -37,6 +40,7 @@ from landscape.workers import run_job
 
 __all__ = [
     "Result",
+    "analyze",
     "load_config",
     "plan",
     "plot",
@@ -50,6 +54,7 @@ __all__ = [
 
 # The job `landscape run` computes (loss and accuracy), api.run's default.
 LOSS_JOB = next(kind.name for kind in JOB_KINDS if kind.verb == "run")
+ANALYSIS_JOB = next(kind.name for kind in JOB_KINDS if kind.file == "analysis")
 
 
 def plan(config: ExperimentConfig | str | Path, overrides: list[str] = ()) -> Path:
@@ -61,6 +66,24 @@ def plan(config: ExperimentConfig | str | Path, overrides: list[str] = ()) -> Pa
     elif overrides:
         raise ValueError("overrides apply to a config file; pass its path, or change the config")
     return plan_surface(config)
+
+
+def analyze(
+    config: ExperimentConfig | str | Path,
+    overrides: list[str] = (),
+    device: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """``landscape analyze CONFIG``: plan (or check) the analysis file of ``config``'s
+    ``analysis:`` section, then compute every pending checkpoint (:mod:`landscape.analysis`).
+    ``config`` and ``overrides`` as for :func:`plan`. Returns the analysis file's path."""
+    if not isinstance(config, ExperimentConfig):
+        config = load_config(config, overrides)
+    elif overrides:
+        raise ValueError("overrides apply to a config file; pass its path, or change the config")
+    path = plan_analysis(config)
+    run_job(path, ANALYSIS_JOB, device=device, show_progress=progress)
+    return path
 
 
 def run(
@@ -103,7 +126,8 @@ class Result:
     shape and says which points a job finished. ``labels`` are the axis titles the figures
     use; ``attrs`` the file's own attributes (checkpoint hash, model, data set, plan id);
     ``groups`` the extra groups a plan or command added (``trajectory``, ``endpoints``,
-    ``trace``), each as (datasets, attributes).
+    ``trace``; an analysis file's ``checkpoints``: path, sha256, epoch), each as
+    (datasets, attributes). An analysis file's grid numbers its checkpoints.
     """
 
     path: Path
@@ -116,7 +140,7 @@ class Result:
     groups: dict[str, tuple[dict, dict]]
 
 
-EXTRA_GROUPS = ("trajectory", "endpoints", "trace")
+EXTRA_GROUPS = ("trajectory", "endpoints", "trace", "checkpoints")
 
 
 def read(path: str | Path) -> Result:
