@@ -513,7 +513,10 @@ class ExperimentConfig:
     def require_surface(self) -> None:
         """Fail unless the fields a surface run needs are present."""
         if self.grid is None:
-            raise ConfigError("grid: required to plan a surface; add grid.x (and grid.y for 2D)")
+            raise ConfigError(
+                "grid: required to plan a surface; add grid.x (and grid.y for 2D); for the "
+                "analysis: section run `landscape analyze CONFIG`"
+            )
         if self.output is None:
             raise ConfigError("output: required; name the surface file to write (e.g. out.h5)")
         if self.model.checkpoint is None:

@@ -44,6 +44,11 @@ def estimate_trace(path: str | Path, device: str | None = None) -> str:
     """
     path = existing_surface(path)
     with SurfaceFile.open(path) as surface:
+        if surface.kind != "surface":
+            raise UserError(
+                f"{path}: a file of kind {surface.kind}; trace works on surface files (an "
+                "analysis stores tr(H) per checkpoint with analysis.quantities: trace)"
+            )
         config, plan_id = surface.config, surface.plan_id
         planned_sha = surface.attrs["checkpoint_sha256"]
     verify_fingerprint(config.model.checkpoint, planned_sha, path)
