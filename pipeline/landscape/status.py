@@ -110,10 +110,10 @@ def analysis_lines(surface: SurfaceFile) -> list[str]:
     the seconds its quantities took (top-k where k < C)."""
     attrs, settings = surface.attrs, surface.work("analysis").attrs
     rows, _ = surface.group("checkpoints")
-    classes = int(attrs["classes"])
+    classes, count = int(attrs["classes"]), len(rows["epoch"])
     quantities = [str(name) for name in settings["quantities"]]
     lines = [
-        f"{surface.path}: analysis of {len(rows['epoch'])} checkpoints, model "
+        f"{surface.path}: analysis of {count} checkpoint{'s' if count > 1 else ''}, model "
         f"{attrs['model']} on {attrs['dataset']} (C = {classes} classes, "
         f"{attrs['parameters']} parameters analysed), planned {attrs['created']}",
         f"  quantities: {', '.join(quantities)} (top_k {settings['top_k']})",
