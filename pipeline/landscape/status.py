@@ -1,6 +1,8 @@
-"""What a surface file holds right now: points done per job (merged, and waiting in part
-files), rate, time left, map ranges, and the state of each job submitted to SLURM (the
-record and the states come from :mod:`landscape.slurm`; this module only formats them).
+"""What a result file holds right now: points done per job (merged, and waiting in part
+files), rate, time left, and the state of each job submitted to SLURM (the record and the
+states come from :mod:`landscape.slurm`; this module only formats them). A surface file
+lists each map's range; an analysis file, one line of headline numbers per done
+checkpoint (:data:`ANALYSIS_COLUMNS`).
 
 Reads without locking, so it works while a job is writing the file.
 """
@@ -44,26 +46,99 @@ def map_line(name: str, values: np.ndarray) -> str:
 
 
 def surface_status(path: str | Path) -> str:
-    """A few human-readable lines describing the state of a surface file."""
+    """A few human-readable lines describing the state of a surface or analysis file."""
     with SurfaceFile.open(path) as surface:
-        grid, attrs = surface.grid, surface.attrs
-        shape = " x ".join(str(n) for n in grid.shape[::-1])
-        lines = [
-            f"{path}: {len(grid.shape)}D grid {shape}, model {attrs['model']} on "
-            f"{attrs['dataset']}, planned {attrs['created']}"
-        ]
-        lines += [f"  {label}" for label in surface.axis_labels()]
-        maps = surface.maps()
-        for job in surface.jobs:
-            lines.append(job_progress(surface, job))
-            derived = [derived.name for derived in JOBS[job].derived]
-            for name in surface.job_maps(job) + derived:
-                lines.append(map_line(name, maps[name]))
-        trace = surface.group("trace")
-        if trace is not None:
-            lines += trace_lines(trace[1])
+        lines = analysis_lines(surface) if surface.kind == "analysis" else surface_lines(surface)
     lines += submission_status(Path(path))
     return "\n".join(lines)
+
+
+def surface_lines(surface: SurfaceFile) -> list[str]:
+    """The grid, its axes, each job's progress and the range of each of its maps."""
+    grid, attrs = surface.grid, surface.attrs
+    shape = " x ".join(str(n) for n in grid.shape[::-1])
+    lines = [
+        f"{surface.path}: {len(grid.shape)}D grid {shape}, model {attrs['model']} on "
+        f"{attrs['dataset']}, planned {attrs['created']}"
+    ]
+    lines += [f"  {label}" for label in surface.axis_labels()]
+    maps = surface.maps()
+    for job in surface.jobs:
+        lines.append(job_progress(surface, job))
+        derived = [derived.name for derived in JOBS[job].derived]
+        for name in surface.job_maps(job) + derived:
+            lines.append(map_line(name, maps[name]))
+    trace = surface.group("trace")
+    if trace is not None:
+        lines += trace_lines(trace[1])
+    return lines
+
+
+# The columns of an analysis file's status: (header, map, which entry of a checkpoint's
+# value: None for a number, 0 for the first of k, "C" for the one at j = C of a top-j
+# series (j = k where k < C), "of C" for a count of C); a column whose map the file lacks
+# (its quantity not selected) is left out.
+ANALYSIS_COLUMNS = (
+    ("train loss", "train_loss", None),
+    ("lambda_1", "top_eigenvalues", 0),
+    ("outliers", "outliers", "of C"),
+    ("grad in top-{j}", "gradient_fractions", "C"),
+    ("tr(H)/||H||_F", "trace_over_frobenius", None),
+    ("H/G top-{j}", "hg_overlap", "C"),
+)
+
+
+def analysis_cell(maps: dict, name: str, entry, item: int, classes: int) -> str:
+    """Checkpoint ``item``'s value of map ``name`` as an :data:`ANALYSIS_COLUMNS` cell;
+    an outlier count reads ``2 of 3``, or ``5+ of 3`` where all top-k are outliers
+    (there may be more)."""
+    value = maps[name][item]
+    if entry == "of C":
+        more = "+" if maps["outliers_saturated"][item] else ""
+        return f"{int(value)}{more} of {classes}"
+    if entry == "C":
+        value = value[min(classes, value.size) - 1]
+    elif entry is not None:
+        value = value[entry]
+    return f"{value:.4g}"
+
+
+def analysis_lines(surface: SurfaceFile) -> list[str]:
+    """The checkpoints, the planned quantities, the progress, and a table of the done
+    checkpoints: epoch, training loss, lambda_1, outliers of C, the gradient's share in
+    H's top-C subspace, tr(H)/||H||_F, the overlap of H's and G's top-C subspaces, and
+    the seconds its quantities took (top-k where k < C)."""
+    attrs, settings = surface.attrs, surface.work("analysis").attrs
+    rows, _ = surface.group("checkpoints")
+    classes, count = int(attrs["classes"]), len(rows["epoch"])
+    quantities = [str(name) for name in settings["quantities"]]
+    lines = [
+        f"{surface.path}: analysis of {count} checkpoint{'s' if count > 1 else ''}, model "
+        f"{attrs['model']} on {attrs['dataset']} (C = {classes} classes, "
+        f"{attrs['parameters']} parameters analysed), planned {attrs['created']}",
+        f"  quantities: {', '.join(quantities)} (top_k {settings['top_k']})",
+        job_progress(surface, "analysis"),
+    ]
+    done = np.flatnonzero(surface.done("analysis"))
+    if not done.size:
+        return lines
+    maps = surface.maps()
+    columns = [column for column in ANALYSIS_COLUMNS if column[1] in maps]
+    j = min(classes, int(settings["top_k"]))
+    headers = ["checkpoint", "epoch"] + [header.format(j=j) for header, _, _ in columns]
+    headers.append("seconds")
+    table = [headers]
+    for item in done:
+        epoch = int(rows["epoch"][item])
+        seconds = sum(maps[f"{quantity}_seconds"][item] for quantity in quantities)
+        table.append(
+            [str(item), str(epoch) if epoch >= 0 else "-"]
+            + [analysis_cell(maps, name, entry, item, classes) for _, name, entry in columns]
+            + [f"{seconds:.3g}"]
+        )
+    widths = [max(len(row[column]) for row in table) for column in range(len(headers))]
+    lines += ["  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table]
+    return lines
 
 
 def job_progress(surface: SurfaceFile, job: str) -> str:
@@ -80,14 +155,15 @@ def job_progress(surface: SurfaceFile, job: str) -> str:
     finished = np.concatenate([work.finished()[done], part_finished[unmerged][first]])
     merged = int(done.sum())
     count = merged + waiting.size
-    line = f"  {job}: {merged}/{total} points done"
+    items = "checkpoints" if surface.kind == "analysis" else "points"
+    line = f"  {job}: {merged}/{total} {items} done"
     if waiting.size:
         line += f" (+{waiting.size} in part files, not yet merged: {count / total:.1%} in all)"
     else:
         line += f" ({count / total:.1%})"
     rate = finish_rate(finished)
     if rate is not None:
-        line += f", {rate:.2f} points/s"
+        line += f", {rate:.2f} {items}/s"
         if count < total:
             line += f", about {format_duration((total - count) / rate)} left"
     return line
