@@ -1,0 +1,239 @@
+"""`landscape analyze` end to end: the analysis file holds, at each checkpoint, exactly what
+the curvature functions give when called directly there, its top eigenvalues are those of
+the dense Hessian, its product counts are as documented, and bad analysis configs give
+one-line errors that name the field and leave every file on disk as it was."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import dense_hessian, write_experiment
+
+from landscape.checkpoint import file_sha256, load_state_dict
+from landscape.cli import main
+from landscape.config import load_config
+from landscape.curvature.clustering import logit_gradient_clustering
+from landscape.curvature.operators import (
+    DifferenceOperator,
+    GaussNewtonOperator,
+    HessianOperator,
+    select_parameters,
+)
+from landscape.curvature.spectrum import (
+    count_outliers,
+    stochastic_lanczos_quadrature,
+    top_eigenpairs,
+)
+from landscape.curvature.subspace import subspace_overlap, top_subspace_fractions
+from landscape.curvature.trace import trace_and_frobenius
+from landscape.evaluate import evaluate
+from landscape.experiment import Experiment
+from landscape.store import SurfaceFile, texts
+from landscape.train import train
+
+# Small enough for a second each on one core: 75 parameters (5 -> 8 -> 3), 60 samples.
+SETTINGS = {
+    "probes": 2,
+    "steps": 12,
+    "density_points": 32,
+    "trace_samples": 4,
+    "clustering_samples": 12,
+}
+EPOCHS = 2  # checkpoints epoch_000 (the initialization) .. epoch_002
+
+
+def training_run(folder: Path, dtype: str = "float64", name: str = "run", **analysis) -> Path:
+    """A config whose analysis covers every checkpoint of EPOCHS epochs of full-batch
+    gradient descent (trained here), with SETTINGS and ``analysis``."""
+    checkpoints = folder / f"{name}_checkpoints"
+    config = write_experiment(
+        folder,
+        name,
+        evaluation={"dtype": dtype, "batch_size": 60},  # one batch: 4x faster products
+        train={
+            "checkpoint_dir": str(checkpoints),
+            "lr": 0.5,
+            "momentum": 0.0,
+            "weight_decay": 0.0,
+            "batch_size": 60,
+            "epochs": EPOCHS,
+            "schedule": "constant",
+        },
+        analysis={
+            "output": str(folder / f"{name}.an.h5"),
+            "checkpoints": [str(checkpoints / "epoch_*.pt")],
+            **SETTINGS,
+            **analysis,
+        },
+    )
+    train(load_config(config))
+    return config
+
+
+def analyzed(config: Path) -> tuple[dict, dict, dict]:
+    """Run ``landscape analyze`` on ``config``; the file's maps, checkpoint rows and attrs."""
+    assert main(["analyze", str(config), "--no-progress"]) == 0
+    with SurfaceFile.open(load_config(config).analysis.output) as analysis:
+        assert analysis.kind == "analysis" and analysis.done("analysis").all()
+        rows, attrs = analysis.group("checkpoints")
+        maps = analysis.maps()
+        assert all(analysis.description(name) for name in maps)  # each says what it is
+        return maps, rows, {**attrs, **analysis.attrs}
+
+
+def at_checkpoint(config: Path, checkpoint: str) -> Experiment:
+    """The experiment of ``config`` with the weights of ``checkpoint``."""
+    experiment = Experiment.load(load_config(config), with_checkpoint=False)
+    experiment.model.load_state_dict(load_state_dict(checkpoint))
+    return experiment
+
+
+def direct(experiment: Experiment) -> dict:
+    """Every analysis of the experiment's training loss, by calling the curvature
+    functions directly with the config's settings: the ground truth of the file."""
+    settings = experiment.config.analysis
+    model, objective = experiment.model, experiment.objective
+    inputs, targets = experiment.data.split("train")
+    names = select_parameters(model, settings.parameters)
+    common = (model, names, inputs, targets, objective, experiment.config.evaluation.batch_size)
+    hessian = HessianOperator(*common)
+    gauss_newton = GaussNewtonOperator(*common)
+    residual = DifferenceOperator(hessian, gauss_newton)
+    batch_size = experiment.config.evaluation.batch_size
+    size, dtype = hessian.shape[0], experiment.dtype
+    k = settings.top_k or experiment.data.num_classes + 2  # the plan's default
+    found = {"size": size, "k": k, "hessian": hessian}
+    for name, operator in (("", hessian), ("gn_", gauss_newton), ("residual_", residual)):
+        found[f"{name}slq"] = stochastic_lanczos_quadrature(
+            operator.hvp, size, settings.probes, settings.steps, settings.seed, dtype
+        )
+        found[f"{name}top"] = top_eigenpairs(
+            operator.hvp, size, k, settings.tolerance, settings.max_hvps, settings.seed, dtype
+        )
+    found["outliers"] = count_outliers(found["top"].values, found["slq"], settings.gap)
+    found["gradient"] = hessian.gradient()
+    found["loss"] = evaluate(model, inputs, targets, batch_size, objective)
+    found["trace"] = trace_and_frobenius(
+        hessian, settings.trace_samples, settings.seed, settings.confidence
+    )
+    found["clustering"] = logit_gradient_clustering(
+        model, names, inputs, targets, settings.clustering_samples, settings.seed
+    )
+    return found
+
+
+def assert_density(maps: dict, row: int, prefix: str, quadrature, points: int) -> None:
+    """The file's SLQ of one operator at checkpoint ``row`` is ``quadrature``: its nodes
+    and weights, and the density on points evenly from 6 broadenings below the smallest
+    node to 6 above the largest (the outputs' descriptions)."""
+    columns = quadrature.nodes.shape[1]
+    np.testing.assert_array_equal(
+        maps[f"{prefix}density_nodes"][row, :, :columns], quadrature.nodes
+    )
+    np.testing.assert_array_equal(
+        maps[f"{prefix}density_weights"][row, :, :columns], quadrature.weights
+    )
+    sigma = quadrature.broadening()
+    assert maps[f"{prefix}density_sigma"][row] == sigma
+    low, high = quadrature.span()
+    grid = maps[f"{prefix}density_grid"][row]
+    np.testing.assert_allclose(
+        grid, np.linspace(low - 6 * sigma, high + 6 * sigma, points), rtol=0, atol=1e-12 * sigma
+    )
+    np.testing.assert_array_equal(maps[f"{prefix}density"][row], quadrature.density(grid, sigma))
+
+
+def assert_top(maps: dict, row: int, prefix: str, pairs) -> None:
+    np.testing.assert_array_equal(maps[f"{prefix}top_eigenvalues"][row], pairs.values)
+    np.testing.assert_array_equal(maps[f"{prefix}top_residuals"][row], pairs.residuals)
+    np.testing.assert_array_equal(maps[f"{prefix}top_converged"][row], pairs.pair_converged)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_analysis_file_holds_what_the_curvature_functions_give(tmp_path, dtype):
+    config = training_run(tmp_path, dtype)
+    maps, rows, attrs = analyzed(config)
+    settings = load_config(config).analysis
+    checkpoints = texts(rows["path"])
+    assert [Path(path).name for path in checkpoints] == [
+        f"epoch_{epoch:03d}.pt" for epoch in range(EPOCHS + 1)
+    ]
+    assert rows["epoch"].tolist() == list(range(EPOCHS + 1))
+    assert texts(rows["sha256"]) == [file_sha256(path) for path in checkpoints]
+    assert attrs["classes"] == 3 and attrs["parameters"] == 5 * 8 + 8 + 8 * 3 + 3
+
+    for row, checkpoint in enumerate(checkpoints):
+        experiment = at_checkpoint(config, checkpoint)
+        found = direct(experiment)
+        k = found["k"]
+        assert (maps["train_loss"][row], maps["train_acc"][row]) == found["loss"]
+        for prefix in ("", "gn_", "residual_"):
+            assert_density(maps, row, prefix, found[f"{prefix}slq"], settings.density_points)
+            assert_top(maps, row, prefix, found[f"{prefix}top"])
+        outliers = found["outliers"]
+        assert maps["outliers"][row] == outliers.count
+        assert maps["bulk_edge"][row] == outliers.edge
+        np.testing.assert_array_equal(maps["outlier_ratios"][row], outliers.ratios)
+        assert maps["outliers_saturated"][row] == outliers.saturated
+        h, g = found["top"].vectors, found["gn_top"].vectors
+        overlaps = [subspace_overlap(h[:j].T, g[:j].T) for j in range(1, k + 1)]
+        np.testing.assert_array_equal(maps["hg_overlap"][row], overlaps)
+        gradient = found["gradient"]
+        fractions = top_subspace_fractions(gradient, h.T)
+        np.testing.assert_array_equal(maps["gradient_fractions"][row], fractions)
+        assert maps["gradient_norm"][row] == float(gradient.norm())
+        trace = found["trace"]
+        for name, estimate in (
+            ("trace", trace.trace),
+            ("frobenius_squared", trace.frobenius_squared),
+        ):
+            assert maps[name][row] == estimate.mean
+            assert maps[f"{name}_se"][row] == estimate.standard_error
+        assert maps["trace_over_frobenius"][row] == trace.ratio.value
+        assert maps["trace_over_frobenius_se"][row] == trace.ratio.standard_error
+        for name, value in dataclasses.asdict(found["clustering"]).items():
+            if name not in ("samples", "classes"):
+                assert maps[name][row] == value, name
+
+        # Products, as their descriptions count them: each quantity pays for what it is
+        # the first to compute (here: density the SLQ of H, top_eigenpairs H's top-k).
+        assert maps["density_hvps"][row] == found["slq"].hvps == settings.probes * settings.steps
+        assert maps["top_eigenpairs_hvps"][row] == found["top"].hvps
+        assert maps["gauss_newton_hvps"][row] == (
+            found["gn_top"].hvps
+            + 2 * found["residual_top"].hvps  # one H and one G product each
+            + found["gn_slq"].hvps
+            + 2 * found["residual_slq"].hvps
+        )
+        assert maps["gradient_overlap_hvps"][row] == 0  # H's top-k is top_eigenpairs'
+        assert maps["trace_hvps"][row] == settings.trace_samples
+        assert maps["clustering_hvps"][row] == 0
+        for quantity in settings.quantities:
+            assert 0 < maps[f"{quantity}_seconds"][row] < 60
+
+        # The dense Hessian's top eigenvalues (in float64 for a float32 model too): each
+        # within its Ritz pair's residual, plus the float32 products' rounding.
+        exact = np.linalg.eigvalsh(dense_hessian(found["hessian"], torch.float64))[::-1][:k]
+        rounding = 16 * torch.finfo(experiment.dtype).eps * exact[0]
+        values, residuals = maps["top_eigenvalues"][row], maps["top_residuals"][row]
+        assert maps["top_converged"][row].all()
+        assert (np.abs(values - exact) <= residuals + rounding).all(), (values, exact)
+        if dtype == "float64":
+            np.testing.assert_allclose(values, exact, rtol=1e-6)
+
+
+def test_products_are_counted_by_the_first_quantity_that_needs_them(tmp_path):
+    """gradient_overlap before top_eigenpairs: it computes H's top-k and pays for it;
+    top_eigenpairs then pays only for the density, which the outliers' bulk edge needs."""
+    config = training_run(tmp_path, quantities=["gradient_overlap", "top_eigenpairs"])
+    maps, rows, _ = analyzed(config)
+    assert "density" not in maps and "gauss_newton_hvps" not in maps
+    for row, checkpoint in enumerate(texts(rows["path"])):
+        found = direct(at_checkpoint(config, checkpoint))
+        assert maps["gradient_overlap_hvps"][row] == found["top"].hvps
+        assert maps["top_eigenpairs_hvps"][row] == SETTINGS["probes"] * SETTINGS["steps"]
+        np.testing.assert_array_equal(maps["top_eigenvalues"][row], found["top"].values)
