@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import dense_hessian, write_experiment
+from test_bad_input import edit, fails_with
 
 from landscape.checkpoint import file_sha256, load_state_dict
 from landscape.cli import main
 from landscape.config import load_config
+from landscape.curvature import lanczos
 from landscape.curvature.clustering import logit_gradient_clustering
 from landscape.curvature.operators import (
     DifferenceOperator,
@@ -32,6 +34,7 @@ from landscape.curvature.subspace import subspace_overlap, top_subspace_fraction
 from landscape.curvature.trace import trace_and_frobenius
 from landscape.evaluate import evaluate
 from landscape.experiment import Experiment
+from landscape.plan import plan_analysis
 from landscape.store import SurfaceFile, texts
 from landscape.train import train
 
@@ -237,3 +240,140 @@ def test_products_are_counted_by_the_first_quantity_that_needs_them(tmp_path):
         assert maps["gradient_overlap_hvps"][row] == found["top"].hvps
         assert maps["top_eigenpairs_hvps"][row] == SETTINGS["probes"] * SETTINGS["steps"]
         np.testing.assert_array_equal(maps["top_eigenvalues"][row], found["top"].values)
+
+
+def analysis_of_one_checkpoint(folder: Path, **analysis) -> Path:
+    """A config analysing its model.checkpoint (a random initialization) with SETTINGS."""
+    return write_experiment(
+        folder,
+        "one",
+        evaluation={"batch_size": 60},
+        analysis={"output": str(folder / "one.an.h5"), **SETTINGS, **analysis},
+    )
+
+
+def files_of(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (configs, checkpoints, analysis files) by its hash."""
+    return {str(path): file_sha256(path) for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        (
+            lambda c: c["analysis"].update(quantities=["densty"]),
+            ["analysis.quantities: densty; choose from density, top_eigenpairs"],
+        ),
+        (lambda c: c["analysis"].update(quantities=[]), ["analysis.quantities: empty"]),
+        (
+            lambda c: c["analysis"].update(quantities=["trace", "density", "trace"]),
+            ["analysis.quantities: trace listed twice"],
+        ),
+        (lambda c: c["analysis"].update(probes=0), ["analysis.probes: must be >= 1 (got 0)"]),
+        (lambda c: c["analysis"].update(steps=1), ["analysis.steps: must be >= 2 (got 1)"]),
+        (
+            lambda c: c["analysis"].update(top_k=76, max_hvps=300),
+            ["analysis.top_k: 76 eigenpairs of 75 analysed parameters; give at most 75"],
+        ),
+        (
+            lambda c: c["analysis"].update(top_k=5, max_hvps=4),
+            ["analysis.max_hvps: 4 products cannot find top_k = 5 eigenpairs"],
+        ),
+        (lambda c: c["analysis"].update(tolerance=0), ["analysis.tolerance: must be in (0, 1)"]),
+        (lambda c: c["analysis"].update(gap=0), ["analysis.gap: must be > 0"]),
+        (lambda c: c["analysis"].pop("output"), ["analysis.output: required"]),
+        (
+            lambda c: c["model"].pop("checkpoint"),
+            ["analysis.checkpoints: none given and no model.checkpoint"],
+        ),
+        (
+            lambda c: c["analysis"].update(checkpoints=["/nowhere/epoch_*.pt"]),
+            ["analysis.checkpoints: /nowhere/epoch_*.pt matches no file"],
+        ),
+        (
+            lambda c: c["model"].update(kwargs={"hidden": [9]}),
+            ["analysis.checkpoints", "does not fit model", "net.1.weight (8, 5) vs model (9, 5)"],
+        ),
+        (
+            lambda c: c.update(
+                data={"name": "plugins:regression", "kwargs": {"inputs": 5}},
+                maps=["train_loss"],
+                evaluation={**c["evaluation"], "loss": "mse"},
+            ),
+            ["analysis.quantities: clustering", "class labels", "drop clustering"],
+        ),
+    ],
+)
+def test_bad_analysis_configs_are_one_line_errors_naming_the_field(
+    tmp_path, capsys, change, fragments
+):
+    config = analysis_of_one_checkpoint(tmp_path)
+    edit(config, change)
+    before = files_of(tmp_path)
+    fails_with(capsys, ["analyze", str(config)], *fragments)
+    assert files_of(tmp_path) == before  # no analysis file, no temporary, nothing changed
+
+
+def test_existing_analysis_is_never_overwritten_or_corrupted(tmp_path, capsys):
+    config = training_run(tmp_path, quantities=["trace"])
+    output = str(load_config(config).analysis.output)
+    assert main(["analyze", str(config), "--no-progress"]) == 0
+    before = files_of(tmp_path)
+
+    # The same config again, and with top_k set to what the plan resolved 0 to: no-ops.
+    assert main(["analyze", str(config), "--no-progress"]) == 0
+    assert main(["analyze", str(config), "--set", "analysis.top_k=5"]) == 0
+    # A changed setting, aimed at the same file: refused, naming it.
+    argv = ["analyze", str(config), "--set", "analysis.trace_samples=8"]
+    fails_with(capsys, argv, "analysis.output", "different config", "analysis.trace_samples")
+    # Training went on: the glob now finds one more checkpoint than the plan listed.
+    folder = tmp_path / "run_checkpoints"
+    later = folder / f"epoch_{EPOCHS + 1:03d}.pt"
+    later.write_bytes((folder / f"epoch_{EPOCHS:03d}.pt").read_bytes())
+    fails_with(
+        capsys,
+        ["analyze", str(config)],
+        f"analysis.checkpoints: now {EPOCHS + 2} checkpoints, {output} was planned over "
+        f"{EPOCHS + 1} (training went on?)",
+    )
+    later.unlink()
+    fails_with(capsys, ["analyze", str(tmp_path / "run_checkpoints" / "epoch_000.pt")], "not")
+    assert files_of(tmp_path) == before
+
+
+def test_checkpoint_changed_after_the_plan_stops_the_analysis_there(tmp_path, capsys):
+    """Each checkpoint's hash is checked as it is loaded: those before it keep their values."""
+    config = training_run(tmp_path, quantities=["trace"])
+    output = plan_analysis(load_config(config))
+    changed = tmp_path / "run_checkpoints" / "epoch_001.pt"
+    with open(changed, "ab") as handle:
+        handle.write(b"\0")
+    argv = ["analyze", str(output), "--no-progress"]
+    fails_with(capsys, argv, f"analysis.checkpoints: {changed} changed since")
+    with SurfaceFile.open(output) as analysis:
+        assert analysis.done("analysis").tolist() == [True] + [False] * EPOCHS
+        traces = analysis.maps()["trace"]
+    assert np.isfinite(traces[0]) and np.isnan(traces[1:]).all()
+
+
+@pytest.mark.parametrize(
+    "free, fragments",
+    [
+        # 12 steps x 75 parameters x 8 bytes = 7200 bytes for the density's basis.
+        (
+            7199,
+            ["analysis.steps: 12 Lanczos vectors of 75 parameters", "lower analysis.steps to 11"],
+        ),
+        # top-k: up to min(max_hvps, 75) vectors, 45000 bytes.
+        (44999, ["analysis.max_hvps: 75 Lanczos vectors", "lower analysis.max_hvps to 74"]),
+        (1000, ["analysis.steps", "select fewer parameters (analysis.parameters: weights)"]),
+    ],
+)
+def test_basis_that_cannot_fit_names_the_setting_to_lower(
+    tmp_path, capsys, monkeypatch, free, fragments
+):
+    config = analysis_of_one_checkpoint(tmp_path)
+    monkeypatch.setattr(lanczos, "free_memory", lambda device: free)
+    fails_with(capsys, ["analyze", str(config)], *fragments)
+    with SurfaceFile.open(tmp_path / "one.an.h5") as analysis:  # planned, nothing computed
+        assert not analysis.done("analysis").any()
