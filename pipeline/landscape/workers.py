@@ -29,7 +29,7 @@ from tqdm import tqdm
 from landscape.checkpoint import verify_fingerprint
 from landscape.errors import UserError, reporting_interrupt
 from landscape.experiment import Experiment
-from landscape.jobs import JOBS, Evaluator, resolve
+from landscape.jobs import JOB_KINDS, JOBS, Evaluator, resolve
 from landscape.locking import surface_lock
 from landscape.parts import PartWriter, points_in_parts
 from landscape.ranks import CLAIMED, DONE, Solo, connect_ranks, cpu_threads_per_rank
@@ -311,6 +311,15 @@ def run_job(
                     lambda: verify_fingerprint(
                         surface.config.model.checkpoint, surface.attrs["checkpoint_sha256"], path
                     )
+                )
+            kind = JOBS[job]
+            if surface.kind != kind.file:  # `run` on an analysis file, `analyze` on a surface
+                verbs = " or ".join(
+                    f"`landscape {k.verb}`" for k in JOB_KINDS if k.file == surface.kind
+                )
+                raise UserError(
+                    f"{path}: a result file of kind {surface.kind}; `landscape {kind.verb}` "
+                    f"computes {kind.file} files; use {verbs} {path}"
                 )
             if job not in surface.jobs:
                 needed = ", ".join(JOBS[job].maps)
