@@ -34,7 +34,7 @@ from landscape.curvature.subspace import subspace_overlap, top_subspace_fraction
 from landscape.curvature.trace import trace_and_frobenius
 from landscape.evaluate import evaluate
 from landscape.experiment import Experiment
-from landscape.plan import plan_analysis
+from landscape.plan import plan_analysis, plan_surface
 from landscape.store import SurfaceFile, texts
 from landscape.train import train
 
@@ -318,6 +318,7 @@ def test_existing_analysis_is_never_overwritten_or_corrupted(tmp_path, capsys):
     config = training_run(tmp_path, quantities=["trace"])
     output = str(load_config(config).analysis.output)
     assert main(["analyze", str(config), "--no-progress"]) == 0
+    surface = str(plan_surface(load_config(write_experiment(tmp_path, "surface"))))
     before = files_of(tmp_path)
 
     # The same config again, and with top_k set to what the plan resolved 0 to: no-ops.
@@ -337,7 +338,13 @@ def test_existing_analysis_is_never_overwritten_or_corrupted(tmp_path, capsys):
         f"{EPOCHS + 1} (training went on?)",
     )
     later.unlink()
-    fails_with(capsys, ["analyze", str(tmp_path / "run_checkpoints" / "epoch_000.pt")], "not")
+    # Files of the other kind, and no result file at all.
+    argv = ["run", output]
+    fails_with(capsys, argv, f"{output}: a result file of kind analysis", "`landscape analyze`")
+    fails_with(
+        capsys, ["analyze", surface], "kind surface", "`landscape run` or `landscape hessian`"
+    )
+    fails_with(capsys, ["analyze", str(later.with_name("epoch_000.pt"))], "not an HDF5 file")
     assert files_of(tmp_path) == before
 
 
