@@ -49,8 +49,10 @@ SETTINGS = {
 EPOCHS = 2  # checkpoints epoch_000 (the initialization) .. epoch_002
 
 
-def training_run(folder: Path, dtype: str = "float64", name: str = "run", **analysis) -> Path:
-    """A config whose analysis covers every checkpoint of EPOCHS epochs of full-batch
+def training_run(
+    folder: Path, dtype: str = "float64", name: str = "run", epochs: int = EPOCHS, **analysis
+) -> Path:
+    """A config whose analysis covers every checkpoint of ``epochs`` epochs of full-batch
     gradient descent (trained here), with SETTINGS and ``analysis``."""
     checkpoints = folder / f"{name}_checkpoints"
     config = write_experiment(
@@ -63,7 +65,7 @@ def training_run(folder: Path, dtype: str = "float64", name: str = "run", **anal
             "momentum": 0.0,
             "weight_decay": 0.0,
             "batch_size": 60,
-            "epochs": EPOCHS,
+            "epochs": epochs,
             "schedule": "constant",
         },
         analysis={
