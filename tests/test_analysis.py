@@ -6,6 +6,7 @@ one-line errors that name the field and leave every file on disk as it was."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 from conftest import dense_hessian, write_experiment
 from test_bad_input import edit, fails_with
+from test_sbatch import flags, submitted_call
 
 from landscape.checkpoint import file_sha256, load_state_dict
 from landscape.cli import main
@@ -35,8 +37,11 @@ from landscape.curvature.trace import trace_and_frobenius
 from landscape.evaluate import evaluate
 from landscape.experiment import Experiment
 from landscape.plan import plan_analysis, plan_surface
+from landscape.reduce import reduce
+from landscape.slurm import ShardTask, record_path
 from landscape.store import SurfaceFile, texts
 from landscape.train import train
+from landscape.workers import run_job
 
 # Small enough for a second each on one core: 75 parameters (5 -> 8 -> 3), 60 samples.
 SETTINGS = {
@@ -386,3 +391,37 @@ def test_basis_that_cannot_fit_names_the_setting_to_lower(
     fails_with(capsys, ["analyze", str(config)], *fragments)
     with SurfaceFile.open(tmp_path / "one.an.h5") as analysis:  # planned, nothing computed
         assert not analysis.done("analysis").any()
+
+
+def test_submit_analysis_sends_its_checkpoints_to_slurm_array_tasks(tmp_path, fake_slurm, capsys):
+    """`landscape submit --analysis CONFIG` plans the analysis and submits one array task
+    per group of its shards (one checkpoint each), and a reduce after them; the tasks,
+    run here as their nodes would, fill the file as one process does."""
+    config = training_run(tmp_path, quantities=["trace"])
+    output = Path(load_config(config).analysis.output)
+    fake_slurm.sbatch()
+    assert main(["submit", str(config), "--analysis", "--tasks", "2"]) == 0
+    *arrays, reduce_script = fake_slurm.scripts()
+    assert len(arrays) == 1 and flags(arrays[0])["array"] == "0-1%2"
+    assert flags(reduce_script)["dependency"] == "afterok:41"
+    record = json.loads(record_path(output).read_text())
+    assert list(record["jobs"]) == ["analysis"] and record["surface"] == str(output)
+    groups = [[0, 2], [1]]  # 3 checkpoints, every 2nd shard per task
+    tasks = record["jobs"]["analysis"]["tasks"]
+    assert [task["shards"] for task in tasks] == groups
+    for index, task in enumerate(tasks):
+        call = submitted_call(output, task["id"])
+        assert isinstance(call.function, ShardTask)
+        assert call.args == (str(output), "analysis", index, len(groups), groups[index])
+        call.function(*call.args)
+    assert reduce(output) == EPOCHS + 1  # the reduce job merges the tasks' part files
+
+    reference = plan_analysis(load_config(config, [f"analysis.output={tmp_path / 'one.h5'}"]))
+    run_job(reference, "analysis", show_progress=False)
+    with SurfaceFile.open(output) as submitted, SurfaceFile.open(reference) as single:
+        assert submitted.done("analysis").all()
+        for name, values in single.maps().items():
+            if not name.endswith("_seconds"):  # wall-clock
+                np.testing.assert_array_equal(submitted.maps()[name], values, err_msg=name)
+    capsys.readouterr()
+    fails_with(capsys, ["submit", str(output), "--analysis"], "--analysis: only with a config")
