@@ -366,6 +366,7 @@ def test_existing_analysis_is_never_overwritten_or_corrupted(tmp_path, capsys):
         capsys, ["analyze", surface], "kind surface", "`landscape run` or `landscape hessian`"
     )
     fails_with(capsys, ["analyze", str(later.with_name("epoch_000.pt"))], "not an HDF5 file")
+    fails_with(capsys, ["analyze", str(later.with_suffix(".h5"))], "`landscape analyze CONFIG`")
     assert files_of(tmp_path) == before
 
 
