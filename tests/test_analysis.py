@@ -1,7 +1,9 @@
-"""`landscape analyze` end to end: the analysis file holds, at each checkpoint, exactly what
-the curvature functions give when called directly there, its top eigenvalues are those of
-the dense Hessian, its product counts are as documented, and bad analysis configs give
-one-line errors that name the field and leave every file on disk as it was."""
+"""`landscape analyze` end to end (float32 and float64): the analysis file holds, at each
+checkpoint, exactly what the curvature functions give when called directly there, its top
+eigenvalues are those of the dense Hessian, its product counts are as documented; bad
+analysis configs give one-line errors that name the field and leave every file on disk as
+it was; `landscape submit --analysis` hands the checkpoints to SLURM array tasks (a stand-in
+sbatch; the real local SLURM costs ~25 s a submission here and is left to test_submit)."""
 
 from __future__ import annotations
 
