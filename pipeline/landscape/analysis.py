@@ -319,7 +319,7 @@ class AnalysisEvaluator:
         path, sha256 = self.checkpoints[item]
         verify_fingerprint(path, sha256, self.file_path, CHECKPOINT_FIELD)
         state = load_state_dict(path, CHECKPOINT_FIELD)
-        check_compatible(self.experiment.model, state, path)
+        check_compatible(self.experiment.model, state, path, CHECKPOINT_FIELD)
         self.experiment.model.load_state_dict(state)
 
     def at(self, item: int) -> dict:

@@ -179,7 +179,7 @@ def create_analysis_plan(path: Path, config: ExperimentConfig) -> None:
     epochs = []
     for file in files:
         state, metadata = load_checkpoint(file, ANALYSIS_FIELD)
-        check_compatible(experiment.model, state, file)
+        check_compatible(experiment.model, state, file, ANALYSIS_FIELD)
         epochs.append(int(metadata.get("epoch", -1)))
     strings = h5py.string_dtype()
     rows = {

@@ -180,7 +180,10 @@ def existing_surface(path: str | Path) -> Path:
     """``path`` as a Path, once it is known to be a file (else how to create one)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such surface file; create it with `landscape plan CONFIG`")
+        raise UserError(
+            f"{path}: no such surface file; create it with `landscape plan CONFIG` (an "
+            "analysis file: `landscape analyze CONFIG`)"
+        )
     return path
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from landscape.checkpoint import verify_fingerprint
 from landscape.errors import UserError, reporting_interrupt
 from landscape.experiment import Experiment
-from landscape.jobs import JOBS, Evaluator, resolve
+from landscape.jobs import JOB_KINDS, JOBS, Evaluator, resolve
 from landscape.locking import surface_lock
 from landscape.parts import PartWriter, points_in_parts
 from landscape.ranks import CLAIMED, DONE, Solo, connect_ranks, cpu_threads_per_rank
@@ -141,13 +141,6 @@ WRITERS = {
     "serial": "one process writes the file",
     "mpio": "every rank writes its own points into the file (parallel HDF5, mpio)",
     "parts": "each rank writes part files, merged into the file at the end",
-}
-
-
-# How a user makes each kind of result file (JobKind.file).
-PLANNED_BY = {
-    "surface": "plan one with `landscape plan CONFIG` (a config with grid: and maps:)",
-    "analysis": "plan one with `landscape analyze CONFIG` (a config with an analysis: section)",
 }
 
 
@@ -319,10 +312,14 @@ def run_job(
                         surface.config.model.checkpoint, surface.attrs["checkpoint_sha256"], path
                     )
                 )
-            if JOBS[job].file != surface.kind:
+            kind = JOBS[job]
+            if surface.kind != kind.file:  # `run` on an analysis file, `analyze` on a surface
+                verbs = " or ".join(
+                    f"`landscape {k.verb}`" for k in JOB_KINDS if k.file == surface.kind
+                )
                 raise UserError(
-                    f"{path}: is a file of kind {surface.kind}; `landscape {JOBS[job].verb}` "
-                    f"works on {JOBS[job].file} files: {PLANNED_BY[JOBS[job].file]}"
+                    f"{path}: a result file of kind {surface.kind}; `landscape {kind.verb}` "
+                    f"computes {kind.file} files; use {verbs} {path}"
                 )
             if job not in surface.jobs:
                 needed = ", ".join(JOBS[job].maps)

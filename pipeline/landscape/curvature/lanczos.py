@@ -186,10 +186,12 @@ def check_basis_memory(
     if free is None or need <= free:
         return
     fitting = free // (size * 8)
+    section = setting.rpartition(".")[0]  # whose parameters: selects them (hessian, analysis)
     remedy = (
         f"lower {setting} to {fitting} or fewer"
         if fitting >= 4
-        else "select fewer parameters (hessian.parameters: weights) or use a larger device"
+        else f"select fewer parameters ({section or 'hessian'}.parameters: weights) or use a "
+        "larger device"
     )
     raise UserError(
         f"{setting}: {limit} Lanczos vectors of {size:,} parameters need "
