@@ -276,9 +276,96 @@ def pca_child(folder: str, method: str) -> None:
     )
 
 
+def bench_cpu(folder: Path, results: dict) -> None:
+    """The CPU cases (loss, Hessian, PCA, ranks, probes), printed and added to ``results``."""
+    results["loss"] = {}
+    for name, spec in CASES.items():
+        result = bench_case(name, spec, folder)
+        results["loss"][name] = result
+        print(
+            f"{name:24s} {result['points_per_s']:7.2f} points/s  "
+            f"{1000 * result['seconds_per_point']:7.1f} ms/point  forward "
+            f"{1000 * result['forward_seconds']:7.1f} ms  overhead {result['overhead']:.3f}x"
+        )
+    hessian = results["hessian"] = bench_hessian(folder)
+    for method, summary in hessian["solvers"]["methods"].items():
+        print(
+            f"hessian {method:8s} median {summary['median_hvps']:5.0f} HVPs "
+            f"{summary['median_seconds']:6.2f} s/point, worst relative error lambda_min "
+            f"{summary['worst_lambda_min_error']:.1e} lambda_max "
+            f"{summary['worst_lambda_max_error']:.1e}, converged {summary['converged']}"
+        )
+    cost = hessian["hvp_cost"]
+    for mode, ratio in cost["hvp_over_forward"].items():
+        print(
+            f"demo-model HVP ({mode}): {ratio:.1f}x a forward pass, "
+            f"{cost['hvp_over_gradient'][mode]:.1f}x a gradient"
+        )
+    pca = results["pca"] = bench_pca(folder)
+    for method in ("gram", "dense_svd"):
+        run = pca[method]
+        print(
+            f"PCA of {pca['checkpoints']} checkpoints x {pca['parameters']:.0e} parameters, "
+            f"{method:9s}: {run['seconds']:5.1f} s, peak {run['peak_rss_mb']:5.0f} MB "
+            f"({run['mapped_file_mb']:.0f} MB of it mapped checkpoint pages)"
+        )
+    if shutil.which("mpiexec"):
+        scaling = results["ranks"] = bench_ranks(folder)
+        for name, run in scaling["runs"].items():
+            print(f"demo grid, {name:18s} {run['points_per_s']:7.2f} points/s")
+        print(
+            f"efficiency {scaling['efficiency']:.3f}, speed-up over one process on all "
+            f"cores {scaling['speedup_over_1_rank_all_cores']:.2f}x"
+        )
+    probes = results["probes"] = bench_probes()
+    for case, ratio in probes["fastest_batched_over_fastest_separate"].items():
+        print(
+            f"{PROBES} probe HVPs in one pass / {PROBES} separate, {case:32s} {ratio:.2f}x "
+            f"(target <= {probes['target_ratio']})"
+        )
+
+
+def bench_gpu(folder: Path, results: dict, record) -> None:
+    """The GPU cases (:mod:`benchmarks.cuda_bench`) under ``results["cuda"]``, printed;
+    ``record()`` after each case, so a run cut short keeps what it measured."""
+    if not torch.cuda.is_available():
+        results["cuda"] = {"skipped": "no CUDA device visible"}
+        print("no CUDA device visible: no GPU cases")
+        return
+    from benchmarks.cuda_bench import bench_cuda  # imports this module
+
+    cuda = results["cuda"] = {}
+    bench_cuda(folder, cuda, record)
+    loss, hessian = cuda["loss"], cuda["hessian"]
+    peak = (
+        f"{100 * loss['fraction_of_peak']:.1f} % of the float32 peak"
+        if loss["fraction_of_peak"] is not None
+        else "no peak known for this card"
+    )
+    print(
+        f"{cuda['device']}: ResNet-56, {loss['train_samples']} images, "
+        f"{loss['points_per_s']:.2f} points/s, overhead {loss['overhead']:.3f}x, "
+        f"{loss['achieved_tflops']:.1f} TFLOP/s ({peak})"
+    )
+    print(
+        f"{cuda['device']}: Hessian {hessian['seconds_per_point']:.2f} s/point "
+        f"({hessian['seconds_per_hvp']:.3f} s/HVP; {hessian['case']})"
+    )
+    for mode, ratio in hessian["costs"]["hvp_over_forward"].items():
+        print(
+            f"{cuda['device']}: HVP ({mode}) {ratio:.1f}x a forward pass, "
+            f"{hessian['costs']['hvp_over_gradient'][mode]:.1f}x a gradient"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/bench.json")
+    parser.add_argument(
+        "--only",
+        choices=["cpu", "cuda"],
+        help="only the CPU cases, or only the GPU cases (default: both, GPU where CUDA is)",
+    )
     args = parser.parse_args(argv)
     results = {
         "machine": {
@@ -287,56 +374,20 @@ def main(argv: list[str] | None = None) -> None:
             "threads": torch.get_num_threads(),
             "cpu": platform.processor(),
         },
-        "loss": {},
     }
-    with tempfile.TemporaryDirectory() as folder:
-        for name, spec in CASES.items():
-            result = bench_case(name, spec, Path(folder))
-            results["loss"][name] = result
-            print(
-                f"{name:24s} {result['points_per_s']:7.2f} points/s  "
-                f"{1000 * result['seconds_per_point']:7.1f} ms/point  forward "
-                f"{1000 * result['forward_seconds']:7.1f} ms  overhead {result['overhead']:.3f}x"
-            )
-        hessian = results["hessian"] = bench_hessian(Path(folder))
-        for method, summary in hessian["solvers"]["methods"].items():
-            print(
-                f"hessian {method:8s} median {summary['median_hvps']:5.0f} HVPs "
-                f"{summary['median_seconds']:6.2f} s/point, worst relative error lambda_min "
-                f"{summary['worst_lambda_min_error']:.1e} lambda_max "
-                f"{summary['worst_lambda_max_error']:.1e}, converged {summary['converged']}"
-            )
-        cost = hessian["hvp_cost"]
-        for mode, ratio in cost["hvp_over_forward"].items():
-            print(
-                f"demo-model HVP ({mode}): {ratio:.1f}x a forward pass, "
-                f"{cost['hvp_over_gradient'][mode]:.1f}x a gradient"
-            )
-        pca = results["pca"] = bench_pca(Path(folder))
-        for method in ("gram", "dense_svd"):
-            run = pca[method]
-            print(
-                f"PCA of {pca['checkpoints']} checkpoints x {pca['parameters']:.0e} parameters, "
-                f"{method:9s}: {run['seconds']:5.1f} s, peak {run['peak_rss_mb']:5.0f} MB "
-                f"({run['mapped_file_mb']:.0f} MB of it mapped checkpoint pages)"
-            )
-        if shutil.which("mpiexec"):
-            scaling = results["ranks"] = bench_ranks(Path(folder))
-            for name, run in scaling["runs"].items():
-                print(f"demo grid, {name:18s} {run['points_per_s']:7.2f} points/s")
-            print(
-                f"efficiency {scaling['efficiency']:.3f}, speed-up over one process on all "
-                f"cores {scaling['speedup_over_1_rank_all_cores']:.2f}x"
-            )
-        probes = results["probes"] = bench_probes()
-        for case, ratio in probes["fastest_batched_over_fastest_separate"].items():
-            print(
-                f"{PROBES} probe HVPs in one pass / {PROBES} separate, {case:32s} {ratio:.2f}x "
-                f"(target <= {probes['target_ratio']})"
-            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_file(out, (json.dumps(results, indent=2) + "\n").encode(), "--out")
+
+    def record() -> None:
+        write_file(out, (json.dumps(results, indent=2) + "\n").encode(), "--out")
+
+    with tempfile.TemporaryDirectory() as folder:
+        if args.only != "cuda":
+            bench_cpu(Path(folder), results)
+            record()
+        if args.only != "cpu":
+            bench_gpu(Path(folder), results, record)
+    record()
     print(f"written to {out}")
 
 

@@ -50,6 +50,8 @@ class Experiment:
         if evaluation.threads:
             torch.set_num_threads(evaluation.threads)
         device = resolve_device(device or evaluation.device, local_rank)
+        if device.type == "cuda":
+            ieee_float32()
         dtype = DTYPES[evaluation.dtype]
         data = load_dataset(config.data.name, config.data.kwargs)
         model = build_model(
@@ -178,6 +180,16 @@ def check_forward(
             f"evaluation.loss: {loss} returns {got} for {count} training samples; return "
             f"one floating loss per sample, shape ({count},) (or ({count}, tokens))"
         )
+
+
+def ieee_float32() -> None:
+    """Float32 on a GPU computes in float32, as on the CPU: PyTorch's default runs float32
+    convolutions in TF32 (10 mantissa bits), which moves float32 maps by ~1e-3 relative
+    and puts Hessian products far above the rounding floor the Lanczos criterion assumes
+    (16 float32 epsilons), so no point would converge honestly. TF32 is for an explicit
+    setting to turn on, never a default."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -16,7 +16,6 @@ import numpy as np
 from landscape.errors import UserError
 from landscape.jobs import JOBS
 from landscape.parts import finished_in_parts
-from landscape.slurm import FAILED_STATES, SlurmJobs, read_submission, record_path
 from landscape.store import SurfaceFile
 
 RATE_WINDOW = 20
@@ -192,7 +191,11 @@ def trace_lines(found: dict) -> list[str]:
 
 def submission_status(path: Path) -> list[str]:
     """Lines for `landscape status`: each submitted task's state, failed ones with their
-    shards and log file (from the record, squeue and sacct)."""
+    shards and log file (from the record, squeue and sacct). landscape.slurm is imported
+    here, not at the top: it loads submitit, which a GPU node or a notebook that never
+    submits need not have (``import landscape.api`` must work without it)."""
+    from landscape.slurm import FAILED_STATES, SlurmJobs, read_submission, record_path
+
     record_file = record_path(path)
     if not record_file.is_file():
         return []
