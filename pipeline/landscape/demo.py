@@ -38,7 +38,7 @@ QUICK = {
 # (loss 2.5e-4: near zero, 3 outliers). Not the ResNet-20 above: one of its Hessian-vector
 # products takes about a second on two cores (make bench: 16-21 forward passes), and the
 # analysis spends some 800 per checkpoint; this MLP's take a millisecond.
-ANALYSIS = {"epochs": (0, 5, 20, 100), "settings": ["probes=4", "steps=30", "trace_samples=16"]}
+ANALYSIS = {"epochs": (0, 5, 20, 100), "settings": ["probes=3", "steps=20", "trace_samples=16"]}
 QUICK_ANALYSIS = {"epochs": (0, 20), "settings": ["probes=2", "steps=12", "trace_samples=4"]}
 
 
