@@ -51,6 +51,9 @@ def test_quick_demo_trains_maps_and_draws_every_figure(tmp_path, monkeypatch):
     with SurfaceFile.open(tmp_path / "surface_hessian.h5") as hessian:
         assert "λmax" in hessian.axis_labels()[0] and "λmin" in hessian.axis_labels()[1]
         assert len(hessian.group("trace")[0]["hutchinson"]) == 4
+    with SurfaceFile.open(tmp_path / "analysis.h5") as analysis:
+        assert analysis.done("analysis").all() and analysis.maps()["outliers"].shape == (2,)
+    assert {"analysis_density.png", "analysis_clustering.png"} <= names
     assert all(f.stat().st_size > 1000 for f in figures)
     assert (tmp_path / "checkpoints" / "epoch_000.pt").is_file()
     with SurfaceFile.open(tmp_path / "surface_2d.h5") as surface:
@@ -77,7 +80,10 @@ SHIPPED = sorted(entry.name for entry in CONFIGS.iterdir() if entry.name.endswit
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_config_is_valid(name):
     config = demo_config(name, [])
-    assert config.grid is not None and config.output.endswith(".h5")
+    if name.startswith("analysis_"):
+        assert config.analysis.output.endswith(".h5") and config.train is not None
+    else:
+        assert config.grid is not None and config.output.endswith(".h5")
 
 
 def test_the_repositorys_configs_are_the_packages():
@@ -95,12 +101,13 @@ DEMO_FROM_WHEEL = """
     assert landscape.__file__.startswith(sys.argv[1]), landscape.__file__
     planned = []
     demo.train = lambda config: None
-    demo.plan_surface = lambda config: planned.append(config) or config.output
+    demo.plan_surface = lambda config: planned.append(config.output) or config.output
+    demo.plan_analysis = lambda config: planned.append(config.analysis.output) or ""
     demo.run_job = lambda path, job: None
     demo.plot_surface_file = lambda path, folder: []
     demo.estimate_trace = lambda path: ""
     demo.run_demo(pathlib.Path.cwd() / "out", quick=True)
-    print(len(planned), *(pathlib.Path(config.output).name for config in planned))
+    print(len(planned), *(pathlib.Path(output).name for output in planned))
 """
 
 
@@ -126,10 +133,11 @@ def test_an_installed_package_runs_the_demo_from_its_own_configs(tmp_path):
     )
     assert demo.returncode == 0, demo.stderr
     assert demo.stdout.splitlines()[-1].split() == [
-        "5",
+        "6",
         "surface_2d.h5",
         "surface_1d.h5",
         "surface_pca.h5",
         "surface_hessian.h5",
         "surface_interpolation.h5",
+        "analysis.h5",
     ]
