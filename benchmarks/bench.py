@@ -12,7 +12,8 @@ out each rank's first point (start-up); ``efficiency = rate(N ranks) / (N * rate
 rank, 1 thread))``.
 
 Hessian: see :mod:`benchmarks.hessian_bench`. Several probe vectors in one pass over the
-data against one product each: see :mod:`benchmarks.probe_bench`.
+data against one product each: see :mod:`benchmarks.probe_bench`. Products, seconds and
+basis memory of each curvature analysis: see :mod:`benchmarks.analysis_bench`.
 
 PCA directions at scale: 12 checkpoints of a 10^7-parameter model, the principal plane
 by the Gram matrix (as planned) and by numpy's SVD of the dense matrix, each in a child
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.analysis_bench import bench_analysis
 from benchmarks.hessian_bench import bench_hessian
 from benchmarks.probe_bench import PROBES, bench_probes
 from landscape.atomic import write_file
@@ -317,6 +319,13 @@ def bench_cpu(folder: Path, results: dict) -> None:
             f"efficiency {scaling['efficiency']:.3f}, speed-up over one process on all "
             f"cores {scaling['speedup_over_1_rank_all_cores']:.2f}x"
         )
+    analysis = results["analysis"] = bench_analysis(folder)
+    for quantity, cost in analysis["costs"]["quantities"].items():
+        print(
+            f"demo-model analysis, {quantity:16s} {cost['hvps']:4d} products "
+            f"{cost['seconds']:7.1f} s"
+        )
+    print(f"Lanczos basis memory, predicted vs measured: {analysis['basis_memory']}")
     probes = results["probes"] = bench_probes()
     for case, ratio in probes["fastest_batched_over_fastest_separate"].items():
         print(
