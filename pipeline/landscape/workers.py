@@ -39,11 +39,6 @@ from landscape.store import SurfaceFile, existing_surface, job_name
 log = logging.getLogger(__name__)
 
 
-# Work items handed to the evaluator per call. Today's evaluators move the model to one
-# point at a time; one that evaluates several points per forward pass raises this.
-ITEMS_PER_CALL = 1
-
-
 class PointWriter(Protocol):
     def write_point(self, job: str, point: int, values: dict[str, np.ndarray]) -> None: ...
 
@@ -56,16 +51,17 @@ def evaluate_shards(
     claims: Iterable[np.ndarray],
     writer: PointWriter,
     on_point=None,
-    items_per_call: int = ITEMS_PER_CALL,
 ) -> int:
-    """Evaluate and write every point of each claimed shard, ``items_per_call`` points
-    per evaluator call, committing after each shard, and the points written so far
-    when an interrupt stops the shard halfway (a part file then holds part of a shard:
-    it lists its points).
+    """Evaluate and write every point of each claimed shard, the evaluator's
+    ``items_per_call`` points per call (one for an evaluator without it; never more
+    than a shard), committing after each shard, and the points written so far when an
+    interrupt stops the shard halfway (a part file then holds part of a shard: it lists
+    its points).
 
     Returns the number of points evaluated.
     """
     count = 0
+    items_per_call = getattr(evaluator, "items_per_call", 1)
     for points in claims:
         try:
             for start in range(0, len(points), items_per_call):
