@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from landscape import evaluators
 from landscape.config import ConfigError, EvaluationConfig
 from landscape.data import load_dataset
 from landscape.evaluators import PointByPoint, SeveralPoints, can_batch, loss_evaluator
@@ -153,10 +154,19 @@ def test_model_vmap_cannot_batch_falls_back_to_one_point_and_says_so(dtype, capl
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_points_per_pass_from_memory_is_at_least_one_and_capped(dtype):
-    experiment, surface = setting("small_cnn", dtype, 0)
-    evaluator = loss_evaluator(experiment, surface, ["train_loss"])
-    assert 1 < evaluator.items_per_call <= 32
+def test_points_per_pass_from_memory_on_a_cpu_only_where_batching_pays(dtype, monkeypatch, caplog):
+    experiment, surface = setting("mlp", dtype, 0)
+    parameters = sum(p.numel() for p in experiment.model.parameters())
+    # Flatten (64), two hidden layers (64, 64) and the logits (10), with the ReLUs.
+    activations = 64 * (64 + 4 * 64 + 10) * torch.finfo(dtype).bits // 8
+    per_point = activations + parameters * torch.finfo(dtype).bits // 8
+    monkeypatch.setattr(evaluators, "CPU_BUDGET_BYTES", 5 * per_point + 1)
+    monkeypatch.setattr(evaluators, "batching_pays", lambda *args: True)
+    assert loss_evaluator(experiment, surface, ["train_loss"]).items_per_call == 5
+    monkeypatch.setattr(evaluators, "batching_pays", lambda *args: False)
+    with caplog.at_level(logging.INFO, logger="landscape.evaluators"):
+        assert loss_evaluator(experiment, surface, ["train_loss"]).items_per_call == 1
+    assert "5 points per pass are slower per point than one on this CPU" in caplog.text
 
 
 def test_negative_points_per_pass_is_one_line():

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from landscape.checkpoint import verify_fingerprint
 from landscape.errors import UserError, reporting_interrupt
+from landscape.evaluators import fastest_seconds
 from landscape.experiment import Experiment
 from landscape.jobs import JOBS, Evaluator, resolve
 from landscape.locking import surface_lock
@@ -219,6 +220,8 @@ def load_evaluator(job: str, surface: SurfaceFile, device: str | None, ranks: So
     )
     if ranks.size > 1 and not config.evaluation.threads:
         torch.set_num_threads(cpu_threads_per_rank(ranks.local_size))
+    elif experiment.device.type == "cpu" and not config.evaluation.threads:
+        one_thread_if_faster(experiment)
     log.info(
         "%s: %s, %s, %d CPU threads",
         ranks.describe(),
@@ -227,6 +230,34 @@ def load_evaluator(job: str, surface: SurfaceFile, device: str | None, ranks: So
         torch.get_num_threads(),
     )
     return resolve(JOBS[job].evaluator)(experiment, surface, surface.job_maps(job))
+
+
+def one_thread_if_faster(experiment: Experiment) -> None:
+    """One torch thread where one batch's forward pass is faster on one than on all.
+
+    OpenMP threads meet at a barrier after every operation: when other processes keep
+    the cores busy, each operation waits for the thread the kernel descheduled. Measured
+    on 2 cores under a load average of 7, the small CNN's forward over the digits took
+    67-115 ms on 2 threads and 20-29 ms on 1. Timed once, at start-up; ``threads`` in
+    the config skips it."""
+    inputs, _ = experiment.data.split("train")
+    batch = inputs[: experiment.config.evaluation.batch_size]
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return
+    with torch.no_grad():
+        shared = fastest_seconds(lambda: experiment.model(batch))
+        torch.set_num_threads(1)
+        alone = fastest_seconds(lambda: experiment.model(batch))
+    if alone < shared:
+        log.info(
+            "1 CPU thread: a forward pass took %.1f ms on it, %.1f ms on %d (busy cores?)",
+            1000 * alone,
+            1000 * shared,
+            threads,
+        )
+    else:
+        torch.set_num_threads(threads)
 
 
 def evaluate_pending(
