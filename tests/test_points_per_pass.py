@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from landscape import evaluators
+from landscape import evaluators, workers
 from landscape.config import ConfigError, EvaluationConfig
 from landscape.data import load_dataset
 from landscape.evaluators import PointByPoint, SeveralPoints, can_batch, loss_evaluator
@@ -176,3 +176,22 @@ def test_negative_points_per_pass_is_one_line():
         "evaluation.points_per_pass: must be >= 0 (got -2); "
         "0 = from memory, 1 = one point at a time"
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("one_is_faster", [True, False])
+def test_cpu_run_takes_one_thread_only_where_a_forward_pass_is_faster_on_it(
+    dtype, one_is_faster, monkeypatch, caplog
+):
+    experiment, _ = setting("mlp", dtype, 0)
+    timings = {1: 0.010 if one_is_faster else 0.030, 2: 0.020}  # seconds, per thread count
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    measured = iter([timings[2], timings[1]])  # all threads first, then one
+    monkeypatch.setattr(workers, "fastest_seconds", lambda run: (run(), next(measured))[1])
+    with caplog.at_level(logging.INFO, logger="landscape.workers"):
+        workers.one_thread_if_faster(experiment)
+    assert chosen == ([1] if one_is_faster else [1, 2])
+    logged = "1 CPU thread: a forward pass took 10.0 ms on it, 20.0 ms on 2 (busy cores?)"
+    assert (logged in caplog.text) == one_is_faster
