@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from landscape import evaluators, workers
+from landscape import workers
 from landscape.config import ConfigError, EvaluationConfig
 from landscape.data import load_dataset
 from landscape.evaluators import PointByPoint, SeveralPoints, can_batch, loss_evaluator
@@ -154,19 +154,18 @@ def test_model_vmap_cannot_batch_falls_back_to_one_point_and_says_so(dtype, capl
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_points_per_pass_from_memory_on_a_cpu_only_where_batching_pays(dtype, monkeypatch, caplog):
+def test_points_per_pass_from_memory_on_a_gpu_and_one_on_a_cpu(dtype, monkeypatch):
     experiment, surface = setting("mlp", dtype, 0)
+    assert loss_evaluator(experiment, surface, ["train_loss"]).items_per_call == 1
     parameters = sum(p.numel() for p in experiment.model.parameters())
     # Flatten (64), two hidden layers (64, 64) and the logits (10), with the ReLUs.
     activations = 64 * (64 + 4 * 64 + 10) * torch.finfo(dtype).bits // 8
     per_point = activations + parameters * torch.finfo(dtype).bits // 8
-    monkeypatch.setattr(evaluators, "CPU_BUDGET_BYTES", 5 * per_point + 1)
-    monkeypatch.setattr(evaluators, "batching_pays", lambda *args: True)
+    experiment.device = torch.device("cuda")  # only its free memory is asked for
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * (5 * per_point + 1), 0))
     assert loss_evaluator(experiment, surface, ["train_loss"]).items_per_call == 5
-    monkeypatch.setattr(evaluators, "batching_pays", lambda *args: False)
-    with caplog.at_level(logging.INFO, logger="landscape.evaluators"):
-        assert loss_evaluator(experiment, surface, ["train_loss"]).items_per_call == 1
-    assert "5 points per pass are slower per point than one on this CPU" in caplog.text
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**40, 0))
+    assert loss_evaluator(experiment, surface, ["train_loss"]).items_per_call == 32
 
 
 def test_negative_points_per_pass_is_one_line():
@@ -180,7 +179,7 @@ def test_negative_points_per_pass_is_one_line():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("one_is_faster", [True, False])
-def test_cpu_run_takes_one_thread_only_where_a_forward_pass_is_faster_on_it(
+def test_cpu_run_says_so_where_one_thread_is_faster_and_keeps_its_threads(
     dtype, one_is_faster, monkeypatch, caplog
 ):
     experiment, _ = setting("mlp", dtype, 0)
@@ -191,7 +190,10 @@ def test_cpu_run_takes_one_thread_only_where_a_forward_pass_is_faster_on_it(
     measured = iter([timings[2], timings[1]])  # all threads first, then one
     monkeypatch.setattr(workers, "fastest_seconds", lambda run: (run(), next(measured))[1])
     with caplog.at_level(logging.INFO, logger="landscape.workers"):
-        workers.one_thread_if_faster(experiment)
-    assert chosen == ([1] if one_is_faster else [1, 2])
-    logged = "1 CPU thread: a forward pass took 10.0 ms on it, 20.0 ms on 2 (busy cores?)"
+        workers.warn_if_one_thread_faster(experiment)
+    assert chosen == [1, 2]  # back to its threads
+    logged = (
+        "a forward pass took 10.0 ms on 1 CPU thread, 20.0 ms on 2: the cores are busy "
+        "(other processes?); evaluation.threads: 1 may run faster"
+    )
     assert (logged in caplog.text) == one_is_faster

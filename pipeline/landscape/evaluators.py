@@ -11,7 +11,6 @@ output shape}``. The Hessian moves the model to one point at a time
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -69,9 +68,6 @@ class LossAtPoint:
 # Points per pass chosen by memory are capped here: past a few dozen, the per-call cost
 # that batching amortizes is already small beside the arithmetic.
 MAX_POINTS_PER_PASS = 32
-# The memory K points may take on a CPU, where nothing reports what is free: activations
-# much larger than the cache make every elementwise pass memory-bound.
-CPU_BUDGET_BYTES = 256 * 2**20
 
 
 class SeveralPoints:
@@ -91,8 +87,10 @@ class SeveralPoints:
     the last bits of the dtype. That is the tolerance: the loss to a few units of the
     dtype's epsilon relative (tests hold float32 to 1e-6 and float64 to 1e-13). Which
     points share a pass is fixed by the plan's shards, so the number of ranks does not
-    change it. A call with one point (a one-point shard, the rest of a resumed one)
-    takes the one-point path, which the batched one would only slow down.
+    change it; a resumed shard's rest, or another K (free GPU memory differs), may round
+    otherwise, within that tolerance. A call with one point (a one-point shard, the
+    rest of a resumed one) takes the one-point path, which the batched one would only
+    slow down.
     """
 
     def __init__(self, experiment: Experiment, grid: Grid, plane: DirectionPlane, maps, k: int):
@@ -198,49 +196,23 @@ def activation_bytes(experiment: Experiment) -> int:
     return total
 
 
-def fastest_seconds(run: Callable[[], object], repeats: int = 3) -> float:
-    """The least wall time of ``repeats`` calls (the least is the one others disturbed least)."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
-def batching_pays(experiment: Experiment, plane: DirectionPlane, k: int) -> bool:
-    """Whether one batch costs less per point at K points per pass than at one, timed.
-
-    On a CPU a batched convolution is a grouped one over K times the channels, whose
-    activations leave the cache: measured on 2 cores, the small BN CNN took 4x longer
-    per point at K = 32 than one point at a time, ResNet-20 1.1-1.3x. A GPU gains."""
-    inputs, _ = experiment.data.split("train")
-    batch = inputs[: experiment.config.evaluation.batch_size]
-    several = SeveralPoints(experiment, None, plane, [], k)
-    tensors = several.stacked([(0.0, 0.0)] * k)
-    with torch.no_grad():
-        batched = fastest_seconds(lambda: several.forward(tensors, batch)) / k
-        single = fastest_seconds(lambda: experiment.model(batch))
-    return batched < single
-
-
 def points_per_pass(experiment: Experiment, plane: DirectionPlane) -> int:
-    """K from memory: one batch's activations plus one parameter copy per point, against
-    half the device's free memory (CUDA) or :data:`CPU_BUDGET_BYTES`, capped at
-    :data:`MAX_POINTS_PER_PASS`; on a CPU, 1 unless that K is faster per point
-    (:func:`batching_pays`)."""
+    """K from memory on a GPU: one batch's activations plus one parameter copy per point,
+    against half the device's free memory, capped at :data:`MAX_POINTS_PER_PASS`.
+
+    On a CPU, 1: a batched convolution is a grouped one over K times the channels, whose
+    activations leave the cache. Measured on 2 cores (benchmarks/batch_bench.py), the
+    small BN CNN took 4-5x longer per point at K = 14-32 than one point at a time,
+    ResNet-20 1.1-1.3x; only the MLP gained (1.75 against 2.5 forwards per point at
+    batch 128), and lost at its best batch. A fixed rule, not a timing: K must not
+    depend on the load, or a resumed run would round otherwise."""
+    device = experiment.device
+    if device.type != "cuda":
+        return 1
     flat = plane.parameters.vector
     per_point = activation_bytes(experiment) + flat.numel() * flat.element_size()
-    device = experiment.device
-    if device.type == "cuda":
-        return max(
-            1, min(MAX_POINTS_PER_PASS, torch.cuda.mem_get_info(device)[0] // 2 // per_point)
-        )
-    k = max(1, min(MAX_POINTS_PER_PASS, CPU_BUDGET_BYTES // per_point))
-    if k > 1 and not batching_pays(experiment, plane, k):
-        log.info("loss: %d points per pass are slower per point than one on this CPU", k)
-        return 1
-    return k
+    budget = torch.cuda.mem_get_info(device)[0] // 2
+    return max(1, min(MAX_POINTS_PER_PASS, budget // per_point))
 
 
 def loss_evaluator(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from landscape.checkpoint import verify_fingerprint
 from landscape.errors import UserError, reporting_interrupt
-from landscape.evaluators import fastest_seconds
 from landscape.experiment import Experiment
 from landscape.jobs import JOBS, Evaluator, resolve
 from landscape.locking import surface_lock
@@ -221,7 +220,7 @@ def load_evaluator(job: str, surface: SurfaceFile, device: str | None, ranks: So
     if ranks.size > 1 and not config.evaluation.threads:
         torch.set_num_threads(cpu_threads_per_rank(ranks.local_size))
     elif experiment.device.type == "cpu" and not config.evaluation.threads:
-        one_thread_if_faster(experiment)
+        warn_if_one_thread_faster(experiment)
     log.info(
         "%s: %s, %s, %d CPU threads",
         ranks.describe(),
@@ -232,14 +231,26 @@ def load_evaluator(job: str, surface: SurfaceFile, device: str | None, ranks: So
     return resolve(JOBS[job].evaluator)(experiment, surface, surface.job_maps(job))
 
 
-def one_thread_if_faster(experiment: Experiment) -> None:
-    """One torch thread where one batch's forward pass is faster on one than on all.
+def fastest_seconds(run: Callable[[], object], repeats: int = 3) -> float:
+    """The least wall time of ``repeats`` calls (the least is the one others disturbed least)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def warn_if_one_thread_faster(experiment: Experiment) -> None:
+    """Say so where one batch's forward pass is faster on one torch thread than on all.
 
     OpenMP threads meet at a barrier after every operation: when other processes keep
     the cores busy, each operation waits for the thread the kernel descheduled. Measured
     on 2 cores under a load average of 7, the small CNN's forward over the digits took
-    67-115 ms on 2 threads and 20-29 ms on 1. Timed once, at start-up; ``threads`` in
-    the config skips it."""
+    67-115 ms on 2 threads and 20-29 ms on 1. The run keeps its threads: the thread
+    count splits reductions, so switching on a timing would make the last bits of the
+    maps depend on the load; ``evaluation.threads: 1`` is the user's to set. Timed
+    once, at start-up."""
     inputs, _ = experiment.data.split("train")
     batch = inputs[: experiment.config.evaluation.batch_size]
     threads = torch.get_num_threads()
@@ -249,15 +260,15 @@ def one_thread_if_faster(experiment: Experiment) -> None:
         shared = fastest_seconds(lambda: experiment.model(batch))
         torch.set_num_threads(1)
         alone = fastest_seconds(lambda: experiment.model(batch))
+        torch.set_num_threads(threads)
     if alone < shared:
-        log.info(
-            "1 CPU thread: a forward pass took %.1f ms on it, %.1f ms on %d (busy cores?)",
+        log.warning(
+            "a forward pass took %.1f ms on 1 CPU thread, %.1f ms on %d: the cores are busy "
+            "(other processes?); evaluation.threads: 1 may run faster",
             1000 * alone,
             1000 * shared,
             threads,
         )
-    else:
-        torch.set_num_threads(threads)
 
 
 def evaluate_pending(
