@@ -5,7 +5,8 @@ For a digits MLP, the small BatchNorm CNN and ResNet-20 on digits, a surface is 
 loop and writer; ``ratio = seconds per point / seconds of one bare forward pass`` over
 the same 1,797 samples at the same batch size, the forward timed right before and after
 each run (a shared machine drifts). Batch 128, and the batch whose bare forward is
-fastest. Ratios below 1 are the point of several points per pass: one pass's per-call
+fastest. K = 1, the K the evaluator chooses (``points_per_pass: 0``) and K = 8. Ratios
+below 1 are the point of several points per pass: one pass's per-call
 cost (Python, kernel launches, reading the data) is shared by K points.
 
 The slow process: the same bare forward (small CNN, batch 128) timed in a child that
@@ -36,6 +37,7 @@ from landscape.store import SurfaceFile
 from landscape.workers import evaluate_shards
 
 MODELS = {"mlp": 32, "small_cnn": 32, "resnet20": 12}  # model: grid points per run
+FORCED_K = 8  # beside K = 1 and the chosen K: what batching does where it is not chosen
 BATCHES = (128, 512, 1797)
 REPEATS = 5  # bare forward passes per timing; the median is kept
 
@@ -108,9 +110,9 @@ def bench_model(folder: Path, model: str, points: int) -> dict:
     best = min(BATCHES, key=lambda batch: forward_seconds(probe, batch))
     result = {}
     for batch_size in sorted({128, best}):
-        for k in (1, 0):
+        for k in (1, 0, FORCED_K):
             per_point, forward, used = run_seconds(folder, model, points, batch_size, k)
-            key = f"batch{batch_size}_k{'1' if k == 1 else 'auto'}"
+            key = f"batch{batch_size}_k{k or 'auto'}"
             result[key] = {
                 "points_per_pass": used,
                 "seconds_per_point": per_point,
