@@ -1,21 +1,25 @@
-"""``landscape`` with a fault injected: the evaluator raises on its third point, as a GPU
-that fails mid-run would. Launched as one rank of an MPI job by test_mpi."""
+"""``landscape`` with a fault injected: the loss evaluator raises on its third call, as a
+GPU that fails mid-run would, whether it evaluates one point per call or several.
+Launched as one rank of an MPI job by test_mpi."""
 
 import sys
 
 from landscape import cli, evaluators
 
-evaluate_point = evaluators.LossAtPoint.__call__
 calls = 0
 
 
-def failing_on_third_point(self, a, b):
-    global calls
-    calls += 1
-    if calls == 3:
-        raise RuntimeError("injected fault: device lost")
-    return evaluate_point(self, a, b)
+def failing_on_third_call(evaluate):
+    def failing(self, items):
+        global calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("injected fault: device lost")
+        return evaluate(self, items)
+
+    return failing
 
 
-evaluators.LossAtPoint.__call__ = failing_on_third_point
+for kind in (evaluators.PointByPoint, evaluators.SeveralPoints):
+    kind.__call__ = failing_on_third_call(kind.__call__)
 sys.exit(cli.main())

@@ -234,6 +234,9 @@ class DirectionsConfig:
 @dataclass(frozen=True)
 class EvaluationConfig:
     """How each grid point is evaluated: batch size only changes speed, never the value.
+    ``points_per_pass``: loss-map points per forward pass (0: from free memory on a GPU,
+    one on a CPU; 1: one at a time; more than 1 may change the last bits of the loss,
+    :mod:`landscape.evaluators`).
     ``loss``: a built-in objective or ``package.module:name``, built with ``loss_kwargs``
     (:mod:`landscape.objectives`)."""
 
@@ -243,6 +246,7 @@ class EvaluationConfig:
     loss: str = "cross_entropy"
     loss_kwargs: dict = field(default_factory=dict)
     threads: int = 0
+    points_per_pass: int = 0
 
     def check(self, where: str) -> None:
         from landscape.objectives import check_spec  # torch, only once a config is read
@@ -255,6 +259,11 @@ class EvaluationConfig:
             raise ConfigError(f"{where}.batch_size: must be >= 1 (got {self.batch_size})")
         if self.threads < 0:
             raise ConfigError(f"{where}.threads: must be >= 0 (got {self.threads}); 0 = default")
+        if self.points_per_pass < 0:
+            raise ConfigError(
+                f"{where}.points_per_pass: must be >= 0 (got {self.points_per_pass}); "
+                "0 = from memory, 1 = one point at a time"
+            )
         check_device_name(self.device, f"{where}.device")
 
 

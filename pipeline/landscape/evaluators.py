@@ -1,17 +1,21 @@
 """The evaluators of the job kinds: a batch of grid points in, arrays of map values out.
 
 Each factory named in :data:`landscape.jobs.JOB_KINDS` builds its evaluator once per
-rank, ``factory(experiment, surface, outputs)``; the evaluator is then called with K
-point numbers (int64) and returns ``{output: array of shape (K,) + output shape}``.
-Today's evaluators move the model to one point at a time (:class:`PointByPoint`); one
-that evaluates several points per forward pass plugs in unchanged.
+rank, ``factory(experiment, surface, outputs)``; the evaluator is then called with up to
+``items_per_call`` point numbers (int64) and returns ``{output: array of shape (K,) +
+output shape}``. The Hessian moves the model to one point at a time
+(:class:`PointByPoint`); the loss evaluates K points per forward pass
+(:class:`SeveralPoints`) where the model allows it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
+import torch
+from torch.func import functional_call, vmap
 
 from landscape.evaluate import evaluate
 from landscape.experiment import Experiment
@@ -20,10 +24,14 @@ from landscape.hessian import HessianEvaluator
 from landscape.parameters import DirectionPlane
 from landscape.store import SurfaceFile
 
+log = logging.getLogger(__name__)
+
 
 class PointByPoint:
     """A batch evaluator from a one-point one, ``at(a, b) -> {output: value}``: the
     points of a batch are evaluated one after the other, in order."""
+
+    items_per_call = 1
 
     def __init__(self, grid: Grid, outputs: list[str], at: Callable[[float, float], dict]):
         self.grid = grid
@@ -38,12 +46,10 @@ class PointByPoint:
 class LossAtPoint:
     """Loss and accuracy maps at theta0 + a*d1 + b*d2 for one experiment on one device."""
 
-    def __init__(
-        self, experiment: Experiment, directions: list[dict[str, np.ndarray]], maps: list[str]
-    ):
+    def __init__(self, experiment: Experiment, plane: DirectionPlane, maps: list[str]):
         self.experiment = experiment
         self.maps = maps
-        self.plane = DirectionPlane(experiment.model, directions)
+        self.plane = plane
 
     def __call__(self, a: float, b: float) -> dict[str, float]:
         self.plane.move_to(a, b)
@@ -59,13 +65,175 @@ class LossAtPoint:
         return {m: values[m] for m in self.maps}
 
 
+# Points per pass chosen by memory are capped here: past a few dozen, the per-call cost
+# that batching amortizes is already small beside the arithmetic.
+MAX_POINTS_PER_PASS = 32
+
+
+class SeveralPoints:
+    """Loss and accuracy maps at K grid points per forward pass.
+
+    The K parameter vectors theta_k = theta0 + a_k d1 + b_k d2 are formed on the device
+    in float64 and rounded once to the model's dtype, by the very operations of
+    :meth:`landscape.parameters.FlatParameters.move_to`, so each is bit for bit the
+    vector a one-point run evaluates. ``torch.func.vmap`` over
+    ``functional_call(model, theta_k)`` runs the K models on one shared data batch
+    (``in_dims`` None for the data and for buffers no direction moves); each point's
+    unit losses are then summed in float64 as :func:`landscape.evaluate.evaluate` does.
+
+    The batched kernels (a convolution over K weight sets becomes one grouped
+    convolution, a linear layer one batched matrix product) may block their sums
+    differently from the one-point kernels: a point's outputs can differ from K = 1 in
+    the last bits of the dtype. That is the tolerance: the loss to a few units of the
+    dtype's epsilon relative (tests hold float32 to 1e-6 and float64 to 1e-13). Which
+    points share a pass is fixed by the plan's shards, so the number of ranks does not
+    change it; a resumed shard's rest, or another K (free GPU memory differs), may round
+    otherwise, within that tolerance. A call with one point (a one-point shard, the
+    rest of a resumed one) takes the one-point path, which the batched one would only
+    slow down.
+    """
+
+    def __init__(self, experiment: Experiment, grid: Grid, plane: DirectionPlane, maps, k: int):
+        self.experiment, self.grid, self.plane, self.maps = experiment, grid, plane, maps
+        self.items_per_call = k
+        self.one_point = PointByPoint(grid, maps, LossAtPoint(experiment, plane, maps))
+        flat = plane.parameters
+        model = experiment.model
+        moved = set(flat.names)
+        self.fixed = {
+            name: t.detach()
+            for name, t in (*model.named_parameters(), *model.named_buffers())
+            if name not in moved
+        }
+        self.forward = vmap(self.one_model, in_dims=(0, None))
+
+    def one_model(self, tensors: dict, inputs: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.experiment.model, (tensors, self.fixed), (inputs,))
+
+    def stacked(self, coordinates: list[tuple[float, float]]) -> dict[str, torch.Tensor]:
+        """The K points' moved tensors, each of shape (K,) + its shape."""
+        flat = self.plane.parameters
+        rows = torch.empty((len(coordinates), flat.vector.numel()), dtype=flat.vector.dtype)
+        rows = rows.to(flat.vector.device)
+        d1 = self.plane.directions[0]
+        d2 = self.plane.directions[1] if len(self.plane.directions) > 1 else None
+        for row, (a, b) in zip(rows, coordinates):
+            position = torch.add(flat.origin, d1, alpha=a)
+            if d2 is not None:
+                position.add_(d2, alpha=b)
+            row.copy_(position)
+        tensors, offset = {}, 0
+        for name, size, shape in zip(flat.names, flat.sizes, flat.shapes):
+            tensors[name] = rows[:, offset : offset + size].reshape(len(rows), *shape)
+            offset += size
+        return tensors
+
+    @torch.no_grad()
+    def __call__(self, items: np.ndarray) -> dict[str, np.ndarray]:
+        if len(items) == 1:
+            return self.one_point(items)
+        coordinates = [self.grid.coordinates(int(item)) for item in items]
+        tensors = self.stacked(coordinates)
+        objective = self.experiment.objective
+        batch_size = self.experiment.config.evaluation.batch_size
+        values = {}
+        for split in ("train", "test"):
+            if not any(m.startswith(split) for m in self.maps):
+                continue
+            inputs, targets = self.experiment.data.split(split)
+            device = inputs.device
+            total_loss = torch.zeros(len(items), dtype=torch.float64, device=device)
+            correct = torch.zeros(len(items), dtype=torch.int64, device=device)
+            for start in range(0, len(inputs), batch_size):
+                outputs = self.forward(tensors, inputs[start : start + batch_size])
+                batch_targets = targets[start : start + batch_size]
+                for k, point_outputs in enumerate(outputs):
+                    total_loss[k] += objective.losses(point_outputs, batch_targets).double().sum()
+                    if objective.accuracy:
+                        correct[k] += objective.correct(point_outputs, batch_targets)
+            count = objective.count(targets)
+            loss = total_loss.cpu().numpy() / count
+            # As evaluate: a point whose loss is not finite has no accuracy either.
+            defined = objective.accuracy & np.isfinite(loss)
+            accuracy = np.where(defined, correct.cpu().numpy() / count, np.nan)
+            values.update({f"{split}_loss": loss, f"{split}_acc": accuracy})
+        return {m: values[m] for m in self.maps}
+
+
+def can_batch(experiment: Experiment, plane: DirectionPlane) -> str | None:
+    """None when vmap batches the model's forward over parameter sets (tried once on two
+    samples at two points), else why not."""
+    inputs, _ = experiment.data.split("train")
+    trial = SeveralPoints(experiment, None, plane, [], 2)
+    try:
+        with torch.no_grad():
+            trial.forward(trial.stacked([(0.0, 0.0), (0.0, 0.0)]), inputs[:2])
+    except Exception as exc:  # any operation without a batching rule, in user code too
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+def activation_bytes(experiment: Experiment) -> int:
+    """Bytes of every leaf module's output of one forward pass over one batch: what one
+    more point per pass adds (an upper bound: no_grad frees most of them early)."""
+    inputs, _ = experiment.data.split("train")
+    total = 0
+
+    def count(module, args, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    model = experiment.model
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(inputs[: experiment.config.evaluation.batch_size])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def points_per_pass(experiment: Experiment, plane: DirectionPlane) -> int:
+    """K from memory on a GPU: one batch's activations plus one parameter copy per point,
+    against half the device's free memory, capped at :data:`MAX_POINTS_PER_PASS`.
+
+    On a CPU, 1: a batched convolution is a grouped one over K times the channels, whose
+    activations leave the cache. Measured on 2 cores (benchmarks/batch_bench.py), the
+    small BN CNN took 4-5x longer per point at K = 14-32 than one point at a time,
+    ResNet-20 1.1-1.3x; only the MLP gained (1.75 against 2.5 forwards per point at
+    batch 128), and lost at its best batch. A fixed rule, not a timing: K must not
+    depend on the load, or a resumed run would round otherwise."""
+    device = experiment.device
+    if device.type != "cuda":
+        return 1
+    flat = plane.parameters.vector
+    per_point = activation_bytes(experiment) + flat.numel() * flat.element_size()
+    budget = torch.cuda.mem_get_info(device)[0] // 2
+    return max(1, min(MAX_POINTS_PER_PASS, budget // per_point))
+
+
 def loss_evaluator(
     experiment: Experiment, surface: SurfaceFile, outputs: list[str]
-) -> PointByPoint:
-    """The loss job's evaluator: the loss and accuracy maps ``outputs`` asks for."""
-    return PointByPoint(
-        surface.grid, outputs, LossAtPoint(experiment, surface.directions(), outputs)
-    )
+) -> PointByPoint | SeveralPoints:
+    """The loss job's evaluator: the loss and accuracy maps ``outputs`` asks for, K points
+    per pass (``evaluation.points_per_pass``; 0: from memory; 1: one point at a time,
+    moving the model itself). A model vmap cannot batch gets K = 1, and the log says why."""
+    plane = DirectionPlane(experiment.model, surface.directions())
+    k = experiment.config.evaluation.points_per_pass
+    if k != 1:
+        problem = can_batch(experiment, plane)
+        if problem is not None:
+            log.info("loss: one point per forward pass; vmap cannot batch the model (%s)", problem)
+            k = 1
+        elif k == 0:
+            k = points_per_pass(experiment, plane)
+    if k == 1:
+        return PointByPoint(surface.grid, outputs, LossAtPoint(experiment, plane, outputs))
+    log.info("loss: %d points per forward pass", k)
+    return SeveralPoints(experiment, surface.grid, plane, outputs, k)
 
 
 def hessian_evaluator(

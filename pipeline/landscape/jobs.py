@@ -31,7 +31,10 @@ import numpy as np
 
 
 class Evaluator(Protocol):
-    """Built once per rank; called with K work items, returns ``{output: (K,) + shape}``."""
+    """Built once per rank; called with up to ``items_per_call`` work items (K), returns
+    ``{output: (K,) + shape}``."""
+
+    items_per_call: int
 
     def __call__(self, items: np.ndarray) -> dict[str, np.ndarray]: ...
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +39,6 @@ from landscape.store import SurfaceFile, existing_surface, job_name
 log = logging.getLogger(__name__)
 
 
-# Work items handed to the evaluator per call. Today's evaluators move the model to one
-# point at a time; one that evaluates several points per forward pass raises this.
-ITEMS_PER_CALL = 1
-
-
 class PointWriter(Protocol):
     def write_point(self, job: str, point: int, values: dict[str, np.ndarray]) -> None: ...
 
@@ -56,16 +51,17 @@ def evaluate_shards(
     claims: Iterable[np.ndarray],
     writer: PointWriter,
     on_point=None,
-    items_per_call: int = ITEMS_PER_CALL,
 ) -> int:
-    """Evaluate and write every point of each claimed shard, ``items_per_call`` points
-    per evaluator call, committing after each shard, and the points written so far
-    when an interrupt stops the shard halfway (a part file then holds part of a shard:
-    it lists its points).
+    """Evaluate and write every point of each claimed shard, the evaluator's
+    ``items_per_call`` points per call (one for an evaluator without it; never more
+    than a shard), committing after each shard, and the points written so far when an
+    interrupt stops the shard halfway (a part file then holds part of a shard: it lists
+    its points).
 
     Returns the number of points evaluated.
     """
     count = 0
+    items_per_call = getattr(evaluator, "items_per_call", 1)
     for points in claims:
         try:
             for start in range(0, len(points), items_per_call):
@@ -216,6 +212,8 @@ def load_evaluator(job: str, surface: SurfaceFile, device: str | None, ranks: So
     )
     if ranks.size > 1 and not config.evaluation.threads:
         torch.set_num_threads(cpu_threads_per_rank(ranks.local_size))
+    elif experiment.device.type == "cpu" and not config.evaluation.threads:
+        warn_if_one_thread_faster(experiment)
     log.info(
         "%s: %s, %s, %d CPU threads",
         ranks.describe(),
@@ -224,6 +222,46 @@ def load_evaluator(job: str, surface: SurfaceFile, device: str | None, ranks: So
         torch.get_num_threads(),
     )
     return resolve(JOBS[job].evaluator)(experiment, surface, surface.job_maps(job))
+
+
+def fastest_seconds(run: Callable[[], object], repeats: int = 3) -> float:
+    """The least wall time of ``repeats`` calls (the least is the one others disturbed least)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def warn_if_one_thread_faster(experiment: Experiment) -> None:
+    """Say so where one batch's forward pass is faster on one torch thread than on all.
+
+    OpenMP threads meet at a barrier after every operation: when other processes keep
+    the cores busy, each operation waits for the thread the kernel descheduled. Measured
+    on 2 cores under a load average of 7, the small CNN's forward over the digits took
+    67-115 ms on 2 threads and 20-29 ms on 1. The run keeps its threads: the thread
+    count splits reductions, so switching on a timing would make the last bits of the
+    maps depend on the load; ``evaluation.threads: 1`` is the user's to set. Timed
+    once, at start-up."""
+    inputs, _ = experiment.data.split("train")
+    batch = inputs[: experiment.config.evaluation.batch_size]
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return
+    with torch.no_grad():
+        shared = fastest_seconds(lambda: experiment.model(batch))
+        torch.set_num_threads(1)
+        alone = fastest_seconds(lambda: experiment.model(batch))
+        torch.set_num_threads(threads)
+    if alone < shared:
+        log.warning(
+            "a forward pass took %.1f ms on 1 CPU thread, %.1f ms on %d: the cores are busy "
+            "(other processes?); evaluation.threads: 1 may run faster",
+            1000 * alone,
+            1000 * shared,
+            threads,
+        )
 
 
 def evaluate_pending(

@@ -1,0 +1,199 @@
+"""Several grid points per forward pass (vmap over parameter sets) against ground truth:
+each point's loss and accuracy computed on its own from theta0 + a d1 + b d2, for an MLP,
+a BatchNorm CNN (with directions that move its running statistics, as interpolation
+does) and ResNet-20, in float32 and float64; and the one-point path for what vmap
+cannot batch."""
+
+from __future__ import annotations
+
+import logging
+from copy import deepcopy
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from landscape import workers
+from landscape.config import ConfigError, EvaluationConfig
+from landscape.data import load_dataset
+from landscape.evaluators import PointByPoint, SeveralPoints, can_batch, loss_evaluator
+from landscape.models import build_model
+from landscape.objectives import build_objective
+from landscape.parameters import DirectionPlane
+
+SAMPLES = 150
+COORDINATES = [(0.0, 0.0), (0.5, -0.25), (-1.0, 1.0), (1.0, 1.0), (0.25, 0.75)]
+# Batched kernels may block their sums otherwise than one-point kernels (SeveralPoints).
+BATCHED_RTOL = {torch.float32: 1e-6, torch.float64: 1e-13}
+# Ground truth evaluates the whole set in one batch: other kernel blocking again.
+TRUTH_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def setting(name: str, dtype: torch.dtype, points_per_pass: int, moved_buffers: bool = False):
+    """An experiment-like namespace (digits, a seeded model) and a surface-like one (its
+    directions, seeded; BN running statistics among them when ``moved_buffers``)."""
+    data = load_dataset("digits", {})
+    torch.manual_seed(0)
+    model = build_model(name, data.input_shape, data.num_classes, {}).to(dtype).eval()
+    generator = torch.Generator().manual_seed(1)
+    directions = []
+    for _ in range(2):
+        direction = {
+            n: 0.1 * torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            for n, p in model.named_parameters()
+        }
+        if moved_buffers:
+            for n, b in model.named_buffers():
+                if n.endswith(("running_mean", "running_var")):  # variances stay positive
+                    direction[n] = 0.05 * torch.rand(
+                        b.shape, generator=generator, dtype=torch.float64
+                    )
+        directions.append({n: d.numpy() for n, d in direction.items()})
+    inputs = torch.as_tensor(data.train_x[:SAMPLES]).to(dtype)
+    targets = torch.as_tensor(data.train_y[:SAMPLES])
+    experiment = SimpleNamespace(
+        model=model,
+        objective=build_objective("cross_entropy", {}),
+        device=torch.device("cpu"),
+        data=SimpleNamespace(split=lambda split: (inputs, targets)),
+        config=SimpleNamespace(
+            evaluation=EvaluationConfig(batch_size=64, points_per_pass=points_per_pass)
+        ),
+    )
+    grid = SimpleNamespace(coordinates=lambda item: COORDINATES[item])
+    surface = SimpleNamespace(grid=grid, directions=lambda: directions)
+    return experiment, surface
+
+
+def truth(experiment, surface) -> tuple[np.ndarray, np.ndarray]:
+    """Loss and accuracy at each point of a model no evaluator has moved, its tensors set
+    one by one from the sum formed in float64 and rounded once, the whole set in one
+    batch."""
+    model = experiment.model
+    origin = {n: t.detach().double().clone() for n, t in model.state_dict().items()}
+    d1, d2 = surface.directions()
+    inputs, targets = experiment.data.split("train")
+    losses, accuracies = [], []
+    for a, b in COORDINATES:
+        state = dict(origin)
+        for name in d1:
+            state[name] = (
+                origin[name] + a * torch.as_tensor(d1[name]) + b * torch.as_tensor(d2[name])
+            )
+        copy = deepcopy(model)  # the model at the point
+        copy.load_state_dict({n: v.to(model.state_dict()[n].dtype) for n, v in state.items()})
+        with torch.no_grad():
+            outputs = copy(inputs)
+        losses.append(F.cross_entropy(outputs, targets, reduction="none").double().mean().item())
+        accuracies.append((outputs.argmax(1) == targets).double().mean().item())
+    return np.array(losses), np.array(accuracies)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "name, moved_buffers",
+    [("mlp", False), ("small_cnn", False), ("small_cnn", True), ("resnet20", False)],
+)
+def test_several_points_per_pass_match_ground_truth_and_one_point(name, moved_buffers, dtype):
+    maps = ["train_loss", "train_acc"]
+    items = np.arange(len(COORDINATES))
+    loss, accuracy = truth(*setting(name, dtype, 1, moved_buffers))
+    experiment, surface = setting(name, dtype, 3, moved_buffers)
+    batched = loss_evaluator(experiment, surface, maps)
+    assert isinstance(batched, SeveralPoints) and batched.items_per_call == 3
+    several = {m: np.concatenate([batched(items[:3])[m], batched(items[3:])[m]]) for m in maps}
+    experiment, surface = setting(name, dtype, 1, moved_buffers)
+    single = loss_evaluator(experiment, surface, maps)
+    assert isinstance(single, PointByPoint)
+    one = single(items)
+    np.testing.assert_allclose(several["train_loss"], one["train_loss"], rtol=BATCHED_RTOL[dtype])
+    np.testing.assert_array_equal(several["train_acc"], one["train_acc"])
+    np.testing.assert_allclose(several["train_loss"], loss, rtol=TRUTH_RTOL[dtype])
+    np.testing.assert_array_equal(several["train_acc"], accuracy)
+    assert len(set(loss)) == len(loss)  # the points differ: the parameters did move
+
+
+class ItemInForward(nn.Module):
+    """Data-dependent Python control flow: vmap cannot batch ``.item()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x):
+        scale = 2.0 if self.linear.weight.sum().item() > 0 else 1.0
+        return self.linear(x.flatten(1)) * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_model_vmap_cannot_batch_falls_back_to_one_point_and_says_so(dtype, caplog):
+    experiment, surface = setting("mlp", dtype, 0)
+    torch.manual_seed(0)
+    experiment.model = ItemInForward().to(dtype).eval()
+    generator = torch.Generator().manual_seed(1)
+    directions = [
+        {
+            n: torch.randn(p.shape, generator=generator, dtype=torch.float64).numpy()
+            for n, p in experiment.model.named_parameters()
+        }
+        for _ in range(2)
+    ]
+    surface.directions = lambda: directions
+    loss, _ = truth(experiment, surface)
+    plane = DirectionPlane(experiment.model, directions)
+    assert "item" in can_batch(experiment, plane)
+    with caplog.at_level(logging.INFO, logger="landscape.evaluators"):
+        evaluator = loss_evaluator(experiment, surface, ["train_loss"])
+    assert isinstance(evaluator, PointByPoint) and evaluator.items_per_call == 1
+    assert "one point per forward pass; vmap cannot batch the model" in caplog.text
+    values = evaluator(np.arange(2))["train_loss"]
+    np.testing.assert_allclose(values, loss[:2], rtol=TRUTH_RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_points_per_pass_from_memory_on_a_gpu_and_one_on_a_cpu(dtype, monkeypatch):
+    experiment, surface = setting("mlp", dtype, 0)
+    assert loss_evaluator(experiment, surface, ["train_loss"]).items_per_call == 1
+    parameters = sum(p.numel() for p in experiment.model.parameters())
+    # Flatten (64), two hidden layers (64, 64) and the logits (10), with the ReLUs.
+    activations = 64 * (64 + 4 * 64 + 10) * torch.finfo(dtype).bits // 8
+    per_point = activations + parameters * torch.finfo(dtype).bits // 8
+    experiment.device = torch.device("cuda")  # only its free memory is asked for
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * (5 * per_point + 1), 0))
+    assert loss_evaluator(experiment, surface, ["train_loss"]).items_per_call == 5
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**40, 0))
+    assert loss_evaluator(experiment, surface, ["train_loss"]).items_per_call == 32
+
+
+def test_negative_points_per_pass_is_one_line():
+    with pytest.raises(ConfigError) as error:
+        EvaluationConfig(points_per_pass=-2).check("evaluation")
+    assert str(error.value) == (
+        "evaluation.points_per_pass: must be >= 0 (got -2); "
+        "0 = from memory, 1 = one point at a time"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("one_is_faster", [True, False])
+def test_cpu_run_says_so_where_one_thread_is_faster_and_keeps_its_threads(
+    dtype, one_is_faster, monkeypatch, caplog
+):
+    experiment, _ = setting("mlp", dtype, 0)
+    timings = {1: 0.010 if one_is_faster else 0.030, 2: 0.020}  # seconds, per thread count
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    measured = iter([timings[2], timings[1]])  # all threads first, then one
+    monkeypatch.setattr(workers, "fastest_seconds", lambda run: (run(), next(measured))[1])
+    with caplog.at_level(logging.INFO, logger="landscape.workers"):
+        workers.warn_if_one_thread_faster(experiment)
+    assert chosen == [1, 2]  # back to its threads
+    logged = (
+        "a forward pass took 10.0 ms on 1 CPU thread, 20.0 ms on 2: the cores are busy "
+        "(other processes?); evaluation.threads: 1 may run faster"
+    )
+    assert (logged in caplog.text) == one_is_faster
