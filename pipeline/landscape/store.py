@@ -166,8 +166,8 @@ def missing_datasets(handle: h5py.File) -> list[str]:
     job it lists), so that a file that has a surface file's attributes but not its
     contents is refused by name instead of failing later at the first missing key."""
     jobs = list(handle["done"]) if isinstance(handle.get("done"), h5py.Group) else []
-    needed = ["grid/x", "done"]
-    needed += ["directions/x"] if file_kind(handle) == "surface" else ["checkpoints/path"]
+    items = "directions/x" if file_kind(handle) == "surface" else "checkpoints/path"
+    needed = ["grid/x", items, "done"]
     for job in jobs:
         needed += [f"{group}/{job}" for group in TABLE_GROUPS]
         needed += [f"maps/{name}" for name in handle[f"done/{job}"].attrs.get("outputs", [])]
