@@ -13,7 +13,9 @@ rank, 1 thread))``.
 
 Hessian: see :mod:`benchmarks.hessian_bench`. Several probe vectors in one pass over the
 data against one product each: see :mod:`benchmarks.probe_bench`. Products, seconds and
-basis memory of each curvature analysis: see :mod:`benchmarks.analysis_bench`.
+basis memory of each curvature analysis: see :mod:`benchmarks.analysis_bench`. Several
+grid points per forward pass against one, and the bare forward in a process that loaded
+the tool against a plain one: see :mod:`benchmarks.batch_bench`.
 
 PCA directions at scale: 12 checkpoints of a 10^7-parameter model, the principal plane
 by the Gram matrix (as planned) and by numpy's SVD of the dense matrix, each in a child
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 
 from benchmarks.analysis_bench import bench_analysis
+from benchmarks.batch_bench import bench_batched
 from benchmarks.hessian_bench import bench_hessian
 from benchmarks.probe_bench import PROBES, bench_probes
 from landscape.atomic import write_file
@@ -279,7 +282,8 @@ def pca_child(folder: str, method: str) -> None:
 
 
 def bench_cpu(folder: Path, results: dict) -> None:
-    """The CPU cases (loss, Hessian, PCA, ranks, probes), printed and added to ``results``."""
+    """The CPU cases (loss, Hessian, PCA, ranks, several points per pass, analyses, probes),
+    printed and added to ``results``."""
     results["loss"] = {}
     for name, spec in CASES.items():
         result = bench_case(name, spec, folder)
@@ -319,6 +323,17 @@ def bench_cpu(folder: Path, results: dict) -> None:
             f"efficiency {scaling['efficiency']:.3f}, speed-up over one process on all "
             f"cores {scaling['speedup_over_1_rank_all_cores']:.2f}x"
         )
+    batched = results["batched"] = bench_batched(folder / "batched")
+    for model, runs in batched.items():
+        for key, run in runs.items():
+            if isinstance(run, dict) and "ratio" in run:
+                print(
+                    f"{model:10s} {key:18s} K={run['points_per_pass']:2d} "
+                    f"{run['ratio']:.2f}x a bare forward"
+                )
+    print(
+        f"bare forward, tool process / plain process: {batched['process']['tool_over_plain']:.2f}"
+    )
     analysis = results["analysis"] = bench_analysis(folder)
     for quantity, cost in analysis["costs"]["quantities"].items():
         print(
