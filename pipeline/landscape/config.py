@@ -270,15 +270,17 @@ class HessianConfig:
     Lanczos steps per point, and so its basis (max_hvps x parameters x 8 bytes).
 
     ``hvp``: how a product is differentiated; double backward by default, measured
-    faster than forward over reverse (jvp of grad) on every model family timed (``make
-    bench``, benchmarks/warm_bench.py: a digits MLP 5.9x, the BatchNorm CNN 1.4x,
-    ResNet-20 RESNET_FACTOR on 2 CPU cores), and fixed by the config, not timed at run time, so
-    every rank and resume uses the same one. The other mode is taken only where the
-    model cannot run this one.
+    faster than forward over reverse (jvp of grad) on every model family timed
+    (benchmarks/warm_bench.py, batch 128, float32, 2 CPU cores, modes taking turns): a
+    digits MLP 5.0x, the BatchNorm CNN 2.0x, ResNet-20 1.5x. A rule, not a timing at
+    run time, so every rank and resume differentiates alike. The other mode is taken only
+    where the model cannot run this one.
 
     ``warm_start`` (Lanczos): each point of a shard after its first starts from the
     previous point's Ritz vectors of both ends, which neighbouring points nearly share
-    (fewer HVPs; the same convergence test); the first point of every shard, and every
+    (the same convergence test, fewer HVPs: ResNet-20 on digits at the demo grid's
+    spacing, a median 12 per point against 18, benchmarks/warm_bench.py; the gain shrinks
+    as points lie further apart); the first point of every shard, and every
     point with ``warm_start: false``, from the vector ``seed`` draws. ``shard_size``: the
     Hessian points per shard, fixed at plan time; 0 takes one row of the Hessian grid,
     the run of neighbours warm starts chain along.

@@ -50,7 +50,8 @@ ROUNDING_FLOOR = 16
 # below the products' rounding floor) found an invariant subspace.
 INVARIANT = 1e-12
 # The seeded random share of a warm start vector (warm_start_vector), against the two
-# Ritz vectors of norm 1 each.
+# Ritz vectors of norm 1 each. 0.1 and 0.01 took the same HVPs on ResNet-20 (the Ritz
+# vectors' own error dominates), and the larger keeps crossings in reach.
 WARM_SEEDED = 0.1
 
 
