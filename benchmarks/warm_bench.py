@@ -9,6 +9,9 @@ Hessian over the weights (the demo's setting). The grid's spacing is the demo gr
 patch of a Hessian map at every demo grid point, as a long run computes. Each row of
 the grid is one shard (the default). Both ends of every solve are compared with a cold
 solve at tolerance 1e-6 (floored at 16 float32 epsilons, 1.9e-6 of the spectral scale).
+Measured (2 cores shared, load 3.5-5): median 12 HVPs warm, 18 cold (0.67), both ends
+within 1.8e-6 of the tight solve, 25/25 converged; 9 minutes at that load, the three
+grids taking most of it.
 """
 
 from __future__ import annotations
