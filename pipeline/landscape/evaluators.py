@@ -20,7 +20,7 @@ from torch.func import functional_call, vmap
 from landscape.evaluate import evaluate
 from landscape.experiment import Experiment
 from landscape.grid import Grid
-from landscape.hessian import HessianEvaluator
+from landscape.hessian import HessianEvaluator, WarmShards, warm_starts
 from landscape.parameters import DirectionPlane
 from landscape.store import SurfaceFile
 
@@ -238,7 +238,14 @@ def loss_evaluator(
 
 def hessian_evaluator(
     experiment: Experiment, surface: SurfaceFile, outputs: list[str]
-) -> PointByPoint:
-    """The hessian job's evaluator: :class:`landscape.hessian.HessianEvaluator` at each point."""
-    at = HessianEvaluator(experiment, surface.directions(), surface.config.hessian)
+) -> PointByPoint | WarmShards:
+    """The hessian job's evaluator: :class:`landscape.hessian.HessianEvaluator` at each point,
+    warm-started along the file's shards (:class:`landscape.hessian.WarmShards`) where
+    ``hessian.warm_start`` says so."""
+    settings = surface.config.hessian
+    at = HessianEvaluator(experiment, surface.directions(), settings)
+    if warm_starts(settings):
+        return WarmShards(
+            surface.grid, outputs, at, surface.points("hessian"), surface.shards("hessian")
+        )
     return PointByPoint(surface.grid, outputs, at)

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from landscape.config import HessianConfig
 from landscape.curvature.lanczos import (
     Criterion,
+    Extremes,
     check_basis_memory,
     extreme_eigenvalues,
     start_vector,
+    warm_start_vector,
 )
 from landscape.curvature.operators import HessianOperator, select_parameters
 from landscape.experiment import Experiment
+from landscape.grid import Grid
 from landscape.parameters import DirectionPlane
 
 log = logging.getLogger(__name__)
@@ -64,15 +68,23 @@ def convergence_attrs(settings: HessianConfig, dtype: torch.dtype) -> dict:
         "rounding_floor": criterion.floor,
         "hvp_dtype": str(dtype).removeprefix("torch."),
         "method": settings.method,
+        "warm_start": int(warm_starts(settings)),
     }
+
+
+def warm_starts(settings: HessianConfig) -> bool:
+    """Whether points after the first of a shard start from their predecessor's Ritz
+    vectors: ``hessian.warm_start`` with the Lanczos solver (the only one returning them)."""
+    return settings.warm_start and settings.method == "lanczos"
 
 
 class HessianEvaluator:
     """The hessian job's values at theta0 + a*d1 + b*d2: both extreme eigenvalues of the
     training-loss Hessian, their residuals, the HVPs spent and whether both converged.
 
-    Every point starts Lanczos from the same seeded vector, so a point's values do not
-    depend on which rank computes it or in which order.
+    Called with (a, b), a point starts Lanczos from the seeded vector, so its values do
+    not depend on which rank computes it or in which order; :class:`WarmShards` chains
+    the points of a shard instead.
     """
 
     def __init__(self, experiment: Experiment, directions: list[dict], settings: HessianConfig):
@@ -99,16 +111,80 @@ class HessianEvaluator:
             )
 
     def __call__(self, a: float, b: float) -> dict[str, float]:
+        """The values at (a, b), solved from the seeded start."""
+        return point_values(self.solve(a, b, self.start))
+
+    def solve(self, a: float, b: float, start: torch.Tensor) -> Extremes:
+        """Both ends at theta0 + a*d1 + b*d2, Lanczos (or the configured method) from
+        ``start``."""
         self.plane.move_to(a, b)
         settings = self.settings
-        found = extreme_eigenvalues(
-            self.operator, settings.method, self.start, settings.tolerance, settings.max_hvps
+        return extreme_eigenvalues(
+            self.operator, settings.method, start, settings.tolerance, settings.max_hvps
         )
-        return {
-            "lambda_min": found.lambda_min,
-            "lambda_max": found.lambda_max,
-            "lambda_min_residual": found.residual_min,
-            "lambda_max_residual": found.residual_max,
-            "hessian_hvps": float(found.hvps),
-            "hessian_converged": float(found.converged),
-        }
+
+
+def point_values(found: Extremes) -> dict[str, float]:
+    """One point's outputs of the hessian job."""
+    return {
+        "lambda_min": found.lambda_min,
+        "lambda_max": found.lambda_max,
+        "lambda_min_residual": found.residual_min,
+        "lambda_max_residual": found.residual_max,
+        "hessian_hvps": float(found.hvps),
+        "hessian_converged": float(found.converged),
+    }
+
+
+class WarmShards:
+    """The hessian job's batch evaluator with warm starts: within each shard (a run of
+    neighbouring points fixed at plan time), a point's Lanczos starts from the previous
+    point's Ritz vectors (:func:`~landscape.curvature.lanczos.warm_start_vector`); the
+    first point of every shard from the seeded vector.
+
+    A point's numbers therefore depend on its shard's earlier points only, which every
+    rank and every resume evaluates alike: asked for a point whose predecessor is not the
+    last point solved here (a resumed shard, or a rank's first point), it first replays
+    the shard from its first point up to the predecessor, writing nothing, so a shard
+    resumed halfway gives the numbers of an uninterrupted run, bit for bit (products and
+    Lanczos are deterministic on one device; replayed products are counted nowhere).
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        outputs: list[str],
+        evaluator: HessianEvaluator,
+        points: np.ndarray,
+        shards: np.ndarray,
+    ):
+        self.grid, self.outputs, self.evaluator = grid, outputs, evaluator
+        self.points = points
+        first = np.repeat(shards[:, 0], shards[:, 1] - shards[:, 0])
+        self.index = {int(point): (i, int(first[i])) for i, point in enumerate(points)}
+        self.last: tuple[int, torch.Tensor | None] | None = None  # (index, its Ritz vectors)
+
+    def __call__(self, items: np.ndarray) -> dict[str, np.ndarray]:
+        rows = [point_values(self.solve(int(item))) for item in items]
+        return {name: np.asarray([row[name] for row in rows], np.float64) for name in self.outputs}
+
+    def solve(self, point: int) -> Extremes:
+        index, first = self.index[point]
+        begin = first if self.last is None or self.last[0] != index - 1 else index
+        if begin < index:
+            log.info(
+                "Replaying %d Hessian point(s) of the shard from its first to warm-start point %d",
+                index - begin,
+                point,
+            )
+        found = None
+        for current in range(begin, index + 1):
+            vectors = None if current == first else self.last[1]
+            start = (
+                self.evaluator.start
+                if vectors is None
+                else warm_start_vector(vectors, self.evaluator.start)
+            )
+            found = self.evaluator.solve(*self.grid.coordinates(int(self.points[current])), start)
+            self.last = (current, found.vectors)
+        return found

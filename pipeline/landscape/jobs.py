@@ -319,7 +319,9 @@ JOB_KINDS: tuple[JobKind, ...] = (
         # Both ends are always solved for, with how well each converged.
         outputs=lambda config: HESSIAN_OUTPUTS,
         points=lambda config, grid: grid.sublattice(config.hessian.stride),
-        shard_size=lambda config: config.hessian.shard_size,
+        shard_size=lambda config: config.hessian.points_per_shard(
+            -(-config.grid.x.num // config.hessian.stride)
+        ),
         evaluator="landscape.evaluators:hessian_evaluator",
         figures="landscape.plot:hessian_figures",
         derived=(DerivedMap("lambda_ratio", ("lambda_min", "lambda_max"), eigenvalue_ratio),),

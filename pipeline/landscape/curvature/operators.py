@@ -222,7 +222,7 @@ class CurvatureOperator(MeanLoss, SymmetricOperator):
         targets: torch.Tensor,
         objective: Objective,
         batch_size: int,
-        hvp: str = "forward_over_reverse",
+        hvp: str = "double_backward",
     ):
         MeanLoss.__init__(self, model, names, inputs, targets, objective, batch_size)
         self.hvps = 0
@@ -232,27 +232,30 @@ class CurvatureOperator(MeanLoss, SymmetricOperator):
 
     def choose_mode(self, requested: str) -> str:
         """The product mode of every product of this operator, tried once on two samples:
-        ``requested``, else double backward (an operation without a forward-mode rule).
-        A model that cannot be differentiated twice at all is refused in one line."""
+        ``requested``, else the other mode (forward over reverse where an operation has no
+        double backward, double backward where one has no forward-mode rule). A model
+        that cannot be differentiated twice at all is refused in one line, with what
+        double backward lacks."""
         params, fixed = self.state()
         probe = (self.inputs[:2], self.targets[:2])
         with torch.no_grad():  # a model that fails to run at all fails here, as itself
             self.batch_loss(params, fixed, *probe)
         tangents = {name: torch.ones_like(p) for name, p in params.items()}
-        candidates = dict.fromkeys([requested, "double_backward"])
-        for mode in candidates:
+        reasons = {}
+        for mode in dict.fromkeys([requested, *HVP_MODES]):
             try:
                 with product_context():
                     self.batch_product(mode, params, fixed, tangents, probe)
             except (RuntimeError, NotImplementedError) as exc:
-                reason = describe(exc)
-                log.warning("%s by %s fail: %s", self.PRODUCTS, HVP_MODES[mode], reason)
+                reasons[mode] = describe(exc)
+                log.warning("%s by %s fail: %s", self.PRODUCTS, HVP_MODES[mode], reasons[mode])
                 continue
             log.info("%s: %s", self.PRODUCTS, HVP_MODES[mode])
             return mode
+        lacking = reasons["double_backward"]
         raise UserError(
             f"hessian.hvp: the model cannot be differentiated twice, which "
-            f"{self.PRODUCTS} need ({reason}); replace that operation by one with a double "
+            f"{self.PRODUCTS} need ({lacking}); replace that operation by one with a double "
             "backward (attention: F.scaled_dot_product_attention or nn.MultiheadAttention, "
             "whose math kernel products use), or leave the model out of Hessian maps"
         )
@@ -285,9 +288,10 @@ class HessianOperator(CurvatureOperator):
     The loss is ``objective``'s (see :mod:`landscape.objectives`): the sum of its
     per-sample (or per-token) losses over the whole set, divided by its count of them,
     so every batch carries its own share. ``names``: see :func:`select_parameters`.
-    ``hvp``: ``forward_over_reverse`` (``jvp`` of ``grad``) or ``double_backward``
-    (faster for conv nets on CPU, see ``make bench``); a model with an operation that
-    has no forward-mode rule gets double backward (see :meth:`choose_mode`). ``hvps``
+    ``hvp``: ``double_backward`` (the default: faster on every model family measured,
+    see :class:`landscape.config.HessianConfig`) or ``forward_over_reverse`` (``jvp`` of
+    ``grad``); a model with an operation that lacks one gets the other (see
+    :meth:`choose_mode`). ``hvps``
     counts products (:meth:`hvp_many` counts one per vector).
     """
 
