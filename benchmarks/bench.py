@@ -13,7 +13,8 @@ rank, 1 thread))``.
 
 Hessian: see :mod:`benchmarks.hessian_bench`. Several probe vectors in one pass over the
 data against one product each: see :mod:`benchmarks.probe_bench`. Products, seconds and
-basis memory of each curvature analysis: see :mod:`benchmarks.analysis_bench`. Several
+basis memory of each curvature analysis: see :mod:`benchmarks.analysis_bench`.
+Warm-started against cold Lanczos on a Hessian grid: see :mod:`benchmarks.warm_bench`. Several
 grid points per forward pass against one, and the bare forward in a process that loaded
 the tool against a plain one: see :mod:`benchmarks.batch_bench`.
 
@@ -44,6 +45,7 @@ from benchmarks.analysis_bench import bench_analysis
 from benchmarks.batch_bench import bench_batched
 from benchmarks.hessian_bench import bench_hessian
 from benchmarks.probe_bench import PROBES, bench_probes
+from benchmarks.warm_bench import bench_warm
 from landscape.atomic import write_file
 from landscape.checkpoint import save_checkpoint
 from landscape.config import parse_config
@@ -307,6 +309,11 @@ def bench_cpu(folder: Path, results: dict) -> None:
             f"demo-model HVP ({mode}): {ratio:.1f}x a forward pass, "
             f"{cost['hvp_over_gradient'][mode]:.1f}x a gradient"
         )
+    warm = results["warm"] = bench_warm(folder)
+    print(
+        f"warm-started Lanczos: {warm['warm_start']['warm_over_cold_hvps']:.2f}x the HVPs of a "
+        "cold start (target <= 0.5)"
+    )
     pca = results["pca"] = bench_pca(folder)
     for method in ("gram", "dense_svd"):
         run = pca[method]

@@ -13,6 +13,7 @@ import yaml
 from conftest import MODELS, dense_hessian, trained_experiment
 
 from landscape.config import load_config
+from landscape.curvature import AUTOMATIC_HVP_MODE
 from landscape.curvature.lanczos import Criterion
 from landscape.evaluators import hessian_evaluator
 from landscape.experiment import Experiment
@@ -109,15 +110,16 @@ def test_shards_give_the_same_numbers_in_any_order_and_resumed_halfway(experimen
     assert len(halves) == 4
 
 
-def test_products_are_by_double_backward_unless_the_config_says_otherwise(experiment):
-    """The rule (HessianConfig.hvp): double backward, measured faster on every family
-    timed; fixed in the config, so every rank and resume differentiates alike."""
+def test_products_follow_the_device_rule_unless_the_config_says_otherwise(experiment):
+    """hvp: auto (the default) takes AUTOMATIC_HVP_MODE of the device's type (double
+    backward on a CPU); a named mode is taken as given. Fixed by the config and the
+    device, so every rank and resume differentiates alike."""
     network, data = MODELS["cnn_bn"]
     default = load_config(experiment(name="default", model=network, data=data))
     chosen = load_config(
         experiment(name="chosen", model=network, data=data, hessian={"hvp": "forward_over_reverse"})
     )
-    assert default.hessian.hvp == "double_backward"
+    assert default.hessian.hvp == "auto" and AUTOMATIC_HVP_MODE["cpu"] == "double_backward"
     for config, mode in ((default, "double_backward"), (chosen, "forward_over_reverse")):
         settings = config.hessian
         operator = training_hessian(Experiment.load(config), settings.parameters, settings.hvp)

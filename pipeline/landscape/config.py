@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from landscape.curvature import HVP_MODES, METHODS, PARAMETER_SELECTIONS
+from landscape.curvature import HVP_CHOICES, METHODS, PARAMETER_SELECTIONS
 from landscape.errors import UserError
 from landscape.jobs import MAP_NAMES, jobs_for
 
@@ -278,12 +278,11 @@ class HessianConfig:
     epsilons of evaluation.dtype, the precision of a product. ``max_hvps`` bounds the
     Lanczos steps per point, and so its basis (max_hvps x parameters x 8 bytes).
 
-    ``hvp``: how a product is differentiated; double backward by default, measured
-    faster than forward over reverse (jvp of grad) on every model family timed
-    (benchmarks/warm_bench.py, batch 128, float32, 2 CPU cores, modes taking turns): a
-    digits MLP 5.0x, the BatchNorm CNN 2.0x, ResNet-20 1.5x. A rule, not a timing at
-    run time, so every rank and resume differentiates alike. The other mode is taken only
-    where the model cannot run this one.
+    ``hvp``: how a product is differentiated; ``auto`` takes the mode measured faster on
+    the device's type (double backward on CPUs, forward over reverse on CUDA:
+    ``landscape.curvature.AUTOMATIC_HVP_MODE`` gives the figures). A rule, not a timing
+    at run time, so every rank and resume differentiates alike. The other mode is taken
+    only where the model cannot run this one.
 
     ``warm_start`` (Lanczos): each point of a shard after its first starts from the
     previous point's Ritz vectors of both ends, which neighbouring points nearly share
@@ -297,7 +296,7 @@ class HessianConfig:
 
     parameters: str = choice("all", PARAMETER_SELECTIONS)
     method: str = choice("lanczos", METHODS)
-    hvp: str = choice("double_backward", tuple(HVP_MODES))
+    hvp: str = choice("auto", HVP_CHOICES)
     tolerance: float = 1e-3
     max_hvps: int = 400
     stride: int = 1
@@ -398,7 +397,7 @@ class AnalysisConfig:
     checkpoints: list[str] = path_field([])
     quantities: list[str] = field(default_factory=lambda: list(ANALYSIS_QUANTITIES))
     parameters: str = choice("all", PARAMETER_SELECTIONS)
-    hvp: str = choice("forward_over_reverse", tuple(HVP_MODES))
+    hvp: str = choice("auto", HVP_CHOICES)
     probes: int = 8
     steps: int = 64
     density_points: int = 512

@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from landscape.curvature import HVP_MODES, PARAMETER_SELECTIONS
+from landscape.curvature import AUTOMATIC_HVP_MODE, HVP_MODES, PARAMETER_SELECTIONS
 from landscape.errors import Interrupted, UserError, describe
 from landscape.objectives import Objective
 
@@ -209,7 +209,8 @@ class CurvatureOperator(MeanLoss, SymmetricOperator):
     model moves the operator), applied batch by batch: M v = sum_b M_b v, M_b the
     batch's share. A subclass writes :meth:`batch_product`, in each of the two modes
     (``forward_over_reverse``, ``double_backward``); the mode is chosen once, when the
-    operator is built (:meth:`choose_mode`). ``hvp(v)`` is M @ v; ``hvps`` counts them.
+    operator is built (:meth:`choose_mode`; ``auto``: the one measured faster on the
+    model's device type, ``AUTOMATIC_HVP_MODE``). ``hvp(v)`` is M @ v; ``hvps`` counts them.
     """
 
     PRODUCTS = "curvature-vector products"  # in logs and errors
@@ -222,12 +223,14 @@ class CurvatureOperator(MeanLoss, SymmetricOperator):
         targets: torch.Tensor,
         objective: Objective,
         batch_size: int,
-        hvp: str = "double_backward",
+        hvp: str = "auto",
     ):
         MeanLoss.__init__(self, model, names, inputs, targets, objective, batch_size)
         self.hvps = 0
         size = sum(self.sizes)
         SymmetricOperator.__init__(self, dtype=np.float64, shape=(size, size))
+        if hvp == "auto":
+            hvp = AUTOMATIC_HVP_MODE.get(self.device.type, "double_backward")
         self.mode = self.choose_mode(hvp)
 
     def choose_mode(self, requested: str) -> str:
