@@ -213,7 +213,7 @@ BOTH_JOBS = {
         "shard_size": 4,
     },
     "maps": ["train_loss", "train_acc", "lambda_min", "lambda_max"],
-    "hessian": {"stride": 3},
+    "hessian": {"stride": 3, "shard_size": 1},  # a shard per point: tasks to spread
 }
 
 
