@@ -87,6 +87,8 @@ def job_name(stored: str) -> str:
 
 
 FILE_KINDS = ("surface", "analysis")
+# What one work item of each kind of file is, in logs and messages.
+ITEM_NOUNS = {"surface": "point", "analysis": "checkpoint"}
 
 
 def create_surface_file(
@@ -322,6 +324,11 @@ class SurfaceFile:
     def kind(self) -> str:
         """``surface`` (items: grid points) or ``analysis`` (items: checkpoints)."""
         return file_kind(self.handle)
+
+    @property
+    def item_noun(self) -> str:
+        """What one of its work items is: ``point`` or ``checkpoint``."""
+        return ITEM_NOUNS[self.kind]
 
     def description(self, name: str) -> str:
         """What map ``name`` holds, as its job stored it ("" for files before descriptions)."""

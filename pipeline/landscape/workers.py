@@ -87,7 +87,9 @@ class ShardClaims:
     reads after each of its own points to drive the progress bar (points, rate, ETA).
     """
 
-    def __init__(self, job: str, ranks: Solo, pending: list[np.ndarray], show_progress: bool):
+    def __init__(
+        self, job: str, ranks: Solo, pending: list[np.ndarray], show_progress: bool, noun: str
+    ):
         self.ranks = ranks
         self.pending = pending
         self.total = sum(len(points) for points in pending)
@@ -95,7 +97,8 @@ class ShardClaims:
         interactive = sys.stderr.isatty()  # in a log file, one line every 30 s is enough
         self.bar = tqdm(
             total=self.total,
-            unit="pt",
+            unit=f" {noun}s",
+            unit_scale=False,
             desc=job,
             mininterval=1 if interactive else 30,
             disable=not show_progress or ranks.rank != 0,
@@ -286,7 +289,8 @@ def evaluate_pending(
         if writer == "parts"
         else surface
     )
-    claims = ShardClaims(job, ranks, pending, show_progress)
+    noun = surface.item_noun
+    claims = ShardClaims(job, ranks, pending, show_progress, noun)
     started = time.perf_counter()
     with ranks.failing_together():
         count = evaluate_shards(job, evaluator, claims, point_writer, claims.point_done)
@@ -295,7 +299,7 @@ def evaluate_pending(
     if ranks.rank == 0:
         elapsed = time.perf_counter() - started
         log.info(
-            "%s: %d %s points in %.1f s (%.2f points/s)",
+            f"%s: %d %s {noun}s in %.1f s (%.2f {noun}s/s)",
             surface.path,
             claims.total,
             job,
@@ -383,7 +387,12 @@ def run_job(
                     job, surface, pending, ranks, writer, device=device, show_progress=show_progress
                 )
             elif ranks.rank == 0:
-                log.info("%s: all %d %s points already done", path, surface.points(job).size, job)
+                log.info(
+                    f"%s: all %d %s {surface.item_noun}s already done",
+                    path,
+                    surface.points(job).size,
+                    job,
+                )
         if ranks.rank == 0 and task is None:  # one serial writer, once all ranks closed the file
             reduce(path)
         return count
@@ -397,6 +406,7 @@ def saved_points(path: Path, job: str) -> str:
         with SurfaceFile.open(path) as surface:
             done, points = surface.done(job).reshape(-1), surface.points(job)
             done[points_in_parts(surface, job)] = True
+            noun = surface.item_noun
     except Exception:
         return "finished shards are saved"
-    return f"{done[points].sum()} of {points.size} {job} points saved in {path}"
+    return f"{done[points].sum()} of {points.size} {job} {noun}s saved in {path}"
