@@ -385,3 +385,17 @@ def wait_for_lock(surface: Path, timeout: float = 30) -> None:
         except UserError:
             assert time.monotonic() < deadline, "the ended job's ranks still hold the lock"
             time.sleep(0.1)
+
+
+def after_kill(path: Path, job: str, writer: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The done flags and maps of ``job`` once a killed MPI job's ranks have let go of
+    ``path``, with what part files hold merged first (as the next run would); opening
+    the file at all checks that the kill left it clean."""
+    from landscape.cli import main
+    from landscape.store import SurfaceFile
+
+    wait_for_lock(path)
+    if writer == "parts":  # finished shards wait in part files for the reducer
+        assert main(["reduce", str(path)]) == 0
+    with SurfaceFile.open(path) as partial:
+        return partial.done(job), partial.maps()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LANDSCAPE, MPI_ENV, MPIEXEC, gated, wait_at_gate, wait_for_lock
+from conftest import LANDSCAPE, MPI_ENV, MPIEXEC, after_kill, gated, wait_at_gate
 from test_analysis import training_run
 
 from landscape.cli import main
@@ -56,13 +56,8 @@ def test_killed_analysis_resumes_to_identical_maps(tmp_path, run, writer, ranks)
     victim = int(next(tmp_path.glob("gate.reached.*")).suffix[1:])
     os.kill(victim, signal.SIGKILL)
     assert job.wait(timeout=60) != 0  # mpiexec ends the job when a rank dies
-    wait_for_lock(output)
-
-    if writer == "parts":  # finished shards wait in part files for the reducer
-        assert main(["reduce", str(output)]) == 0
-    with SurfaceFile.open(output) as partial:  # opens cleanly after the kill
-        done = partial.done("analysis")
-        maps = comparable(partial.maps())
+    done, maps = after_kill(output, "analysis", writer)
+    maps = comparable(maps)
     assert done.sum() == 2, done  # one checkpoint per rank
     for name, values in maps.items():  # every checkpoint flagged done has its final values
         np.testing.assert_array_equal(values[done], expected[name][done], err_msg=name)

@@ -20,11 +20,10 @@ from conftest import (
     MPIEXEC,
     SLOW,
     TESTS,
-    wait_for_lock,
+    after_kill,
     write_experiment,
 )
 
-from landscape.cli import main
 from landscape.config import load_config
 from landscape.parts import parts_folder
 from landscape.plan import plan_surface
@@ -123,13 +122,7 @@ def test_killed_rank_resumes_to_identical_maps(tmp_path, reference, writer, vict
     assert "points done" in surface_status(surface)  # status reads beside the running job
     os.kill(rank_pid(job, victim), signal.SIGKILL)
     assert job.wait(timeout=60) != 0  # mpiexec ends the job when a rank dies
-    wait_for_lock(surface)
-
-    if writer == "parts":  # finished shards wait in part files for the reducer
-        assert main(["reduce", str(surface)]) == 0
-    with SurfaceFile.open(surface) as partial:  # opens cleanly after the kill
-        done = partial.done("loss")
-        maps = partial.maps()
+    done, maps = after_kill(surface, "loss", writer)
     assert kill_after <= done.sum() < done.size, "the kill did not land part-way"
     for name, values in maps.items():  # every point flagged done has its final value
         np.testing.assert_array_equal(values[done], reference["slow"][name][done])
