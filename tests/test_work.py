@@ -43,8 +43,8 @@ def test_work_table_hands_out_pending_items_of_each_shard(tmp_path):
             (0, [0, 2, 4, 10]),
             (1, [12, 14]),
         ]
-        table.mark_done(2)
-        table.mark_all_done(np.array([12, 14]), np.array([1.0, 2.0]))
+        table.mark_done(np.array([2]), 5.0)
+        table.mark_done(np.array([14, 12]), np.array([2.0, 1.0]))  # in any order
         assert np.flatnonzero(table.done()).tolist() == [2, 12, 14]
         assert table.finished()[[12, 14]].tolist() == [1.0, 2.0]
         assert handle["done/job"][0, 2] == 1  # item 2 is map index (0, 2)

@@ -74,23 +74,28 @@ class SeveralPoints:
     """Loss and accuracy maps at K grid points per forward pass.
 
     The K parameter vectors theta_k = theta0 + a_k d1 + b_k d2 are formed on the device
-    in float64 and rounded once to the model's dtype, by the very operations of
-    :meth:`landscape.parameters.FlatParameters.move_to`, so each is bit for bit the
-    vector a one-point run evaluates. ``torch.func.vmap`` over
-    ``functional_call(model, theta_k)`` runs the K models on one shared data batch
-    (``in_dims`` None for the data and for buffers no direction moves); each point's
-    unit losses are then summed in float64 as :func:`landscape.evaluate.evaluate` does.
+    in float64 by one matrix product, ``[a_k b_k] @ [d1; d2]`` added to theta0, and
+    rounded once to the model's dtype, as :meth:`landscape.parameters.FlatParameters.move_to`
+    forms one (in another order of the same float64 operations: theta_k may differ from
+    the one-point vector in the last bit of the dtype, where the float64 sum lies on a
+    rounding boundary; theta0 + 1 * (theta_B - theta0) is theta_B exactly all the same).
+    ``torch.func.vmap`` over one point's work on a batch, ``functional_call(model,
+    theta_k)``, its unit losses summed in float64 and its correct predictions, runs the K
+    points on one shared data batch (``in_dims`` None for the data and for buffers no
+    direction moves): one pass and a handful of operations per batch for all K points,
+    not K. The batch sums are added up as :func:`landscape.evaluate.evaluate` does.
 
     The batched kernels (a convolution over K weight sets becomes one grouped
-    convolution, a linear layer one batched matrix product) may block their sums
-    differently from the one-point kernels: a point's outputs can differ from K = 1 in
-    the last bits of the dtype. That is the tolerance: the loss to a few units of the
-    dtype's epsilon relative (tests hold float32 to 1e-6 and float64 to 1e-13). Which
-    points share a pass is fixed by the plan's shards, so the number of ranks does not
-    change it; a resumed shard's rest, or another K (free GPU memory differs), may round
-    otherwise, within that tolerance. A call with one point (a one-point shard, the
-    rest of a resumed one) takes the one-point path, which the batched one would only
-    slow down.
+    convolution, a linear layer one batched matrix product, the sum over a batch one row
+    of a (K, batch) sum) may block their sums differently from the one-point kernels: a
+    point's outputs can differ from K = 1 in the last bits of the dtype. That is the
+    tolerance: the loss to a few units of the dtype's epsilon relative (tests hold
+    float32 to 1e-6 and float64 to 1e-13). Which points share a pass is fixed by the
+    plan's shards and K (:class:`landscape.workers.ShardClaims`), so the number of ranks
+    does not change it; a resumed shard's rest, or another K (free GPU memory differs),
+    may round otherwise, within that tolerance. A call with one point (a one-point
+    shard, the rest of a resumed one) takes the one-point path, which the batched one
+    would only slow down.
     """
 
     def __init__(self, experiment: Experiment, grid: Grid, plane: DirectionPlane, maps, k: int):
@@ -105,35 +110,38 @@ class SeveralPoints:
             for name, t in (*model.named_parameters(), *model.named_buffers())
             if name not in moved
         }
-        self.forward = vmap(self.one_model, in_dims=(0, None))
+        self.directions = torch.stack(plane.directions)  # (1 or 2, parameters), float64
+        self.totals = vmap(self.point_totals, in_dims=(0, None, None))
 
-    def one_model(self, tensors: dict, inputs: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.experiment.model, (tensors, self.fixed), (inputs,))
+    def point_totals(
+        self, tensors: dict, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One point's float64 sum of unit losses over one batch, and its count of units
+        predicted right (0 for an objective without accuracy)."""
+        outputs = functional_call(self.experiment.model, (tensors, self.fixed), (inputs,))
+        objective = self.experiment.objective
+        loss = objective.losses(outputs, targets).double().sum()
+        if objective.accuracy:
+            return loss, objective.correct(outputs, targets)
+        return loss, torch.zeros_like(loss, dtype=torch.int64)
 
     def stacked(self, coordinates: list[tuple[float, float]]) -> dict[str, torch.Tensor]:
         """The K points' moved tensors, each of shape (K,) + its shape."""
         flat = self.plane.parameters
-        rows = torch.empty((len(coordinates), flat.vector.numel()), dtype=flat.vector.dtype)
-        rows = rows.to(flat.vector.device)
-        d1 = self.plane.directions[0]
-        d2 = self.plane.directions[1] if len(self.plane.directions) > 1 else None
-        for row, (a, b) in zip(rows, coordinates):
-            position = torch.add(flat.origin, d1, alpha=a)
-            if d2 is not None:
-                position.add_(d2, alpha=b)
-            row.copy_(position)
-        tensors, offset = {}, 0
-        for name, size, shape in zip(flat.names, flat.sizes, flat.shapes):
-            tensors[name] = rows[:, offset : offset + size].reshape(len(rows), *shape)
-            offset += size
-        return tensors
+        steps = torch.tensor(coordinates, dtype=torch.float64, device=self.directions.device)
+        rows = torch.addmm(flat.origin, steps[:, : len(self.directions)], self.directions)
+        rows = rows.to(flat.vector.dtype)
+        pieces = rows.split(flat.sizes, dim=1)
+        return {
+            name: piece.reshape(len(rows), *shape)
+            for name, piece, shape in zip(flat.names, pieces, flat.shapes)
+        }
 
     @torch.no_grad()
     def __call__(self, items: np.ndarray) -> dict[str, np.ndarray]:
         if len(items) == 1:
             return self.one_point(items)
-        coordinates = [self.grid.coordinates(int(item)) for item in items]
-        tensors = self.stacked(coordinates)
+        tensors = self.stacked([self.grid.coordinates(int(item)) for item in items])
         objective = self.experiment.objective
         batch_size = self.experiment.config.evaluation.batch_size
         values = {}
@@ -145,12 +153,10 @@ class SeveralPoints:
             total_loss = torch.zeros(len(items), dtype=torch.float64, device=device)
             correct = torch.zeros(len(items), dtype=torch.int64, device=device)
             for start in range(0, len(inputs), batch_size):
-                outputs = self.forward(tensors, inputs[start : start + batch_size])
-                batch_targets = targets[start : start + batch_size]
-                for k, point_outputs in enumerate(outputs):
-                    total_loss[k] += objective.losses(point_outputs, batch_targets).double().sum()
-                    if objective.accuracy:
-                        correct[k] += objective.correct(point_outputs, batch_targets)
+                stop = start + batch_size
+                loss, right = self.totals(tensors, inputs[start:stop], targets[start:stop])
+                total_loss += loss
+                correct += right
             count = objective.count(targets)
             loss = total_loss.cpu().numpy() / count
             # As evaluate: a point whose loss is not finite has no accuracy either.
@@ -161,13 +167,13 @@ class SeveralPoints:
 
 
 def can_batch(experiment: Experiment, plane: DirectionPlane) -> str | None:
-    """None when vmap batches the model's forward over parameter sets (tried once on two
-    samples at two points), else why not."""
-    inputs, _ = experiment.data.split("train")
+    """None when vmap batches the model's forward and the objective's losses over
+    parameter sets (tried once on two samples at two points), else why not."""
+    inputs, targets = experiment.data.split("train")
     trial = SeveralPoints(experiment, None, plane, [], 2)
     try:
         with torch.no_grad():
-            trial.forward(trial.stacked([(0.0, 0.0), (0.0, 0.0)]), inputs[:2])
+            trial.totals(trial.stacked([(0.0, 0.0), (0.0, 0.0)]), inputs[:2], targets[:2])
     except Exception as exc:  # any operation without a batching rule, in user code too
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None

@@ -40,27 +40,42 @@ class PartWriter:
         check_writable(self.folder, self.surface, folder=True)  # before any point is computed
         self.plan_id = plan_id
         self.job: str | None = None
-        # One (point, values, finish time) row per point, appended in one step, so that
+        # One (points, values, finish times) row per write, appended in one step, so that
         # an interrupt between two bytecodes never leaves the columns of unequal length.
-        self.rows: list[tuple[int, dict[str, np.ndarray], float]] = []
+        self.rows: list[tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]] = []
 
     def write_point(self, job: str, point: int, values: dict[str, np.ndarray]) -> None:
+        """Keep one point's values, finished now."""
+        self.write_points(
+            job, np.array([point]), {n: np.asarray(v)[None] for n, v in values.items()}
+        )
+
+    def write_points(
+        self,
+        job: str,
+        points: np.ndarray,
+        values: dict[str, np.ndarray],
+        finished: np.ndarray | float | None = None,
+    ) -> None:
+        """Keep many points' values (``(n,) + trailing shape``) until :meth:`commit`."""
         self.job = job
-        self.rows.append((point, values, time.time()))
+        times = np.broadcast_to(time.time() if finished is None else finished, (len(points),))
+        self.rows.append((np.asarray(points, np.int64), values, times))
 
     def commit(self) -> None:
         """Write the points since the last commit to a new part file, atomically."""
         if not self.rows:
             return
-        points, values, finished = zip(*self.rows)
+        points = np.concatenate([row[0] for row in self.rows])
         path = self.folder / f"{self.job}-{points[0]:09d}-{points[-1]:09d}.h5"
         image = io.BytesIO()
         with h5py.File(image, "w") as handle:
             handle.attrs.update(plan_id=self.plan_id, job=self.job)
-            handle["points"] = np.asarray(points, np.int64)
-            handle["finished"] = np.asarray(finished)
-            for name in values[0]:
-                handle[f"maps/{name}"] = np.asarray([row[name] for row in values], np.float64)
+            handle["points"] = points
+            handle["finished"] = np.concatenate([row[2] for row in self.rows]).astype(np.float64)
+            for name in self.rows[0][1]:
+                column = [np.asarray(row[1][name], np.float64) for row in self.rows]
+                handle[f"maps/{name}"] = np.concatenate(column)
         write_file(path, image.getbuffer(), self.surface)
         self.rows = []
 
@@ -145,6 +160,7 @@ def merge_parts(surface: SurfaceFile, parts: list[Path]) -> int:
         finished = np.concatenate([times for _, _, times in contents])
         surface.write_points(job, points, values, finished)
         merged += len(points)
+    surface.commit()
     return merged
 
 

@@ -55,6 +55,7 @@ from __future__ import annotations
 import datetime
 import errno
 import io
+import time
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
@@ -236,7 +237,7 @@ def rewrite_group(path: Path, name: str, datasets: dict, attrs: dict) -> None:
 
 
 class SurfaceFile:
-    """An open surface file: typed reads of its parts and point-wise writes of results."""
+    """An open surface file: typed reads of its parts and writes of results."""
 
     def __init__(self, handle: h5py.File, path: Path, parallel: bool = False):
         self.handle = handle
@@ -453,28 +454,32 @@ class SurfaceFile:
         return {key: group[key][()] for key in group}, dict(group.attrs)
 
     def write_point(self, job: str, point: int, values: dict[str, np.ndarray]) -> None:
-        """Store one point's values (each of its output's trailing shape), then its finish
-        time and done flag (in that order)."""
-        index = self.grid.index(point)
-        for name, value in values.items():
-            self.dataset(f"maps/{name}")[index] = value
-        self.work(job).mark_done(point)
+        """Store one point's values (each of its output's trailing shape), finished now."""
+        self.write_points(
+            job, np.array([point]), {n: np.asarray(v)[None] for n, v in values.items()}
+        )
+
+    def write_points(
+        self,
+        job: str,
+        points: np.ndarray,
+        values: dict[str, np.ndarray],
+        finished: np.ndarray | float | None = None,
+    ) -> None:
+        """Store many points at once: each map's values (``(n,) + trailing shape``), then
+        the finish times (one per point, or one for all; None: now), then the done flags,
+        one write per grid row each (:func:`landscape.work_table.update_items`). Nothing
+        is flushed: :meth:`commit` makes them durable."""
+        ndim = len(self.grid.shape)
+        for name, column in values.items():
+            update_items(self.dataset(f"maps/{name}"), points, column, ndim)
+        self.work(job).mark_done(points, time.time() if finished is None else finished)
 
     def dataset(self, name: str) -> h5py.Dataset:
-        """The dataset object, looked up once: a path lookup per point costs more than the write."""
+        """The dataset object, looked up once: a path lookup per write costs more than the write."""
         if name not in self.datasets:
             self.datasets[name] = self.handle[name]
         return self.datasets[name]
-
-    def write_points(
-        self, job: str, points: np.ndarray, values: dict[str, np.ndarray], finished: np.ndarray
-    ) -> None:
-        """Store many points at once (the reducer): maps (``(n,) + trailing shape``), then
-        finish times, then done flags, each read, updated and written whole, then flushed."""
-        for name, column in values.items():
-            update_items(self.handle[f"maps/{name}"], points, column, len(self.grid.shape))
-        self.work(job).mark_all_done(points, finished)
-        self.handle.flush()
 
     def commit(self) -> None:
         """Make the points written so far survive a crash of this process.
@@ -482,7 +487,7 @@ class SurfaceFile:
         A serial file is flushed. Under ``mpio`` flushing is a collective call, which ranks
         working at their own pace cannot make; it is not needed either: the maps are
         contiguous datasets, for which the MPI-IO driver keeps no cache, so each write is
-        in the operating system's hands when ``write_point`` returns. (Even asking h5py
+        in the operating system's hands when ``write_points`` returns. (Even asking h5py
         for the driver is collective under mpio: it duplicates the communicator.)
         """
         if not self.parallel:

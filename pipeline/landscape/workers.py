@@ -3,8 +3,8 @@
 The same code runs as one process or as N MPI ranks (``mpirun -n N landscape run``).
 Four pieces meet here: the ranks (:mod:`landscape.ranks`), which hand out shards;
 the job kind's evaluator (:mod:`landscape.jobs`, :mod:`landscape.evaluators`), which
-turns a batch of points into map values (pure compute); a writer, which stores a point
-(``write_point``) and makes a shard durable (``commit``): the surface file itself,
+turns a batch of points into map values (pure compute); a writer, which stores points
+(``write_points``) and makes them durable (``commit``): the surface file itself,
 opened serially or with ``mpio`` by every rank, or a :class:`~landscape.parts.PartWriter`;
 and :func:`evaluate_shards`, the loop. Rank 0 reduces (:func:`landscape.reduce.reduce`)
 before and after.
@@ -40,9 +40,46 @@ log = logging.getLogger(__name__)
 
 
 class PointWriter(Protocol):
-    def write_point(self, job: str, point: int, values: dict[str, np.ndarray]) -> None: ...
+    def write_points(
+        self, job: str, points: np.ndarray, values: dict[str, np.ndarray], finished: np.ndarray
+    ) -> None: ...
 
     def commit(self) -> None: ...
+
+
+# Points evaluated are handed to the writer at the end of their claim, or sooner once the
+# oldest of them is this old: a small model's points (an MLP over the digits: about a
+# millisecond each) then cost one write per grid row, not four per point (60 us each),
+# and a process killed without warning loses at most this much work beyond its claim.
+WRITE_INTERVAL_SECONDS = 1.0
+
+
+class UnwrittenPoints:
+    """The points evaluated but not yet handed to the writer, with their values and
+    finish times."""
+
+    def __init__(self, job: str, writer: PointWriter):
+        self.job, self.writer = job, writer
+        self.calls: list[tuple[np.ndarray, dict[str, np.ndarray], float]] = []
+
+    def add(self, points: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        self.calls.append((points, values, time.time()))
+
+    def overdue(self) -> bool:
+        return bool(self.calls) and time.time() - self.calls[0][2] >= WRITE_INTERVAL_SECONDS
+
+    def write(self) -> None:
+        """Hand every unwritten point to the writer in one call."""
+        if not self.calls:
+            return
+        points, values, finished = zip(*self.calls)
+        self.writer.write_points(
+            self.job,
+            np.concatenate(points),
+            {name: np.concatenate([v[name] for v in values]) for name in values[0]},
+            np.concatenate([np.full(len(p), t) for p, t in zip(points, finished)]),
+        )
+        self.calls = []  # only now: an interrupt during the write has them written again
 
 
 def evaluate_shards(
@@ -50,50 +87,68 @@ def evaluate_shards(
     evaluator: Evaluator,
     claims: Iterable[np.ndarray],
     writer: PointWriter,
-    on_point=None,
+    on_points: Callable[[int], None] | None = None,
 ) -> int:
-    """Evaluate and write every point of each claimed shard, the evaluator's
-    ``items_per_call`` points per call (one for an evaluator without it; never more
-    than a shard), committing after each shard, and the points written so far when an
-    interrupt stops the shard halfway (a part file then holds part of a shard: it lists
-    its points).
+    """Evaluate and write every point of each claim (the points of one shard or of a few
+    consecutive ones, :class:`ShardClaims`), the evaluator's ``items_per_call`` points
+    per call (one for an evaluator without it), committing after each claim, and the
+    points evaluated so far when an interrupt stops a claim halfway (a part file then
+    holds part of a claim: it lists its points). Points reach the writer at the end of
+    their claim or after :data:`WRITE_INTERVAL_SECONDS`, several calls' at once.
 
     Returns the number of points evaluated.
     """
     count = 0
     items_per_call = getattr(evaluator, "items_per_call", 1)
     for points in claims:
+        unwritten = UnwrittenPoints(job, writer)
         try:
             for start in range(0, len(points), items_per_call):
                 batch = points[start : start + items_per_call]
-                values = evaluator(batch)
-                for row, point in enumerate(map(int, batch)):
-                    writer.write_point(job, point, {name: v[row] for name, v in values.items()})
-                    count += 1
-                    if on_point is not None:
-                        on_point()
+                unwritten.add(batch, evaluator(batch))
+                count += len(batch)
+                if on_points is not None:
+                    on_points(len(batch))
+                if unwritten.overdue():
+                    unwritten.write()
         except KeyboardInterrupt:
+            unwritten.write()
             writer.commit()
             raise
+        unwritten.write()
         writer.commit()
     return count
 
 
 class ShardClaims:
-    """The shards this rank claims, one at a time, and rank 0's count of the whole run.
+    """The shards this rank claims, a few consecutive ones at a time, and rank 0's count of
+    the whole run.
 
-    Iterating claims the next unclaimed shard from the shared counter; once the loop
-    has committed a shard, its points are added to the shared done count, which rank 0
-    reads after each of its own points to drive the progress bar (points, rate, ETA).
+    Iterating claims the next unclaimed group of ``shards_per_claim`` consecutive pending
+    shards from the shared counter and yields their points; once the loop has committed
+    them, they are added to the shared done count, which rank 0 reads after each of its
+    own evaluator calls to drive the progress bar (points, rate, ETA). Which shards form
+    a group depends only on the pending list and ``shards_per_claim`` (the same on every
+    rank), never on which rank claims first: the points that share a forward pass do
+    not depend on the number of ranks.
     """
 
     def __init__(
-        self, job: str, ranks: Solo, pending: list[np.ndarray], show_progress: bool, noun: str
+        self,
+        job: str,
+        ranks: Solo,
+        pending: list[np.ndarray],
+        show_progress: bool,
+        noun: str,
+        shards_per_claim: int = 1,
     ):
         self.ranks = ranks
-        self.pending = pending
+        self.groups = [
+            pending[start : start + shards_per_claim]
+            for start in range(0, len(pending), shards_per_claim)
+        ]
         self.total = sum(len(points) for points in pending)
-        self.uncounted = 0  # points of the current shard, not yet in the shared count
+        self.uncounted = 0  # points of the current claim, not yet in the shared count
         interactive = sys.stderr.isatty()  # in a log file, one line every 30 s is enough
         self.bar = tqdm(
             total=self.total,
@@ -106,13 +161,13 @@ class ShardClaims:
         self.claim_log_level = logging.INFO if ranks.size > 1 else logging.DEBUG
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        while (index := self.ranks.fetch_add(CLAIMED, 1)) < len(self.pending):
-            points = self.pending[index]
+        while (index := self.ranks.fetch_add(CLAIMED, 1)) < len(self.groups):
+            points = np.concatenate(self.groups[index])
             log.log(
                 self.claim_log_level,
-                "claimed shard %d of %d: %d points from point %d",
+                "claimed shard group %d of %d: %d points from point %d",
                 index + 1,
-                len(self.pending),
+                len(self.groups),
                 len(points),
                 points[0],
             )
@@ -120,8 +175,8 @@ class ShardClaims:
             self.ranks.fetch_add(DONE, len(points))
             self.uncounted = 0
 
-    def point_done(self) -> None:
-        self.uncounted += 1
+    def points_done(self, count: int) -> None:
+        self.uncounted += count
         self.show_progress()
 
     def show_progress(self) -> None:
@@ -273,6 +328,15 @@ def warn_if_one_thread_faster(experiment: Experiment) -> None:
         )
 
 
+def shards_per_claim(items_per_call: int, pending: list[np.ndarray]) -> int:
+    """Enough consecutive shards per claim that one claim holds the ``items_per_call`` (K)
+    points an evaluator call can take: with the default of about 64 shards, an 11 x 11
+    grid's shards hold 2 points, and K = 32 would otherwise never be reached. Rank 0's
+    answer is every rank's (:func:`evaluate_pending`), so that all group alike."""
+    largest = max((len(points) for points in pending), default=1)
+    return max(1, -(-items_per_call // largest))
+
+
 def evaluate_pending(
     job: str,
     surface: SurfaceFile,
@@ -282,7 +346,8 @@ def evaluate_pending(
     device: str | None,
     show_progress: bool,
 ) -> int:
-    """This rank's share of the pending shards, claimed one at a time; returns its count."""
+    """This rank's share of the pending shards, claimed a few consecutive ones at a time
+    (:func:`shards_per_claim`); returns its count."""
     evaluator = ranks.agree(lambda: load_evaluator(job, surface, device, ranks))
     point_writer = (
         ranks.agree(lambda: PartWriter(surface.path, surface.plan_id))
@@ -290,10 +355,11 @@ def evaluate_pending(
         else surface
     )
     noun = surface.item_noun
-    claims = ShardClaims(job, ranks, pending, show_progress, noun)
+    per_claim = ranks.broadcast(shards_per_claim(getattr(evaluator, "items_per_call", 1), pending))
+    claims = ShardClaims(job, ranks, pending, show_progress, noun, per_claim)
     started = time.perf_counter()
     with ranks.failing_together():
-        count = evaluate_shards(job, evaluator, claims, point_writer, claims.point_done)
+        count = evaluate_shards(job, evaluator, claims, point_writer, claims.points_done)
         ranks.wait_for_all(claims.show_progress)
     claims.close()
     if ranks.rank == 0:
