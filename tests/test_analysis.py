@@ -337,6 +337,39 @@ def test_bad_analysis_configs_are_one_line_errors_naming_the_field(
     assert files_of(tmp_path) == before  # no analysis file, no temporary, nothing changed
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_analysis_only_config_with_mse_is_not_refused_for_the_default_maps(tmp_path, dtype):
+    # No grid, no maps: the default maps (train_loss, train_acc) belong to a surface that
+    # this config never plans, so mse's lack of an accuracy is no reason to refuse it.
+    config = analysis_of_one_checkpoint(tmp_path, quantities=["top_eigenpairs"], top_k=2)
+    regression = {"name": "plugins:regression", "kwargs": {"inputs": 5, "outputs": 3}}
+    edit(
+        config,
+        lambda c: (
+            c.pop("grid"),
+            c.pop("maps"),
+            c.update(
+                data=regression, evaluation={**c["evaluation"], "loss": "mse", "dtype": dtype}
+            ),
+        ),
+    )
+    maps, rows, _ = analyzed(config)
+    experiment = at_checkpoint(config, texts(rows["path"])[0])
+    inputs, targets = experiment.data.split("train")
+    with torch.no_grad():
+        errors = (experiment.model(inputs).double() - targets.double()) ** 2
+    np.testing.assert_allclose(maps["train_loss"][0], errors.mean().item(), rtol=1e-6)
+    assert np.isnan(maps["train_acc"][0])  # mse has no accuracy
+    model, settings = experiment.model, experiment.config.analysis
+    names = select_parameters(model, settings.parameters)
+    batch_size = experiment.config.evaluation.batch_size
+    hessian = HessianOperator(model, names, inputs, targets, experiment.objective, batch_size)
+    exact = np.linalg.eigvalsh(dense_hessian(hessian, torch.float64))[::-1][:2]
+    rounding = 16 * torch.finfo(experiment.dtype).eps * exact[0]
+    values, residuals = maps["top_eigenvalues"][0], maps["top_residuals"][0]
+    assert (np.abs(values - exact) <= residuals + rounding).all(), (values, exact)
+
+
 def test_existing_analysis_is_never_overwritten_or_corrupted(tmp_path, capsys):
     config = training_run(tmp_path, quantities=["trace"])
     output = str(load_config(config).analysis.output)

@@ -512,6 +512,13 @@ class ExperimentConfig:
         """The job kinds this config's maps need, in the table's order (the order they run)."""
         return [kind.name for kind in jobs_for(self.maps)]
 
+    @property
+    def surface_maps(self) -> list[str]:
+        """The maps a surface of this config computes: ``maps``, or none without a grid
+        (an analysis-only config, whose default ``maps`` nothing computes: an objective
+        without accuracy, mse, must not be refused for the default ``train_acc``)."""
+        return self.maps if self.grid is not None else []
+
     def check(self, where: str) -> None:
         self.check_directions_fit_grid()
         for name in self.maps:
@@ -527,7 +534,7 @@ class ExperimentConfig:
         built_in = BUILT_IN.get(self.evaluation.loss)
         if built_in is not None:  # a plug-in's accuracy is known once it is built
             try:
-                check_accuracy_maps(built_in, self.evaluation.loss, self.maps)
+                check_accuracy_maps(built_in, self.evaluation.loss, self.surface_maps)
             except UserError as exc:
                 raise ConfigError(str(exc)) from None
 

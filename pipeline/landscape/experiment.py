@@ -94,7 +94,7 @@ def check_objective_fits(objective: Objective, config: ExperimentConfig, data: D
         raise UserError(
             f"evaluation.loss: {loss!r} does not fit data {config.data.name!r}, which has {problem}"
         )
-    check_accuracy_maps(objective, loss, config.maps)
+    check_accuracy_maps(objective, loss, config.surface_maps)
 
 
 FORWARD_SAMPLES = 2
