@@ -1,5 +1,6 @@
-"""How work is cut and handed out: shard ranges, sublattices, the work table's pending
-shards, array tasks' shares and the writer each run gets (no model, no MPI)."""
+"""How work is cut, handed out and written: shard ranges, sublattices, the work table's
+pending shards, array tasks' shares, the writer each run gets, claims of consecutive
+shards for K points per call and the writes per grid row (no model, no MPI)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 from landscape import workers
 from landscape.errors import UserError
 from landscape.grid import Grid, shard_ranges
-from landscape.work_table import WorkTable
+from landscape.ranks import Solo
+from landscape.work_table import WorkTable, update_items
 from landscape.workers import ArrayTask, choose_task_writer, choose_writer
 
 
@@ -93,3 +95,107 @@ def test_array_tasks_write_part_files_and_are_one_process():
         choose_task_writer("auto", ArrayTask(0, 3), ranks(2))
     with pytest.raises(UserError, match="--writer mpio: array tasks write part files"):
         choose_task_writer("mpio", ArrayTask(0, 3), ranks(1))
+
+
+class RecordedDataset:
+    """A dataset stand-in that records each write (``update_items`` needs only these)."""
+
+    def __init__(self, shape):
+        self.array = np.full(shape, np.nan)
+        self.shape = shape
+        self.writes = []
+
+    def __setitem__(self, where, values):
+        self.writes.append(where)
+        self.array[where] = values
+
+
+@pytest.mark.parametrize("trailing", [(), (2,)])
+def test_update_items_writes_only_the_items_one_write_per_grid_row(tmp_path, trailing):
+    items = np.array([13, 3, 4, 5, 6, 11])  # in a (4, 5) grid, in any order
+    values = np.arange(len(items) * int(np.prod(trailing))).reshape((len(items), *trailing))
+    expected = np.full((4, 5, *trailing), np.nan)
+    expected.reshape(20, *trailing)[items] = values
+    recorded = RecordedDataset((4, 5, *trailing))
+    update_items(recorded, items, values, 2)
+    np.testing.assert_array_equal(recorded.array, expected)
+    # Rows 0 (3, 4), 1 (5, 6) and 2 (11, 13: not consecutive, so a list of columns).
+    assert recorded.writes == [(0, slice(3, 5)), (1, slice(0, 2)), (2, [1, 3])]
+    with h5py.File(tmp_path / "items.h5", "w") as handle:  # the same through HDF5
+        dataset = handle.create_dataset("m", data=np.full((4, 5, *trailing), np.nan))
+        update_items(dataset, items, values, 2)
+        np.testing.assert_array_equal(dataset[()], expected)
+        curve = handle.create_dataset("c", data=np.zeros(6))  # a 1D grid: one row
+        update_items(curve, np.array([5, 1, 2]), np.array([3.0, 1.0, 2.0]), 1)
+        assert curve[()].tolist() == [0, 1, 2, 0, 0, 3]
+
+
+class RecordingWriter:
+    """A point writer that keeps what it is handed, and when it commits."""
+
+    def __init__(self):
+        self.written, self.log = {}, []
+
+    def write_points(self, job, points, values, finished):
+        assert len(finished) == len(points)
+        for row, point in enumerate(points.tolist()):
+            assert point not in self.written
+            self.written[point] = values["double"][row]
+        self.log.append(("write", points.tolist()))
+
+    def commit(self):
+        self.log.append(("commit", sorted(self.written)))
+
+
+class Doubling:
+    """An evaluator of K = 4 points per call whose value is twice the point number;
+    optionally interrupted (Ctrl-C) at its ``stop_at``-th call."""
+
+    items_per_call = 4
+
+    def __init__(self, stop_at=None):
+        self.calls, self.stop_at = [], stop_at
+
+    def __call__(self, items):
+        if len(self.calls) == self.stop_at:
+            raise KeyboardInterrupt
+        self.calls.append(items.tolist())
+        return {"double": 2.0 * items}
+
+
+def test_claims_group_consecutive_shards_so_calls_hold_k_points_and_commit_per_claim():
+    pending = [np.arange(start, min(start + 2, 11)) for start in range(0, 11, 2)]  # 6 shards
+    assert workers.shards_per_claim(4, pending) == 2
+    assert workers.shards_per_claim(1, pending) == 1
+    claims = workers.ShardClaims("loss", Solo(), pending, False, "point", 2)
+    evaluator, writer = Doubling(), RecordingWriter()
+    assert workers.evaluate_shards("loss", evaluator, claims, writer) == 11
+    assert evaluator.calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]  # a shard is 2
+    assert writer.written == {point: 2.0 * point for point in range(11)}
+    # One write per claim (the calls of a claim take far less than a second), then a commit.
+    assert writer.log == [
+        ("write", [0, 1, 2, 3]),
+        ("commit", [0, 1, 2, 3]),
+        ("write", [4, 5, 6, 7]),
+        ("commit", list(range(8))),
+        ("write", [8, 9, 10]),
+        ("commit", list(range(11))),
+    ]
+
+
+def test_interrupted_claim_commits_the_points_evaluated_and_slow_ones_are_written_early(
+    monkeypatch,
+):
+    pending = [np.arange(0, 12)]  # one shard of 12 points, 3 calls
+    writer = RecordingWriter()
+    with pytest.raises(KeyboardInterrupt):
+        workers.evaluate_shards("loss", Doubling(stop_at=2), pending, writer)
+    assert writer.log == [("write", list(range(8))), ("commit", list(range(8)))]
+    monkeypatch.setattr(workers, "WRITE_INTERVAL_SECONDS", 0.0)  # every call is overdue
+    writer = RecordingWriter()
+    workers.evaluate_shards("loss", Doubling(), pending, writer)
+    assert [entry for entry in writer.log if entry[0] == "write"] == [
+        ("write", [0, 1, 2, 3]),
+        ("write", [4, 5, 6, 7]),
+        ("write", [8, 9, 10, 11]),
+    ]
