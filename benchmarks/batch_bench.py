@@ -5,9 +5,15 @@ For a digits MLP, the small BatchNorm CNN and ResNet-20 on digits, a surface is 
 loop and writer; ``ratio = seconds per point / seconds of one bare forward pass`` over
 the same 1,797 samples at the same batch size, the forward timed right before and after
 each run (a shared machine drifts). Batch 128, and the batch whose bare forward is
-fastest. K = 1, the K the evaluator chooses (``points_per_pass: 0``) and K = 8. Ratios
-below 1 are the point of several points per pass: one pass's per-call
-cost (Python, kernel launches, reading the data) is shared by K points.
+fastest. K = 1, the K the evaluator chooses (``points_per_pass: 0``), K = 8 and K = 32
+(:data:`landscape.evaluators.MAX_POINTS_PER_PASS`). Ratios below 1 are the point of
+several points per pass: one pass's per-call cost (Python, kernel launches, reading the
+data) is shared by K points.
+
+``arithmetic_floor`` is the bare forward at the best batch over the bare forward at
+this batch: K points cost K forwards' arithmetic, and the best batch is as fast as this
+machine does that arithmetic without batching, so a ratio far below it is not to be
+expected (a compute-bound model on a CPU sits near it at K = 1 already).
 
 The slow process: the same bare forward (small CNN, batch 128) timed in a child that
 imported only torch and in a child that first loads what a ``landscape run`` process
@@ -29,7 +35,7 @@ import torch
 from landscape.checkpoint import save_checkpoint
 from landscape.config import parse_config
 from landscape.data import load_dataset
-from landscape.evaluators import loss_evaluator
+from landscape.evaluators import MAX_POINTS_PER_PASS, loss_evaluator
 from landscape.experiment import Experiment
 from landscape.models import build_model
 from landscape.plan import plan_surface
@@ -37,7 +43,8 @@ from landscape.store import SurfaceFile
 from landscape.workers import evaluate_shards
 
 MODELS = {"mlp": 32, "small_cnn": 32, "resnet20": 12}  # model: grid points per run
-FORCED_K = 8  # beside K = 1 and the chosen K: what batching does where it is not chosen
+# Beside K = 1 and the chosen K: what batching does where it is not chosen.
+FORCED_KS = (8, MAX_POINTS_PER_PASS)
 BATCHES = (128, 512, 1797)
 REPEATS = 5  # bare forward passes per timing; the median is kept
 
@@ -80,7 +87,7 @@ def run_seconds(folder: Path, model: str, points: int, batch_size: int, k: int) 
     experiment = Experiment.load(config)
     with SurfaceFile.open(path, "r+") as surface:
         evaluator = loss_evaluator(experiment, surface, surface.job_maps("loss"))
-        evaluator(surface.pending_shards("loss")[0][:1])  # warm-up, not written
+        evaluator(surface.pending_shards("loss")[0][: evaluator.items_per_call])  # warm-up
         before = forward_seconds(experiment, batch_size)
         started = time.perf_counter()
         count = evaluate_shards("loss", evaluator, surface.pending_shards("loss"), surface)
@@ -107,10 +114,11 @@ def bench_model(folder: Path, model: str, points: int) -> dict:
             )
         )
     )
-    best = min(BATCHES, key=lambda batch: forward_seconds(probe, batch))
+    forwards = {batch: forward_seconds(probe, batch) for batch in BATCHES}
+    best = min(BATCHES, key=forwards.get)
     result = {}
     for batch_size in sorted({128, best}):
-        for k in (1, 0, FORCED_K):
+        for k in (1, 0, *FORCED_KS):
             per_point, forward, used = run_seconds(folder, model, points, batch_size, k)
             key = f"batch{batch_size}_k{k or 'auto'}"
             result[key] = {
@@ -119,7 +127,11 @@ def bench_model(folder: Path, model: str, points: int) -> dict:
                 "forward_seconds": forward,
                 "ratio": per_point / forward,
             }
+        result[f"batch{batch_size}_arithmetic_floor"] = forwards[best] / forwards[batch_size]
     result["best_batch"] = best
+    result["best_ratio"] = min(
+        (case["ratio"], name) for name, case in result.items() if isinstance(case, dict)
+    )
     return result
 
 
