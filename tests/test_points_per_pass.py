@@ -13,16 +13,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import BASE, write_experiment
 from torch import nn
 from torch.nn import functional as F
 
 from landscape import workers
-from landscape.config import ConfigError, EvaluationConfig
+from landscape.config import ConfigError, EvaluationConfig, load_config
 from landscape.data import load_dataset
 from landscape.evaluators import PointByPoint, SeveralPoints, can_batch, loss_evaluator
 from landscape.models import build_model
 from landscape.objectives import build_objective
 from landscape.parameters import DirectionPlane
+from landscape.plan import plan_surface
+from landscape.store import SurfaceFile
+from landscape.workers import run_job
 
 SAMPLES = 150
 COORDINATES = [(0.0, 0.0), (0.5, -0.25), (-1.0, 1.0), (1.0, 1.0), (0.25, 0.75)]
@@ -204,3 +208,39 @@ def test_cpu_run_says_so_where_one_thread_is_faster_and_keeps_its_threads(
         "the cores are busy (other processes?); evaluation.threads: 1 may run faster"
     )
     assert (logged in caplog.text) == warned
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("writer", ["serial", "parts"])
+def test_k_points_per_call_span_one_point_shards_and_match_one_at_a_time(
+    tmp_path, dtype, writer, monkeypatch
+):
+    # 20 points in 20 one-point shards: K = 4 is reached only by claiming 4 shards at once.
+    calls, evaluate = [], SeveralPoints.__call__
+
+    def counted(self, items):
+        calls.append(len(items))
+        return evaluate(self, items)
+
+    monkeypatch.setattr(SeveralPoints, "__call__", counted)
+    maps = {}
+    for k in (1, 4):
+        config = write_experiment(
+            tmp_path,
+            f"k{k}",
+            evaluation={"dtype": dtype, "points_per_pass": k},
+            grid={**BASE["grid"], "shard_size": 1},
+        )
+        path = plan_surface(load_config(config))
+        run_job(path, "loss", show_progress=False, writer=writer)
+        with SurfaceFile.open(path) as surface:
+            assert surface.done("loss").all() and len(surface.shards("loss")) == 20
+            maps[k] = surface.maps()
+    assert calls == [4] * 5  # K = 1 takes the one-point evaluator
+    for name in BASE["maps"]:
+        if name.endswith("_acc"):
+            np.testing.assert_array_equal(maps[4][name], maps[1][name])
+        else:
+            rtol = BATCHED_RTOL[getattr(torch, dtype)]
+            np.testing.assert_allclose(maps[4][name], maps[1][name], rtol=rtol)
+    assert len(set(maps[1]["train_loss"].reshape(-1))) == 20  # the points differ
