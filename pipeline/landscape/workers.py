@@ -47,10 +47,11 @@ class PointWriter(Protocol):
     def commit(self) -> None: ...
 
 
-# Points evaluated are handed to the writer at the end of their claim, or sooner once the
-# oldest of them is this old: a small model's points (an MLP over the digits: about a
-# millisecond each) then cost one write per grid row, not four per point (60 us each),
-# and a process killed without warning loses at most this much work beyond its claim.
+# Points evaluated are handed to the writer at the end of their claim, or as soon as this
+# much time has passed since the last write: a small model's points (an MLP over the
+# digits: about a millisecond each) then cost one write per grid row, not four per point
+# (60 us each); a slow model's point (a Hessian's) is written as soon as it is done; and
+# a process killed without warning loses at most this much work beyond its running call.
 WRITE_INTERVAL_SECONDS = 1.0
 
 
@@ -61,12 +62,13 @@ class UnwrittenPoints:
     def __init__(self, job: str, writer: PointWriter):
         self.job, self.writer = job, writer
         self.calls: list[tuple[np.ndarray, dict[str, np.ndarray], float]] = []
+        self.last_write = time.time()
 
     def add(self, points: np.ndarray, values: dict[str, np.ndarray]) -> None:
         self.calls.append((points, values, time.time()))
 
     def overdue(self) -> bool:
-        return bool(self.calls) and time.time() - self.calls[0][2] >= WRITE_INTERVAL_SECONDS
+        return time.time() - self.last_write >= WRITE_INTERVAL_SECONDS
 
     def write(self) -> None:
         """Hand every unwritten point to the writer in one call."""
@@ -80,6 +82,7 @@ class UnwrittenPoints:
             np.concatenate([np.full(len(p), t) for p, t in zip(points, finished)]),
         )
         self.calls = []  # only now: an interrupt during the write has them written again
+        self.last_write = time.time()
 
 
 def evaluate_shards(
