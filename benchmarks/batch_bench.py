@@ -10,6 +10,12 @@ fastest. K = 1, the K the evaluator chooses (``points_per_pass: 0``), K = 8 and 
 several points per pass: one pass's per-call cost (Python, kernel launches, reading the
 data) is shared by K points.
 
+Time is CPU time of this process on one torch thread (``evaluation.threads: 1``,
+``time.process_time``): on the shared 2-core machine these figures come from, other
+processes (load averages of 8-10) made wall-clock ratios swing by 100x between runs (a
+descheduled process waits a whole time slice), while CPU time counts only this process's
+work. The load average before and after is recorded beside the figures.
+
 ``arithmetic_floor`` is the bare forward at the best batch over the bare forward at
 this batch: K points cost K forwards' arithmetic, and the best batch is as fast as this
 machine does that arithmetic without batching, so a ratio far below it is not to be
@@ -24,6 +30,7 @@ both on the same seeded inputs.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -47,6 +54,7 @@ MODELS = {"mlp": 32, "small_cnn": 32, "resnet20": 12}  # model: grid points per 
 FORCED_KS = (8, MAX_POINTS_PER_PASS)
 BATCHES = (128, 512, 1797)
 REPEATS = 5  # bare forward passes per timing; the median is kept
+clock = time.process_time  # CPU seconds of this process (see the module)
 
 
 @torch.no_grad()
@@ -55,12 +63,12 @@ def forward_seconds(experiment: Experiment, batch_size: int) -> float:
     inputs, _ = experiment.data.split("train")
     times = []
     for _ in range(REPEATS):
-        started = time.perf_counter()
+        started = clock()
         for start in range(0, len(inputs), batch_size):
             experiment.model(inputs[start : start + batch_size])
         if experiment.device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
+        times.append(clock() - started)
     return statistics.median(times)
 
 
@@ -72,7 +80,7 @@ def run_seconds(folder: Path, model: str, points: int, batch_size: int, k: int) 
             {
                 "model": {"name": model, "checkpoint": str(folder / f"{model}.pt")},
                 "data": {"name": "digits"},
-                "evaluation": {"batch_size": batch_size, "points_per_pass": k},
+                "evaluation": {"batch_size": batch_size, "points_per_pass": k, "threads": 1},
                 "grid": {
                     "x": {"min": -1, "max": 1, "num": points // 4},
                     "y": {"min": -1, "max": 1, "num": 4},
@@ -89,9 +97,9 @@ def run_seconds(folder: Path, model: str, points: int, batch_size: int, k: int) 
         evaluator = loss_evaluator(experiment, surface, surface.job_maps("loss"))
         evaluator(surface.pending_shards("loss")[0][: evaluator.items_per_call])  # warm-up
         before = forward_seconds(experiment, batch_size)
-        started = time.perf_counter()
+        started = clock()
         count = evaluate_shards("loss", evaluator, surface.pending_shards("loss"), surface)
-        elapsed = time.perf_counter() - started
+        elapsed = clock() - started
         after = forward_seconds(experiment, batch_size)
     return elapsed / count, (before + after) / 2, evaluator.items_per_call
 
@@ -175,7 +183,14 @@ def bench_process(rounds: int = 3) -> dict:
 def bench_batched(folder: Path) -> dict:
     """Ratios per model and batch at K = 1 and the chosen K, and the process comparison."""
     folder.mkdir(parents=True, exist_ok=True)
-    results = {model: bench_model(folder, model, points) for model, points in MODELS.items()}
+    load_before = os.getloadavg()[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = {model: bench_model(folder, model, points) for model, points in MODELS.items()}
+    finally:
+        torch.set_num_threads(threads)
+    results["load_average"] = [load_before, os.getloadavg()[0]]
     results["process"] = bench_process()
     return results
 
