@@ -260,7 +260,7 @@ def pca_child(folder: str, method: str) -> None:
     started = time.perf_counter()
     if method == "gram":
         last = torch.load(files[-1], weights_only=True)["state_dict"]["weight"]
-        trajectory_pca({"weight": last.double()}, files, ["weight"], 2)
+        trajectory_pca({"weight": last.double()}, files, ["weight"], 2, None)
     else:
         rows = np.stack(
             [

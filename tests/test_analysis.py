@@ -100,7 +100,8 @@ def analyzed(config: Path) -> tuple[dict, dict, dict]:
 def at_checkpoint(config: Path, checkpoint: str) -> Experiment:
     """The experiment of ``config`` with the weights of ``checkpoint``."""
     experiment = Experiment.load(load_config(config), with_checkpoint=False)
-    experiment.model.load_state_dict(load_state_dict(checkpoint))
+    model = experiment.model
+    model.load_state_dict(load_state_dict(checkpoint, model.state_dict(), None))
     return experiment
 
 

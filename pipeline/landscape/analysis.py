@@ -318,9 +318,12 @@ class AnalysisEvaluator:
         """Put checkpoint ``item``'s weights (and buffers) into the model."""
         path, sha256 = self.checkpoints[item]
         verify_fingerprint(path, sha256, self.file_path, CHECKPOINT_FIELD)
-        state = load_state_dict(path, CHECKPOINT_FIELD)
-        check_compatible(self.experiment.model, state, path, CHECKPOINT_FIELD)
-        self.experiment.model.load_state_dict(state)
+        model = self.experiment.model
+        state = load_state_dict(
+            path, model.state_dict(), self.experiment.config.model, CHECKPOINT_FIELD
+        )
+        check_compatible(model, state, path, CHECKPOINT_FIELD)
+        model.load_state_dict(state)
 
     def at(self, item: int) -> dict:
         self.load(item)

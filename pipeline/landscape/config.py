@@ -144,11 +144,24 @@ class GridConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A zoo name or ``package.module:factory``, its keyword arguments and its checkpoint."""
+    """A zoo name or ``package.module:factory``, its keyword arguments and its checkpoint.
+
+    ``checkpoint_key``: the entry of a checkpoint dict that holds the weights, and
+    ``strip_prefix``: the prefix to strip from their keys; both found automatically when
+    left out (:mod:`landscape.checkpoint`), and both apply to every checkpoint the run
+    reads (model.checkpoint, directions.targets and .checkpoints, analysis.checkpoints).
+    """
 
     name: str
     checkpoint: str | None = path_field()
     kwargs: dict = field(default_factory=dict)
+    checkpoint_key: str | None = None
+    strip_prefix: str | None = None
+
+    def check(self, where: str) -> None:
+        for name in ("checkpoint_key", "strip_prefix"):
+            if getattr(self, name) == "":
+                raise ConfigError(f"{where}.{name}: empty; leave it out to find it automatically")
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ class Experiment:
         if with_checkpoint:
             if config.model.checkpoint is None:
                 raise UserError("model.checkpoint: required; name the trained checkpoint file")
-            state = load_state_dict(config.model.checkpoint)
+            state = load_state_dict(config.model.checkpoint, model.state_dict(), config.model)
             check_compatible(model, state, config.model.checkpoint)
             model.load_state_dict(state)
             sha256 = checkpoint_sha256 or file_sha256(config.model.checkpoint)

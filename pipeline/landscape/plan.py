@@ -178,7 +178,9 @@ def create_analysis_plan(path: Path, config: ExperimentConfig) -> None:
     config = resolved_analysis(config, classes, size)
     epochs = []
     for file in files:
-        state, metadata = load_checkpoint(file, ANALYSIS_FIELD)
+        state, metadata = load_checkpoint(
+            file, experiment.model.state_dict(), config.model, ANALYSIS_FIELD
+        )
         check_compatible(experiment.model, state, file, ANALYSIS_FIELD)
         epochs.append(int(metadata.get("epoch", -1)))
     strings = h5py.string_dtype()
