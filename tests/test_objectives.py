@@ -240,3 +240,93 @@ def test_class_cross_entropy_refuses_token_labels_and_names_the_objective_that_t
     problem = CrossEntropy().target_problem(torch.zeros(4, 6, dtype=torch.int64))
     assert "(4, 6)" in problem and "token_cross_entropy" in problem
     assert TokenCrossEntropy().target_problem(torch.zeros(4, 6, dtype=torch.int64)) is None
+
+
+class CausalTokenModel(nn.Module):
+    """Embedding, the running mean of the positions so far, a mixing layer and a head:
+    the logits at position t depend on tokens 0..t, as in a causal language model, so
+    whatever stands after a sample's end changes none of its kept logits."""
+
+    def __init__(self, vocabulary: int = 7, width: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.mix, self.head = nn.Linear(width, width), nn.Linear(width, vocabulary)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        embedded = self.embed(tokens)
+        positions = torch.arange(1, tokens.shape[1] + 1, dtype=embedded.dtype)
+        return self.head(torch.tanh(self.mix(embedded.cumsum(1) / positions[:, None])))
+
+
+PAD = -100
+
+
+def padded_sequences(samples: int = 10, length: int = 6, vocabulary: int = 7):
+    """Token ids padded (id 0, label PAD) after each sample's own length, the labels, and
+    the lengths."""
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(vocabulary, (samples, length), generator=generator)
+    labels = torch.randint(vocabulary, (samples, length), generator=generator)
+    lengths = torch.randint(1, length + 1, (samples,), generator=generator)
+    padding = torch.arange(length)[None, :] >= lengths[:, None]
+    tokens[padding], labels[padding] = 0, PAD
+    return tokens, labels, lengths
+
+
+def unpadded_mean_loss(model, tokens, labels, lengths) -> torch.Tensor:
+    """The ground truth: each sample run alone on its unpadded tokens, -log softmax of its
+    labels written out, summed over every token and divided by the number of tokens."""
+    total = 0
+    for row, row_labels, length in zip(tokens, labels, lengths):
+        logits = model(row[None, :length])[0]
+        log_probabilities = logits - logits.exp().sum(-1, keepdim=True).log()
+        total = total - log_probabilities[torch.arange(length), row_labels[:length]].sum()
+    return total / lengths.sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_padded_token_cross_entropy_is_the_hand_computed_loss_at_every_batch_size(dtype):
+    torch.manual_seed(0)
+    model = CausalTokenModel().to(dtype)
+    tokens, labels, lengths = padded_sequences()
+    with torch.no_grad():
+        expected = unpadded_mean_loss(model.double(), tokens, labels, lengths).item()
+        model.to(dtype)
+    objective = TokenCrossEntropy(ignore_index=PAD)
+    assert objective.count(labels) == int(lengths.sum()) < labels.numel()
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-14
+    for batch_size in (1, 3, 4, 10):
+        loss, _ = evaluate(model, tokens, labels, batch_size, objective)
+        assert loss == pytest.approx(expected, rel=tolerance), batch_size
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_padded_token_cross_entropy_hessian_is_the_dense_hessian_of_the_unpadded_loss(dtype):
+    """The tool's HVP operator at batch sizes 3 and 10 against torch.func.hessian of the
+    hand-computed loss over the unpadded sequences, in float64."""
+    torch.manual_seed(0)
+    model = CausalTokenModel().double()
+    tokens, labels, lengths = padded_sequences()
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def mean_loss(vector):
+        pieces = (t.view(s) for t, s in zip(vector.split([s.numel() for s in shapes]), shapes))
+        weights = dict(zip(names, pieces))
+
+        def with_weights(inputs):
+            return functional_call(model, weights, (inputs,))
+
+        return unpadded_mean_loss(with_weights, tokens, labels, lengths)
+
+    dense = hessian(mean_loss)(flat).numpy()
+    model.to(dtype)
+    vectors = np.random.default_rng(0).normal(size=(3, len(flat)))
+    tolerance = (1e-5 if dtype == torch.float32 else 1e-13) * np.abs(dense).max()
+    for batch_size in (3, 10):
+        operator = HessianOperator(
+            model, names, tokens, labels, TokenCrossEntropy(ignore_index=PAD), batch_size
+        )
+        for vector in vectors:
+            np.testing.assert_allclose(operator @ vector, dense @ vector, rtol=0, atol=tolerance)
