@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call, hessian
 from torch.nn import functional as F
 
+from landscape import api
 from landscape.config import ConfigError, load_config, parse_config
 from landscape.curvature.operators import GaugeProjection, HessianOperator
 from landscape.evaluate import evaluate
@@ -330,3 +331,57 @@ def test_padded_token_cross_entropy_hessian_is_the_dense_hessian_of_the_unpadded
         )
         for vector in vectors:
             np.testing.assert_allclose(operator @ vector, dense @ vector, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perplexity_maps_are_exp_of_the_stored_mean_cross_entropy(experiment, dtype):
+    """Asked without its loss: the loss job stores the loss it derives from (test_loss is
+    neither asked nor stored), and each map says what it is."""
+    path = api.plan(
+        experiment(maps=["train_perplexity", "test_acc"], evaluation={"dtype": dtype}),
+        ["grid.x.num=3", "grid.y.num=2"],
+    )
+    assert api.run(path, progress=False) == 6
+    result = api.read(path)
+    assert set(result.maps) == {"train_perplexity", "train_loss", "test_acc"}
+    loaded = Experiment.load(result.config, device="cpu")
+    inputs, targets = loaded.data.split("train")
+    with SurfaceFile.open(path) as surface:
+        plane = DirectionPlane(loaded.model, surface.directions())
+        assert surface.description("train_perplexity").startswith("exp(train_loss): perplexity")
+    for j, b in enumerate(result.grid.y):
+        for i, a in enumerate(result.grid.x):
+            plane.move_to(float(a), float(b))
+            with torch.no_grad():
+                loss = F.cross_entropy(loaded.model(inputs).double(), targets).item()
+            found = result.maps["train_perplexity"][j, i]
+            assert found == np.exp(result.maps["train_loss"][j, i])
+            assert found == pytest.approx(np.exp(loss), rel=1e-6 if dtype == "float32" else 1e-13)
+    assert "train_perplexity: 6 values" in api.status(path)
+
+
+@pytest.mark.parametrize(
+    "evaluation",
+    [{"loss": "cross_entropy", "loss_kwargs": {"label_smoothing": 0.1}}, {"loss": "mse"}],
+    ids=["label_smoothing", "mse"],
+)
+def test_perplexity_is_refused_at_load_for_a_built_in_loss_that_is_no_likelihood(evaluation):
+    raw = merge(BASE, {"evaluation": evaluation, "maps": ["train_loss", "test_perplexity"]})
+    with pytest.raises(ConfigError, match="maps: perplexity is exp of a mean negative log-lik"):
+        parse_config(yaml.safe_dump(raw))
+
+
+def test_perplexity_is_refused_at_plan_for_a_plug_in_that_does_not_declare_it(tmp_path, capsys):
+    config = planned(
+        tmp_path,
+        evaluation={"loss": "plugins:label_smoothed"},
+        maps=["train_loss", "train_perplexity"],
+    )
+    fails_with(
+        capsys,
+        ["plan", config],
+        "maps: perplexity is exp of a mean negative log-likelihood, which evaluation.loss "
+        "'plugins:label_smoothed' is not here",
+        "drop *_perplexity",
+    )
+    assert not (tmp_path / "exp.h5").exists()

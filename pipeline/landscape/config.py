@@ -535,12 +535,13 @@ class ExperimentConfig:
         repeated = sorted({name for name in self.maps if self.maps.count(name) > 1})
         if repeated:
             raise ConfigError(f"maps: {', '.join(repeated)} listed twice; list each map once")
-        from landscape.objectives import BUILT_IN, check_accuracy_maps  # as in evaluation
+        from landscape.objectives import BUILT_IN, build_objective, check_metric_maps  # torch
 
-        built_in = BUILT_IN.get(self.evaluation.loss)
-        if built_in is not None:  # a plug-in's accuracy is known once it is built
+        loss = self.evaluation.loss
+        if loss in BUILT_IN:  # a plug-in's metrics are known once it is built
             try:
-                check_accuracy_maps(built_in, self.evaluation.loss, self.maps)
+                objective = build_objective(loss, self.evaluation.loss_kwargs)
+                check_metric_maps(objective, loss, self.maps)
             except UserError as exc:
                 raise ConfigError(str(exc)) from None
 

@@ -16,7 +16,7 @@ from landscape.config import ExperimentConfig
 from landscape.data import Dataset, load_dataset
 from landscape.errors import UserError, describe
 from landscape.models import build_model
-from landscape.objectives import Objective, build_objective, check_accuracy_maps
+from landscape.objectives import Objective, build_objective, check_metric_maps
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -94,7 +94,7 @@ def check_objective_fits(objective: Objective, config: ExperimentConfig, data: D
         raise UserError(
             f"evaluation.loss: {loss!r} does not fit data {config.data.name!r}, which has {problem}"
         )
-    check_accuracy_maps(objective, loss, config.maps)
+    check_metric_maps(objective, loss, config.maps)
 
 
 FORWARD_SAMPLES = 2

@@ -64,7 +64,7 @@ def surface_lines(surface: SurfaceFile) -> list[str]:
     maps = surface.maps()
     for job in surface.jobs:
         lines.append(job_progress(surface, job))
-        derived = [derived.name for derived in JOBS[job].derived]
+        derived = [derived.name for derived in JOBS[job].derived_maps(surface.config)]
         for name in surface.job_maps(job) + derived:
             lines.append(map_line(name, maps[name]))
     trace = surface.group("trace")
