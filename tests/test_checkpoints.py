@@ -364,7 +364,11 @@ def test_metadata_comes_from_the_wrapping_dict(tmp_path):
         (
             lambda s: prefixed(s, "backbone."),
             {},
-            ["does not fit model (missing: net.1.weight", "unexpected: backbone.net.1.weight"],
+            [
+                "does not fit model (missing: net.1.weight",
+                "unexpected: backbone.net.1.weight",
+                "(keys under a prefix: set model.strip_prefix)",
+            ],
         ),
     ],
     ids=[

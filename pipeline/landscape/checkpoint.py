@@ -46,19 +46,19 @@ SAFETENSORS_SUFFIX = ".safetensors"
 def load_state_dict(
     path: str | Path,
     expected: Collection[str],
-    model: ModelConfig | None,
+    settings: ModelConfig | None,
     field: str = "model.checkpoint",
     mmap: bool = False,
 ) -> dict:
     """The model ``state_dict`` stored in ``path``, loaded on the CPU (see
     :func:`load_checkpoint`)."""
-    return load_checkpoint(path, expected, model, field, mmap)[0]
+    return load_checkpoint(path, expected, settings, field, mmap)[0]
 
 
 def load_checkpoint(
     path: str | Path,
     expected: Collection[str],
-    model: ModelConfig | None,
+    settings: ModelConfig | None,
     field: str = "model.checkpoint",
     mmap: bool = False,
 ) -> tuple[dict, dict]:
@@ -66,7 +66,7 @@ def load_checkpoint(
 
     ``expected``: the keys the caller needs (the model's state_dict keys, or the names
     of the parameters it walks); a wrapper's prefix is stripped only when the keys as
-    saved lack some of them. ``model``: the config's model section, whose
+    saved lack some of them. ``settings``: the config's model section, whose
     ``checkpoint_key`` and ``strip_prefix`` override the automatic choices (None: both
     automatic). ``field``: the config field naming ``path``, for errors.
 
@@ -78,8 +78,8 @@ def load_checkpoint(
     every map NaN.
     """
     path = Path(path)
-    key = model.checkpoint_key if model is not None else None
-    prefix = model.strip_prefix if model is not None else None
+    key = settings.checkpoint_key if settings is not None else None
+    prefix = settings.strip_prefix if settings is not None else None
     if path.suffix == SAFETENSORS_SUFFIX:
         payload, metadata = read_safetensors_file(path, field)
     else:
@@ -313,9 +313,10 @@ def check_compatible(
             shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
             problems.append(f"{label}: {shown}")
     if problems:
+        renamed = " (keys under a prefix: set model.strip_prefix)" if missing and unexpected else ""
         raise UserError(
             f"{field}: {path} does not fit model ({'; '.join(problems)}); "
-            "check model.name and model.kwargs against the checkpoint"
+            f"check model.name and model.kwargs against the checkpoint{renamed}"
         )
 
 
