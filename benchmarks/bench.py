@@ -85,7 +85,7 @@ def synthetic_images(samples: int = 512, size: int = 32, seed: int = 0) -> dict:
 @torch.no_grad()
 def forward_seconds(experiment: Experiment) -> float:
     """Time of one bare forward pass over the training set, batch by batch."""
-    inputs, _ = experiment.data.split("train")
+    inputs = experiment.data.train_x
     batch_size = experiment.config.evaluation.batch_size
     started = time.perf_counter()
     for start in range(0, len(inputs), batch_size):

@@ -22,6 +22,7 @@ import torch
 
 from landscape.errors import UserError, describe
 from landscape.plugins import call_factory, import_object
+from landscape.samples import HeldSamples
 
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2
@@ -46,9 +47,11 @@ class Dataset:
     def input_shape(self) -> tuple:
         return tuple(self.train_x.shape[1:])
 
-    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``(inputs, targets)`` of ``"train"`` or ``"test"``."""
-        return (self.train_x, self.train_y) if name == "train" else (self.test_x, self.test_y)
+    def split(self, name: str) -> HeldSamples:
+        """The samples of ``"train"`` or ``"test"``."""
+        if name == "train":
+            return HeldSamples(self.train_x, self.train_y)
+        return HeldSamples(self.test_x, self.test_y)
 
 
 def load_dataset(name: str, kwargs: dict) -> Dataset:
@@ -99,7 +102,7 @@ def check_dataset(data: Dataset, name: str) -> None:
             "regression), an integer >= 1"
         )
     for split in ("train", "test"):
-        inputs, targets = data.split(split)
+        inputs, targets = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
         if len(inputs) == 0:
             kind = "training" if split == "train" else "test"
             raise UserError(f"{given} an empty {kind} set ({split}_x has 0 samples)")
