@@ -107,7 +107,7 @@ class StreamedSamples(Samples):
         self.dataset, self.device, self.dtype, self.name = dataset, device, dtype, name
         self.workers, self.prefetch = workers, prefetch
         self.loaders: dict[int, DataLoader] = {}  # by batch size, workers kept alive
-        self.unit_counts: dict[int, int] = {}  # by id(objective): one pass each
+        self.unit_counts: dict[Objective, int] = {}  # one pass per objective
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -143,9 +143,19 @@ class StreamedSamples(Samples):
                 ) from None
             yield self.to_device(inputs), self.to_device(targets)
 
+    def head(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gather(torch.arange(min(count, len(self))))
+
     def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read in this process: a probe or a minibatch is too small to wait for workers."""
         chosen = torch.utils.data.Subset(self.dataset, indices.tolist())
-        inputs, targets = next(iter(DataLoader(chosen, batch_size=len(chosen))))
+        try:
+            inputs, targets = next(iter(DataLoader(chosen, batch_size=len(chosen))))
+        except Exception as exc:
+            raise UserError(
+                f"data.name: {self.name} failed to load {len(chosen)} samples "
+                f"({describe(exc)}); fix the Dataset's __getitem__"
+            ) from None
         return self.to_device(inputs), self.to_device(targets)
 
     def to_device(self, values: torch.Tensor) -> torch.Tensor:
@@ -153,16 +163,16 @@ class StreamedSamples(Samples):
         return values.to(self.device, dtype, non_blocking=True)
 
     def units(self, objective: Objective) -> int:
-        key = id(objective)
-        if key not in self.unit_counts:
-            self.unit_counts[key] = sum(
-                objective.count(targets) for _, targets in self.batches(DEFAULT_COUNT_BATCH)
+        """One pass over the set, the first time an objective asks (then remembered)."""
+        if objective not in self.unit_counts:
+            self.unit_counts[objective] = sum(
+                objective.count(targets) for _, targets in self.batches(COUNT_BATCH)
             )
-        return self.unit_counts[key]
+        return self.unit_counts[objective]
 
 
-DEFAULT_COUNT_BATCH = 1024
-STREAM_CHOICES = ("auto", "always", "never")
+# Samples per batch of the passes that only read: counting units, filling a held set.
+COUNT_BATCH = 1024
 
 
 def sample_bytes(dataset, dtype: torch.dtype) -> int:
@@ -209,5 +219,50 @@ def choose_samples(
         )
         return streamed
     log.info("data: %s holds %d samples on %s (%s)", name, len(dataset), device, why)
-    inputs, targets = zip(*streamed.batches(DEFAULT_COUNT_BATCH))
+    inputs, targets = zip(*streamed.batches(COUNT_BATCH))
     return HeldSamples(torch.cat(inputs), torch.cat(targets))
+
+
+class SplitSamples:
+    """The train and test samples of a data set read through ``torch.utils.data``, with
+    what the model is built from: ``num_classes`` and the shape of one input."""
+
+    def __init__(self, train: Samples, test: Samples, num_classes: int, input_shape: tuple):
+        self.train, self.test = train, test
+        self.num_classes, self.input_shape = num_classes, input_shape
+
+    def split(self, name: str) -> Samples:
+        """The samples of ``"train"`` or ``"test"``."""
+        return self.train if name == "train" else self.test
+
+
+class TorchData:
+    """What a data plug-in returns for a set it does not hand over as tensors: map-style
+    ``torch.utils.data.Dataset`` objects whose items are (input, target) pairs, one for
+    training and one for testing, and the number of classes (of outputs, for regression).
+    Nothing is read until :meth:`on` places it (or :func:`check_torch_data` looks at the
+    first items)."""
+
+    def __init__(self, train, test, num_classes: int, name: str):
+        self.train, self.test, self.num_classes, self.name = train, test, num_classes, name
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(torch.as_tensor(self.train[0][0]).shape)
+
+    def on(self, device: torch.device, dtype: torch.dtype, settings) -> SplitSamples:
+        """Both splits, each held or streamed by :func:`choose_samples` under the config's
+        ``data`` section (``settings``: stream, workers, prefetch)."""
+        train, test = (
+            choose_samples(
+                dataset,
+                device,
+                dtype,
+                f"{self.name} ({split})",
+                settings.stream,
+                settings.workers,
+                settings.prefetch,
+            )
+            for split, dataset in (("train", self.train), ("test", self.test))
+        )
+        return SplitSamples(train, test, self.num_classes, self.input_shape)
