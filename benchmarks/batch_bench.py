@@ -45,7 +45,7 @@ REPEATS = 5  # bare forward passes per timing; the median is kept
 @torch.no_grad()
 def forward_seconds(experiment: Experiment, batch_size: int) -> float:
     """Median time of one bare forward pass over the training set."""
-    inputs, _ = experiment.data.split("train")
+    inputs = experiment.data.train_x
     times = []
     for _ in range(REPEATS):
         started = time.perf_counter()

@@ -45,6 +45,7 @@ from benchmarks.analysis_bench import bench_analysis
 from benchmarks.batch_bench import bench_batched
 from benchmarks.hessian_bench import bench_hessian
 from benchmarks.probe_bench import PROBES, bench_probes
+from benchmarks.stream_bench import bench_stream
 from benchmarks.warm_bench import bench_warm
 from landscape.atomic import write_file
 from landscape.checkpoint import save_checkpoint
@@ -85,7 +86,7 @@ def synthetic_images(samples: int = 512, size: int = 32, seed: int = 0) -> dict:
 @torch.no_grad()
 def forward_seconds(experiment: Experiment) -> float:
     """Time of one bare forward pass over the training set, batch by batch."""
-    inputs, _ = experiment.data.split("train")
+    inputs = experiment.data.train_x
     batch_size = experiment.config.evaluation.batch_size
     started = time.perf_counter()
     for start in range(0, len(inputs), batch_size):
@@ -284,8 +285,8 @@ def pca_child(folder: str, method: str) -> None:
 
 
 def bench_cpu(folder: Path, results: dict) -> None:
-    """The CPU cases (loss, Hessian, PCA, ranks, several points per pass, analyses, probes),
-    printed and added to ``results``."""
+    """The CPU cases (loss, Hessian, PCA, ranks, several points per pass, analyses, probes,
+    streamed data), printed and added to ``results``."""
     results["loss"] = {}
     for name, spec in CASES.items():
         result = bench_case(name, spec, folder)
@@ -353,6 +354,12 @@ def bench_cpu(folder: Path, results: dict) -> None:
         print(
             f"{PROBES} probe HVPs in one pass / {PROBES} separate, {case:32s} {ratio:.2f}x "
             f"(target <= {probes['target_ratio']})"
+        )
+    stream = results["stream"] = bench_stream()
+    for model in ("mlp", "small_cnn", "resnet20"):
+        print(
+            f"{model:10s} streamed through {stream['workers']} workers / held: "
+            f"{stream[model]['ratio']:.2f}x the points/s (target >= 0.8)"
         )
 
 

@@ -110,9 +110,9 @@ def direct(experiment: Experiment) -> dict:
     functions directly with the config's settings: the ground truth of the file."""
     settings = experiment.config.analysis
     model, objective = experiment.model, experiment.objective
-    inputs, targets = experiment.data.split("train")
+    samples = experiment.data.split("train")
     names = select_parameters(model, settings.parameters)
-    common = (model, names, inputs, targets, objective, experiment.config.evaluation.batch_size)
+    common = (model, names, samples, objective, experiment.config.evaluation.batch_size)
     hessian = HessianOperator(*common)
     gauss_newton = GaussNewtonOperator(*common)
     residual = DifferenceOperator(hessian, gauss_newton)
@@ -129,12 +129,12 @@ def direct(experiment: Experiment) -> dict:
         )
     found["outliers"] = count_outliers(found["top"].values, found["slq"], settings.gap)
     found["gradient"] = hessian.gradient()
-    found["loss"] = evaluate(model, inputs, targets, batch_size, objective)
+    found["loss"] = evaluate(model, samples, batch_size, objective)
     found["trace"] = trace_and_frobenius(
         hessian, settings.trace_samples, settings.seed, settings.confidence
     )
     found["clustering"] = logit_gradient_clustering(
-        model, names, inputs, targets, settings.clustering_samples, settings.seed
+        model, names, samples, settings.clustering_samples, settings.seed
     )
     return found
 

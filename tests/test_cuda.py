@@ -54,6 +54,7 @@ from landscape.evaluate import evaluate
 from landscape.evaluators import LossAtPoint
 from landscape.experiment import Experiment
 from landscape.plan import plan_surface
+from landscape.samples import HeldSamples
 from landscape.store import SurfaceFile
 from landscape.workers import run_job
 
@@ -103,7 +104,7 @@ def test_surface_agrees_with_the_cpu(tmp_path, dtype):
         run_job(path, "loss", show_progress=False)
     expected, actual = maps_of(cpu, "loss"), maps_of(gpu, "loss")
     rtol = RTOL[DTYPES[dtype]]
-    samples = {split: len(experiment.data.split(split)[0]) for split in ("train", "test")}
+    samples = {split: len(experiment.data.split(split)) for split in ("train", "test")}
     for name, values in expected.items():
         split, kind = name.split("_")
         where = f"{name} ({dtype}), CUDA against CPU"
@@ -133,7 +134,8 @@ def test_no_host_synchronization_per_batch(tmp_path):
     path = planned(tmp_path, "gpu", "cnn_bn", DEVICE, "float32")
     config = load_config(tmp_path / "gpu.yaml")
     experiment = Experiment.load(config)
-    inputs, targets = experiment.data.split("test")  # 1708 digits
+    samples = experiment.data.split("test")  # 1708 digits
+    inputs, targets = samples.inputs, samples.targets
     with SurfaceFile.open(path) as surface:
         point = LossAtPoint(experiment, surface.directions(), ["test_loss"])
     point(0.5, 0.5)  # warm-up: cuDNN's first calls may wait
@@ -142,7 +144,7 @@ def test_no_host_synchronization_per_batch(tmp_path):
 
     def evaluation(batches: int):
         size = -(-len(inputs) // batches)
-        return lambda: evaluate(model, inputs, targets, size, experiment.objective)
+        return lambda: evaluate(model, samples, size, experiment.objective)
 
     once, many = synchronizations(evaluation(1)), synchronizations(evaluation(12))
     assert once >= 1, "the sync debug mode did not see evaluate's final .item()"
@@ -205,7 +207,7 @@ def test_curvature_products_agree_with_the_cpu(dtype, mode):
         hessian = hessian_operator(*problem, CROSS_ENTROPY, 16, hvp=mode)
         model_copy, batch_inputs, batch_targets = problem
         gauss_newton = GaussNewtonOperator(
-            model_copy, names, batch_inputs, batch_targets, CROSS_ENTROPY, 16, mode
+            model_copy, names, HeldSamples(batch_inputs, batch_targets), CROSS_ENTROPY, 16, mode
         )
         results.append(
             {

@@ -22,6 +22,7 @@ from landscape.experiment import Experiment
 from landscape.objectives import CrossEntropy, TokenCrossEntropy
 from landscape.parameters import DirectionPlane
 from landscape.plan import plan_surface
+from landscape.samples import HeldSamples
 from landscape.store import SurfaceFile
 from landscape.trace import estimate_trace
 from landscape.workers import run_job
@@ -69,7 +70,7 @@ def test_a_label_smoothing_plugin_flows_through_surface_hessian_and_trace(experi
     estimate_trace(surface)
 
     exp = Experiment.load(load_config(path, ["evaluation.dtype=float64"]))
-    inputs, targets = exp.data.split("train")
+    inputs, targets = exp.data.train_x, exp.data.train_y
     with SurfaceFile.open(surface) as done:
         maps, directions, grid = done.maps(), done.directions(), done.grid
         _, trace = done.group("trace")
@@ -133,14 +134,14 @@ def test_token_cross_entropy_is_the_mean_over_unmasked_tokens_of_the_whole_set(d
     kept = flat_labels != pad
     accuracy = (flat_logits.argmax(1)[kept] == flat_labels[kept]).double().mean().item()
 
-    loss, found_accuracy = evaluate(model, tokens, labels, 3, objective)
+    loss, found_accuracy = evaluate(model, HeldSamples(tokens, labels), 3, objective)
     assert objective.count(labels) == int(kept.sum()) < labels.numel()
     assert loss == pytest.approx(expected, rel=1e-6 if dtype == torch.float32 else 1e-13)
     assert found_accuracy == accuracy
     assert objective.mean(logits, labels).item() == pytest.approx(expected, rel=1e-6)
 
     names = [name for name, _ in model.named_parameters()]
-    operator = HessianOperator(model.double(), names, tokens, labels, objective, 3)
+    operator = HessianOperator(model.double(), names, HeldSamples(tokens, labels), objective, 3)
     shapes = [p.shape for p in model.parameters()]
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 

@@ -75,7 +75,7 @@ def truth(experiment, surface) -> tuple[np.ndarray, np.ndarray]:
     model = experiment.model
     origin = {n: t.detach().double().clone() for n, t in model.state_dict().items()}
     d1, d2 = surface.directions()
-    inputs, targets = experiment.data.split("train")
+    inputs, targets = experiment.data.train_x, experiment.data.train_y
     losses, accuracies = [], []
     for a, b in COORDINATES:
         state = dict(origin)

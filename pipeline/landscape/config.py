@@ -166,10 +166,23 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """A built-in data set name or ``package.module:function``, with its keyword arguments."""
+    """A built-in data set name or ``package.module:function``, with its keyword arguments.
+    For a plug-in that returns ``torch.utils.data.Dataset`` objects (:mod:`landscape.samples`):
+    ``stream`` (``auto``: held on the device when the set takes at most a quarter of its
+    free memory, streamed otherwise; ``always``; ``never``), the loader's ``workers`` and
+    the batches each prefetches (``prefetch``)."""
 
     name: str = "digits"
     kwargs: dict = field(default_factory=dict)
+    stream: str = choice("auto", ("auto", "always", "never"))
+    workers: int = 2
+    prefetch: int = 2
+
+    def check(self, where: str) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"{where}.workers: must be >= 0 (got {self.workers}); 0 = no workers")
+        if self.prefetch < 1:
+            raise ConfigError(f"{where}.prefetch: must be >= 1 (got {self.prefetch})")
 
 
 DIRECTION_KINDS = ("random", "pca", "hessian", "target", "interpolation", "file")

@@ -1,4 +1,4 @@
-"""Mean loss and accuracy of a model over a whole data set held on the device.
+"""Mean loss and accuracy of a model over a whole data set.
 
 The loss is the objective's (:mod:`landscape.objectives`): its per-unit losses are
 summed in float64 over the whole set and divided by the set's count of units, so the
@@ -14,31 +14,31 @@ import torch
 from torch import nn
 
 from landscape.objectives import Objective
+from landscape.samples import Samples
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    samples: Samples,
     batch_size: int,
     objective: Objective,
 ) -> tuple[float, float]:
-    """``(mean loss, accuracy)`` of ``model`` (in its current mode) over all samples.
+    """``(mean loss, accuracy)`` of ``model`` (in its current mode) over all ``samples``.
 
     Accuracy is NaN for an objective without one (``mse``) and wherever the loss is not
     finite. Sums stay on the device until the end: one synchronization per data set,
     not per batch.
     """
-    total_loss = torch.zeros((), dtype=torch.float64, device=inputs.device)
-    correct = torch.zeros((), dtype=torch.int64, device=inputs.device)
-    for start in range(0, len(inputs), batch_size):
-        outputs = model(inputs[start : start + batch_size])
-        batch_targets = targets[start : start + batch_size]
-        total_loss += objective.losses(outputs, batch_targets).double().sum()
+    device = next(model.parameters()).device
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for inputs, targets in samples.batches(batch_size):
+        outputs = model(inputs)
+        total_loss += objective.losses(outputs, targets).double().sum()
         if objective.accuracy:
-            correct += objective.correct(outputs, batch_targets)
-    count = objective.count(targets)
+            correct += objective.correct(outputs, targets)
+    count = samples.units(objective)
     mean_loss = total_loss.item() / count
     # Outputs that are not finite (e.g. a BatchNorm variance extrapolated below zero)
     # have no meaningful argmax either: such a point has neither loss nor accuracy.

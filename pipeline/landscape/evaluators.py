@@ -57,9 +57,9 @@ class LossAtPoint:
         batch_size = self.experiment.config.evaluation.batch_size
         for split in ("train", "test"):
             if any(m.startswith(split) for m in self.maps):
-                inputs, targets = self.experiment.data.split(split)
+                samples = self.experiment.data.split(split)
                 loss, accuracy = evaluate(
-                    self.experiment.model, inputs, targets, batch_size, self.experiment.objective
+                    self.experiment.model, samples, batch_size, self.experiment.objective
                 )
                 values.update({f"{split}_loss": loss, f"{split}_acc": accuracy})
         return {m: values[m] for m in self.maps}
@@ -140,18 +140,17 @@ class SeveralPoints:
         for split in ("train", "test"):
             if not any(m.startswith(split) for m in self.maps):
                 continue
-            inputs, targets = self.experiment.data.split(split)
-            device = inputs.device
+            samples = self.experiment.data.split(split)
+            device = self.experiment.device
             total_loss = torch.zeros(len(items), dtype=torch.float64, device=device)
             correct = torch.zeros(len(items), dtype=torch.int64, device=device)
-            for start in range(0, len(inputs), batch_size):
-                outputs = self.forward(tensors, inputs[start : start + batch_size])
-                batch_targets = targets[start : start + batch_size]
+            for inputs, targets in samples.batches(batch_size):
+                outputs = self.forward(tensors, inputs)
                 for k, point_outputs in enumerate(outputs):
-                    total_loss[k] += objective.losses(point_outputs, batch_targets).double().sum()
+                    total_loss[k] += objective.losses(point_outputs, targets).double().sum()
                     if objective.accuracy:
-                        correct[k] += objective.correct(point_outputs, batch_targets)
-            count = objective.count(targets)
+                        correct[k] += objective.correct(point_outputs, targets)
+            count = samples.units(objective)
             loss = total_loss.cpu().numpy() / count
             # As evaluate: a point whose loss is not finite has no accuracy either.
             defined = objective.accuracy & np.isfinite(loss)
@@ -163,11 +162,11 @@ class SeveralPoints:
 def can_batch(experiment: Experiment, plane: DirectionPlane) -> str | None:
     """None when vmap batches the model's forward over parameter sets (tried once on two
     samples at two points), else why not."""
-    inputs, _ = experiment.data.split("train")
+    inputs, _ = experiment.data.split("train").head(2)
     trial = SeveralPoints(experiment, None, plane, [], 2)
     try:
         with torch.no_grad():
-            trial.forward(trial.stacked([(0.0, 0.0), (0.0, 0.0)]), inputs[:2])
+            trial.forward(trial.stacked([(0.0, 0.0), (0.0, 0.0)]), inputs)
     except Exception as exc:  # any operation without a batching rule, in user code too
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None
@@ -176,7 +175,7 @@ def can_batch(experiment: Experiment, plane: DirectionPlane) -> str | None:
 def activation_bytes(experiment: Experiment) -> int:
     """Bytes of every leaf module's output of one forward pass over one batch: what one
     more point per pass adds (an upper bound: no_grad frees most of them early)."""
-    inputs, _ = experiment.data.split("train")
+    inputs, _ = experiment.data.split("train").head(experiment.config.evaluation.batch_size)
     total = 0
 
     def count(module, args, output):
@@ -189,7 +188,7 @@ def activation_bytes(experiment: Experiment) -> int:
     hooks = [m.register_forward_hook(count) for m in leaves]
     try:
         with torch.no_grad():
-            model(inputs[: experiment.config.evaluation.batch_size])
+            model(inputs)
     finally:
         for hook in hooks:
             hook.remove()

@@ -17,6 +17,7 @@ from landscape.data import Dataset, load_dataset
 from landscape.errors import UserError, describe
 from landscape.models import build_model
 from landscape.objectives import Objective, build_objective, check_metric_maps
+from landscape.samples import SplitSamples, TorchData
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -28,7 +29,7 @@ class Experiment:
 
     config: ExperimentConfig
     model: nn.Module
-    data: Dataset
+    data: Dataset | SplitSamples  # held tensors, or torch Datasets held or streamed
     objective: Objective
     device: torch.device
     dtype: torch.dtype
@@ -58,6 +59,16 @@ class Experiment:
             config.model.name, data.input_shape, data.num_classes, config.model.kwargs
         )
         objective = build_objective(evaluation.loss, evaluation.loss_kwargs)
+        if isinstance(data, TorchData):
+            data = data.on(device, dtype, config.data)
+        else:
+            data = Dataset(
+                *(
+                    t.to(device, dtype if t.is_floating_point() else t.dtype)
+                    for t in (data.train_x, data.train_y, data.test_x, data.test_y)
+                ),
+                data.num_classes,
+            )
         check_objective_fits(objective, config, data)
         # Cast first, then load: a float64 checkpoint in a float64 run keeps every digit.
         model.to(device=device, dtype=dtype).eval()
@@ -69,13 +80,6 @@ class Experiment:
             check_compatible(model, state, config.model.checkpoint)
             model.load_state_dict(state)
             sha256 = checkpoint_sha256 or file_sha256(config.model.checkpoint)
-        data = Dataset(
-            *(
-                t.to(device, dtype if t.is_floating_point() else t.dtype)
-                for t in (data.train_x, data.train_y, data.test_x, data.test_y)
-            ),
-            data.num_classes,
-        )
         weights = (
             f"the weights of model.checkpoint {config.model.checkpoint}"
             if with_checkpoint
@@ -85,11 +89,13 @@ class Experiment:
         return cls(config, model, data, objective, device, dtype, sha256)
 
 
-def check_objective_fits(objective: Objective, config: ExperimentConfig, data: Dataset) -> None:
+def check_objective_fits(
+    objective: Objective, config: ExperimentConfig, data: Dataset | SplitSamples
+) -> None:
     """The objective takes the data's targets (cross-entropy needs integer class labels,
     mse float targets) and has an accuracy where the maps ask for one."""
     loss = config.evaluation.loss
-    problem = objective.target_problem(data.train_y)
+    problem = objective.target_problem(data.split("train").head(FORWARD_SAMPLES)[1])
     if problem is not None:
         raise UserError(
             f"evaluation.loss: {loss!r} does not fit data {config.data.name!r}, which has {problem}"
@@ -102,7 +108,12 @@ FORWARD_SAMPLES = 2
 
 @torch.no_grad()
 def check_forward(
-    model: nn.Module, data: Dataset, name: str, weights: str, objective: Objective, loss: str
+    model: nn.Module,
+    data: Dataset | SplitSamples,
+    name: str,
+    weights: str,
+    objective: Objective,
+    loss: str,
 ) -> None:
     """One forward pass and its ``loss`` on the first training samples, with the weights
     every point starts from (``weights`` says which): fails in one line naming
@@ -116,7 +127,7 @@ def check_forward(
     at the first point of run, and so does a loss that is not floating and of shape
     (B,) or (B, ...): one value per sample or per token, naming evaluation.loss.
     """
-    inputs, targets = data.train_x[:FORWARD_SAMPLES], data.train_y[:FORWARD_SAMPLES]
+    inputs, targets = data.split("train").head(FORWARD_SAMPLES)
     count = len(inputs)
     try:
         outputs = model(inputs)

@@ -34,12 +34,10 @@ def training_hessian(experiment: Experiment, parameters: str, hvp: str) -> Hessi
     ``evaluation.batch_size`` batches) over the parameters ``parameters`` selects (``all``
     or ``weights``), products by ``hvp``: what the hessian job, Hessian directions and
     ``landscape trace`` all differentiate."""
-    inputs, targets = experiment.data.split("train")
     return HessianOperator(
         experiment.model,
         select_parameters(experiment.model, parameters),
-        inputs,
-        targets,
+        experiment.data.split("train"),
         experiment.objective,
         experiment.config.evaluation.batch_size,
         hvp,

@@ -166,7 +166,10 @@ def create_analysis_plan(path: Path, config: ExperimentConfig) -> None:
     work table over them."""
     files = analysis_checkpoints(config)
     experiment = Experiment.load(config, with_checkpoint=False, device="cpu")
-    if "clustering" in config.analysis.quantities and experiment.data.train_y.is_floating_point():
+    if (
+        "clustering" in config.analysis.quantities
+        and experiment.data.split("train").head(1)[1].is_floating_point()
+    ):
         raise UserError(
             "analysis.quantities: clustering groups logit gradients by class and needs class "
             "labels; this data set's targets are real numbers: drop clustering"
