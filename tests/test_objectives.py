@@ -298,7 +298,7 @@ def test_padded_token_cross_entropy_is_the_hand_computed_loss_at_every_batch_siz
     assert objective.count(labels) == int(lengths.sum()) < labels.numel()
     tolerance = 1e-6 if dtype == torch.float32 else 1e-14
     for batch_size in (1, 3, 4, 10):
-        loss, _ = evaluate(model, tokens, labels, batch_size, objective)
+        loss, _ = evaluate(model, HeldSamples(tokens, labels), batch_size, objective)
         assert loss == pytest.approx(expected, rel=tolerance), batch_size
 
 
@@ -327,8 +327,9 @@ def test_padded_token_cross_entropy_hessian_is_the_dense_hessian_of_the_unpadded
     vectors = np.random.default_rng(0).normal(size=(3, len(flat)))
     tolerance = (1e-5 if dtype == torch.float32 else 1e-13) * np.abs(dense).max()
     for batch_size in (3, 10):
+        samples = HeldSamples(tokens, labels)
         operator = HessianOperator(
-            model, names, tokens, labels, TokenCrossEntropy(ignore_index=PAD), batch_size
+            model, names, samples, TokenCrossEntropy(ignore_index=PAD), batch_size
         )
         for vector in vectors:
             np.testing.assert_allclose(operator @ vector, dense @ vector, rtol=0, atol=tolerance)
@@ -346,7 +347,7 @@ def test_perplexity_maps_are_exp_of_the_stored_mean_cross_entropy(experiment, dt
     result = api.read(path)
     assert set(result.maps) == {"train_perplexity", "train_loss", "test_acc"}
     loaded = Experiment.load(result.config, device="cpu")
-    inputs, targets = loaded.data.split("train")
+    inputs, targets = loaded.data.train_x, loaded.data.train_y
     with SurfaceFile.open(path) as surface:
         plane = DirectionPlane(loaded.model, surface.directions())
         assert surface.description("train_perplexity").startswith("exp(train_loss): perplexity")
