@@ -238,15 +238,26 @@ class EvaluationConfig:
     one on a CPU; 1: one at a time; more than 1 may change the last bits of the loss,
     :mod:`landscape.evaluators`).
     ``loss``: a built-in objective or ``package.module:name``, built with ``loss_kwargs``
-    (:mod:`landscape.objectives`)."""
+    (:mod:`landscape.objectives`).
+
+    ``dtype`` ``bfloat16`` or ``float16``: the loss maps' forward passes run under
+    ``torch.autocast`` in that dtype, parameters and data stay float32 and each unit's
+    loss is taken in float32; curvature (Hessian, trace, analysis) stays in float32
+    (:mod:`landscape.precision`). ``tf32``: CUDA matmuls and convolutions in TF32 (10
+    mantissa bits; off by default, so float32 is IEEE float32). ``channels_last``: image
+    batches (B, C, H, W) in channels-last memory. ``compile``: ``torch.compile`` the loss
+    maps' forward pass, eager (one log line) where compiling fails."""
 
     batch_size: int = 1024
     device: str = "auto"
-    dtype: str = choice("float32", ("float32", "float64"))
+    dtype: str = choice("float32", ("float32", "float64", "bfloat16", "float16"))
     loss: str = "cross_entropy"
     loss_kwargs: dict = field(default_factory=dict)
     threads: int = 0
     points_per_pass: int = 0
+    tf32: bool = False
+    channels_last: bool = False
+    compile: bool = False
 
     def check(self, where: str) -> None:
         from landscape.objectives import check_spec  # torch, only once a config is read
