@@ -177,8 +177,7 @@ class CompiledForward:
                 return self.compiled(inputs)
             except Exception as exc:  # any compiler or backend failure, in user models too
                 log.warning(
-                    "evaluation.compile: torch.compile failed, the forward pass runs eagerly "
-                    "(%s)",
+                    "evaluation.compile: torch.compile failed, the forward pass runs eagerly (%s)",
                     describe(exc),
                 )
                 self.compiled = None
