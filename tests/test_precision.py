@@ -119,9 +119,11 @@ def test_recorded_differences_equal_a_direct_recomputation(tmp_path):
             assert maps[name][-1, -1] == reduced[1], f"{name}: map and check differ at the corner"
 
 
-def logits_at_points(experiment: Experiment, plane: DirectionPlane, grid, split: str):
-    """At every grid point: the float32 logits of ``split``, their bfloat16-autocast
-    counterparts, and the last layer's absolute terms S (module docstring)."""
+def logits_at_points(
+    experiment: Experiment, plane: DirectionPlane, grid, split: str, autocast=torch.bfloat16
+):
+    """At every grid point: the float32 logits of ``split``, their counterparts under
+    ``autocast``, and the last layer's absolute terms S (module docstring)."""
     inputs, _ = experiment.data.split(split)
     last = [m for m in experiment.model.modules() if isinstance(m, torch.nn.Linear)][-1]
     terms = {}
@@ -135,7 +137,7 @@ def logits_at_points(experiment: Experiment, plane: DirectionPlane, grid, split:
             hook = last.register_forward_hook(absolute_terms)
             logits = experiment.model(inputs)
             hook.remove()
-            yield point, logits, outputs_of(experiment.model, inputs, torch.bfloat16), terms["S"]
+            yield point, logits, outputs_of(experiment.model, inputs, autocast), terms["S"]
 
 
 @pytest.mark.parametrize("model, points_per_pass", [("mlp", 1), ("cnn_bn", 1), ("mlp", 4)])
