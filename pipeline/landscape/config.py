@@ -286,7 +286,8 @@ class HessianConfig:
     explicit HVP, is at most ``tolerance`` times max(|lambda_min|, |lambda_max|) (an
     eigenvalue lies within the residual of its Ritz value; the scale never vanishes,
     unlike |lambda_min| at a semidefinite point). ``tolerance`` is floored at 16 machine
-    epsilons of evaluation.dtype, the precision of a product. ``max_hvps`` bounds the
+    epsilons of evaluation.dtype (float32 for bfloat16 and float16, which only the loss
+    maps use), the precision of a product. ``max_hvps`` bounds the
     Lanczos steps per point, and so its basis (max_hvps x parameters x 8 bytes).
 
     ``hvp``: how a product is differentiated; ``auto`` takes the mode measured faster on
