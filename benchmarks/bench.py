@@ -374,17 +374,28 @@ def bench_gpu(folder: Path, results: dict, record) -> None:
 
     cuda = results["cuda"] = {}
     bench_cuda(folder, cuda, record)
-    loss, hessian = cuda["loss"], cuda["hessian"]
-    peak = (
-        f"{100 * loss['fraction_of_peak']:.1f} % of the float32 peak"
-        if loss["fraction_of_peak"] is not None
-        else "no peak known for this card"
-    )
-    print(
-        f"{cuda['device']}: ResNet-56, {loss['train_samples']} images, "
-        f"{loss['points_per_s']:.2f} points/s, overhead {loss['overhead']:.3f}x, "
-        f"{loss['achieved_tflops']:.1f} TFLOP/s ({peak})"
-    )
+    hessian = cuda["hessian"]
+    for setting, loss in cuda["loss"].items():
+        peak = (
+            f"{100 * loss['fraction_of_peak']:.1f} % of the {loss['compared_with']}"
+            if loss["fraction_of_peak"] is not None
+            else "no peak known for this card"
+        )
+        print(
+            f"{cuda['device']}: ResNet-56 {setting}, {loss['train_samples']} images, "
+            f"{loss['points_per_s']:.2f} points/s (K {loss['points_per_pass']}, "
+            f"{loss['speedup_over_float32']:.2f}x float32), overhead {loss['overhead']:.3f}x, "
+            f"{loss['achieved_tflops']:.1f} TFLOP/s ({peak})"
+        )
+        if "difference_to_float32" in loss:
+            difference = loss["difference_to_float32"]
+            print(
+                f"    |{setting} - float32| train loss at the centre, corner: "
+                + ", ".join(f"{v:.2g}" for v in difference["train_loss_abs_difference"])
+                + " (rel "
+                + ", ".join(f"{v:.2g}" for v in difference["train_loss_rel_difference"])
+                + ")"
+            )
     print(
         f"{cuda['device']}: Hessian {hessian['seconds_per_point']:.2f} s/point "
         f"({hessian['seconds_per_hvp']:.3f} s/HVP; {hessian['case']})"

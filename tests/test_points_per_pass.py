@@ -56,6 +56,8 @@ def setting(name: str, dtype: torch.dtype, points_per_pass: int, moved_buffers: 
     targets = torch.as_tensor(data.train_y[:SAMPLES])
     experiment = SimpleNamespace(
         model=model,
+        forward=model,
+        autocast=None,
         objective=build_objective("cross_entropy", {}),
         device=torch.device("cpu"),
         data=SimpleNamespace(split=lambda split: (inputs, targets)),
@@ -132,7 +134,7 @@ class ItemInForward(nn.Module):
 def test_model_vmap_cannot_batch_falls_back_to_one_point_and_says_so(dtype, caplog):
     experiment, surface = setting("mlp", dtype, 0)
     torch.manual_seed(0)
-    experiment.model = ItemInForward().to(dtype).eval()
+    experiment.model = experiment.forward = ItemInForward().to(dtype).eval()
     generator = torch.Generator().manual_seed(1)
     directions = [
         {

@@ -264,15 +264,26 @@ class EvaluationConfig:
     one on a CPU; 1: one at a time; more than 1 may change the last bits of the loss,
     :mod:`landscape.evaluators`).
     ``loss``: a built-in objective or ``package.module:name``, built with ``loss_kwargs``
-    (:mod:`landscape.objectives`)."""
+    (:mod:`landscape.objectives`).
+
+    ``dtype`` ``bfloat16`` or ``float16``: the loss maps' forward passes run under
+    ``torch.autocast`` in that dtype, parameters and data stay float32 and each unit's
+    loss is taken in float32; curvature (Hessian, trace, analysis) stays in float32
+    (:mod:`landscape.precision`). ``tf32``: CUDA matmuls and convolutions in TF32 (10
+    mantissa bits; off by default, so float32 is IEEE float32). ``channels_last``: image
+    batches (B, C, H, W) in channels-last memory. ``compile``: ``torch.compile`` the loss
+    maps' forward pass, eager (one log line) where compiling fails."""
 
     batch_size: int = 1024
     device: str = "auto"
-    dtype: str = choice("float32", ("float32", "float64"))
+    dtype: str = choice("float32", ("float32", "float64", "bfloat16", "float16"))
     loss: str = "cross_entropy"
     loss_kwargs: dict = field(default_factory=dict)
     threads: int = 0
     points_per_pass: int = 0
+    tf32: bool = False
+    channels_last: bool = False
+    compile: bool = False
 
     def check(self, where: str) -> None:
         from landscape.objectives import check_spec  # torch, only once a config is read
@@ -301,7 +312,8 @@ class HessianConfig:
     explicit HVP, is at most ``tolerance`` times max(|lambda_min|, |lambda_max|) (an
     eigenvalue lies within the residual of its Ritz value; the scale never vanishes,
     unlike |lambda_min| at a semidefinite point). ``tolerance`` is floored at 16 machine
-    epsilons of evaluation.dtype, the precision of a product. ``max_hvps`` bounds the
+    epsilons of evaluation.dtype (float32 for bfloat16 and float16, which only the loss
+    maps use), the precision of a product. ``max_hvps`` bounds the
     Lanczos steps per point, and so its basis (max_hvps x parameters x 8 bytes).
 
     ``hvp``: how a product is differentiated; ``auto`` takes the mode measured faster on

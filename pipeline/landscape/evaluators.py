@@ -10,6 +10,7 @@ output shape}``. The Hessian moves the model to one point at a time
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, vmap
 
-from landscape.evaluate import evaluate
+from landscape.evaluate import evaluate, outputs_of
 from landscape.experiment import Experiment
 from landscape.grid import Grid
 from landscape.hessian import HessianEvaluator, WarmShards, warm_starts
@@ -59,7 +60,11 @@ class LossAtPoint:
             if any(m.startswith(split) for m in self.maps):
                 samples = self.experiment.data.split(split)
                 loss, accuracy = evaluate(
-                    self.experiment.model, samples, batch_size, self.experiment.objective
+                    self.experiment.forward,
+                    samples,
+                    batch_size,
+                    self.experiment.objective,
+                    self.experiment.autocast,
                 )
                 values.update({f"{split}_loss": loss, f"{split}_acc": accuracy})
         return {m: values[m] for m in self.maps}
@@ -113,8 +118,11 @@ class SeveralPoints:
     def stacked(self, coordinates: list[tuple[float, float]]) -> dict[str, torch.Tensor]:
         """The K points' moved tensors, each of shape (K,) + its shape."""
         flat = self.plane.parameters
-        rows = torch.empty((len(coordinates), flat.vector.numel()), dtype=flat.vector.dtype)
-        rows = rows.to(flat.vector.device)
+        rows = torch.empty(
+            (len(coordinates), flat.vector.numel()),
+            dtype=flat.vector.dtype,
+            device=flat.vector.device,
+        )
         d1 = self.plane.directions[0]
         d2 = self.plane.directions[1] if len(self.plane.directions) > 1 else None
         for row, (a, b) in zip(rows, coordinates):
@@ -122,11 +130,7 @@ class SeveralPoints:
             if d2 is not None:
                 position.add_(d2, alpha=b)
             row.copy_(position)
-        tensors, offset = {}, 0
-        for name, size, shape in zip(flat.names, flat.sizes, flat.shapes):
-            tensors[name] = rows[:, offset : offset + size].reshape(len(rows), *shape)
-            offset += size
-        return tensors
+        return flat.unflatten(rows)
 
     @torch.no_grad()
     def __call__(self, items: np.ndarray) -> dict[str, np.ndarray]:
@@ -144,8 +148,9 @@ class SeveralPoints:
             device = self.experiment.device
             total_loss = torch.zeros(len(items), dtype=torch.float64, device=device)
             correct = torch.zeros(len(items), dtype=torch.int64, device=device)
+            points = functools.partial(self.forward, tensors)
             for inputs, targets in samples.batches(batch_size):
-                outputs = self.forward(tensors, inputs)
+                outputs = outputs_of(points, inputs, self.experiment.autocast)
                 for k, point_outputs in enumerate(outputs):
                     total_loss[k] += objective.losses(point_outputs, targets).double().sum()
                     if objective.accuracy:

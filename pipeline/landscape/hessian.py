@@ -98,7 +98,7 @@ class HessianEvaluator:
                 "hessian.tolerance %.1e is below what %s products resolve: residuals are "
                 "only checked down to %.1e x max(|lambda_min|, |lambda_max|)",
                 settings.tolerance,
-                experiment.config.evaluation.dtype,
+                str(experiment.dtype).removeprefix("torch."),
                 floor,
             )
         if settings.method == "shift":

@@ -39,6 +39,8 @@ HELD_SHARE = 0.25
 class Samples:
     """``len(samples)`` samples of (input, target), served in consecutive batches."""
 
+    device: torch.device  # where the batches are served
+
     def __len__(self) -> int:
         raise NotImplementedError
 
@@ -66,6 +68,7 @@ class HeldSamples(Samples):
 
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
         self.inputs, self.targets = inputs, targets
+        self.device = inputs.device
 
     def __len__(self) -> int:
         return len(self.inputs)
