@@ -60,7 +60,7 @@ clock = time.process_time  # CPU seconds of this process (see the module)
 @torch.no_grad()
 def forward_seconds(experiment: Experiment, batch_size: int) -> float:
     """Median time of one bare forward pass over the training set."""
-    inputs, _ = experiment.data.split("train")
+    inputs = experiment.data.train_x
     times = []
     for _ in range(REPEATS):
         started = clock()

@@ -45,6 +45,7 @@ from benchmarks.analysis_bench import bench_analysis
 from benchmarks.batch_bench import bench_batched
 from benchmarks.hessian_bench import bench_hessian
 from benchmarks.probe_bench import PROBES, bench_probes
+from benchmarks.stream_bench import bench_stream
 from benchmarks.warm_bench import bench_warm
 from landscape.atomic import write_file
 from landscape.checkpoint import save_checkpoint
@@ -85,7 +86,7 @@ def synthetic_images(samples: int = 512, size: int = 32, seed: int = 0) -> dict:
 @torch.no_grad()
 def forward_seconds(experiment: Experiment) -> float:
     """Time of one bare forward pass over the training set, batch by batch."""
-    inputs, _ = experiment.data.split("train")
+    inputs = experiment.data.train_x
     batch_size = experiment.config.evaluation.batch_size
     started = time.perf_counter()
     for start in range(0, len(inputs), batch_size):
@@ -260,7 +261,7 @@ def pca_child(folder: str, method: str) -> None:
     started = time.perf_counter()
     if method == "gram":
         last = torch.load(files[-1], weights_only=True)["state_dict"]["weight"]
-        trajectory_pca({"weight": last.double()}, files, ["weight"], 2)
+        trajectory_pca({"weight": last.double()}, files, ["weight"], 2, None)
     else:
         rows = np.stack(
             [
@@ -284,8 +285,8 @@ def pca_child(folder: str, method: str) -> None:
 
 
 def bench_cpu(folder: Path, results: dict) -> None:
-    """The CPU cases (loss, Hessian, PCA, ranks, several points per pass, analyses, probes),
-    printed and added to ``results``."""
+    """The CPU cases (loss, Hessian, PCA, ranks, several points per pass, analyses, probes,
+    streamed data), printed and added to ``results``."""
     results["loss"] = {}
     for name, spec in CASES.items():
         result = bench_case(name, spec, folder)
@@ -354,6 +355,12 @@ def bench_cpu(folder: Path, results: dict) -> None:
             f"{PROBES} probe HVPs in one pass / {PROBES} separate, {case:32s} {ratio:.2f}x "
             f"(target <= {probes['target_ratio']})"
         )
+    stream = results["stream"] = bench_stream()
+    for model in ("mlp", "small_cnn", "resnet20"):
+        print(
+            f"{model:10s} streamed through {stream['workers']} workers / held: "
+            f"{stream[model]['ratio']:.2f}x the points/s (target >= 0.8)"
+        )
 
 
 def bench_gpu(folder: Path, results: dict, record) -> None:
@@ -367,17 +374,28 @@ def bench_gpu(folder: Path, results: dict, record) -> None:
 
     cuda = results["cuda"] = {}
     bench_cuda(folder, cuda, record)
-    loss, hessian = cuda["loss"], cuda["hessian"]
-    peak = (
-        f"{100 * loss['fraction_of_peak']:.1f} % of the float32 peak"
-        if loss["fraction_of_peak"] is not None
-        else "no peak known for this card"
-    )
-    print(
-        f"{cuda['device']}: ResNet-56, {loss['train_samples']} images, "
-        f"{loss['points_per_s']:.2f} points/s, overhead {loss['overhead']:.3f}x, "
-        f"{loss['achieved_tflops']:.1f} TFLOP/s ({peak})"
-    )
+    hessian = cuda["hessian"]
+    for setting, loss in cuda["loss"].items():
+        peak = (
+            f"{100 * loss['fraction_of_peak']:.1f} % of the {loss['compared_with']}"
+            if loss["fraction_of_peak"] is not None
+            else "no peak known for this card"
+        )
+        print(
+            f"{cuda['device']}: ResNet-56 {setting}, {loss['train_samples']} images, "
+            f"{loss['points_per_s']:.2f} points/s (K {loss['points_per_pass']}, "
+            f"{loss['speedup_over_float32']:.2f}x float32), overhead {loss['overhead']:.3f}x, "
+            f"{loss['achieved_tflops']:.1f} TFLOP/s ({peak})"
+        )
+        if "difference_to_float32" in loss:
+            difference = loss["difference_to_float32"]
+            print(
+                f"    |{setting} - float32| train loss at the centre, corner: "
+                + ", ".join(f"{v:.2g}" for v in difference["train_loss_abs_difference"])
+                + " (rel "
+                + ", ".join(f"{v:.2g}" for v in difference["train_loss_rel_difference"])
+                + ")"
+            )
     print(
         f"{cuda['device']}: Hessian {hessian['seconds_per_point']:.2f} s/point "
         f"({hessian['seconds_per_hvp']:.3f} s/HVP; {hessian['case']})"

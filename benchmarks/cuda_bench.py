@@ -1,18 +1,22 @@
 """``make bench``, GPU part (run where CUDA is available): ResNet-56 on CIFAR-sized
 synthetic data held on the GPU, the figures a user plans a GPU run by.
 
-- Loss job: 50,000 images of 3x32x32 (10 classes), batch 1024, float32, a 3 x 2 grid
-  through the real worker loop (:func:`benchmarks.bench.bench_case`): points per
-  second, seconds per point over one bare forward pass, and the achieved FLOP/s, the
-  forward FLOPs of one point (``torch.utils.flop_counter.FlopCounterMode`` on one batch,
-  times the batches) over its seconds, against the card's dense float32 peak: the tool
-  computes float32 in IEEE float32 on the GPU (TF32 off, see
-  :func:`landscape.experiment.ieee_float32`), so the CUDA-core peak is the one it can
-  reach. The TF32 and bfloat16 tensor-core peaks are recorded beside it.
-- Hessian job: Lanczos with ``max_hvps`` 12 at 2 points on 10,000 of the images (every
-  HVP is a full pass over the training set, about six forward passes), so seconds per
-  point scale with the data set and max_hvps: seconds per HVP is recorded too, with
-  one full-data forward pass, gradient and HVP in each mode.
+- Loss maps: 50,000 images of 3x32x32 (10 classes), batch 1024, a 3 x 2 grid, K points
+  per pass from free memory (``points_per_pass`` 0), in four settings: float32 (IEEE,
+  TF32 off: :func:`landscape.precision.set_tf32`), bfloat16 autocast, channels_last,
+  and both. Each: points per second (the evaluator's calls over all six points, after
+  a warm-up call, synchronized), seconds per point over one bare forward pass in the
+  same setting, and the achieved FLOP/s (the forward FLOPs of one point,
+  ``torch.utils.flop_counter.FlopCounterMode`` on one batch times the batches, over
+  its seconds) against the card's dense peak for the setting's arithmetic (float32 on
+  the CUDA cores; bfloat16 on the tensor cores). The reduced-precision cases add the
+  difference to float32 their plan measured at the centre and a corner
+  (:mod:`landscape.precision`), and every case its speed-up over float32 in this run.
+- Hessian job: Lanczos with ``max_hvps`` 8 at 2 points on 2,000 of the images (every
+  HVP is a full pass over the training set, about six forward passes; an H200 took
+  1.37 s a product on 10,000 images, so a point of 10 products is a few seconds here
+  and seconds per point scale with the images and max_hvps): seconds per point and per
+  HVP, with one full-data forward pass, gradient and HVP in each mode.
 
 Times are taken after a warm-up call and with the device synchronized.
 """
@@ -25,11 +29,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.bench import bench_case, random_checkpoint
+from benchmarks.bench import random_checkpoint
 from landscape.config import parse_config
+from landscape.evaluate import outputs_of
+from landscape.evaluators import loss_evaluator
 from landscape.experiment import Experiment
 from landscape.hessian import HessianEvaluator, training_hessian
 from landscape.plan import plan_surface
@@ -40,14 +47,22 @@ LOSS_CASE = {
     "data": {"name": "benchmarks.bench:synthetic_images", "kwargs": {"samples": 50_000}},
     "evaluation": {"batch_size": 1024, "device": "cuda", "dtype": "float32"},
     "grid": {"x": {"min": -1, "max": 1, "num": 3}, "y": {"min": -1, "max": 1, "num": 2}},
+    "maps": ["train_loss", "train_acc"],
 }
-HESSIAN_SAMPLES = 10_000
+# The loss settings measured, each against the first: (name, evaluation changes, peak).
+LOSS_SETTINGS = (
+    ("float32", {}, "float32"),
+    ("bfloat16", {"dtype": "bfloat16"}, "bfloat16"),
+    ("channels_last", {"channels_last": True}, "float32"),
+    ("bfloat16_channels_last", {"dtype": "bfloat16", "channels_last": True}, "bfloat16"),
+)
+HESSIAN_SAMPLES = 2_000
 HESSIAN_CASE = {
     **LOSS_CASE,
     "data": {**LOSS_CASE["data"], "kwargs": {"samples": HESSIAN_SAMPLES}},
     "grid": {"x": {"min": -1, "max": 1, "num": 2}},
     "maps": ["lambda_min", "lambda_max"],
-    "hessian": {"max_hvps": 12},
+    "hessian": {"max_hvps": 8},
 }
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, by device name, most
 # specific name first: float32 on the CUDA cores, TF32 and bfloat16 on the tensor cores.
@@ -89,41 +104,97 @@ def forward_flops(experiment: Experiment) -> float:
     return counter.get_total_flops() * len(inputs) / len(batch)
 
 
-def bench_loss(folder: Path) -> dict:
-    result = bench_case("resnet56_cifar_gpu", LOSS_CASE, folder)
-    config = parse_config(
-        json.dumps({**LOSS_CASE, "model": {**LOSS_CASE["model"], "checkpoint": None}})
-    )
-    experiment = Experiment.load(config, with_checkpoint=False)
+def planned_case(folder: Path, name: str, spec: dict) -> tuple[Path, dict]:
+    """``spec`` planned at ``<folder>/<name>.h5`` with a seeded random checkpoint (one per
+    model and data: the settings of one model share it); the path and the full spec."""
+    data = spec["data"]
+    checkpoint = folder / f"{spec['model']['name']}_{data['kwargs']['samples']}.pt"
+    if not checkpoint.is_file():
+        random_checkpoint(checkpoint, spec["model"]["name"], data["name"], data["kwargs"])
+    spec = {
+        **spec,
+        "model": {**spec["model"], "checkpoint": str(checkpoint)},
+        "output": str(folder / f"{name}.h5"),
+    }
+    return plan_surface(parse_config(json.dumps(spec))), spec
+
+
+def bench_loss_setting(folder: Path, name: str, changes: dict, peak: str) -> dict:
+    """One :data:`LOSS_SETTINGS` entry: points/s over the whole grid, bare forward,
+    FLOP/s, and for a reduced dtype the difference its plan measured."""
+    spec = {**LOSS_CASE, "evaluation": {**LOSS_CASE["evaluation"], **changes}}
+    path, spec = planned_case(folder, f"resnet56_{name}", spec)
+    config = parse_config(json.dumps(spec))
+    experiment = Experiment.load(config)
+    with SurfaceFile.open(path) as surface:
+        evaluator = loss_evaluator(experiment, surface, surface.job_maps("loss"))
+        points = surface.points("loss")
+        precision = surface.group("precision")
+    per_call = evaluator.items_per_call
+    calls = [points[start : start + per_call] for start in range(0, len(points), per_call)]
+
+    def all_points():
+        for items in calls:
+            evaluator(items)
+
+    seconds = synchronized_seconds(all_points) / len(points)
+    inputs, _ = experiment.data.split("train")
+    batch_size = config.evaluation.batch_size
+
+    @torch.no_grad()
+    def bare_forward():
+        for start in range(0, len(inputs), batch_size):
+            outputs_of(experiment.model, inputs[start : start + batch_size], experiment.autocast)
+
+    forward = synchronized_seconds(bare_forward)
     flops = forward_flops(experiment)
-    name = torch.cuda.get_device_name(experiment.device)
-    peaks = peak_tflops(name)
-    achieved = flops / result["seconds_per_point"] / 1e12
-    return {
-        **result,
+    peaks = peak_tflops(torch.cuda.get_device_name(experiment.device))
+    achieved = flops / seconds / 1e12
+    result = {
+        "evaluation": {
+            key: getattr(config.evaluation, key) for key in ("dtype", "channels_last", "tf32")
+        },
+        "points": len(points),
+        "points_per_pass": per_call,
+        "train_samples": len(inputs),
+        "batch_size": batch_size,
+        "points_per_s": 1 / seconds,
+        "seconds_per_point": seconds,
+        "forward_seconds": forward,
+        "overhead": seconds / forward,
         "forward_tflop_per_point": flops / 1e12,
         "achieved_tflops": achieved,
-        "forward_only_tflops": flops / result["forward_seconds"] / 1e12,
-        "peak_tflops": peaks,
-        "compared_with": "float32 dense peak (CUDA cores): float32 runs with TF32 off",
-        "fraction_of_peak": achieved / peaks["float32"] if peaks else None,
+        "compared_with": f"{peak} dense peak",
+        "fraction_of_peak": achieved / peaks[peak] if peaks else None,
     }
+    if precision is not None:
+        attrs = precision[1]
+        result["difference_to_float32"] = {
+            "estimator": attrs["estimator"],
+            "points": attrs["points"].tolist(),
+            **{
+                key: np.asarray(attrs[key]).tolist()
+                for key in attrs
+                if key.startswith("train_") and key.endswith("_difference")
+            },
+        }
+    return result
+
+
+def bench_loss(folder: Path, record: Callable[[], None], results: dict) -> None:
+    """Every :data:`LOSS_SETTINGS` entry into ``results``, each with its speed-up over
+    the float32 case of this run; ``record()`` after each."""
+    for name, changes, peak in LOSS_SETTINGS:
+        results[name] = bench_loss_setting(folder, name, changes, peak)
+        baseline = results[LOSS_SETTINGS[0][0]]["seconds_per_point"]
+        results[name]["speedup_over_float32"] = baseline / results[name]["seconds_per_point"]
+        record()
 
 
 def bench_hessian_gpu(folder: Path) -> dict:
-    checkpoint = random_checkpoint(
-        folder / "resnet56_hessian.pt",
-        "resnet56",
-        HESSIAN_CASE["data"]["name"],
-        HESSIAN_CASE["data"]["kwargs"],
-    )
-    spec = {
-        **HESSIAN_CASE,
-        "model": {**HESSIAN_CASE["model"], "checkpoint": str(checkpoint)},
-        "output": str(folder / "resnet56_hessian.h5"),
-    }
+    path, spec = planned_case(folder, "resnet56_hessian", HESSIAN_CASE)
     config = parse_config(json.dumps(spec))
-    with SurfaceFile.open(plan_surface(config)) as surface:
+    with SurfaceFile.open(path) as surface:
         directions, grid = surface.directions(), surface.grid
     experiment = Experiment.load(config)
     evaluator = HessianEvaluator(experiment, directions, config.hessian)
@@ -191,7 +262,7 @@ def bench_cuda(folder: Path, results: dict, record: Callable[[], None]) -> None:
         cudnn=torch.backends.cudnn.version(),
     )
     record()
-    results["loss"] = bench_loss(folder)
-    record()
+    results["loss"] = {}
+    bench_loss(folder, record, results["loss"])
     results["hessian"] = bench_hessian_gpu(folder)
     record()

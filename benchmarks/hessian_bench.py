@@ -116,7 +116,7 @@ def hvp_cost() -> dict:
     """One full-data forward pass, gradient and HVP (both modes) of the demo model."""
     config = demo_config("demo.yaml", [])
     experiment = Experiment.load(config, with_checkpoint=False)
-    inputs, targets = experiment.data.split("train")
+    inputs, targets = experiment.data.train_x, experiment.data.train_y
     operators = {
         mode: training_hessian(experiment, "all", mode)
         for mode in ("forward_over_reverse", "double_backward")

@@ -79,7 +79,7 @@ def bench_probes() -> dict:
 
 def probe_cases() -> dict:
     data = load_dataset("digits", {})
-    inputs, targets = data.split("train")
+    samples = data.split("train")
     results = {}
     for case, (name, kwargs) in MODELS.items():
         torch.manual_seed(0)
@@ -92,9 +92,7 @@ def probe_cases() -> dict:
         )
         for mode in MODES:
             for batch_size in BATCH_SIZES:
-                operator = HessianOperator(
-                    model, names, inputs, targets, CrossEntropy(), batch_size, mode
-                )
+                operator = HessianOperator(model, names, samples, CrossEntropy(), batch_size, mode)
                 key = f"{case}/{mode}/batch_size_{batch_size}"
                 results[key] = {"parameters": operator.shape[0], **compare(operator, vectors)}
                 print(key, json.dumps(results[key]), flush=True)
@@ -106,7 +104,7 @@ def probe_cases() -> dict:
                 r["separate_seconds"] for r in runs
             )
     return {
-        "case": f"{PROBES} probes, digits ({len(inputs)} training images), float32, CPU, "
+        "case": f"{PROBES} probes, digits ({len(samples)} training images), float32, CPU, "
         f"1 thread, median of {REPEATS}",
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,

@@ -27,6 +27,7 @@ from landscape.errors import UserError
 from landscape.locking import surface_lock
 from landscape.models import build_model
 from landscape.objectives import CrossEntropy, Objective
+from landscape.samples import HeldSamples
 from landscape.train import train
 
 # Figures go to files, as the CLI draws them (landscape.plot leaves the backend alone).
@@ -196,7 +197,7 @@ def small_model(name: str, dtype: torch.dtype, seed: int = 0):
     with its training inputs (cast) and targets."""
     network, data = MODELS[name]
     dataset = load_dataset(data["name"], data["kwargs"])
-    inputs, targets = dataset.split("train")
+    inputs, targets = dataset.train_x, dataset.train_y
     torch.manual_seed(seed)
     model = build_model(
         network["name"], dataset.input_shape, dataset.num_classes, network["kwargs"]
@@ -280,7 +281,7 @@ def hessian_operator(
 ) -> HessianOperator:
     """The Hessian operator over the parameters ``parameters`` selects (all or weights)."""
     names = select_parameters(model, parameters)
-    return HessianOperator(model, names, inputs, targets, objective, batch_size, hvp)
+    return HessianOperator(model, names, HeldSamples(inputs, targets), objective, batch_size, hvp)
 
 
 def dense_hessian(operator, dtype: torch.dtype | None = None) -> np.ndarray:
@@ -294,14 +295,14 @@ def dense_hessian(operator, dtype: torch.dtype | None = None) -> np.ndarray:
     params, fixed = operator.state()
     fixed = {name: cast(t) for name, t in fixed.items()}
     flat = cast(torch.cat([p.reshape(-1) for p in params.values()]))
-    inputs = cast(operator.inputs)
+    inputs = cast(operator.samples.inputs)
 
     def mean_loss(vector):
         pieces = (t.view(s) for t, s in zip(vector.split(operator.sizes), operator.shapes))
         outputs = functional_call(
             operator.model, {**fixed, **dict(zip(operator.names, pieces))}, (inputs,)
         )
-        return operator.objective.losses(outputs, operator.targets).sum() / operator.count
+        return operator.objective.losses(outputs, operator.samples.targets).sum() / operator.count
 
     return hessian(mean_loss)(flat).numpy()
 

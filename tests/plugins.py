@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from landscape.data import Dataset
+from landscape.data import Dataset, load_dataset
 from landscape.objectives import Objective
 
 # The data every bad model below is planned on: 3 classes of 5 features.
@@ -265,3 +265,39 @@ def absolute_error() -> Objective:
             return (outputs - targets.view_as(outputs)).abs().flatten(1).mean(1)
 
     return AbsoluteError()
+
+
+class ItemByItem(torch.utils.data.Dataset):
+    """Tensors served one (input, target) item at a time, as a user's map-style Dataset
+    serves files. ``fail_on_read``: the read of the last sample (one per full pass over
+    the set) that raises, counted in the process that reads it (0: never)."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, fail_on_read: int = 0):
+        self.inputs, self.targets, self.fail_on_read = inputs, targets, fail_on_read
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int):
+        if index == len(self) - 1:
+            self.reads += 1
+            if self.reads == self.fail_on_read:
+                raise OSError(f"input/output error reading sample {index}")
+        return self.inputs[index], self.targets[index]
+
+
+def streamed(name: str = "gaussian_clusters", fail_on_read: int = 0, **kwargs) -> dict:
+    """The built-in data set ``name`` as train and test Datasets read item by item."""
+    data = load_dataset(name, kwargs)
+    return {
+        "train": ItemByItem(data.train_x, data.train_y, fail_on_read),
+        "test": ItemByItem(data.test_x, data.test_y),
+        "num_classes": data.num_classes,
+    }
+
+
+def streamed_pair_of_three() -> dict:
+    """Items that are triples, not (input, target) pairs."""
+    triples = [(torch.zeros(FEATURES), 0, "extra")] * 4
+    return {"train": triples, "test": triples, "num_classes": CLASSES}

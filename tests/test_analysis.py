@@ -100,7 +100,8 @@ def analyzed(config: Path) -> tuple[dict, dict, dict]:
 def at_checkpoint(config: Path, checkpoint: str) -> Experiment:
     """The experiment of ``config`` with the weights of ``checkpoint``."""
     experiment = Experiment.load(load_config(config), with_checkpoint=False)
-    experiment.model.load_state_dict(load_state_dict(checkpoint))
+    model = experiment.model
+    model.load_state_dict(load_state_dict(checkpoint, model.state_dict(), None))
     return experiment
 
 
@@ -109,9 +110,9 @@ def direct(experiment: Experiment) -> dict:
     functions directly with the config's settings: the ground truth of the file."""
     settings = experiment.config.analysis
     model, objective = experiment.model, experiment.objective
-    inputs, targets = experiment.data.split("train")
+    samples = experiment.data.split("train")
     names = select_parameters(model, settings.parameters)
-    common = (model, names, inputs, targets, objective, experiment.config.evaluation.batch_size)
+    common = (model, names, samples, objective, experiment.config.evaluation.batch_size)
     hessian = HessianOperator(*common)
     gauss_newton = GaussNewtonOperator(*common)
     residual = DifferenceOperator(hessian, gauss_newton)
@@ -128,12 +129,12 @@ def direct(experiment: Experiment) -> dict:
         )
     found["outliers"] = count_outliers(found["top"].values, found["slq"], settings.gap)
     found["gradient"] = hessian.gradient()
-    found["loss"] = evaluate(model, inputs, targets, batch_size, objective)
+    found["loss"] = evaluate(model, samples, batch_size, objective)
     found["trace"] = trace_and_frobenius(
         hessian, settings.trace_samples, settings.seed, settings.confidence
     )
     found["clustering"] = logit_gradient_clustering(
-        model, names, inputs, targets, settings.clustering_samples, settings.seed
+        model, names, samples, settings.clustering_samples, settings.seed
     )
     return found
 
@@ -355,7 +356,8 @@ def test_analysis_only_config_with_mse_is_not_refused_for_the_default_maps(tmp_p
     )
     maps, rows, _ = analyzed(config)
     experiment = at_checkpoint(config, texts(rows["path"])[0])
-    inputs, targets = experiment.data.split("train")
+    samples = experiment.data.split("train")
+    inputs, targets = samples.head(len(samples))
     with torch.no_grad():
         errors = (experiment.model(inputs).double() - targets.double()) ** 2
     np.testing.assert_allclose(maps["train_loss"][0], errors.mean().item(), rtol=1e-6)
@@ -363,7 +365,7 @@ def test_analysis_only_config_with_mse_is_not_refused_for_the_default_maps(tmp_p
     model, settings = experiment.model, experiment.config.analysis
     names = select_parameters(model, settings.parameters)
     batch_size = experiment.config.evaluation.batch_size
-    hessian = HessianOperator(model, names, inputs, targets, experiment.objective, batch_size)
+    hessian = HessianOperator(model, names, samples, experiment.objective, batch_size)
     exact = np.linalg.eigvalsh(dense_hessian(hessian, torch.float64))[::-1][:2]
     rounding = 16 * torch.finfo(experiment.dtype).eps * exact[0]
     values, residuals = maps["top_eigenvalues"][0], maps["top_residuals"][0]

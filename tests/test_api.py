@@ -40,10 +40,8 @@ def test_plan_run_read_from_python_equals_direct_evaluation(experiment, dtype):
     for j, b in enumerate(result.grid.y):
         for i, a in enumerate(result.grid.x):
             plane.move_to(float(a), float(b))
-            train = evaluate(
-                loaded.model, *loaded.data.split("train"), batch_size, loaded.objective
-            )
-            test = evaluate(loaded.model, *loaded.data.split("test"), batch_size, loaded.objective)
+            train = evaluate(loaded.model, loaded.data.split("train"), batch_size, loaded.objective)
+            test = evaluate(loaded.model, loaded.data.split("test"), batch_size, loaded.objective)
             assert result.maps["train_loss"][j, i] == train[0]
             assert result.maps["test_acc"][j, i] == test[1]
     ratio = np.abs(result.maps["lambda_min"] / result.maps["lambda_max"])

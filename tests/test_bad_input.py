@@ -40,8 +40,8 @@ def edit(path, change) -> None:
         (lambda c: c["grid"]["y"].update(num=1), ["grid.y.num: must be >= 2"]),
         (lambda c: c["grid"]["x"].update(min=1.0, max=-1.0), ["grid.x: min (1.0) must be < max"]),
         (
-            lambda c: c["evaluation"].update(dtype="float16"),
-            ["evaluation.dtype", "float32, float64"],
+            lambda c: c["evaluation"].update(dtype="half"),
+            ["evaluation.dtype", "float32, float64, bfloat16, float16"],
         ),
         (lambda c: c["directions"].update(normalization="filters"), ["directions.normalization"]),
         (lambda c: c.update(maps=["train_los"]), ["maps: unknown map 'train_los'"]),

@@ -12,6 +12,7 @@ from conftest import small_model
 from landscape.curvature.clustering import logit_gradient_clustering, subsample
 from landscape.curvature.operators import select_parameters
 from landscape.errors import UserError
+from landscape.samples import HeldSamples
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -54,7 +55,9 @@ def test_cosines_equal_explicit_per_sample_gradients(dtype, parameters):
     ~1e-7 relative, and a cosine of unit vectors carries that error)."""
     model, inputs, targets = small_model("mlp", DTYPES[dtype])
     names = select_parameters(model, parameters)
-    found = logit_gradient_clustering(model, names, inputs, targets, samples=40, seed=5)
+    found = logit_gradient_clustering(
+        model, names, HeldSamples(inputs, targets), samples=40, seed=5
+    )
     chosen = subsample(len(inputs), 40, seed=5)
     expected = explicit_cosines(model, names, inputs[chosen], targets[chosen])
     tolerance = 1e-12 if dtype == "float64" else 1e-5
@@ -80,11 +83,11 @@ def test_refuses_a_model_in_training_mode_and_token_logits():
     model, inputs, targets = small_model("mlp", torch.float64)
     names = select_parameters(model, "all")
     with pytest.raises(ValueError, match="eval mode"):
-        logit_gradient_clustering(model.train(), names, inputs, targets, 8, 0)
+        logit_gradient_clustering(model.train(), names, HeldSamples(inputs, targets), 8, 0)
     tokens = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Unflatten(1, (2, 3)))
     tokens = tokens.double().eval()
     with pytest.raises(UserError, match=r"need \(samples, classes\) logits, not \(1, 2, 3\)"):
-        logit_gradient_clustering(tokens, ["0.weight"], inputs, targets, 8, 0)
+        logit_gradient_clustering(tokens, ["0.weight"], HeldSamples(inputs, targets), 8, 0)
 
 
 def test_a_trained_classifier_clusters_gradients_by_logit():
@@ -104,7 +107,9 @@ def test_a_trained_classifier_clusters_gradients_by_logit():
         optimizer.step()
     assert float(loss) < 0.05
     names = select_parameters(model, "all")
-    found = logit_gradient_clustering(model, names, inputs, targets, samples=60, seed=0)
+    found = logit_gradient_clustering(
+        model, names, HeldSamples(inputs, targets), samples=60, seed=0
+    )
     print(found)
     assert found.same_logit_same_class > found.same_logit > found.different_logits
     assert found.same_logit_same_class > found.same_logit_different_class

@@ -25,7 +25,9 @@ from __future__ import annotations
 import copy
 import importlib.util
 import subprocess
+import traceback
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,7 @@ from conftest import (
     small_model,
     write_experiment,
 )
+from test_precision import logits_at_points
 
 from landscape.config import load_config
 from landscape.curvature.operators import GaussNewtonOperator, select_parameters
@@ -51,9 +54,12 @@ from landscape.curvature.spectrum import (
 )
 from landscape.curvature.trace import trace_and_frobenius
 from landscape.evaluate import evaluate
-from landscape.evaluators import LossAtPoint
+from landscape.evaluators import LossAtPoint, SeveralPoints
 from landscape.experiment import Experiment
+from landscape.parameters import DirectionPlane
 from landscape.plan import plan_surface
+from landscape.precision import set_tf32
+from landscape.samples import HeldSamples
 from landscape.store import SurfaceFile
 from landscape.workers import run_job
 
@@ -65,6 +71,7 @@ pytestmark = [
 DEVICE = "cuda"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+UNIT_ROUNDOFFS = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
 MODES = ("forward_over_reverse", "double_backward")
 
 
@@ -103,7 +110,7 @@ def test_surface_agrees_with_the_cpu(tmp_path, dtype):
         run_job(path, "loss", show_progress=False)
     expected, actual = maps_of(cpu, "loss"), maps_of(gpu, "loss")
     rtol = RTOL[DTYPES[dtype]]
-    samples = {split: len(experiment.data.split(split)[0]) for split in ("train", "test")}
+    samples = {split: len(experiment.data.split(split)) for split in ("train", "test")}
     for name, values in expected.items():
         split, kind = name.split("_")
         where = f"{name} ({dtype}), CUDA against CPU"
@@ -124,29 +131,61 @@ def synchronizations(function) -> int:
             function()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(warning.message) for warning in caught)
+    return sum("synchronizing CUDA operation" in str(warning.message) for warning in caught)
+
+
+def never_waits(function, what: str) -> None:
+    """``function()`` under CUDA's sync debug mode "error": the first operation that
+    makes the host wait raises, and the failure names it with its traceback."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        function()
+    except RuntimeError as exc:
+        if "synchronizing" not in str(exc):
+            raise
+        pytest.fail(f"{what} waits for the GPU: {exc}\n{traceback.format_exc()}")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_no_host_synchronization_per_batch(tmp_path):
-    """A grid point and a Hessian product wait for the GPU as often in 12 batches as in
-    one: the sums stay on the device, and moving to a point never waits."""
+    """Moving to a grid point never waits for the GPU (sync debug mode "error" around
+    DirectionPlane.move_to); a grid point's evaluation waits exactly once per data set
+    however many batches (one transfer of both sums), K points per pass as often in 12
+    batches as in one, and a Hessian product as often in 12 batches as in one."""
     path = planned(tmp_path, "gpu", "cnn_bn", DEVICE, "float32")
     config = load_config(tmp_path / "gpu.yaml")
     experiment = Experiment.load(config)
-    inputs, targets = experiment.data.split("test")  # 1708 digits
+    samples = experiment.data.split("test")  # 1708 digits
+    inputs, targets = samples.inputs, samples.targets
     with SurfaceFile.open(path) as surface:
-        point = LossAtPoint(experiment, surface.directions(), ["test_loss"])
+        directions, grid = surface.directions(), surface.grid
+    plane = DirectionPlane(experiment.model, directions)
+    point = LossAtPoint(experiment, plane, ["test_loss"])
     point(0.5, 0.5)  # warm-up: cuDNN's first calls may wait
-    assert synchronizations(lambda: point.plane.move_to(0.25, -0.5)) == 0
+    never_waits(lambda: plane.move_to(0.25, -0.5), "DirectionPlane.move_to")
+    never_waits(lambda: plane.move_to(np.float64(-1.0), np.float64(0.75)), "move_to(numpy)")
     model = experiment.model
 
     def evaluation(batches: int):
         size = -(-len(inputs) // batches)
-        return lambda: evaluate(model, inputs, targets, size, experiment.objective)
+        return lambda: evaluate(model, samples, size, experiment.objective)
 
-    once, many = synchronizations(evaluation(1)), synchronizations(evaluation(12))
-    assert once >= 1, "the sync debug mode did not see evaluate's final .item()"
-    assert many == once, f"evaluate: {many} waits in 12 batches, {once} in one"
+    for batches in (1, 12):
+        waits = synchronizations(evaluation(batches))
+        assert waits == 1, f"evaluate: {waits} waits in {batches} batches, 1 (its result) wanted"
+    several = SeveralPoints(experiment, grid, plane, ["test_loss", "test_acc"], 4)
+    counts = []
+    for batches in (1, 12):
+        experiment.config = replace(
+            config, evaluation=replace(config.evaluation, batch_size=-(-len(inputs) // batches))
+        )
+        several(np.arange(4))  # warm-up
+        counts.append(synchronizations(lambda: several(np.arange(4))))
+    experiment.config = config
+    assert counts[1] == counts[0], (
+        f"4 points per pass: {counts[1]} waits in 12 batches, {counts[0]}"
+    )
     for mode in MODES:
         counts = []
         for batches in (1, 12):
@@ -156,6 +195,62 @@ def test_no_host_synchronization_per_batch(tmp_path):
             operator.hvp(vector)  # warm-up
             counts.append(synchronizations(lambda op=operator, v=vector: op.hvp(v)))
         assert counts[1] == counts[0], f"{mode} HVP: {counts[1]} waits in 12 batches, {counts[0]}"
+
+
+def test_tf32_follows_the_setting(tmp_path):
+    """evaluation.tf32 sets both CUDA switches at load, either way (PyTorch's own default
+    has cuDNN in TF32)."""
+    network, data = MODELS["mlp"]
+    try:
+        for index, enabled in enumerate((True, False, True)):
+            evaluation = {"device": DEVICE, "dtype": "float32", "tf32": enabled}
+            config = write_experiment(
+                tmp_path, f"tf32_{index}", model=network, data=data, evaluation=evaluation
+            )
+            Experiment.load(load_config(config))
+            assert torch.backends.cudnn.allow_tf32 is enabled
+            assert torch.backends.cuda.matmul.allow_tf32 is enabled
+    finally:
+        set_tf32(False)
+
+
+@pytest.mark.parametrize("dtype", sorted(UNIT_ROUNDOFFS))
+def test_reduced_dtype_on_the_gpu(tmp_path, dtype):
+    """The BN CNN's loss maps under autocast on the GPU against its float32 maps there,
+    at every point within the loss bound of tests/test_precision.py (2 x 2 D u x the
+    last layer's absolute terms, D = 3), the logit bound checked too; the check recorded
+    at plan on the GPU."""
+    reduced = planned(tmp_path, "reduced", "cnn_bn", DEVICE, dtype)
+    exact = planned(tmp_path, "exact", "cnn_bn", DEVICE, "float32")
+    for path in (reduced, exact):
+        run_job(path, "loss", show_progress=False)
+    with SurfaceFile.open(reduced) as surface:
+        _, check = surface.group("precision")
+        directions, grid = surface.directions(), surface.grid
+    assert check["device"].startswith("cuda") and check["dtype"] == dtype
+    values, reference = maps_of(reduced, "loss"), maps_of(exact, "loss")
+    experiment = Experiment.load(load_config(tmp_path / "exact.yaml"))
+    plane = DirectionPlane(experiment.model, directions)
+    u, autocast = UNIT_ROUNDOFFS[dtype], getattr(torch, dtype)
+    for point, z, z_reduced, terms in logits_at_points(experiment, plane, grid, "train", autocast):
+        index = grid.index(point)
+        logit_bound = 2 * 3 * u * terms.max(1).values
+        assert ((z_reduced - z).abs().max(1).values <= logit_bound).all(), f"point {point}"
+        difference = abs(values["train_loss"][index] - reference["train_loss"][index])
+        assert difference <= 2 * logit_bound.mean().item(), f"train_loss at point {point}"
+    assert not np.array_equal(values["train_loss"], reference["train_loss"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_agrees_on_the_gpu(tmp_path, dtype):
+    """cuDNN's channels-last kernels against its default ones, to the dtype's RTOL."""
+    default = planned(tmp_path, "default", "cnn_bn", DEVICE, dtype)
+    layout = planned(tmp_path, "nhwc", "cnn_bn", DEVICE, dtype, evaluation={"channels_last": True})
+    for path in (default, layout):
+        run_job(path, "loss", show_progress=False)
+    expected, actual = maps_of(default, "loss"), maps_of(layout, "loss")
+    for name in ("train_loss", "test_loss"):
+        np.testing.assert_allclose(actual[name], expected[name], rtol=RTOL[DTYPES[dtype]])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -205,7 +300,7 @@ def test_curvature_products_agree_with_the_cpu(dtype, mode):
         hessian = hessian_operator(*problem, CROSS_ENTROPY, 16, hvp=mode)
         model_copy, batch_inputs, batch_targets = problem
         gauss_newton = GaussNewtonOperator(
-            model_copy, names, batch_inputs, batch_targets, CROSS_ENTROPY, 16, mode
+            model_copy, names, HeldSamples(batch_inputs, batch_targets), CROSS_ENTROPY, 16, mode
         )
         results.append(
             {

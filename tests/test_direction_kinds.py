@@ -41,7 +41,7 @@ def losses_of(config_path, checkpoint: str) -> dict[str, float]:
     exp = Experiment.load(config)
     values = {}
     for split in ("train", "test"):
-        loss, acc = evaluate(exp.model, *exp.data.split(split), 16, exp.objective)
+        loss, acc = evaluate(exp.model, exp.data.split(split), 16, exp.objective)
         values.update({f"{split}_loss": loss, f"{split}_acc": acc})
     return values
 
@@ -201,8 +201,9 @@ def test_hessian_directions_are_the_dense_eigenvectors_and_the_surface_curves_by
         axes = [dict(done.handle[f"directions/{a}"].attrs) for a in "xy"]
 
     exp = Experiment.load(load_config(config))
-    inputs, targets = exp.data.split("train")
-    operator = hessian_operator(exp.model, inputs, targets, CROSS_ENTROPY, 1000, "weights")
+    operator = hessian_operator(
+        exp.model, exp.data.train_x, exp.data.train_y, CROSS_ENTROPY, 1000, "weights"
+    )
     values, vectors = np.linalg.eigh(dense_hessian(operator))
     assert values[0] < 0 < values[-1]  # a saddle-like point after 20 epochs
     for direction, exact, axis in zip(directions, (vectors[:, -1], vectors[:, 0]), axes):
@@ -244,8 +245,9 @@ def test_hessian_directions_at_a_semidefinite_point_leave_out_the_softmax_gauge(
         directions, axes = planned.directions(), planned.axis_attrs()
 
     exp = Experiment.load(load_config(config))
-    inputs, targets = exp.data.split("train")
-    operator = hessian_operator(exp.model, inputs, targets, CROSS_ENTROPY, 1000, "weights")
+    operator = hessian_operator(
+        exp.model, exp.data.train_x, exp.data.train_y, CROSS_ENTROPY, 1000, "weights"
+    )
     assert operator.names == ["linear.weight"]  # 3 classes x 5 inputs, biases ignored
     exact = dense_hessian(operator, torch.float64)
     gauge = np.kron(np.ones((3, 1)), np.eye(5)) / np.sqrt(3)  # column j raised in every row

@@ -25,6 +25,7 @@ from landscape.curvature.subspace import subspace_overlap, top_subspace_fraction
 from landscape.data import load_dataset
 from landscape.models import build_model
 from landscape.objectives import CrossEntropy, MeanSquaredError, Objective
+from landscape.samples import HeldSamples
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MODES = ("forward_over_reverse", "double_backward")
@@ -74,9 +75,10 @@ def operators(
     model, inputs, labels = tiny_problem(kind, dtype)
     targets = labels if targets is None else targets
     names = select_parameters(model, "all")
+    samples = HeldSamples(inputs, targets)
     return (
-        HessianOperator(model, names, inputs, targets, objective, batch_size, mode),
-        GaussNewtonOperator(model, names, inputs, targets, objective, batch_size, mode),
+        HessianOperator(model, names, samples, objective, batch_size, mode),
+        GaussNewtonOperator(model, names, samples, objective, batch_size, mode),
     )
 
 
@@ -109,9 +111,9 @@ def dense_gauss_newton(operator, kind: str, output_hessian=None) -> np.ndarray:
         return operator.objective.losses(output[None], target[None]).sum()
 
     if output_hessian is None:
-        curvature = vmap(hessian(sample_loss))(outputs, operator.targets)  # (N, C, C)
+        curvature = vmap(hessian(sample_loss))(outputs, operator.samples.targets)  # (N, C, C)
     else:
-        curvature = output_hessian(outputs, operator.targets)
+        curvature = output_hessian(outputs, operator.samples.targets)
     dense = torch.einsum("iap,iab,ibq->pq", jacobian, curvature, jacobian) / operator.count
     return dense.numpy()
 
@@ -131,9 +133,11 @@ def dense_full_gradient(operator) -> np.ndarray:
     def mean_loss(vector):
         pieces = (t.view(s) for t, s in zip(vector.split(operator.sizes), operator.shapes))
         outputs = functional_call(
-            model, {**fixed, **dict(zip(operator.names, pieces))}, (operator.inputs.double(),)
+            model,
+            {**fixed, **dict(zip(operator.names, pieces))},
+            (operator.samples.inputs.double(),),
         )
-        return operator.objective.losses(outputs, operator.targets).sum() / operator.count
+        return operator.objective.losses(outputs, operator.samples.targets).sum() / operator.count
 
     return torch.func.grad(mean_loss)(flat).numpy()
 
@@ -228,8 +232,9 @@ def test_gauss_newton_is_the_hessian_for_squared_error_of_a_linear_model(dtype):
     targets = torch.randn(40, 3, generator=generator).to(dtype)
     model = nn.Linear(4, 3).to(dtype)
     names = select_parameters(model, "all")
-    hessian_operator = HessianOperator(model, names, inputs, targets, MeanSquaredError(), 16)
-    gauss_newton = GaussNewtonOperator(model, names, inputs, targets, MeanSquaredError(), 16)
+    samples = HeldSamples(inputs, targets)
+    hessian_operator = HessianOperator(model, names, samples, MeanSquaredError(), 16)
+    gauss_newton = GaussNewtonOperator(model, names, samples, MeanSquaredError(), 16)
     dense_h = dense_hessian(hessian_operator, torch.float64)
     assert_product(gauss_newton, dense_h, dtype)
     residual = DifferenceOperator(hessian_operator, gauss_newton)
@@ -252,7 +257,9 @@ def test_full_gradient_is_the_dense_gradient_whatever_the_batch_size(dtype):
     hessian_operator, _ = operators("cnn_bn", dtype, CrossEntropy(), 89, "double_backward")
     exact = dense_full_gradient(hessian_operator)
     for batch_size in (89, 10):
-        found = full_gradient(model, names, inputs, targets, CrossEntropy(), batch_size)
+        found = full_gradient(
+            model, names, HeldSamples(inputs, targets), CrossEntropy(), batch_size
+        )
         assert found.dtype == torch.float64 and found.shape == exact.shape
         # float32: one batch's gradient is good to a few eps of its terms.
         np.testing.assert_allclose(
@@ -266,7 +273,7 @@ def test_gradient_fractions_in_the_top_subspace_equal_the_dense_projection(dtype
     names = select_parameters(model, "all")
     vectors = np.linalg.eigh(dense_cross_entropy_hessian("mlp", dtype))[1]
     top = vectors[:, ::-1][:, :6]  # columns by eigenvalue descending
-    gradient = full_gradient(model, names, inputs, targets, CrossEntropy(), 120)
+    gradient = full_gradient(model, names, HeldSamples(inputs, targets), CrossEntropy(), 120)
     g = gradient.numpy()
     expected = [g @ (top[:, :j] @ top[:, :j].T) @ g / (g @ g) for j in range(1, 7)]
     fractions = top_subspace_fractions(gradient, torch.as_tensor(top.copy()))

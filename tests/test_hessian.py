@@ -57,7 +57,7 @@ def dense_spectrum(operator: HessianOperator) -> np.ndarray:
 def test_hvp_equals_dense_hessian_in_both_modes_and_ignores_batch_size(experiment, model):
     network, data = MODELS[model]
     exp = Experiment.load(load_config(experiment(model=network, data=data)))
-    inputs, targets = exp.data.split("train")
+    inputs, targets = exp.data.train_x, exp.data.train_y
     whole = hessian_operator(exp.model, inputs, targets, CROSS_ENTROPY, len(inputs))
     batched = hessian_operator(exp.model, inputs, targets, CROSS_ENTROPY, 7)
     reverse = hessian_operator(exp.model, inputs, targets, CROSS_ENTROPY, 7, hvp="double_backward")
@@ -121,7 +121,7 @@ def test_quadratic_model_has_its_closed_form_spectrum_everywhere(experiment):
     run_job(surface, "hessian", show_progress=False)
 
     exp = Experiment.load(load_config(config))
-    inputs, targets = exp.data.split("train")
+    inputs, targets = exp.data.train_x, exp.data.train_y
     design = np.hstack([inputs.numpy(), np.ones((len(inputs), 1))])
     outputs = targets.shape[1]
     exact = np.linalg.eigvalsh(2 / (len(inputs) * outputs) * design.T @ design)
@@ -136,7 +136,7 @@ def test_no_method_reports_an_inaccurate_end_as_converged(experiment):
     """At a trained minimum, Li et al.'s shift recipe (tol 1e-2) may stop far from
     lambda_min: whatever it returns, 'converged' must mean 'within tolerance'."""
     exp = Experiment.load(load_config(trained_experiment(experiment, "mlp")))
-    inputs, targets = exp.data.split("train")
+    inputs, targets = exp.data.train_x, exp.data.train_y
     operator = hessian_operator(exp.model, inputs, targets, CROSS_ENTROPY, 120)
     exact = dense_spectrum(operator)
     start = torch.randn(operator.shape[0], dtype=torch.float64, generator=torch.Generator())
@@ -237,7 +237,7 @@ def test_converged_ends_have_true_residuals_within_the_criterion(experiment, dty
     exp = Experiment.load(
         load_config(experiment(model=network, data=data, evaluation={"dtype": dtype}))
     )
-    operator = hessian_operator(exp.model, *exp.data.split("train"), CROSS_ENTROPY, 1000)
+    operator = hessian_operator(exp.model, exp.data.train_x, exp.data.train_y, CROSS_ENTROPY, 1000)
     exact = dense_hessian(operator, torch.float64)
     criterion = Criterion.for_dtype(1e-7, DTYPES[dtype])
     pairs = lanczos(operator.hvp, start_vector(operator.shape[0]), criterion, 400)
@@ -258,7 +258,7 @@ def test_softmax_gauge_is_flat_and_projected_only_where_softmax_ignores_it(exper
     exp = Experiment.load(
         load_config(experiment(model=network, data=data, evaluation={"dtype": dtype}))
     )
-    inputs, targets = exp.data.split("train")
+    inputs, targets = exp.data.train_x, exp.data.train_y
     operator = hessian_operator(exp.model, inputs, targets, CROSS_ENTROPY, 1000)
     gauge = GaugeProjection.find(operator)
     assert gauge.layer == "net.5" and gauge.count == 12 + 1  # Linear(12, 3) and its bias
@@ -288,7 +288,7 @@ def test_softmax_gauge_is_flat_and_projected_only_where_softmax_ignores_it(exper
         )
     )
     mse = hessian_operator(
-        regression.model, *regression.data.split("train"), regression.objective, 99
+        regression.model, regression.data.train_x, regression.data.train_y, regression.objective, 99
     )
     assert GaugeProjection.find(mse) is None
 

@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call, hessian
 from torch.nn import functional as F
 
+from landscape import api
 from landscape.config import ConfigError, load_config, parse_config
 from landscape.curvature.operators import GaugeProjection, HessianOperator
 from landscape.evaluate import evaluate
@@ -21,6 +22,7 @@ from landscape.experiment import Experiment
 from landscape.objectives import CrossEntropy, TokenCrossEntropy
 from landscape.parameters import DirectionPlane
 from landscape.plan import plan_surface
+from landscape.samples import HeldSamples
 from landscape.store import SurfaceFile
 from landscape.trace import estimate_trace
 from landscape.workers import run_job
@@ -68,7 +70,7 @@ def test_a_label_smoothing_plugin_flows_through_surface_hessian_and_trace(experi
     estimate_trace(surface)
 
     exp = Experiment.load(load_config(path, ["evaluation.dtype=float64"]))
-    inputs, targets = exp.data.split("train")
+    inputs, targets = exp.data.train_x, exp.data.train_y
     with SurfaceFile.open(surface) as done:
         maps, directions, grid = done.maps(), done.directions(), done.grid
         _, trace = done.group("trace")
@@ -132,14 +134,14 @@ def test_token_cross_entropy_is_the_mean_over_unmasked_tokens_of_the_whole_set(d
     kept = flat_labels != pad
     accuracy = (flat_logits.argmax(1)[kept] == flat_labels[kept]).double().mean().item()
 
-    loss, found_accuracy = evaluate(model, tokens, labels, 3, objective)
+    loss, found_accuracy = evaluate(model, HeldSamples(tokens, labels), 3, objective)
     assert objective.count(labels) == int(kept.sum()) < labels.numel()
     assert loss == pytest.approx(expected, rel=1e-6 if dtype == torch.float32 else 1e-13)
     assert found_accuracy == accuracy
     assert objective.mean(logits, labels).item() == pytest.approx(expected, rel=1e-6)
 
     names = [name for name, _ in model.named_parameters()]
-    operator = HessianOperator(model.double(), names, tokens, labels, objective, 3)
+    operator = HessianOperator(model.double(), names, HeldSamples(tokens, labels), objective, 3)
     shapes = [p.shape for p in model.parameters()]
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -240,3 +242,148 @@ def test_class_cross_entropy_refuses_token_labels_and_names_the_objective_that_t
     problem = CrossEntropy().target_problem(torch.zeros(4, 6, dtype=torch.int64))
     assert "(4, 6)" in problem and "token_cross_entropy" in problem
     assert TokenCrossEntropy().target_problem(torch.zeros(4, 6, dtype=torch.int64)) is None
+
+
+class CausalTokenModel(nn.Module):
+    """Embedding, the running mean of the positions so far, a mixing layer and a head:
+    the logits at position t depend on tokens 0..t, as in a causal language model, so
+    whatever stands after a sample's end changes none of its kept logits."""
+
+    def __init__(self, vocabulary: int = 7, width: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.mix, self.head = nn.Linear(width, width), nn.Linear(width, vocabulary)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        embedded = self.embed(tokens)
+        positions = torch.arange(1, tokens.shape[1] + 1, dtype=embedded.dtype)
+        return self.head(torch.tanh(self.mix(embedded.cumsum(1) / positions[:, None])))
+
+
+PAD = -100
+
+
+def padded_sequences(samples: int = 10, length: int = 6, vocabulary: int = 7):
+    """Token ids padded (id 0, label PAD) after each sample's own length, the labels, and
+    the lengths."""
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(vocabulary, (samples, length), generator=generator)
+    labels = torch.randint(vocabulary, (samples, length), generator=generator)
+    lengths = torch.randint(1, length + 1, (samples,), generator=generator)
+    padding = torch.arange(length)[None, :] >= lengths[:, None]
+    tokens[padding], labels[padding] = 0, PAD
+    return tokens, labels, lengths
+
+
+def unpadded_mean_loss(model, tokens, labels, lengths) -> torch.Tensor:
+    """The ground truth: each sample run alone on its unpadded tokens, -log softmax of its
+    labels written out, summed over every token and divided by the number of tokens."""
+    total = 0
+    for row, row_labels, length in zip(tokens, labels, lengths):
+        logits = model(row[None, :length])[0]
+        log_probabilities = logits - logits.exp().sum(-1, keepdim=True).log()
+        total = total - log_probabilities[torch.arange(length), row_labels[:length]].sum()
+    return total / lengths.sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_padded_token_cross_entropy_is_the_hand_computed_loss_at_every_batch_size(dtype):
+    torch.manual_seed(0)
+    model = CausalTokenModel().to(dtype)
+    tokens, labels, lengths = padded_sequences()
+    with torch.no_grad():
+        expected = unpadded_mean_loss(model.double(), tokens, labels, lengths).item()
+        model.to(dtype)
+    objective = TokenCrossEntropy(ignore_index=PAD)
+    assert objective.count(labels) == int(lengths.sum()) < labels.numel()
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-14
+    for batch_size in (1, 3, 4, 10):
+        loss, _ = evaluate(model, HeldSamples(tokens, labels), batch_size, objective)
+        assert loss == pytest.approx(expected, rel=tolerance), batch_size
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_padded_token_cross_entropy_hessian_is_the_dense_hessian_of_the_unpadded_loss(dtype):
+    """The tool's HVP operator at batch sizes 3 and 10 against torch.func.hessian of the
+    hand-computed loss over the unpadded sequences, in float64."""
+    torch.manual_seed(0)
+    model = CausalTokenModel().double()
+    tokens, labels, lengths = padded_sequences()
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def mean_loss(vector):
+        pieces = (t.view(s) for t, s in zip(vector.split([s.numel() for s in shapes]), shapes))
+        weights = dict(zip(names, pieces))
+
+        def with_weights(inputs):
+            return functional_call(model, weights, (inputs,))
+
+        return unpadded_mean_loss(with_weights, tokens, labels, lengths)
+
+    dense = hessian(mean_loss)(flat).numpy()
+    model.to(dtype)
+    vectors = np.random.default_rng(0).normal(size=(3, len(flat)))
+    tolerance = (1e-5 if dtype == torch.float32 else 1e-13) * np.abs(dense).max()
+    for batch_size in (3, 10):
+        samples = HeldSamples(tokens, labels)
+        operator = HessianOperator(
+            model, names, samples, TokenCrossEntropy(ignore_index=PAD), batch_size
+        )
+        for vector in vectors:
+            np.testing.assert_allclose(operator @ vector, dense @ vector, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perplexity_maps_are_exp_of_the_stored_mean_cross_entropy(experiment, dtype):
+    """Asked without its loss: the loss job stores the loss it derives from (test_loss is
+    neither asked nor stored), and each map says what it is."""
+    path = api.plan(
+        experiment(maps=["train_perplexity", "test_acc"], evaluation={"dtype": dtype}),
+        ["grid.x.num=3", "grid.y.num=2"],
+    )
+    assert api.run(path, progress=False) == 6
+    result = api.read(path)
+    assert set(result.maps) == {"train_perplexity", "train_loss", "test_acc"}
+    loaded = Experiment.load(result.config, device="cpu")
+    inputs, targets = loaded.data.train_x, loaded.data.train_y
+    with SurfaceFile.open(path) as surface:
+        plane = DirectionPlane(loaded.model, surface.directions())
+        assert surface.description("train_perplexity").startswith("exp(train_loss): perplexity")
+    for j, b in enumerate(result.grid.y):
+        for i, a in enumerate(result.grid.x):
+            plane.move_to(float(a), float(b))
+            with torch.no_grad():
+                loss = F.cross_entropy(loaded.model(inputs).double(), targets).item()
+            found = result.maps["train_perplexity"][j, i]
+            assert found == np.exp(result.maps["train_loss"][j, i])
+            assert found == pytest.approx(np.exp(loss), rel=1e-6 if dtype == "float32" else 1e-13)
+    assert "train_perplexity: 6 values" in api.status(path)
+
+
+@pytest.mark.parametrize(
+    "evaluation",
+    [{"loss": "cross_entropy", "loss_kwargs": {"label_smoothing": 0.1}}, {"loss": "mse"}],
+    ids=["label_smoothing", "mse"],
+)
+def test_perplexity_is_refused_at_load_for_a_built_in_loss_that_is_no_likelihood(evaluation):
+    raw = merge(BASE, {"evaluation": evaluation, "maps": ["train_loss", "test_perplexity"]})
+    with pytest.raises(ConfigError, match="maps: perplexity is exp of a mean negative log-lik"):
+        parse_config(yaml.safe_dump(raw))
+
+
+def test_perplexity_is_refused_at_plan_for_a_plug_in_that_does_not_declare_it(tmp_path, capsys):
+    config = planned(
+        tmp_path,
+        evaluation={"loss": "plugins:label_smoothed"},
+        maps=["train_loss", "train_perplexity"],
+    )
+    fails_with(
+        capsys,
+        ["plan", config],
+        "maps: perplexity is exp of a mean negative log-likelihood, which evaluation.loss "
+        "'plugins:label_smoothed' is not here",
+        "drop *_perplexity",
+    )
+    assert not (tmp_path / "exp.h5").exists()

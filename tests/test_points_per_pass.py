@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from landscape import workers
 from landscape.config import ConfigError, EvaluationConfig, load_config
-from landscape.data import load_dataset
+from landscape.data import Dataset, load_dataset
 from landscape.evaluators import PointByPoint, SeveralPoints, can_batch, loss_evaluator
 from landscape.models import build_model
 from landscape.objectives import build_objective
@@ -60,9 +60,11 @@ def setting(name: str, dtype: torch.dtype, points_per_pass: int, moved_buffers: 
     targets = torch.as_tensor(data.train_y[:SAMPLES])
     experiment = SimpleNamespace(
         model=model,
+        forward=model,
+        autocast=None,
         objective=build_objective("cross_entropy", {}),
         device=torch.device("cpu"),
-        data=SimpleNamespace(split=lambda split: (inputs, targets)),
+        data=Dataset(inputs, targets, inputs, targets, data.num_classes),
         config=SimpleNamespace(
             evaluation=EvaluationConfig(batch_size=64, points_per_pass=points_per_pass)
         ),
@@ -79,7 +81,7 @@ def truth(experiment, surface) -> tuple[np.ndarray, np.ndarray]:
     model = experiment.model
     origin = {n: t.detach().double().clone() for n, t in model.state_dict().items()}
     d1, d2 = surface.directions()
-    inputs, targets = experiment.data.split("train")
+    inputs, targets = experiment.data.train_x, experiment.data.train_y
     losses, accuracies = [], []
     for a, b in COORDINATES:
         state = dict(origin)
@@ -136,7 +138,7 @@ class ItemInForward(nn.Module):
 def test_model_vmap_cannot_batch_falls_back_to_one_point_and_says_so(dtype, caplog):
     experiment, surface = setting("mlp", dtype, 0)
     torch.manual_seed(0)
-    experiment.model = ItemInForward().to(dtype).eval()
+    experiment.model = experiment.forward = ItemInForward().to(dtype).eval()
     generator = torch.Generator().manual_seed(1)
     directions = [
         {

@@ -63,7 +63,7 @@ def trained_mlp(tmp_path_factory) -> tuple[torch.nn.Module, torch.Tensor, torch.
     folder = tmp_path_factory.mktemp("spectrum")
     config = trained_experiment(lambda **changes: write_experiment(folder, **changes), "mlp")
     exp = Experiment.load(load_config(config))
-    return exp.model, *exp.data.split("train")
+    return exp.model, exp.data.train_x, exp.data.train_y
 
 
 def mlp_hessian(trained_mlp, dtype: torch.dtype):

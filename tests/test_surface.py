@@ -35,7 +35,7 @@ def test_linear_model_with_mse_has_the_exact_quadratic_landscape(experiment):
         d1, d2 = surface.directions()
         grid, cfg = surface.grid, surface.config
     exp = Experiment.load(cfg, device="cpu")
-    x, t = (v.numpy() for v in exp.data.split("train"))
+    x, t = exp.data.train_x.numpy(), exp.data.train_y.numpy()
     weight = exp.model.linear.weight.detach().numpy()
     bias = exp.model.linear.bias.detach().numpy()
     residual = x @ weight.T + bias - t
@@ -57,8 +57,7 @@ def direct_loss(exp: Experiment, d1, d2, a: float, b: float, split: str = "train
     for name, direction in d1.items():
         state[name] = state[name] + a * torch.from_numpy(direction) + b * torch.from_numpy(d2[name])
     exp.model.load_state_dict(state)
-    inputs, targets = exp.data.split(split)
-    return evaluate(exp.model, inputs, targets, 1000, exp.objective)[0]
+    return evaluate(exp.model, exp.data.split(split), 1000, exp.objective)[0]
 
 
 def test_non_square_grid_stores_and_draws_each_value_at_its_own_coordinates(experiment):

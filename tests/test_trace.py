@@ -56,7 +56,7 @@ def test_projection_interval_covers_the_quadratic_trace_for_most_seeds(experimen
         )
     )
     exp = Experiment.load(config)
-    inputs, _ = exp.data.split("train")
+    inputs = exp.data.train_x
     exact = 2 / len(inputs) * (float((inputs.double() ** 2).sum()) + len(inputs))
     covered = {"projection": 0, "hutchinson": 0}
     for seed in range(50):

@@ -43,14 +43,14 @@ def test_straight_trajectory_has_no_second_direction(tmp_path, dtype):
     float64 rounding of the Gram matrix), which is no direction of the path."""
     files = write_path(tmp_path, dtype, second=0.0)
     center = {"w": torch.load(files[-1], weights_only=True)["state_dict"]["w"].double()}
-    first = trajectory_pca(center, files, ["w"], 1)  # one direction: fine
+    first = trajectory_pca(center, files, ["w"], 1, None)  # one direction: fine
     np.testing.assert_allclose(np.linalg.norm(first.directions[0]["w"]), 1.0, rtol=0, atol=1e-12)
     with pytest.raises(
         UserError,
         match=r"directions.checkpoints: the trajectory is \(nearly\) "
         r"1-dimensional: PCA-2 \(.* of the variance.*plot a 1D grid",
     ):
-        trajectory_pca(center, files, ["w"], 2)
+        trajectory_pca(center, files, ["w"], 2, None)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_weak_second_direction_is_found_with_unit_length(tmp_path, dtype, second
     files = write_path(tmp_path, dtype, second)
     rows = stored(files)
     center = {"w": torch.from_numpy(rows[-1])}
-    path = trajectory_pca(center, files, ["w"], 2)
+    path = trajectory_pca(center, files, ["w"], 2, None)
     # Ground truth: the dense SVD of the centred differences of the stored values.
     _, singular, right = np.linalg.svd(rows - rows.mean(axis=0), full_matrices=False)
     for j, direction in enumerate(path.directions):

@@ -89,13 +89,11 @@ class Operators:
     parameters, at the model's current weights (loading a checkpoint moves them all)."""
 
     def __init__(self, experiment: Experiment, settings: AnalysisConfig):
-        inputs, targets = experiment.data.split("train")
         self.names = select_parameters(experiment.model, settings.parameters)
         common = (
             experiment.model,
             self.names,
-            inputs,
-            targets,
+            experiment.data.split("train"),
             experiment.objective,
             experiment.config.evaluation.batch_size,
             settings.hvp,
@@ -212,12 +210,10 @@ class CheckpointAnalysis:
         }
 
     def clustering(self) -> dict:
-        inputs, targets = self.experiment.data.split("train")
         found = logit_gradient_clustering(
             self.experiment.model,
             self.operators.names,
-            inputs,
-            targets,
+            self.experiment.data.split("train"),
             self.settings.clustering_samples,
             self.settings.seed,
         )
@@ -318,18 +314,19 @@ class AnalysisEvaluator:
         """Put checkpoint ``item``'s weights (and buffers) into the model."""
         path, sha256 = self.checkpoints[item]
         verify_fingerprint(path, sha256, self.file_path, CHECKPOINT_FIELD)
-        state = load_state_dict(path, CHECKPOINT_FIELD)
-        check_compatible(self.experiment.model, state, path, CHECKPOINT_FIELD)
-        self.experiment.model.load_state_dict(state)
+        model = self.experiment.model
+        state = load_state_dict(
+            path, model.state_dict(), self.experiment.config.model, CHECKPOINT_FIELD
+        )
+        check_compatible(model, state, path, CHECKPOINT_FIELD)
+        model.load_state_dict(state)
 
     def at(self, item: int) -> dict:
         self.load(item)
         experiment = self.experiment
-        inputs, targets = experiment.data.split("train")
         loss, accuracy = evaluate(
             experiment.model,
-            inputs,
-            targets,
+            experiment.data.split("train"),
             experiment.config.evaluation.batch_size,
             experiment.objective,
         )

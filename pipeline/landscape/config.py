@@ -144,19 +144,45 @@ class GridConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A zoo name or ``package.module:factory``, its keyword arguments and its checkpoint."""
+    """A zoo name or ``package.module:factory``, its keyword arguments and its checkpoint.
+
+    ``checkpoint_key``: the entry of a checkpoint dict that holds the weights, and
+    ``strip_prefix``: the prefix to strip from their keys; both found automatically when
+    left out (:mod:`landscape.checkpoint`), and both apply to every checkpoint the run
+    reads (model.checkpoint, directions.targets and .checkpoints, analysis.checkpoints).
+    """
 
     name: str
     checkpoint: str | None = path_field()
     kwargs: dict = field(default_factory=dict)
+    checkpoint_key: str | None = None
+    strip_prefix: str | None = None
+
+    def check(self, where: str) -> None:
+        for name in ("checkpoint_key", "strip_prefix"):
+            if getattr(self, name) == "":
+                raise ConfigError(f"{where}.{name}: empty; leave it out to find it automatically")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """A built-in data set name or ``package.module:function``, with its keyword arguments."""
+    """A built-in data set name or ``package.module:function``, with its keyword arguments.
+    For a plug-in that returns ``torch.utils.data.Dataset`` objects (:mod:`landscape.samples`):
+    ``stream`` (``auto``: held on the device when the set takes at most a quarter of its
+    free memory, streamed otherwise; ``always``; ``never``), the loader's ``workers`` and
+    the batches each prefetches (``prefetch``)."""
 
     name: str = "digits"
     kwargs: dict = field(default_factory=dict)
+    stream: str = choice("auto", ("auto", "always", "never"))
+    workers: int = 2
+    prefetch: int = 2
+
+    def check(self, where: str) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"{where}.workers: must be >= 0 (got {self.workers}); 0 = no workers")
+        if self.prefetch < 1:
+            raise ConfigError(f"{where}.prefetch: must be >= 1 (got {self.prefetch})")
 
 
 DIRECTION_KINDS = ("random", "pca", "hessian", "target", "interpolation", "file")
@@ -238,15 +264,26 @@ class EvaluationConfig:
     one on a CPU; 1: one at a time; more than 1 may change the last bits of the loss,
     :mod:`landscape.evaluators`).
     ``loss``: a built-in objective or ``package.module:name``, built with ``loss_kwargs``
-    (:mod:`landscape.objectives`)."""
+    (:mod:`landscape.objectives`).
+
+    ``dtype`` ``bfloat16`` or ``float16``: the loss maps' forward passes run under
+    ``torch.autocast`` in that dtype, parameters and data stay float32 and each unit's
+    loss is taken in float32; curvature (Hessian, trace, analysis) stays in float32
+    (:mod:`landscape.precision`). ``tf32``: CUDA matmuls and convolutions in TF32 (10
+    mantissa bits; off by default, so float32 is IEEE float32). ``channels_last``: image
+    batches (B, C, H, W) in channels-last memory. ``compile``: ``torch.compile`` the loss
+    maps' forward pass, eager (one log line) where compiling fails."""
 
     batch_size: int = 1024
     device: str = "auto"
-    dtype: str = choice("float32", ("float32", "float64"))
+    dtype: str = choice("float32", ("float32", "float64", "bfloat16", "float16"))
     loss: str = "cross_entropy"
     loss_kwargs: dict = field(default_factory=dict)
     threads: int = 0
     points_per_pass: int = 0
+    tf32: bool = False
+    channels_last: bool = False
+    compile: bool = False
 
     def check(self, where: str) -> None:
         from landscape.objectives import check_spec  # torch, only once a config is read
@@ -275,7 +312,8 @@ class HessianConfig:
     explicit HVP, is at most ``tolerance`` times max(|lambda_min|, |lambda_max|) (an
     eigenvalue lies within the residual of its Ritz value; the scale never vanishes,
     unlike |lambda_min| at a semidefinite point). ``tolerance`` is floored at 16 machine
-    epsilons of evaluation.dtype, the precision of a product. ``max_hvps`` bounds the
+    epsilons of evaluation.dtype (float32 for bfloat16 and float16, which only the loss
+    maps use), the precision of a product. ``max_hvps`` bounds the
     Lanczos steps per point, and so its basis (max_hvps x parameters x 8 bytes).
 
     ``hvp``: how a product is differentiated; ``auto`` takes the mode measured faster on
@@ -529,12 +567,13 @@ class ExperimentConfig:
         repeated = sorted({name for name in self.maps if self.maps.count(name) > 1})
         if repeated:
             raise ConfigError(f"maps: {', '.join(repeated)} listed twice; list each map once")
-        from landscape.objectives import BUILT_IN, check_accuracy_maps  # as in evaluation
+        from landscape.objectives import BUILT_IN, build_objective, check_metric_maps  # torch
 
-        built_in = BUILT_IN.get(self.evaluation.loss)
-        if built_in is not None:  # a plug-in's accuracy is known once it is built
+        loss = self.evaluation.loss
+        if loss in BUILT_IN:  # a plug-in's metrics are known once it is built
             try:
-                check_accuracy_maps(built_in, self.evaluation.loss, self.surface_maps)
+                objective = build_objective(loss, self.evaluation.loss_kwargs)
+                check_metric_maps(objective, loss, self.surface_maps)
             except UserError as exc:
                 raise ConfigError(str(exc)) from None
 

@@ -1,8 +1,11 @@
-"""Data sets as in-memory tensors: built-in ones (no download ever) and user plug-ins.
+"""Data sets: built-in ones (no download ever) and user plug-ins.
 
-Every loader returns a :class:`Dataset` of whole tensors, because a landscape
-evaluates the *full* training set at every grid point: the data is moved to the
-device once and sliced into batches there, with no DataLoader in the loop.
+A loader returns a :class:`Dataset` of whole tensors, because a landscape evaluates the
+*full* training set at every grid point: the data is moved to the device once and
+sliced into batches there, with no DataLoader in the loop. A plug-in whose set is too
+large for that returns ``torch.utils.data.Dataset`` objects instead (a dict with
+``train``, ``test`` and ``num_classes``), which :mod:`landscape.samples` holds on the
+device when they fit or streams through a DataLoader when they do not.
 
 Built-in: ``digits`` (scikit-learn's 8x8 handwritten digits, the default),
 ``gaussian_clusters`` (C Gaussian classes, Sagun et al.), ``mnist1d`` (generated
@@ -22,6 +25,7 @@ import torch
 
 from landscape.errors import UserError, describe
 from landscape.plugins import call_factory, import_object
+from landscape.samples import HeldSamples, TorchData
 
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2
@@ -46,14 +50,16 @@ class Dataset:
     def input_shape(self) -> tuple:
         return tuple(self.train_x.shape[1:])
 
-    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``(inputs, targets)`` of ``"train"`` or ``"test"``."""
-        return (self.train_x, self.train_y) if name == "train" else (self.test_x, self.test_y)
+    def split(self, name: str) -> HeldSamples:
+        """The samples of ``"train"`` or ``"test"``."""
+        if name == "train":
+            return HeldSamples(self.train_x, self.train_y)
+        return HeldSamples(self.test_x, self.test_y)
 
 
-def load_dataset(name: str, kwargs: dict) -> Dataset:
+def load_dataset(name: str, kwargs: dict) -> Dataset | TorchData:
     """Load a built-in data set by name or a user one by ``package.module:function``,
-    checked by :func:`check_dataset` before anything uses it."""
+    checked by :func:`check_dataset` (:func:`check_torch_data`) before anything uses it."""
     loader = import_object(name, "data.name") if ":" in name else BUILT_IN.get(name)
     if loader is None:
         raise UserError(
@@ -61,6 +67,10 @@ def load_dataset(name: str, kwargs: dict) -> Dataset:
             "or give package.module:function"
         )
     result = call_factory(loader, name, "data.name", {}, kwargs)
+    if isinstance(result, dict) and set(TORCH_DATA_FIELDS) <= set(result):
+        data = TorchData(*(result[field] for field in TORCH_DATA_FIELDS), name)
+        check_torch_data(data)
+        return data
     data = result if isinstance(result, Dataset) else _from_mapping(result, name)
     check_dataset(data, name)
     data.num_classes = int(data.num_classes)
@@ -99,7 +109,7 @@ def check_dataset(data: Dataset, name: str) -> None:
             "regression), an integer >= 1"
         )
     for split in ("train", "test"):
-        inputs, targets = data.split(split)
+        inputs, targets = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
         if len(inputs) == 0:
             kind = "training" if split == "train" else "test"
             raise UserError(f"{given} an empty {kind} set ({split}_x has 0 samples)")
@@ -327,6 +337,52 @@ def _tensors(train_x, train_y, test_x, test_y, num_classes, name: str = "") -> D
 
     values = dict(zip(DATASET_FIELDS, (train_x, train_y, test_x, test_y)))
     return Dataset(*(convert(v, field) for field, v in values.items()), num_classes)
+
+
+TORCH_DATA_FIELDS = ("train", "test", "num_classes")
+
+
+def check_torch_data(data: TorchData) -> None:
+    """Fail in one line unless both splits are non-empty map-style datasets whose first
+    item is an (input, target) pair: a floating input of one shape in both splits, and a
+    target that is a class label in ``0 .. num_classes - 1`` or a float. Only the first
+    items are read here; a later item that fails stops its pass, naming its samples."""
+    given = f"data.name: {data.name} returned"
+    classes = data.num_classes
+    if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1:
+        raise UserError(f"{given} num_classes {classes!r}; give an integer >= 1")
+    data.num_classes = int(classes)
+    shapes = {}
+    for split in ("train", "test"):
+        dataset = getattr(data, split)
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise UserError(
+                f"{given} {split} as {type(dataset).__name__}; give a map-style "
+                "torch.utils.data.Dataset (with __len__ and __getitem__)"
+            )
+        if len(dataset) == 0:
+            raise UserError(f"{given} an empty {split} dataset")
+        try:
+            item = dataset[0]
+            inputs, target = (torch.as_tensor(value) for value in item)
+        except Exception as exc:  # the user's __getitem__, or an item that is no pair
+            raise UserError(
+                f"{given} a {split} dataset whose item 0 is not an (input, target) pair of "
+                f"tensors or numbers ({describe(exc)})"
+            ) from None
+        if not inputs.is_floating_point():
+            raise UserError(f"{given} {split} inputs of {inputs.dtype}; give floating-point inputs")
+        if not target.is_floating_point() and not 0 <= int(target) < data.num_classes:
+            raise UserError(
+                f"{given} {split} label {int(target)} (sample 0) outside 0..{classes - 1} for "
+                f"num_classes {classes}"
+            )
+        shapes[split] = tuple(inputs.shape)
+    if shapes["train"] != shapes["test"]:
+        raise UserError(
+            f"{given} inputs of shape {shapes['train']} (train) and {shapes['test']} (test); "
+            "give inputs of one shape"
+        )
 
 
 def _from_mapping(result, name: str) -> Dataset:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from landscape.checkpoint import check_compatible, check_finite, load_state_dict, read_torch_file
+from landscape.config import ModelConfig
 from landscape.errors import UserError, describe
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,10 @@ log = logging.getLogger(__name__)
 HISTOGRAM_BINS = 80
 
 
-def load_target(model: nn.Module, path: str) -> dict:
-    """A target checkpoint's state_dict, checked against ``model``."""
-    state = load_state_dict(path, "directions.targets")
+def load_target(model: nn.Module, path: str, settings: ModelConfig) -> dict:
+    """A target checkpoint's state_dict, read as ``settings`` (the config's model section)
+    says and checked against ``model``."""
+    state = load_state_dict(path, model.state_dict(), settings, "directions.targets")
     check_compatible(model, state, path, "directions.targets")
     return state
 

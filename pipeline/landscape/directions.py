@@ -124,7 +124,7 @@ def pca_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> D
     ignored = set(ignored_parameters(model, settings.ignore))
     kept = [name for name, _ in model.named_parameters() if name not in ignored]
     files = trajectory_files(settings.checkpoints)
-    path = trajectory_pca(parameter_values(model), files, kept, count)
+    path = trajectory_pca(parameter_values(model), files, kept, count, config.model)
     ratios = path.explained_variance_ratio
     log.info(
         "PCA of %d checkpoints: explained variance %s",
@@ -224,7 +224,7 @@ def target_plane(experiment: Experiment, config: ExperimentConfig, count: int) -
         {"label": f"{axis}: toward {Path(target).name} (θB − θ0, {scaling})", "target": target}
         for axis, target in zip("xy", targets)
     ]
-    states = [load_target(experiment.model, target) for target in targets]
+    states = [load_target(experiment.model, path, config.model) for path in targets]
     return Directions(checkpoint_differences(experiment.model, states, False), axes)
 
 
@@ -234,7 +234,7 @@ def interpolation_plane(experiment: Experiment, config: ExperimentConfig, count:
     (target,) = config.directions.targets
     source = config.model.checkpoint
     label = f"α: (1 − α)·θA + α·θB, A = {Path(source).name}, B = {Path(target).name}"
-    state = load_target(experiment.model, target)
+    state = load_target(experiment.model, target, config.model)
     histograms, norms = weight_histograms(experiment.model, state)
     (difference,) = checkpoint_differences(experiment.model, [state], True)
     low, high = variance_range(difference, experiment.model)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, vmap
 
-from landscape.evaluate import evaluate
+from landscape.evaluate import evaluate, outputs_of
 from landscape.experiment import Experiment
 from landscape.grid import Grid
 from landscape.hessian import HessianEvaluator, WarmShards, warm_starts
@@ -57,9 +57,13 @@ class LossAtPoint:
         batch_size = self.experiment.config.evaluation.batch_size
         for split in ("train", "test"):
             if any(m.startswith(split) for m in self.maps):
-                inputs, targets = self.experiment.data.split(split)
+                samples = self.experiment.data.split(split)
                 loss, accuracy = evaluate(
-                    self.experiment.model, inputs, targets, batch_size, self.experiment.objective
+                    self.experiment.forward,
+                    samples,
+                    batch_size,
+                    self.experiment.objective,
+                    self.experiment.autocast,
                 )
                 values.update({f"{split}_loss": loss, f"{split}_acc": accuracy})
         return {m: values[m] for m in self.maps}
@@ -117,8 +121,13 @@ class SeveralPoints:
         self, tensors: dict, inputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One point's float64 sum of unit losses over one batch, and its count of units
-        predicted right (0 for an objective without accuracy)."""
-        outputs = functional_call(self.experiment.model, (tensors, self.fixed), (inputs,))
+        predicted right (0 for an objective without accuracy); its forward pass under the
+        experiment's autocast, as :func:`landscape.evaluate.outputs_of` runs one."""
+        outputs = outputs_of(
+            lambda batch: functional_call(self.experiment.model, (tensors, self.fixed), (batch,)),
+            inputs,
+            self.experiment.autocast,
+        )
         objective = self.experiment.objective
         loss = objective.losses(outputs, targets).double().sum()
         if objective.accuracy:
@@ -130,12 +139,7 @@ class SeveralPoints:
         flat = self.plane.parameters
         steps = torch.tensor(coordinates, dtype=torch.float64, device=self.directions.device)
         rows = torch.addmm(flat.origin, steps[:, : len(self.directions)], self.directions)
-        rows = rows.to(flat.vector.dtype)
-        pieces = rows.split(flat.sizes, dim=1)
-        return {
-            name: piece.reshape(len(rows), *shape)
-            for name, piece, shape in zip(flat.names, pieces, flat.shapes)
-        }
+        return flat.unflatten(rows.to(flat.vector.dtype))
 
     @torch.no_grad()
     def __call__(self, items: np.ndarray) -> dict[str, np.ndarray]:
@@ -148,16 +152,15 @@ class SeveralPoints:
         for split in ("train", "test"):
             if not any(m.startswith(split) for m in self.maps):
                 continue
-            inputs, targets = self.experiment.data.split(split)
-            device = inputs.device
+            samples = self.experiment.data.split(split)
+            device = self.experiment.device
             total_loss = torch.zeros(len(items), dtype=torch.float64, device=device)
             correct = torch.zeros(len(items), dtype=torch.int64, device=device)
-            for start in range(0, len(inputs), batch_size):
-                stop = start + batch_size
-                loss, right = self.totals(tensors, inputs[start:stop], targets[start:stop])
+            for inputs, targets in samples.batches(batch_size):
+                loss, right = self.totals(tensors, inputs, targets)
                 total_loss += loss
                 correct += right
-            count = objective.count(targets)
+            count = samples.units(objective)
             loss = total_loss.cpu().numpy() / count
             # As evaluate: a point whose loss is not finite has no accuracy either.
             defined = objective.accuracy & np.isfinite(loss)
@@ -169,11 +172,11 @@ class SeveralPoints:
 def can_batch(experiment: Experiment, plane: DirectionPlane) -> str | None:
     """None when vmap batches the model's forward and the objective's losses over
     parameter sets (tried once on two samples at two points), else why not."""
-    inputs, targets = experiment.data.split("train")
+    inputs, targets = experiment.data.split("train").head(2)
     trial = SeveralPoints(experiment, None, plane, [], 2)
     try:
         with torch.no_grad():
-            trial.totals(trial.stacked([(0.0, 0.0), (0.0, 0.0)]), inputs[:2], targets[:2])
+            trial.totals(trial.stacked([(0.0, 0.0), (0.0, 0.0)]), inputs, targets)
     except Exception as exc:  # any operation without a batching rule, in user code too
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None
@@ -182,7 +185,7 @@ def can_batch(experiment: Experiment, plane: DirectionPlane) -> str | None:
 def activation_bytes(experiment: Experiment) -> int:
     """Bytes of every leaf module's output of one forward pass over one batch: what one
     more point per pass adds (an upper bound: no_grad frees most of them early)."""
-    inputs, _ = experiment.data.split("train")
+    inputs, _ = experiment.data.split("train").head(experiment.config.evaluation.batch_size)
     total = 0
 
     def count(module, args, output):
@@ -195,7 +198,7 @@ def activation_bytes(experiment: Experiment) -> int:
     hooks = [m.register_forward_hook(count) for m in leaves]
     try:
         with torch.no_grad():
-            model(inputs[: experiment.config.evaluation.batch_size])
+            model(inputs)
     finally:
         for hook in hooks:
             hook.remove()

@@ -6,6 +6,8 @@ everywhere, at the boundary, with the config field named.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,23 +18,45 @@ from landscape.config import ExperimentConfig
 from landscape.data import Dataset, load_dataset
 from landscape.errors import UserError, describe
 from landscape.models import build_model
-from landscape.objectives import Objective, build_objective, check_accuracy_maps
+from landscape.objectives import Objective, build_objective, check_metric_maps
+from landscape.precision import REDUCED_DTYPES, check_autocast, set_tf32
+from landscape.samples import SplitSamples, TorchData
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+log = logging.getLogger(__name__)
+
+# The dtype of the parameters and data for each evaluation.dtype: a reduced one keeps
+# them in float32 and runs the loss maps' forward passes under autocast.
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    **{name: torch.float32 for name in REDUCED_DTYPES},
+}
 
 
 @dataclass
 class Experiment:
     """A model (checkpoint loaded, eval mode) and its data set, both on ``device``, and the
-    objective whose loss every map and every curvature of the experiment is taken of."""
+    objective whose loss every map and every curvature of the experiment is taken of.
+
+    ``dtype`` is the parameters' and data's (what curvature computes in); ``autocast``
+    the reduced dtype the loss maps' forward passes run in (None: ``dtype`` itself);
+    ``compiled`` the model's ``torch.compile`` with ``evaluation.compile``
+    (:class:`CompiledForward`)."""
 
     config: ExperimentConfig
     model: nn.Module
-    data: Dataset
+    data: Dataset | SplitSamples  # held tensors, or torch Datasets held or streamed
     objective: Objective
     device: torch.device
     dtype: torch.dtype
     checkpoint_sha256: str | None
+    autocast: torch.dtype | None = None
+    compiled: CompiledForward | None = None
+
+    @property
+    def forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The loss maps' forward pass: the compiled model, or the model itself."""
+        return self.compiled or self.model
 
     @classmethod
     def load(
@@ -51,13 +75,33 @@ class Experiment:
             torch.set_num_threads(evaluation.threads)
         device = resolve_device(device or evaluation.device, local_rank)
         if device.type == "cuda":
-            ieee_float32()
+            set_tf32(evaluation.tf32)
+            if evaluation.tf32:
+                warn_tf32_curvature()
         dtype = DTYPES[evaluation.dtype]
+        autocast = REDUCED_DTYPES.get(evaluation.dtype)
+        if autocast is not None:
+            check_autocast(device, evaluation.dtype)
+            log.info(
+                "evaluation.dtype %s: the loss maps' forward passes autocast to it; "
+                "parameters, data, losses and every curvature product stay float32",
+                evaluation.dtype,
+            )
         data = load_dataset(config.data.name, config.data.kwargs)
         model = build_model(
             config.model.name, data.input_shape, data.num_classes, config.model.kwargs
         )
         objective = build_objective(evaluation.loss, evaluation.loss_kwargs)
+        if isinstance(data, TorchData):
+            data = data.on(device, dtype, config.data)
+        else:
+            data = Dataset(
+                *(
+                    t.to(device, dtype if t.is_floating_point() else t.dtype)
+                    for t in (data.train_x, data.train_y, data.test_x, data.test_y)
+                ),
+                data.num_classes,
+            )
         check_objective_fits(objective, config, data)
         # Cast first, then load: a float64 checkpoint in a float64 run keeps every digit.
         model.to(device=device, dtype=dtype).eval()
@@ -65,36 +109,102 @@ class Experiment:
         if with_checkpoint:
             if config.model.checkpoint is None:
                 raise UserError("model.checkpoint: required; name the trained checkpoint file")
-            state = load_state_dict(config.model.checkpoint)
+            state = load_state_dict(config.model.checkpoint, model.state_dict(), config.model)
             check_compatible(model, state, config.model.checkpoint)
             model.load_state_dict(state)
             sha256 = checkpoint_sha256 or file_sha256(config.model.checkpoint)
-        data = Dataset(
-            *(
-                t.to(device, dtype if t.is_floating_point() else t.dtype)
-                for t in (data.train_x, data.train_y, data.test_x, data.test_y)
-            ),
-            data.num_classes,
-        )
+        if evaluation.channels_last:
+            data = channels_last(data, config.data.name)
+            model.to(memory_format=torch.channels_last)
         weights = (
             f"the weights of model.checkpoint {config.model.checkpoint}"
             if with_checkpoint
             else "its initial weights"
         )
         check_forward(model, data, config.model.name, weights, objective, evaluation.loss)
-        return cls(config, model, data, objective, device, dtype, sha256)
+        compiled = CompiledForward(model) if evaluation.compile else None
+        return cls(config, model, data, objective, device, dtype, sha256, autocast, compiled)
 
 
-def check_objective_fits(objective: Objective, config: ExperimentConfig, data: Dataset) -> None:
+def warn_tf32_curvature() -> None:
+    """With TF32 a float32 product carries ~2^-11 relative rounding (10 mantissa bits),
+    not 2^-24: a Lanczos residual below about 16 TF32 epsilons (16 x 2^-10 = 1.6e-2) of
+    the spectral scale then measures that rounding, not convergence. The criterion is
+    left as configured (warned, not floored): TF32 is a CUDA-only, process-wide switch
+    the curvature code cannot see, and a floor that depended on it would give a CPU rank
+    and a GPU rank of one run different criteria."""
+    log.warning(
+        "evaluation.tf32: float32 products run in TF32 (10 mantissa bits, ~5e-4 relative "
+        "rounding); Hessian and analysis residuals below ~1.6e-2 x the spectral scale are "
+        "then rounding, not convergence: set evaluation.tf32 false for curvature runs"
+    )
+
+
+def channels_last(data: Dataset | SplitSamples, name: str) -> Dataset:
+    """``data`` with its image inputs (B, C, H, W) in channels-last memory (evaluation.
+    channels_last); a batch sliced from them stays so. The model's 4-D weights are put
+    in channels-last memory beside them, which the flat parameter vector keeps
+    (:class:`landscape.parameters.FlatParameters`): with one input channel an image
+    batch is contiguous and channels-last at once, and only the weight tells the
+    convolution which kernels to run."""
+    if isinstance(data, SplitSamples):
+        raise UserError(
+            f"evaluation.channels_last: data {name!r} is read through torch Datasets; return "
+            "channels-last images from its __getitem__ instead, and set this false"
+        )
+    if data.train_x.dim() != 4:
+        raise UserError(
+            f"evaluation.channels_last: data {name!r} has inputs of shape "
+            f"{tuple(data.train_x.shape[1:])}, not images (C, H, W); set it false"
+        )
+    layout = torch.channels_last
+    return Dataset(
+        data.train_x.contiguous(memory_format=layout),
+        data.train_y,
+        data.test_x.contiguous(memory_format=layout),
+        data.test_y,
+        data.num_classes,
+    )
+
+
+class CompiledForward:
+    """``torch.compile(model)`` with the model itself to fall back on (evaluation.compile).
+
+    Compiling happens at the first call, so that is where a failure shows (no C
+    compiler, an operation the compiler cannot trace): it is logged once, in one line,
+    and this and every later call run the model eagerly. Parameters are read at each
+    call, so moving the model in place (a new grid point) needs no recompilation.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.compiled: Callable | None = torch.compile(model)
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(inputs)
+            except Exception as exc:  # any compiler or backend failure, in user models too
+                log.warning(
+                    "evaluation.compile: torch.compile failed, the forward pass runs eagerly (%s)",
+                    describe(exc),
+                )
+                self.compiled = None
+        return self.model(inputs)
+
+
+def check_objective_fits(
+    objective: Objective, config: ExperimentConfig, data: Dataset | SplitSamples
+) -> None:
     """The objective takes the data's targets (cross-entropy needs integer class labels,
     mse float targets) and has an accuracy where the maps ask for one."""
     loss = config.evaluation.loss
-    problem = objective.target_problem(data.train_y)
+    problem = objective.target_problem(data.split("train").head(FORWARD_SAMPLES)[1])
     if problem is not None:
         raise UserError(
             f"evaluation.loss: {loss!r} does not fit data {config.data.name!r}, which has {problem}"
         )
-    check_accuracy_maps(objective, loss, config.surface_maps)
+    check_metric_maps(objective, loss, config.surface_maps)
 
 
 FORWARD_SAMPLES = 2
@@ -102,7 +212,12 @@ FORWARD_SAMPLES = 2
 
 @torch.no_grad()
 def check_forward(
-    model: nn.Module, data: Dataset, name: str, weights: str, objective: Objective, loss: str
+    model: nn.Module,
+    data: Dataset | SplitSamples,
+    name: str,
+    weights: str,
+    objective: Objective,
+    loss: str,
 ) -> None:
     """One forward pass and its ``loss`` on the first training samples, with the weights
     every point starts from (``weights`` says which): fails in one line naming
@@ -116,7 +231,7 @@ def check_forward(
     at the first point of run, and so does a loss that is not floating and of shape
     (B,) or (B, ...): one value per sample or per token, naming evaluation.loss.
     """
-    inputs, targets = data.train_x[:FORWARD_SAMPLES], data.train_y[:FORWARD_SAMPLES]
+    inputs, targets = data.split("train").head(FORWARD_SAMPLES)
     count = len(inputs)
     try:
         outputs = model(inputs)
@@ -180,16 +295,6 @@ def check_forward(
             f"evaluation.loss: {loss} returns {got} for {count} training samples; return "
             f"one floating loss per sample, shape ({count},) (or ({count}, tokens))"
         )
-
-
-def ieee_float32() -> None:
-    """Float32 on a GPU computes in float32, as on the CPU: PyTorch's default runs float32
-    convolutions in TF32 (10 mantissa bits), which moves float32 maps by ~1e-3 relative
-    and puts Hessian products far above the rounding floor the Lanczos criterion assumes
-    (16 float32 epsilons), so no point would converge honestly. TF32 is for an explicit
-    setting to turn on, never a default."""
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -34,12 +34,10 @@ def training_hessian(experiment: Experiment, parameters: str, hvp: str) -> Hessi
     ``evaluation.batch_size`` batches) over the parameters ``parameters`` selects (``all``
     or ``weights``), products by ``hvp``: what the hessian job, Hessian directions and
     ``landscape trace`` all differentiate."""
-    inputs, targets = experiment.data.split("train")
     return HessianOperator(
         experiment.model,
         select_parameters(experiment.model, parameters),
-        inputs,
-        targets,
+        experiment.data.split("train"),
         experiment.objective,
         experiment.config.evaluation.batch_size,
         hvp,
@@ -100,7 +98,7 @@ class HessianEvaluator:
                 "hessian.tolerance %.1e is below what %s products resolve: residuals are "
                 "only checked down to %.1e x max(|lambda_min|, |lambda_max|)",
                 settings.tolerance,
-                experiment.config.evaluation.dtype,
+                str(experiment.dtype).removeprefix("torch."),
                 floor,
             )
         if settings.method == "shift":

@@ -53,12 +53,16 @@ class Output:
 @dataclass(frozen=True)
 class DerivedMap:
     """A map computed from other maps, point by point, by reduce once a run ends; ``shape``
-    is its trailing shape per point, as for an :class:`Output`."""
+    is its trailing shape per point, as for an :class:`Output`, and ``description`` what
+    it is. ``on_request``: made only when ``maps:`` lists it (its job then stores its
+    ``sources``); otherwise whenever its job runs."""
 
     name: str
     sources: tuple[str, ...]
     derive: Callable[..., np.ndarray]
     shape: tuple[int, ...] = ()
+    description: str = ""
+    on_request: bool = False
 
 
 def eigenvalue_ratio(lambda_min: np.ndarray, lambda_max: np.ndarray) -> np.ndarray:
@@ -66,6 +70,14 @@ def eigenvalue_ratio(lambda_min: np.ndarray, lambda_max: np.ndarray) -> np.ndarr
     convex, large where negative curvature dominates; NaN where either is unknown."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.abs(lambda_min / lambda_max)
+
+
+def perplexity(mean_loss: np.ndarray) -> np.ndarray:
+    """``exp(L)`` of a mean negative log-likelihood L per unit (token, or sample for class
+    labels): the perplexity, the number of equally likely choices the model is as unsure
+    as. inf where it overflows float64 (L > 709), NaN where L is unknown."""
+    with np.errstate(over="ignore"):
+        return np.exp(mean_loss)
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,11 @@ class JobKind:
     done_attrs: Callable[[Any, Any], dict] = lambda config, dtype: {}
     file: str = "surface"
 
+    def derived_maps(self, config) -> tuple[DerivedMap, ...]:
+        """The derived maps this kind makes for ``config``: those it always makes, and
+        those on request that ``config.maps`` lists."""
+        return tuple(d for d in self.derived if not d.on_request or d.name in config.maps)
+
 
 def resolve(target: str) -> Any:
     """The object a ``"package.module:attribute"`` string names, imported now."""
@@ -124,10 +141,31 @@ HESSIAN_OUTPUTS = tuple(
 )
 LOSS_DESCRIPTIONS = {
     "train_loss": "mean loss (evaluation.loss of the config) over the full training set",
-    "train_acc": "accuracy over the full training set",
+    "train_acc": "accuracy over the full training set (per unmasked token for token labels)",
     "test_loss": "mean loss over the full test set",
-    "test_acc": "accuracy over the full test set",
+    "test_acc": "accuracy over the full test set (per unmasked token for token labels)",
 }
+PERPLEXITY_MAPS = tuple(
+    DerivedMap(
+        f"{split}_perplexity",
+        (f"{split}_loss",),
+        perplexity,
+        description=f"exp({split}_loss): perplexity per token (per sample for class labels) "
+        "of the mean cross-entropy over the full set, token-weighted across batches",
+        on_request=True,
+    )
+    for split in ("train", "test")
+)
+
+
+def loss_outputs(config) -> tuple[Output, ...]:
+    """The loss and accuracy maps ``maps:`` lists, in its order, then the loss of each set
+    whose perplexity it lists without its loss (the perplexity's source)."""
+    names = [name for name in config.maps if name in LOSS_MAPS]
+    for derived in PERPLEXITY_MAPS:
+        if derived.name in config.maps:
+            names += [source for source in derived.sources if source not in names]
+    return tuple(Output(name, (), LOSS_DESCRIPTIONS[name]) for name in names)
 
 
 def density_outputs(prefix: str, operator: str, settings) -> tuple[Output, ...]:
@@ -302,14 +340,13 @@ JOB_KINDS: tuple[JobKind, ...] = (
         name="loss",
         verb="run",
         description="evaluate the pending loss/accuracy points of a surface file",
-        maps=LOSS_MAPS,
-        outputs=lambda config: tuple(
-            Output(name, (), LOSS_DESCRIPTIONS[name]) for name in config.maps if name in LOSS_MAPS
-        ),
+        maps=LOSS_MAPS + tuple(derived.name for derived in PERPLEXITY_MAPS),
+        outputs=loss_outputs,
         points=lambda config, grid: grid.sublattice(1),
         shard_size=lambda config: config.grid.shard_size,
         evaluator="landscape.evaluators:loss_evaluator",
         figures="landscape.plot:loss_job_figures",
+        derived=PERPLEXITY_MAPS,
     ),
     JobKind(
         name="hessian",
@@ -324,7 +361,14 @@ JOB_KINDS: tuple[JobKind, ...] = (
         ),
         evaluator="landscape.evaluators:hessian_evaluator",
         figures="landscape.plot:hessian_figures",
-        derived=(DerivedMap("lambda_ratio", ("lambda_min", "lambda_max"), eigenvalue_ratio),),
+        derived=(
+            DerivedMap(
+                "lambda_ratio",
+                ("lambda_min", "lambda_max"),
+                eigenvalue_ratio,
+                description="|lambda_min / lambda_max| of the stored ends (Li et al. Fig. 7)",
+            ),
+        ),
         done_attrs=hessian_done_attrs,
     ),
     JobKind(

@@ -15,8 +15,9 @@ curvature is always that of the mapped loss.
 A user objective is a subclass of :class:`Objective` (or any callable taking
 ``evaluation.loss_kwargs`` that returns one): ``losses`` is the only method it must
 write; ``count`` is the number of samples unless it masks, ``correct`` gives an
-accuracy map, ``softmax_gauge`` says that the loss sees the logits only through their
-softmax (see :class:`landscape.curvature.operators.GaugeProjection`).
+accuracy map, ``perplexity`` says that exp of the mean loss is a perplexity (the
+``*_perplexity`` maps), ``softmax_gauge`` says that the loss sees the logits only
+through their softmax (see :class:`landscape.curvature.operators.GaugeProjection`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class Objective:
     """One loss per unit, their count, and optionally the units predicted right."""
 
     accuracy: bool = False  # whether :meth:`correct` gives the accuracy maps
+    # Whether the loss is a negative log-likelihood, so that exp(mean loss) is the
+    # perplexity (cross-entropy without label smoothing, whose uniform term is no likelihood).
+    perplexity: bool = False
     softmax_gauge: bool = False  # whether the loss depends on the logits via softmax only
 
     def losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -68,6 +72,7 @@ class CrossEntropy(Objective):
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1) (got {label_smoothing})")
         self.label_smoothing = label_smoothing
+        self.perplexity = label_smoothing == 0
 
     def losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
@@ -113,6 +118,7 @@ class TokenCrossEntropy(Objective):
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1) (got {label_smoothing})")
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
+        self.perplexity = label_smoothing == 0
 
     def losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
@@ -146,11 +152,18 @@ BUILT_IN = {
 }
 
 
-def check_accuracy_maps(objective: Objective | type[Objective], spec: str, maps: list[str]) -> None:
-    """Refuse accuracy maps for an objective without an accuracy (regression): at config
-    load for a built-in (its class), once built for a plug-in."""
+def check_metric_maps(objective: Objective, spec: str, maps: list[str]) -> None:
+    """Refuse the maps ``objective`` does not define: accuracy for one without an accuracy
+    (regression), perplexity for a loss that is no negative log-likelihood (squared
+    error, label smoothing). At config load for a built-in, once built for a plug-in."""
     if not objective.accuracy and any(name.endswith("_acc") for name in maps):
         raise UserError(f"maps: accuracy is undefined for evaluation.loss {spec!r}; drop *_acc")
+    if not objective.perplexity and any(name.endswith("_perplexity") for name in maps):
+        raise UserError(
+            f"maps: perplexity is exp of a mean negative log-likelihood, which evaluation.loss "
+            f"{spec!r} is not here (squared error, label smoothing, or a plug-in without "
+            "perplexity = True); drop *_perplexity"
+        )
 
 
 def check_spec(spec: str, kwargs: dict, where: str) -> None:

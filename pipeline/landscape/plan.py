@@ -27,7 +27,9 @@ from landscape.experiment import Experiment
 from landscape.grid import Grid, shard_ranges
 from landscape.jobs import JOB_KINDS, jobs_for
 from landscape.locking import surface_lock
+from landscape.parameters import DirectionPlane
 from landscape.parts import part_files, parts_folder
+from landscape.precision import REDUCED_DTYPES, precision_check
 from landscape.store import SurfaceFile, create_surface_file, texts
 from landscape.trajectory import trajectory_files
 
@@ -62,12 +64,17 @@ def create_plan(path: Path, config: ExperimentConfig) -> None:
             f"of {path.name}; delete that folder (or first put the old file back and merge "
             f"them with `landscape reduce {path}`) before planning {path}"
         )
-    # Only Hessian directions compute anything heavy: they run where the workers would.
-    device = None if config.directions.kind == "hessian" else "cpu"
-    experiment = Experiment.load(config, device=device)
+    # Only Hessian directions and a reduced dtype's check compute anything heavy: they
+    # run where the workers would.
+    heavy = config.directions.kind == "hessian" or config.evaluation.dtype in REDUCED_DTYPES
+    experiment = Experiment.load(config, device=None if heavy else "cpu")
     count = 1 if config.grid.y is None else 2
     directions = plan_directions(experiment, config, count)
     grid = Grid.from_config(config.grid, directions.frame)
+    if experiment.autocast is not None:
+        plane = DirectionPlane(experiment.model, directions.vectors)
+        check = precision_check(experiment, plane, grid, config.maps)
+        directions.groups["precision"] = ({}, check)
     common = {
         "kind": config.directions.kind,
         "normalization": config.directions.normalization,
@@ -85,6 +92,7 @@ def create_plan(path: Path, config: ExperimentConfig) -> None:
         "checkpoint_sha256": experiment.checkpoint_sha256,
         "model": config.model.name,
         "dataset": config.data.name,
+        "float32_products": "tf32" if config.evaluation.tf32 else "ieee",
     }
     create_surface_file(
         path,
@@ -166,7 +174,10 @@ def create_analysis_plan(path: Path, config: ExperimentConfig) -> None:
     work table over them."""
     files = analysis_checkpoints(config)
     experiment = Experiment.load(config, with_checkpoint=False, device="cpu")
-    if "clustering" in config.analysis.quantities and experiment.data.train_y.is_floating_point():
+    if (
+        "clustering" in config.analysis.quantities
+        and experiment.data.split("train").head(1)[1].is_floating_point()
+    ):
         raise UserError(
             "analysis.quantities: clustering groups logit gradients by class and needs class "
             "labels; this data set's targets are real numbers: drop clustering"
@@ -178,7 +189,9 @@ def create_analysis_plan(path: Path, config: ExperimentConfig) -> None:
     config = resolved_analysis(config, classes, size)
     epochs = []
     for file in files:
-        state, metadata = load_checkpoint(file, ANALYSIS_FIELD)
+        state, metadata = load_checkpoint(
+            file, experiment.model.state_dict(), config.model, ANALYSIS_FIELD
+        )
         check_compatible(experiment.model, state, file, ANALYSIS_FIELD)
         epochs.append(int(metadata.get("epoch", -1)))
     strings = h5py.string_dtype()

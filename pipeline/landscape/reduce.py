@@ -1,7 +1,7 @@
 """Reduce: bring a surface file up to date after a run, in one serial process.
 
 Reducing merges the part files waiting beside the file (:mod:`landscape.parts`), then
-derives every derived map of its jobs (:attr:`landscape.jobs.JobKind.derived`, e.g.
+derives every derived map of its jobs (:meth:`landscape.jobs.JobKind.derived_maps`, e.g.
 lambda_ratio) from the maps now in it: always, also when there was no part to merge
 (a serial or ``mpio`` run writes the file directly). It is the one place either
 happens. Rank 0 reduces when ``landscape run`` / ``hessian`` ends, and before it starts

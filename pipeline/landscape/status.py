@@ -64,13 +64,48 @@ def surface_lines(surface: SurfaceFile) -> list[str]:
     maps = surface.maps()
     for job in surface.jobs:
         lines.append(job_progress(surface, job))
-        derived = [derived.name for derived in JOBS[job].derived]
+        derived = [derived.name for derived in JOBS[job].derived_maps(surface.config)]
         for name in surface.job_maps(job) + derived:
             lines.append(map_line(name, maps[name]))
     trace = surface.group("trace")
     if trace is not None:
         lines += trace_lines(trace[1])
+    precision = precision_line(surface)
+    if precision is not None:
+        lines.append(precision)
     return lines
+
+
+def precision_line(surface: SurfaceFile) -> str | None:
+    """One line on a reduced-precision or TF32 surface (None for IEEE float32/float64):
+    the dtype, and per loss and accuracy map its measured |reduced - float32| at the
+    centre and the corner, the loss's also relative (:mod:`landscape.precision`)."""
+    check = surface.group("precision")
+    tf32 = surface.attrs.get("float32_products") == "tf32"
+    if check is None and not tf32:
+        return None
+    parts = []
+    if check is not None:
+        attrs = check[1]
+        dtype = attrs["dtype"]
+        differences = []
+        for name in surface.config.maps:
+            if f"{name}_abs_difference" not in attrs:
+                continue
+            centre, corner = attrs[f"{name}_abs_difference"]
+            text = f"{name} {centre:.2g}, {corner:.2g}"
+            if f"{name}_rel_difference" in attrs:
+                text += " (rel {:.2g}, {:.2g})".format(*attrs[f"{name}_rel_difference"])
+            differences.append(text)
+        corner = "(" + ", ".join(f"{c:g}" for c in attrs["points"][1]) + ")"
+        parts.append(
+            f"{dtype} autocast loss maps (float32 losses; curvature in "
+            f"{attrs['curvature_dtype']}); |{dtype} - float32| at the centre, corner {corner} "
+            f"(on {attrs['device']}, at plan): " + "; ".join(differences)
+        )
+    if tf32:
+        parts.append("float32 products in TF32 on CUDA (evaluation.tf32)")
+    return "  precision: " + "; ".join(parts)
 
 
 # The columns of an analysis file's status: (header, map, which entry of a checkpoint's

@@ -32,7 +32,8 @@ Layout (schema version 3; version 2 named the loss job "surface", and still open
                          description, what the value is and how it is estimated): every output
                          of every job (the hessian job also writes residuals, HVP counts
                          and a converged flag) and the derived maps (lambda_ratio =
-                         |lambda_min / lambda_max|), filled by reduce
+                         |lambda_min / lambda_max|; train_perplexity = exp(train_loss)
+                         where maps lists it), filled by reduce
     /done/<job>          the work table of each job (:mod:`landscape.work_table`), whose
     /finished/<job>      items are the row-major point numbers of the grid: every point,
     /points/<job>        or every stride-th along each axis for a coarser Hessian grid;
@@ -146,9 +147,10 @@ def create_surface_file(
                 values = np.full(grid.shape + output.shape, np.nan)
                 handle.create_dataset(f"maps/{output.name}", data=values)
                 handle[f"maps/{output.name}"].attrs["description"] = output.description
-            for derived in kind.derived:
+            for derived in kind.derived_maps(config):
                 values = np.full(grid.shape + derived.shape, np.nan)
                 handle.create_dataset(f"maps/{derived.name}", data=values)
+                handle[f"maps/{derived.name}"].attrs["description"] = derived.description
             attrs = {"outputs": [output.name for output in outputs], **job_attrs.get(job, {})}
             WorkTable.create(handle, job, grid.shape, points, shards, attrs)
     write_file(path, image.getbuffer(), "output")
@@ -164,10 +166,11 @@ def file_kind(handle: h5py.File) -> str:
     return str(handle.attrs.get("file_kind", "surface"))
 
 
-def missing_datasets(handle: h5py.File) -> list[str]:
+def missing_datasets(handle: h5py.File, config: ExperimentConfig) -> list[str]:
     """The datasets of the schema that ``handle`` lacks (the maps and work table of every
-    job it lists), so that a file that has a surface file's attributes but not its
-    contents is refused by name instead of failing later at the first missing key."""
+    job it lists, and the derived maps its ``config`` makes), so that a file that has a
+    surface file's attributes but not its contents is refused by name instead of failing
+    later at the first missing key."""
     jobs = list(handle["done"]) if isinstance(handle.get("done"), h5py.Group) else []
     items = "directions/x" if file_kind(handle) == "surface" else "checkpoints/path"
     needed = ["grid/x", items, "done"]
@@ -175,7 +178,7 @@ def missing_datasets(handle: h5py.File) -> list[str]:
         needed += [f"{group}/{job}" for group in TABLE_GROUPS]
         needed += [f"maps/{name}" for name in handle[f"done/{job}"].attrs.get("outputs", [])]
         kind = JOBS.get(job_name(job))
-        needed += [f"maps/{derived.name}" for derived in (kind.derived if kind else ())]
+        needed += [f"maps/{d.name}" for d in (kind.derived_maps(config) if kind else ())]
     return [name for name in needed if name not in handle]
 
 
@@ -244,13 +247,13 @@ class SurfaceFile:
         self.path = path
         self.parallel = parallel  # opened with mpio by all ranks of a communicator
         try:
-            missing = missing_datasets(handle)
+            self.config: ExperimentConfig = parse_config(handle.attrs["config"], source=str(path))
+            missing = missing_datasets(handle, self.config)
             if missing:
                 raise UserError(
                     f"{path}: not a complete surface file (no {', '.join(missing)}); plan it "
                     "again with `landscape plan CONFIG`"
                 )
-            self.config: ExperimentConfig = parse_config(handle.attrs["config"], source=str(path))
         except ConfigError as exc:  # planned by a version that allowed what this one refuses
             handle.close()
             raise UserError(
@@ -400,7 +403,7 @@ class SurfaceFile:
                 *(self.handle[f"maps/{name}"][()] for name in derived.sources)
             )
             for job in self.jobs
-            for derived in JOBS[job].derived
+            for derived in JOBS[job].derived_maps(self.config)
         }
 
     def stale_derived_maps(self) -> dict[str, np.ndarray]:

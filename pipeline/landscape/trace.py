@@ -101,13 +101,13 @@ def estimate_trace(path: str | Path, device: str | None = None) -> str:
                 "projection_label": projection_label(estimator.step),
                 "projection_dtype": "float64",
                 "hutchinson_label": HUTCHINSON_LABEL,
-                "hutchinson_dtype": experiment.config.evaluation.dtype,
+                "hutchinson_dtype": str(experiment.dtype).removeprefix("torch."),
                 "non_smooth_operations": kinks_text(estimator.kinks),
                 **{f"{name}_mean": e.mean for name, e in estimates.items()},
                 **{f"{name}_half_width": e.half_width for name, e in estimates.items()},
             },
         )
-    hvp_dtype = experiment.config.evaluation.dtype
+    hvp_dtype = str(experiment.dtype).removeprefix("torch.")
     return trace_summary(estimator, settings, hvp_dtype, estimates, seconds)
 
 

@@ -61,9 +61,10 @@ def train(config: ExperimentConfig) -> Path:
     check_writable(settings.checkpoint_dir, "train.checkpoint_dir", folder=True)
     torch.manual_seed(settings.seed)
     experiment = Experiment.load(config, with_checkpoint=False, device=settings.device)
-    model, data, objective = experiment.model, experiment.data, experiment.objective
+    model, objective = experiment.model, experiment.objective
+    train_samples, test_samples = experiment.data.split("train"), experiment.data.split("test")
     optimizer = make_optimizer(settings, model.parameters())
-    generator = torch.Generator(device=data.train_x.device).manual_seed(settings.seed)
+    generator = torch.Generator(device=experiment.device).manual_seed(settings.seed)
     saved = []  # epochs whose checkpoint is written
     with reporting_interrupt(
         lambda: (
@@ -81,26 +82,23 @@ def train(config: ExperimentConfig) -> Path:
                 group["lr"] = lr
             model.train()
             order = torch.randperm(
-                len(data.train_x), generator=generator, device=data.train_x.device
+                len(train_samples), generator=generator, device=experiment.device
             )
             for start in range(0, len(order), settings.batch_size):
-                batch = order[start : start + settings.batch_size]
-                outputs = model(data.train_x[batch])
-                loss = objective.mean(outputs, data.train_y[batch])
+                inputs, targets = train_samples.gather(order[start : start + settings.batch_size])
+                loss = objective.mean(model(inputs), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
             model.eval()
             batch_size = config.evaluation.batch_size
-            train_loss, train_acc = evaluate(
-                model, data.train_x, data.train_y, batch_size, objective
-            )
+            train_loss, train_acc = evaluate(model, train_samples, batch_size, objective)
             if not math.isfinite(train_loss):
                 raise UserError(
                     f"train.lr: the training loss is {train_loss} after epoch {epoch + 1} at "
                     f"learning rate {lr:g} (diverged); lower train.lr"
                 )
-            test_loss, test_acc = evaluate(model, data.test_x, data.test_y, batch_size, objective)
+            test_loss, test_acc = evaluate(model, test_samples, batch_size, objective)
             path = checkpoint_path(settings, epoch + 1)
             save_checkpoint(
                 path,

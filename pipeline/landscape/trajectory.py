@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from landscape.checkpoint import load_checkpoint
+from landscape.config import ModelConfig
 from landscape.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -87,16 +88,24 @@ def natural_key(text: str) -> list:
 
 
 def trajectory_pca(
-    center: dict[str, torch.Tensor], files: list[Path], names: list[str], count: int
+    center: dict[str, torch.Tensor],
+    files: list[Path],
+    names: list[str],
+    count: int,
+    settings: ModelConfig | None,
 ) -> Trajectory:
     """The top ``count`` principal directions of [theta_i - center] over ``files``, in the
-    parameters ``names`` (the others stay zero), and the checkpoints' coordinates.
+    parameters ``names`` (the others stay zero), and the checkpoints' coordinates;
+    ``settings``: the config's model section, which says how its checkpoints are read
+    (None: found automatically).
 
     Each direction is rescaled to unit length in float64 (u_j = B_c^T v_j / s_j is of
     unit length only as far as s_j^2 is exact), and a component within rounding of zero
     (see :func:`rounding_floor`) is refused: its "direction" would be noise.
     """
-    loaded = [load_checkpoint(f, "directions.checkpoints", mmap=True) for f in files]
+    loaded = [
+        load_checkpoint(f, names, settings, "directions.checkpoints", mmap=True) for f in files
+    ]
     for (state, _), path in zip(loaded, files):
         check_same_parameters(state, center, names, path)
     rows = [state for state, _ in loaded]

@@ -311,8 +311,7 @@ def warn_if_one_thread_faster(experiment: Experiment) -> None:
     once, at start-up. Only a collapse is reported: one thread at most BUSY_RATIO of all
     threads' time, on a pass of at least BUSY_MINIMUM_SECONDS (a tiny model is faster on
     one thread on idle cores too: splitting it costs more than it saves)."""
-    inputs, _ = experiment.data.split("train")
-    batch = inputs[: experiment.config.evaluation.batch_size]
+    batch, _ = experiment.data.split("train").head(experiment.config.evaluation.batch_size)
     threads = torch.get_num_threads()
     if threads == 1:
         return

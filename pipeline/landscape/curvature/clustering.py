@@ -30,6 +30,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from landscape.errors import UserError
+from landscape.samples import Samples
 
 
 @dataclass(frozen=True)
@@ -65,21 +66,19 @@ def subsample(count: int, samples: int, seed: int) -> torch.Tensor:
 def logit_gradient_clustering(
     model: nn.Module,
     names: Sequence[str],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    data: Samples,
     samples: int,
     seed: int,
     per_pass: int = 16,
 ) -> LogitGradientClustering:
     """The statistics of :class:`LogitGradientClustering` for the gradients w.r.t. the
     parameters ``names`` of ``model`` (in eval mode: each sample's logits depend on it
-    alone), on :func:`subsample` (``samples``, ``seed``) of ``inputs`` with class labels
-    ``targets``; ``per_pass`` samples' Jacobians (per_pass x C x P numbers in the model's
+    alone), on :func:`subsample` (``samples``, ``seed``) of ``data``, whose targets are
+    class labels; ``per_pass`` samples' Jacobians (per_pass x C x P numbers in the model's
     dtype) at a time. Sums are accumulated in float64."""
     if model.training:
         raise ValueError("logit_gradient_clustering needs the model in eval mode (model.eval())")
-    chosen = subsample(len(inputs), samples, seed).to(inputs.device)
-    inputs, targets = inputs[chosen], targets[chosen]
+    inputs, targets = data.gather(subsample(len(data), samples, seed))
     tensors = {name: t.detach() for name, t in model.named_parameters()}
     tensors.update(model.named_buffers())
     params = {name: tensors.pop(name) for name in names}

@@ -33,6 +33,7 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -44,6 +45,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from landscape.curvature import AUTOMATIC_HVP_MODE, HVP_MODES, PARAMETER_SELECTIONS
 from landscape.errors import Interrupted, UserError, describe
 from landscape.objectives import Objective
+
+if TYPE_CHECKING:  # samples -> lanczos -> operators: annotations only
+    from landscape.samples import Samples
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +105,11 @@ def wrapped_interrupt(exc: RuntimeError) -> KeyboardInterrupt | None:
 
 class MeanLoss:
     """The full-data mean loss L(theta) = (1/N) sum_i l_i(theta) of ``objective`` over
-    ``inputs``, as a function of the parameters ``names`` (the rest of the model, its
+    ``samples``, as a function of the parameters ``names`` (the rest of the model, its
     other parameters and buffers, held fixed) at the model's current values.
 
     The sum runs batch by batch: each batch contributes (1/N) sum_{i in b} l_i, its
-    share, with N = ``objective.count(targets)`` over the whole set, so nothing computed
+    share, with N the objective's count of units over the whole set, so nothing computed
     from it depends on ``batch_size``. ``names``: see :func:`select_parameters`.
     """
 
@@ -113,8 +117,7 @@ class MeanLoss:
         self,
         model: nn.Module,
         names: Sequence[str],
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
+        samples: Samples,
         objective: Objective,
         batch_size: int,
     ):
@@ -123,9 +126,9 @@ class MeanLoss:
         if unknown or not names:
             raise ValueError(f"Parameters to differentiate: {list(names)}; unknown: {unknown}")
         self.model, self.names = model, list(names)
-        self.inputs, self.targets = inputs, targets
+        self.samples = samples
         self.objective, self.batch_size = objective, batch_size
-        self.count = objective.count(targets)
+        self.count = samples.units(objective)
         self.shapes = [selected[name].shape for name in self.names]
         self.sizes = [selected[name].numel() for name in self.names]
         reference = selected[self.names[0]]
@@ -141,9 +144,7 @@ class MeanLoss:
     def batches(self, size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(inputs, targets) of the whole set in consecutive batches of ``size`` samples
         (default ``batch_size``), in order."""
-        size = size or self.batch_size
-        for start in range(0, len(self.inputs), size):
-            yield self.inputs[start : start + size], self.targets[start : start + size]
+        return self.samples.batches(size or self.batch_size)
 
     def outputs(self, params: dict, fixed: dict, inputs: torch.Tensor) -> torch.Tensor:
         """The model's outputs on ``inputs`` with the selected parameters ``params``."""
@@ -177,15 +178,14 @@ class MeanLoss:
 def full_gradient(
     model: nn.Module,
     names: Sequence[str],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    samples: Samples,
     objective: Objective,
     batch_size: int,
 ) -> torch.Tensor:
     """The gradient of the full-data mean loss w.r.t. the parameters ``names``, as a flat
     float64 vector in their order: one pass over the data, batches weighted as in the
     curvature operators (see :meth:`MeanLoss.gradient`)."""
-    return MeanLoss(model, names, inputs, targets, objective, batch_size).gradient()
+    return MeanLoss(model, names, samples, objective, batch_size).gradient()
 
 
 class SymmetricOperator(LinearOperator):
@@ -219,13 +219,12 @@ class CurvatureOperator(MeanLoss, SymmetricOperator):
         self,
         model: nn.Module,
         names: Sequence[str],
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
+        samples: Samples,
         objective: Objective,
         batch_size: int,
         hvp: str = "auto",
     ):
-        MeanLoss.__init__(self, model, names, inputs, targets, objective, batch_size)
+        MeanLoss.__init__(self, model, names, samples, objective, batch_size)
         self.hvps = 0
         size = sum(self.sizes)
         SymmetricOperator.__init__(self, dtype=np.float64, shape=(size, size))
@@ -240,7 +239,7 @@ class CurvatureOperator(MeanLoss, SymmetricOperator):
         that cannot be differentiated twice at all is refused in one line, with what
         double backward lacks."""
         params, fixed = self.state()
-        probe = (self.inputs[:2], self.targets[:2])
+        probe = self.samples.head(2)
         with torch.no_grad():  # a model that fails to run at all fails here, as itself
             self.batch_loss(params, fixed, *probe)
         tangents = {name: torch.ones_like(p) for name, p in params.items()}
@@ -285,7 +284,7 @@ class CurvatureOperator(MeanLoss, SymmetricOperator):
 
 
 class HessianOperator(CurvatureOperator):
-    """H of the mean loss over ``inputs`` w.r.t. the parameters ``names``, at the model's
+    """H of the mean loss over ``samples`` w.r.t. the parameters ``names``, at the model's
     current parameter values (so moving the model moves the operator).
 
     The loss is ``objective``'s (see :mod:`landscape.objectives`): the sum of its
@@ -348,7 +347,8 @@ class HessianOperator(CurvatureOperator):
         of 256 (16 MiB), where an MLP with 64 units needs passes of 2048 to gain (make
         bench). On any device it bounds a pass's memory."""
         if self.activation_size is None:
-            sizes = [self.inputs[0].numel()]
+            (one,), _ = self.samples.head(1)
+            sizes = [one.numel()]
             hooks = [
                 module.register_forward_hook(lambda m, a, output: sizes.append(output.numel()))
                 for module in self.model.modules()
@@ -356,11 +356,11 @@ class HessianOperator(CurvatureOperator):
             ]
             try:
                 with torch.no_grad():
-                    self.model(self.inputs[:1])
+                    self.model(one[None])
             finally:
                 for hook in hooks:
                     hook.remove()
-            self.activation_size = max(sizes) * self.inputs.element_size()
+            self.activation_size = max(sizes) * one.element_size()
         return max(1, min(self.batch_size, PASS_BYTES // (count * self.activation_size)))
 
     def tangents(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -375,7 +375,7 @@ class HessianOperator(CurvatureOperator):
         """Whether :meth:`batch_hvp_many` runs on this model (tried on two samples, two
         tangents); logged either way."""
         params, fixed = self.state()
-        probe = (self.inputs[:2], self.targets[:2])
+        probe = self.samples.head(2)
         tangents = self.tangents(torch.ones(2, self.shape[0], dtype=self.torch_dtype))
         tangents = {name: t.to(self.device) for name, t in tangents.items()}
         try:
@@ -430,7 +430,7 @@ class HessianOperator(CurvatureOperator):
 
 
 class GaussNewtonOperator(CurvatureOperator):
-    """The generalized Gauss-Newton matrix G of the mean loss over ``inputs`` w.r.t. the
+    """The generalized Gauss-Newton matrix G of the mean loss over ``samples`` w.r.t. the
     parameters ``names``, at the model's current parameter values:
 
         G = (1/N) sum_i J_i^T H_i J_i,
@@ -506,8 +506,7 @@ class DifferenceOperator(SymmetricOperator):
         same = (
             first.model is second.model
             and first.names == second.names
-            and first.inputs is second.inputs
-            and first.targets is second.targets
+            and first.samples is second.samples
             and type(first.objective) is type(second.objective)
             and vars(first.objective) == vars(second.objective)
         )
@@ -561,7 +560,7 @@ class GaugeProjection:
         hook = layer.register_forward_hook(lambda module, args, output: seen.append(output))
         try:
             with torch.no_grad():
-                output = model(operator.inputs[:1])
+                output = model(operator.samples.head(1)[0])
         finally:
             hook.remove()
         if not seen or seen[-1] is not output:

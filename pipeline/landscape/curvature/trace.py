@@ -191,15 +191,14 @@ class TraceEstimator:
         length = float(self.flat.origin[self.mask].norm())
         self.step = step * (length if length > 0 else 1.0)
         self.generator = torch.Generator().manual_seed(seed)
-        self.kinks = kinked_operations(operator.model, operator.inputs[:2])
+        self.kinks = kinked_operations(operator.model, operator.samples.head(2)[0])
 
     def loss(self) -> float:
         """The full-data mean loss of the float64 copy at its current parameters."""
         operator = self.operator
         return evaluate(
             self.float64_model,
-            operator.inputs,
-            operator.targets,
+            operator.samples,
             operator.batch_size,
             operator.objective,
         )[0]
