@@ -211,14 +211,15 @@ def points_per_pass(experiment: Experiment, plane: DirectionPlane) -> int:
 
     On a CPU, 1, for every model family: measured again once the per-point writes and
     the per-point loss operations were gone (benchmarks/batch_bench.py, CPU time on one
-    thread, batch 128, forwards per point at K = 1 / 8 / 32): the digits MLP 2.36 /
-    2.97 / 3.54, the small BN CNN 1.24 / 2.67 / 5.15, ResNet-20 1.00 / 1.12 / 1.09, and
-    no better at the best batch. vmap costs about 0.4 ms of Python per call whatever K
-    (as much as 8 of the MLP's forward passes over a batch), its batched matrix products
-    run at about half the speed of the plain ones, and a batched convolution is a
-    grouped one over K times the channels, whose activations leave the cache. A fixed
-    rule, not a timing: K must not depend on the load, or a resumed run would round
-    otherwise."""
+    thread, batch 128, forwards per point at K = 1 / 8 / 32, two runs): the digits MLP
+    2.36 / 2.97 / 3.54 and 1.96 / 2.05 / 1.67 (no gain to rely on), the small BN CNN
+    1.24 / 2.67 / 5.15 and 1.08 / 3.95 / 7.10, ResNet-20 1.00 / 1.12 / 1.09 and
+    1.03 / 1.17 / 1.20, and no better at the best batch. vmap costs about 0.4 ms of
+    Python per call whatever K (as much as 8 of the MLP's forward passes over a batch),
+    its batched matrix products run at about half the speed of the plain ones, and a
+    batched convolution is a grouped one over K times the channels, whose activations
+    leave the cache. A fixed rule, not a timing: K must not depend on the load, or a
+    resumed run would round otherwise."""
     device = experiment.device
     if device.type != "cuda":
         return 1
