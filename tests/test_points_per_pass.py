@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from landscape import workers
 from landscape.config import ConfigError, EvaluationConfig
-from landscape.data import load_dataset
+from landscape.data import Dataset, load_dataset
 from landscape.evaluators import PointByPoint, SeveralPoints, can_batch, loss_evaluator
 from landscape.models import build_model
 from landscape.objectives import build_objective
@@ -60,7 +60,7 @@ def setting(name: str, dtype: torch.dtype, points_per_pass: int, moved_buffers: 
         autocast=None,
         objective=build_objective("cross_entropy", {}),
         device=torch.device("cpu"),
-        data=SimpleNamespace(split=lambda split: (inputs, targets)),
+        data=Dataset(inputs, targets, inputs, targets, data.num_classes),
         config=SimpleNamespace(
             evaluation=EvaluationConfig(batch_size=64, points_per_pass=points_per_pass)
         ),
