@@ -362,6 +362,7 @@ def text(
     vocab: int = 256,
     test_fraction: float = 0.2,
     limit: int = 0,
+    document_bytes: int = 0,
     seed: int = 0,
 ) -> Dataset:
     """Next-byte prediction on the English help text that ships with Python (the 79 help
@@ -376,19 +377,23 @@ def text(
     batches hold different numbers of them. ``vocab`` < 256 keeps the ``vocab - 1`` most
     frequent bytes of the whole corpus (ids by frequency, ties by byte value) and maps
     every rarer byte to id ``vocab - 1``, so that a test model can be tiny. ``limit`` > 0
-    keeps the first ``limit`` sequences of each split. Inputs and targets are (N,
-    seq_len) int64; ``num_classes`` = ``vocab``."""
+    keeps the first ``limit`` sequences of each split; ``document_bytes`` > 0 the first
+    ``document_bytes`` bytes of each document (many short documents: padding in every
+    few sequences). Inputs and targets are (N, seq_len) int64; ``num_classes`` =
+    ``vocab``."""
     from pydoc_data.topics import topics
 
     if not 2 <= vocab <= 256:
         raise UserError(f"data.kwargs.vocab: {vocab!r}; give 2 .. 256 token ids (bytes)")
-    if seq_len < 1 or not 0 < test_fraction < 1:
+    if seq_len < 1 or document_bytes < 0 or document_bytes == 1 or not 0 < test_fraction < 1:
         raise UserError(
-            f"data.kwargs: seq_len {seq_len!r} must be >= 1 and test_fraction "
-            f"{test_fraction!r} in (0, 1)"
+            f"data.kwargs: seq_len {seq_len!r} must be >= 1, document_bytes {document_bytes!r} "
+            f"0 (whole documents) or >= 2, test_fraction {test_fraction!r} in (0, 1)"
         )
     documents = [np.frombuffer(topics[key].encode(), np.uint8) for key in sorted(topics)]
     ids = byte_ids(np.concatenate(documents), vocab)
+    if document_bytes:
+        documents = [tokens[:document_bytes] for tokens in documents]
     order = np.random.default_rng(seed).permutation(len(documents))
     held_out = max(1, round(test_fraction * len(documents)))
     splits = [order[held_out:], order[:held_out]]
