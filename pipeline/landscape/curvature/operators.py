@@ -360,7 +360,8 @@ class HessianOperator(CurvatureOperator):
             finally:
                 for hook in hooks:
                     hook.remove()
-            self.activation_size = max(sizes) * self.inputs.element_size()
+            # Tangents are in the parameters' dtype, whatever the inputs are (int64 token ids).
+            self.activation_size = max(sizes) * torch.finfo(self.torch_dtype).bits // 8
         return max(1, min(self.batch_size, PASS_BYTES // (count * self.activation_size)))
 
     def tangents(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
