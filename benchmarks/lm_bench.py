@@ -55,7 +55,9 @@ def bench_lm(folder: Path) -> dict:
         points = evaluate_shards("loss", evaluator, surface.pending_shards("loss"), surface)
         elapsed = time.perf_counter() - started
     operators = {mode: training_hessian(experiment, "all", mode) for mode in HVP_MODES}
-    vector = torch.randn(operators[HVP_MODES[0]].shape[0], generator=torch.Generator().manual_seed(0))
+    vector = torch.randn(
+        operators[HVP_MODES[0]].shape[0], generator=torch.Generator().manual_seed(0)
+    )
     inputs, _ = experiment.data.split("train")
     batch_size = experiment.config.evaluation.batch_size
 
@@ -65,7 +67,8 @@ def bench_lm(folder: Path) -> dict:
             experiment.model(inputs[start : start + batch_size])
 
     products = {
-        mode: (lambda operator=operator: operator.hvp(vector)) for mode, operator in operators.items()
+        mode: (lambda operator=operator: operator.hvp(vector))
+        for mode, operator in operators.items()
     }
     seconds = interleaved_seconds({"forward": forward, **products})
     return {

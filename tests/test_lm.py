@@ -6,11 +6,12 @@ token inputs checked in one line; a user's vision transformer by import path."""
 
 from __future__ import annotations
 
+from pydoc_data.topics import topics
+
 import numpy as np
 import pytest
 import torch
 from conftest import write_experiment
-from pydoc_data.topics import topics
 from torch.func import functional_call
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -129,7 +130,10 @@ def test_a_small_vocabulary_keeps_the_most_frequent_bytes():
     [
         ("token_id_too_large", ["train_x token id 5 (sample 2, 1 in all)", "0..4 for vocab 5"]),
         ("negative_token_id", ["test_x token id -1 (sample 1,", "outside 0..4"]),
-        ("token_ids_beside_float_inputs", ["test_x of torch.float32 beside train_x of torch.int64"]),
+        (
+            "token_ids_beside_float_inputs",
+            ["test_x of torch.float32 beside train_x of torch.int64"],
+        ),
         ("token_label_too_large", ["train_y label 5 (sample 4", "0..4 or padding -100"]),
         ("token_id_beyond_given_vocabulary", ["train_x token id 9", "for vocab 9"]),
     ],
@@ -228,6 +232,22 @@ def test_the_tied_embedding_is_one_parameter_perturbed_once(tmp_path):
     with torch.no_grad():  # the logits are the moved embedding's, in and out
         hidden = exp.model.transformer(exp.data.train_x[:2]).last_hidden_state
         assert torch.allclose(exp.model(exp.data.train_x[:2]), hidden @ moved.T, atol=1e-12)
+
+
+def test_gpt2s_conv1d_filters_are_its_columns(tmp_path):
+    """transformers' Conv1D stores its weight (inputs, outputs): a filter-normalized
+    direction matches the norm of each output's column, and an nn.Linear-style row
+    normalization would not."""
+    path = lm_experiment(tmp_path, grid=GRID)
+    exp = Experiment.load(load_config(path))
+    with SurfaceFile.open(plan_surface(load_config(path))) as planned:
+        (direction, _) = planned.directions()
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        key = f"transformer.h.0.{name}.weight"
+        theta = dict(exp.model.named_parameters())[key].detach()
+        d = torch.as_tensor(direction[key])
+        assert torch.allclose(d.norm(dim=0), theta.norm(dim=0), rtol=1e-12), name
+        assert not torch.allclose(d.norm(dim=1), theta.norm(dim=1), rtol=1e-3), name
 
 
 @pytest.mark.parametrize("ignore, moves", [("biasbn", False), ("none", True)])

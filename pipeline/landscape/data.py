@@ -114,9 +114,7 @@ def check_dataset(data: Dataset, name: str) -> None:
         )
     vocab = classes if data.vocab is None else data.vocab
     if not _is_count(vocab):
-        raise UserError(
-            f"{given} vocab {vocab!r}; give the number of token ids, an integer >= 1"
-        )
+        raise UserError(f"{given} vocab {vocab!r}; give the number of token ids, an integer >= 1")
     for split in ("train", "test"):
         inputs, targets = data.split(split)
         if len(inputs) == 0:
