@@ -17,9 +17,11 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from landscape.config import load_config
+from landscape.curvature.operators import GaugeProjection, HessianOperator
 from landscape.data import IGNORE_INDEX, load_dataset
 from landscape.errors import UserError
 from landscape.experiment import Experiment
+from landscape.objectives import TokenCrossEntropy
 from landscape.parameters import DirectionPlane
 from landscape.plan import plan_analysis, plan_surface
 from landscape.store import SurfaceFile
@@ -344,3 +346,34 @@ def test_a_vision_transformer_from_a_user_module(tmp_path, dtype):
     assert maps["train_loss"][0, 0] == pytest.approx(loss, rel=1e-6)
     assert abs(maps["lambda_min"][0, 0] - spectrum[0]) <= within * top
     assert abs(maps["lambda_max"][0, 0] - spectrum[-1]) <= within * top
+
+
+class HeadTiedFirst(torch.nn.Module):
+    """An output layer registered before the input embedding it shares its weight with,
+    so that named_parameters names the tied weight ``head.weight``."""
+
+    def __init__(self, vocabulary: int = 7, width: int = 4):
+        super().__init__()
+        self.head = torch.nn.Linear(width, vocabulary, bias=False)
+        self.embed = torch.nn.Embedding(vocabulary, width)
+        self.embed.weight = self.head.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens)))
+
+
+def test_a_tied_output_layer_has_no_softmax_gauge():
+    """W + 1 c^T leaves the softmax of an untied last layer unchanged, not when W is also
+    the input embedding: the loss moves, so no gauge may be projected out."""
+    torch.manual_seed(0)
+    model = HeadTiedFirst().double()
+    tokens = torch.randint(7, (5, 3))
+    labels = torch.randint(7, (5, 3))
+    objective = TokenCrossEntropy()
+    operator = HessianOperator(model, ["head.weight"], tokens, labels, objective, 5)
+    assert [name for name, _ in model.named_parameters()] == ["head.weight"]
+    assert GaugeProjection.find(operator) is None
+    with torch.no_grad():
+        before = objective.mean(model(tokens), labels)
+        model.head.weight += torch.randn(1, 4, dtype=torch.float64)  # every row + c
+        assert abs(objective.mean(model(tokens), labels) - before) > 1e-3
