@@ -470,9 +470,10 @@ TORCH_DATA_FIELDS = ("train", "test", "num_classes")
 
 def check_torch_data(data: TorchData) -> None:
     """Fail in one line unless both splits are non-empty map-style datasets whose first
-    item is an (input, target) pair: a floating input of one shape in both splits, and a
-    target that is a class label in ``0 .. num_classes - 1`` or a float. Only the first
-    items are read here; a later item that fails stops its pass, naming its samples."""
+    item is an (input, target) pair: an input of one shape in both splits, floating or
+    token ids in ``0 .. num_classes - 1``, and a float target or class labels in that
+    range (token labels may be IGNORE_INDEX). Only the first items are read here; a
+    later item that fails stops its pass, naming its samples."""
     given = f"data.name: {data.name} returned"
     classes = data.num_classes
     if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1:
@@ -496,13 +497,17 @@ def check_torch_data(data: TorchData) -> None:
                 f"{given} a {split} dataset whose item 0 is not an (input, target) pair of "
                 f"tensors or numbers ({describe(exc)})"
             ) from None
-        if not inputs.is_floating_point():
-            raise UserError(f"{given} {split} inputs of {inputs.dtype}; give floating-point inputs")
-        if not target.is_floating_point() and not 0 <= int(target) < data.num_classes:
-            raise UserError(
-                f"{given} {split} label {int(target)} (sample 0) outside 0..{classes - 1} for "
-                f"num_classes {classes}"
-            )
+        for values, what in ((inputs, "token id"), (target, "label")):
+            if values.is_floating_point():
+                continue
+            outside = values[(values < 0) | (values >= classes)]
+            if what == "label":  # padding of token labels
+                outside = outside[outside != IGNORE_INDEX]
+            if len(outside):
+                raise UserError(
+                    f"{given} {split} {what} {int(outside[0])} (sample 0) outside "
+                    f"0..{classes - 1} for num_classes {classes}"
+                )
         shapes[split] = tuple(inputs.shape)
     if shapes["train"] != shapes["test"]:
         raise UserError(
