@@ -132,7 +132,11 @@ def plot_contour(
     (default: ``values``), so that maps given one scale share their colours."""
     figure, axis = plt.subplots(figsize=(5.6, 5))
     levels = contour_levels(values if scale is None else scale)
-    logarithmic = levels.size > 2 and np.allclose(levels[2] / levels[1], levels[1] / levels[0])
+    logarithmic = (
+        levels.size > 2
+        and levels[0] > 0
+        and np.allclose(levels[2] / levels[1], levels[1] / levels[0])
+    )
     style = {"levels": levels, "cmap": "viridis", "norm": LogNorm() if logarithmic else None}
     if filled:
         drawn = axis.contourf(grid.x, grid.y, values, **style)
