@@ -7,7 +7,9 @@ partial one included; a 1D surface; an analysis file's CSV."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import json
 import re
 import subprocess
 
@@ -15,12 +17,14 @@ import h5py
 import meshio
 import numpy as np
 import pytest
-from conftest import LANDSCAPE, write_experiment
+import yaml
+from conftest import LANDSCAPE, trained_experiment, write_experiment
 from test_report import computed_surface, console_errors, headless_dom, needs_chromium
 
 from landscape.config import load_config
-from landscape.export import export
+from landscape.export import HTML_DIV, export
 from landscape.plan import plan_surface
+from landscape.report import summary
 from landscape.workers import run_job
 
 
@@ -125,13 +129,60 @@ def test_analysis_csv_has_a_column_per_value_and_vtk_is_refused(tmp_path):
     assert not path.with_suffix(".vtu").exists()
 
 
+def plotted_traces(page: str) -> list[dict]:
+    """The traces an exported page hands to Plotly.newPlot, arrays decoded (plotly
+    writes numpy arrays as base64 typed arrays)."""
+    start = re.search(rf'Plotly\.newPlot\(\s*"{HTML_DIV}",\s*', page).end()
+    traces, _ = json.JSONDecoder().raw_decode(page, start)
+
+    def decoded(value):
+        if isinstance(value, dict) and "bdata" in value:
+            return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        return np.asarray(value) if isinstance(value, list) else value
+
+    return [{key: decoded(value) for key, value in trace.items()} for trace in traces]
+
+
 def test_html_is_standalone_with_the_hessian_points(surfaces, tmp_path):
     path, _ = surfaces
     page = export(path, "html", tmp_path / "view.html").read_text()
     assert not re.search(r"<script[^>]+src=", page)  # plotly.js inline, nothing fetched
     assert len(page) > 1_000_000
+    (x, y), maps, done = file_contents(path)
+    rows, columns = np.nonzero(done["hessian"])
+    traces = plotted_traces(page)
+    surfaces_drawn = [t for t in traces if t["type"] == "surface"]
+    assert [t["name"] for t in surfaces_drawn][:2] == ["training loss", "test loss"]
+    np.testing.assert_array_equal(
+        surfaces_drawn[0]["z"].reshape(maps["train_loss"].shape), maps["train_loss"]
+    )
+    marked = [t for t in traces if t["name"] == "Hessian points"]
     # on each of the 5 maps' 3D surfaces (4 loss/accuracy, lambda ratio), and the contours
-    assert page.count('"name":"Hessian points"') == 6
+    assert len(marked) == 6
+    for trace in marked:
+        np.testing.assert_array_equal(trace["x"], x[columns])
+        np.testing.assert_array_equal(trace["y"], y[rows])
+    assert sum(bool(t.get("visible", True) is True) for t in traces if t["type"] == "surface") == 1
+
+
+def test_a_pca_plane_exports_its_trajectory_and_reports_its_variance(experiment, tmp_path):
+    config = trained_experiment(experiment, "mlp", epochs=4, maps=["train_loss"])
+    settings = yaml.safe_load(config.read_text())
+    folder = settings["train"]["checkpoint_dir"]
+    settings["directions"] = {"kind": "pca", "checkpoints": [f"{folder}/epoch_*.pt"]}
+    settings["grid"] = {"x": {"num": 6}, "y": {"num": 5}}
+    config.write_text(yaml.safe_dump(settings))
+    path = plan_surface(load_config(config))
+    run_job(path, "loss", show_progress=False)
+    with h5py.File(path, "r") as handle:
+        coordinates = handle["trajectory/coordinates"][()]
+        variance = handle["trajectory"].attrs["explained_variance_ratio"]
+    (trajectory,) = [
+        t for t in plotted_traces(export(path, "html").read_text()) if t["name"] == "trajectory"
+    ]
+    np.testing.assert_array_equal(trajectory["x"], coordinates[:, 0])
+    np.testing.assert_array_equal(trajectory["y"], coordinates[:, 1])
+    assert summary(path)["pca_explained_variance"] == variance.tolist()
 
 
 def test_a_surface_with_nothing_computed_is_refused_in_one_line(tmp_path):
