@@ -50,10 +50,16 @@ JOB_SECTIONS = {
 }
 
 
-def finite_range(values: np.ndarray) -> list[float] | None:
-    """[min, max] of the finite values (None if there are none)."""
+def finite_range(values: np.ndarray) -> tuple[float | None, float | None]:
+    """(min, max) of the finite values ((None, None) if there are none)."""
     finite = values[np.isfinite(values)]
-    return [float(finite.min()), float(finite.max())] if finite.size else None
+    return (float(finite.min()), float(finite.max())) if finite.size else (None, None)
+
+
+def map_numbers(values: np.ndarray, centre: tuple[int, ...]) -> dict:
+    """A map's value at the ``centre`` index and the min and max of its computed values."""
+    low, high = finite_range(values)
+    return {"centre": float(values[centre]), "min": low, "max": high}
 
 
 def centre_index(coordinates: np.ndarray) -> int:
@@ -102,7 +108,7 @@ def surface_summary(surface: SurfaceFile) -> dict:
         "checkpoint": {"path": str(attrs["checkpoint_path"]), "sha256": attrs["checkpoint_sha256"]},
         "centre": [float(grid.x[column])] + ([] if row is None else [float(grid.y[row])]),
         "maps": {
-            name: {"centre": float(maps[name][at_centre]), "range": finite_range(maps[name])}
+            name: map_numbers(maps[name], at_centre)
             for name in ("train_loss", "train_acc", "test_loss", "test_acc")
             if name in maps
         },
@@ -123,9 +129,11 @@ def surface_summary(surface: SurfaceFile) -> dict:
         done = surface.done("hessian").astype(bool)
         ratio = maps["lambda_ratio"][done]
         known = ratio[np.isfinite(ratio)]
+        ratio_min, ratio_max = finite_range(ratio)
         result["hessian"] = {
             "points": int(done.sum()),
-            "ratio_range": finite_range(ratio),
+            "ratio_min": ratio_min,
+            "ratio_max": ratio_max,
             "threshold": RATIO_THRESHOLD,
             "share_above": float((known > RATIO_THRESHOLD).mean()) if known.size else None,
         }
@@ -160,8 +168,11 @@ def analysis_summary(surface: SurfaceFile) -> dict:
     paths, hashes = texts(rows["path"]), texts(rows["sha256"])
     checkpoints = []
     for item in done:
-        entry = {"epoch": int(rows["epoch"][item]), "train_loss": float(maps["train_loss"][item])}
-        entry["train_acc"] = float(maps["train_acc"][item])
+        entry = {
+            "epoch": int(rows["epoch"][item]),
+            "train_loss": float(maps["train_loss"][item]),
+            "train_acc": float(maps["train_acc"][item]),
+        }
         if "outliers" in maps:
             entry["outliers"] = int(maps["outliers"][item])
         if "trace" in maps:
@@ -188,8 +199,9 @@ def summary(path: str | Path) -> dict:
     Both kinds: ``kind``, ``progress`` (done and total items per job), ``finished``,
     ``checkpoint`` (path and sha256; a list for an analysis file). A surface adds
     ``maps`` (each loss/accuracy map's value at the centre, the grid point nearest
-    (0, 0), and its finite range), ``basin`` (per axis, where the training loss stays
-    below its centre value + BASIN_RISE along the axis through the centre), ``hessian``
+    (0, 0), and the min and max of its computed values), ``basin`` (per axis, where
+    the training loss stays below its centre value + BASIN_RISE along the axis
+    through the centre), ``hessian``
     (the range of |lambda_min / lambda_max| over the done Hessian points and the share
     of them above RATIO_THRESHOLD), ``trace`` (``landscape trace``'s estimates with their
     interval half widths) and ``pca_explained_variance`` (of each PCA axis), each where
@@ -256,14 +268,7 @@ def surface_numbers(numbers: dict) -> str:
         f"({', '.join(f'{c:g}' for c in numbers['centre'])}).</p>",
     ]
     rows = [
-        [
-            html.escape(name),
-            number(entry["centre"], f"maps.{name}.centre"),
-            *(
-                number(None if entry["range"] is None else entry["range"][end], key)
-                for end, key in ((0, f"maps.{name}.min"), (1, f"maps.{name}.max"))
-            ),
-        ]
+        [html.escape(name), *(number(entry[k], f"maps.{name}.{k}") for k in entry)]
         for name, entry in numbers["maps"].items()
     ]
     parts.append(table(["map", "at the centre", "min", "max"], rows))
@@ -291,7 +296,6 @@ def surface_numbers(numbers: dict) -> str:
         parts.append(table(["axis", "from", "to", "width", "reaches the edge"], rows))
     if "hessian" in numbers:
         hessian = numbers["hessian"]
-        ratio = hessian["ratio_range"] or [None, None]
         parts.append("<h3>|λ<sub>min</sub>/λ<sub>max</sub>| over the done Hessian points</h3>")
         parts.append(
             table(
@@ -299,8 +303,8 @@ def surface_numbers(numbers: dict) -> str:
                 [
                     [
                         number(hessian["points"], "hessian.points"),
-                        number(ratio[0], "hessian.ratio_min"),
-                        number(ratio[1], "hessian.ratio_max"),
+                        number(hessian["ratio_min"], "hessian.ratio_min"),
+                        number(hessian["ratio_max"], "hessian.ratio_max"),
                         number(hessian["share_above"], "hessian.share_above"),
                     ]
                 ],
