@@ -129,18 +129,20 @@ def test_analysis_csv_has_a_column_per_value_and_vtk_is_refused(tmp_path):
     assert not path.with_suffix(".vtu").exists()
 
 
-def plotted_traces(page: str) -> list[dict]:
-    """The traces an exported page hands to Plotly.newPlot, arrays decoded (plotly
-    writes numpy arrays as base64 typed arrays)."""
+def plotted_figure(page: str) -> tuple[list[dict], dict]:
+    """The traces and the layout an exported page hands to Plotly.newPlot, arrays
+    decoded (plotly writes numpy arrays as base64 typed arrays)."""
+    decoder = json.JSONDecoder()
     start = re.search(rf'Plotly\.newPlot\(\s*"{HTML_DIV}",\s*', page).end()
-    traces, _ = json.JSONDecoder().raw_decode(page, start)
+    traces, end = decoder.raw_decode(page, start)
+    layout, _ = decoder.raw_decode(page, end + re.match(r",\s*", page[end:]).end())
 
     def decoded(value):
         if isinstance(value, dict) and "bdata" in value:
             return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
         return np.asarray(value) if isinstance(value, list) else value
 
-    return [{key: decoded(value) for key, value in trace.items()} for trace in traces]
+    return [{key: decoded(value) for key, value in trace.items()} for trace in traces], layout
 
 
 def test_html_is_standalone_with_the_hessian_points(surfaces, tmp_path):
@@ -150,7 +152,7 @@ def test_html_is_standalone_with_the_hessian_points(surfaces, tmp_path):
     assert len(page) > 1_000_000
     (x, y), maps, done = file_contents(path)
     rows, columns = np.nonzero(done["hessian"])
-    traces = plotted_traces(page)
+    traces, layout = plotted_figure(page)
     surfaces_drawn = [t for t in traces if t["type"] == "surface"]
     assert [t["name"] for t in surfaces_drawn][:2] == ["training loss", "test loss"]
     np.testing.assert_array_equal(
@@ -163,6 +165,13 @@ def test_html_is_standalone_with_the_hessian_points(surfaces, tmp_path):
         np.testing.assert_array_equal(trace["x"], x[columns])
         np.testing.assert_array_equal(trace["y"], y[rows])
     assert sum(bool(t.get("visible", True) is True) for t in traces if t["type"] == "surface") == 1
+    for button in layout["updatemenus"][0]["buttons"]:  # each shows its map only
+        visible = button["args"][0]["visible"]
+        shown = {(t["type"], t["name"]) for t, seen in zip(traces, visible) if seen}
+        title = button["label"]
+        assert {name for kind, name in shown if kind in ("surface", "contour")} == {title}
+        assert ("scatter3d", "Hessian points") in shown and ("scatter", "Hessian points") in shown
+        assert sum(visible) == 4  # its surface, contours, 3D points; the points on the contours
 
 
 def test_a_pca_plane_exports_its_trajectory_and_reports_its_variance(experiment, tmp_path):
@@ -178,7 +187,7 @@ def test_a_pca_plane_exports_its_trajectory_and_reports_its_variance(experiment,
         coordinates = handle["trajectory/coordinates"][()]
         variance = handle["trajectory"].attrs["explained_variance_ratio"]
     (trajectory,) = [
-        t for t in plotted_traces(export(path, "html").read_text()) if t["name"] == "trajectory"
+        t for t in plotted_figure(export(path, "html").read_text())[0] if t["name"] == "trajectory"
     ]
     np.testing.assert_array_equal(trajectory["x"], coordinates[:, 0])
     np.testing.assert_array_equal(trajectory["y"], coordinates[:, 1])

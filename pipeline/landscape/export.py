@@ -142,6 +142,75 @@ def hessian_points(surface: SurfaceFile) -> np.ndarray | None:
     return np.array(np.unravel_index(points[done], surface.grid.shape))
 
 
+def map_traces(grid, title: str, values: np.ndarray, marked: np.ndarray | None, visible: bool):
+    """One map's traces with the subplot column of each: its 3D surface (1), its filled
+    contours (2) and the done Hessian points on its surface (1)."""
+    import plotly.graph_objects as go
+
+    common = {"x": grid.x, "y": grid.y, "z": values, "colorscale": "Viridis", "name": title}
+    traces = [
+        (go.Surface(**common, visible=visible, showscale=False), 1),
+        (go.Contour(**common, visible=visible, colorbar={"title": {"text": title}}), 2),
+    ]
+    if marked is not None:
+        rows, columns = marked
+        points = go.Scatter3d(
+            x=grid.x[columns],
+            y=grid.y[rows],
+            z=values[rows, columns],
+            mode="markers",
+            marker={"size": 3, "color": "red"},
+            name="Hessian points",
+            visible=visible,
+        )
+        traces.append((points, 1))
+    return traces
+
+
+def overlay_traces(surface: SurfaceFile, marked: np.ndarray | None) -> list:
+    """What the contours of every map show on top: the done Hessian points and the PCA
+    trajectory (its checkpoints in order, each named by its epoch)."""
+    import plotly.graph_objects as go
+
+    grid, traces = surface.grid, []
+    if marked is not None:
+        rows, columns = marked
+        traces.append(
+            go.Scatter(
+                x=grid.x[columns],
+                y=grid.y[rows],
+                mode="markers",
+                name="Hessian points",
+                marker={"color": "red", "symbol": "x", "size": 7},
+            )
+        )
+    trajectory = surface.group("trajectory")
+    if trajectory is not None:
+        path, epochs = trajectory[0]["coordinates"], trajectory[0]["epochs"]
+        traces.append(
+            go.Scatter(
+                x=path[:, 0],
+                y=path[:, 1],
+                mode="lines+markers",
+                name="trajectory",
+                text=[f"epoch {e}" for e in epochs],
+                marker={"color": "royalblue"},
+            )
+        )
+    return traces
+
+
+def camera_eye(grid, values: np.ndarray) -> dict:
+    """plotly's camera position for :func:`landscape.plot.view_of_minimum`'s view."""
+    elevation, azimuth = np.radians(view_of_minimum(grid, values))
+    direction = (
+        np.cos(elevation) * np.cos(azimuth),
+        np.cos(elevation) * np.sin(azimuth),
+        np.sin(elevation),
+    )
+    return {axis: CAMERA_DISTANCE * float(d) for axis, d in zip("xyz", direction)}
+
+
 def html_text(surface: SurfaceFile) -> str:
     """The interactive export (see the module docstring): a standalone HTML page."""
     optional("plotly")
@@ -162,99 +231,29 @@ def html_text(surface: SurfaceFile) -> str:
         1, 2, specs=[[{"type": "scene"}, {"type": "xy"}]], column_widths=[0.55, 0.45]
     )
     marked = hessian_points(surface)
-    traces_per_map = []
+    owners = []  # the map each trace belongs to, by its number in shown
     for number, (title, values) in enumerate(shown.values()):
-        visible = number == 0
-        traces = [
-            go.Surface(
-                x=grid.x,
-                y=grid.y,
-                z=values,
-                colorscale="Viridis",
-                name=title,
-                visible=visible,
-                showscale=False,
-            ),
-            go.Contour(
-                x=grid.x,
-                y=grid.y,
-                z=values,
-                colorscale="Viridis",
-                name=title,
-                visible=visible,
-                colorbar={"title": {"text": title}},
-            ),
-        ]
-        figure.add_trace(traces[0], 1, 1)
-        figure.add_trace(traces[1], 1, 2)
-        if marked is not None:
-            rows, columns = marked
-            figure.add_trace(
-                go.Scatter3d(
-                    x=grid.x[columns],
-                    y=grid.y[rows],
-                    z=values[rows, columns],
-                    mode="markers",
-                    marker={"size": 3, "color": "red"},
-                    name="Hessian points",
-                    visible=visible,
-                ),
-                1,
-                1,
-            )
-        traces_per_map.append(len(figure.data))
-    if marked is not None:
-        rows, columns = marked
-        figure.add_trace(
-            go.Scatter(
-                x=grid.x[columns],
-                y=grid.y[rows],
-                mode="markers",
-                name="Hessian points",
-                marker={"color": "red", "symbol": "x", "size": 7},
-            ),
-            1,
-            2,
-        )
-    trajectory = surface.group("trajectory")
-    if trajectory is not None:
-        path = trajectory[0]["coordinates"]
-        epochs = trajectory[0]["epochs"]
-        figure.add_trace(
-            go.Scatter(
-                x=path[:, 0],
-                y=path[:, 1],
-                mode="lines+markers",
-                name="trajectory",
-                text=[f"epoch {e}" for e in epochs],
-                marker={"color": "royalblue"},
-            ),
-            1,
-            2,
-        )
-    always = len(figure.data) - traces_per_map[-1]
-    starts = [0, *traces_per_map[:-1]]
-    buttons = []
-    for (title, _), start, stop in zip(shown.values(), starts, traces_per_map):
-        visible = [start <= index < stop for index in range(traces_per_map[-1])]
-        buttons.append(
-            {"label": title, "method": "update", "args": [{"visible": visible + [True] * always}]}
-        )
-    elevation, azimuth = view_of_minimum(grid, next(iter(shown.values()))[1])
-    eye = CAMERA_DISTANCE * np.array(
-        [
-            np.cos(np.radians(elevation)) * np.cos(np.radians(azimuth)),
-            np.cos(np.radians(elevation)) * np.sin(np.radians(azimuth)),
-            np.sin(np.radians(elevation)),
-        ]
-    )
+        for trace, column in map_traces(grid, title, values, marked, visible=number == 0):
+            figure.add_trace(trace, 1, column)
+            owners.append(number)
+    for trace in overlay_traces(surface, marked):
+        figure.add_trace(trace, 1, 2)
+    overlays = len(figure.data) - len(owners)
+    buttons = [
+        {
+            "label": title,
+            "method": "update",
+            "args": [{"visible": [owner == number for owner in owners] + [True] * overlays}],
+        }
+        for number, (title, _) in enumerate(shown.values())
+    ]
     figure.update_layout(
         title=surface.path.name,
         updatemenus=[{"buttons": buttons, "x": 0, "y": 1.12, "xanchor": "left"}],
         scene={
             "xaxis_title": labels[0],
             "yaxis_title": labels[1],
-            "camera": {"eye": dict(zip("xyz", eye.tolist()))},
+            "camera": {"eye": camera_eye(grid, next(iter(shown.values()))[1])},
         },
         xaxis_title=labels[0],
         yaxis_title=labels[1],
