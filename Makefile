@@ -21,7 +21,7 @@ H5PY_BUILD_ENV := CC=mpicc HDF5_MPI=ON HDF5_PKGCONFIG_NAME=$(HDF5_PKGCONFIG_NAME
 
 SLURM_APT_PACKAGES := slurm-wlm munge slurmdbd mariadb-server
 
-.PHONY: install parallel-stack system-mpi local-slurm demo test bench lint clean
+.PHONY: install parallel-stack system-mpi local-slurm browser demo test bench lint clean
 
 install: $(STAMP)
 
@@ -78,10 +78,24 @@ local-slurm:
 		echo "local SLURM: not installed (needs root and apt-get); the SLURM tests will be skipped"; \
 	fi
 
+# Chromium from Debian's packages, for the tests that load a report page and an HTML
+# export in a real headless browser (skipped without it, and this says so). Debian as
+# root; `make test` runs it. Ubuntu's chromium is a snap: install it by hand there.
+browser:
+	@if command -v chromium >/dev/null; then \
+		echo "browser: $$(chromium --version 2>/dev/null)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium with apt-get (a few minutes)" && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium >/dev/null; \
+	else \
+		echo "browser: no chromium (needs root and apt-get); the browser tests will be skipped"; \
+	fi
+
 demo: install
 	$(VENV)/bin/landscape demo --out results/demo
 
-test: install local-slurm
+test: install local-slurm browser
 	$(PY) -m pytest -q
 
 bench: install

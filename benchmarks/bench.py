@@ -44,6 +44,7 @@ import torch
 from benchmarks.analysis_bench import bench_analysis
 from benchmarks.batch_bench import bench_batched
 from benchmarks.hessian_bench import bench_hessian
+from benchmarks.lm_bench import bench_lm
 from benchmarks.probe_bench import PROBES, bench_probes
 from benchmarks.stream_bench import bench_stream
 from benchmarks.warm_bench import bench_warm
@@ -286,7 +287,7 @@ def pca_child(folder: str, method: str) -> None:
 
 def bench_cpu(folder: Path, results: dict) -> None:
     """The CPU cases (loss, Hessian, PCA, ranks, several points per pass, analyses, probes,
-    streamed data), printed and added to ``results``."""
+    the tiny language model, streamed data), printed and added to ``results``."""
     results["loss"] = {}
     for name, spec in CASES.items():
         result = bench_case(name, spec, folder)
@@ -355,6 +356,11 @@ def bench_cpu(folder: Path, results: dict) -> None:
             f"{PROBES} probe HVPs in one pass / {PROBES} separate, {case:32s} {ratio:.2f}x "
             f"(target <= {probes['target_ratio']})"
         )
+    lm = results["lm"] = bench_lm(folder)
+    print(
+        f"tiny LM (demo_lm): {lm['points_per_s']:.1f} points/s, HVP "
+        f"{lm['hvp_over_forward']['double_backward']:.1f}x a forward pass"
+    )
     stream = results["stream"] = bench_stream()
     for model in ("mlp", "small_cnn", "resnet20"):
         print(

@@ -157,3 +157,30 @@ def test_token_counts_and_batches_agree_between_kinds(dtype):
     order = torch.tensor([7, 0, 22, 3])
     for found, expected in zip(streamed.gather(order), held.gather(order)):
         assert torch.equal(found, expected)
+
+
+def test_streamed_token_sequences_match_held_ones(experiment):
+    """The text data set's token ids and padded labels, served item by item through 2
+    workers: the same GPT-2 loss map as the held tensors."""
+    pytest.importorskip("transformers")
+    text = {"seq_len": 16, "vocab": 24, "limit": 40, "document_bytes": 200}
+    common = {
+        "model": {"name": "gpt2", "kwargs": {"layers": 1, "width": 8, "heads": 2, "positions": 16}},
+        "maps": ["train_loss", "train_acc"],
+        "evaluation": {"loss": "token_cross_entropy"},
+        "grid": {"x": {"min": -1.0, "max": 1.0, "num": 3}},
+    }
+    maps = []
+    for name, data in (
+        ("held", {"name": "text", "kwargs": text}),
+        (
+            "streamed",
+            {"name": "plugins:streamed", "kwargs": {"name": "text", **text}, "stream": "always"},
+        ),
+    ):
+        path = experiment(name=name, data=data, **common)
+        assert main(["run", str(path), "--no-progress"]) == 0
+        with SurfaceFile.open(load_config(path).output) as surface:
+            maps.append(surface.maps())
+    for name in common["maps"]:
+        np.testing.assert_array_equal(maps[1][name], maps[0][name], err_msg=name)

@@ -1,6 +1,7 @@
 """The ``landscape`` command: from an experiment config to loss-landscape maps and figures.
 
-Subcommands: train, plan, run, hessian, analyze, trace, submit, reduce, status, plot, demo.
+Subcommands: train, plan, run, hessian, analyze, trace, submit, reduce, status, plot, report,
+export, demo.
 Each subcommand is a thin shell over one module; a :class:`UserError` anywhere prints
 one line and exits with status 2, a bug keeps its traceback. SIGINT and SIGTERM stop any
 command with one line saying what was saved and how to go on, and exit status 130 / 143.
@@ -151,6 +152,18 @@ def command_plot(args) -> None:
         print(path)
 
 
+def command_report(args) -> None:
+    from landscape.report import write_report
+
+    print(write_report(args.files, args.out))
+
+
+def command_export(args) -> None:
+    from landscape.export import export
+
+    print(export(args.surface, args.format, args.out))
+
+
 def command_demo(args) -> None:
     from landscape.demo import run_demo
 
@@ -270,6 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", help="folder for the figures (default: <surface>_plots/)")
     plot.add_argument("--format", nargs="+", default=["png", "pdf"], choices=["png", "pdf", "svg"])
     plot.set_defaults(handler=command_plot)
+
+    report = commands.add_parser(
+        "report", help="one self-contained HTML page per result file: figures and key numbers"
+    )
+    report.add_argument("files", nargs="+", metavar="FILE", help="surface or analysis files")
+    report.add_argument("--out", required=True, help="folder for the pages (index.html if several)")
+    report.set_defaults(handler=command_report)
+
+    export = commands.add_parser(
+        "export", help="a surface as interactive HTML (plotly), ParaView VTK (.vtu) or CSV"
+    )
+    export.add_argument("surface")
+    export.add_argument("--format", required=True, choices=["html", "vtk", "csv"])
+    export.add_argument("--out", help="file to write (default: beside the surface, its suffix)")
+    export.set_defaults(handler=command_export)
 
     demo = commands.add_parser("demo", help="train on digits, plan, run and plot 2D + 1D")
     demo.add_argument("--out", default="results/demo")

@@ -9,9 +9,14 @@ device when they fit or streams through a DataLoader when they do not.
 
 Built-in: ``digits`` (scikit-learn's 8x8 handwritten digits, the default),
 ``gaussian_clusters`` (C Gaussian classes, Sagun et al.), ``mnist1d`` (generated
-locally by the ``mnist1d`` package) and ``cifar10`` (a local ``cifar-10-batches-py``
-folder). ``package.module:function`` plugs in user data; it returns a Dataset or a
-dict with the same fields.
+locally by the ``mnist1d`` package), ``cifar10`` (a local ``cifar-10-batches-py``
+folder) and ``text`` (byte-level next-token prediction on the English help text that
+ships with Python). ``package.module:function`` plugs in user data; it returns a
+Dataset or a dict with the same fields.
+
+Inputs are floats (features, pixels) or integers: integer inputs are token ids, kept
+int64 (an embedding takes them; the experiment never casts them to ``evaluation.dtype``)
+and checked to lie in ``0 .. vocab - 1``.
 """
 
 from __future__ import annotations
@@ -34,17 +39,22 @@ except ImportError:
 
 
 DATASET_FIELDS = ("train_x", "train_y", "test_x", "test_y", "num_classes")
+IGNORE_INDEX = -100  # a target cross-entropy skips: padding (torch's ignore_index default)
 
 
 @dataclass
 class Dataset:
-    """Train and test inputs and targets; integer targets mean classification."""
+    """Train and test inputs and targets; integer targets mean classification (one label
+    per sample, or one per token for (samples, tokens) targets). Integer inputs are token
+    ids below ``vocab``, which defaults to ``num_classes`` (a language model predicts the
+    tokens it reads)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    vocab: int | None = None
 
     @property
     def input_shape(self) -> tuple:
@@ -74,25 +84,29 @@ def load_dataset(name: str, kwargs: dict) -> Dataset | TorchData:
     data = result if isinstance(result, Dataset) else _from_mapping(result, name)
     check_dataset(data, name)
     data.num_classes = int(data.num_classes)
+    data.vocab = None if data.vocab is None else int(data.vocab)
     # Cross-entropy takes int64 labels only: an int32 or uint8 Dataset would fail at the
-    # first grid point, so labels of any integer type become int64 here, once.
-    for field in ("train_y", "test_y"):
-        targets = getattr(data, field)
-        if not targets.is_floating_point():
-            setattr(data, field, targets.long())
+    # first grid point, so labels (and token ids) of any integer type become int64 here.
+    for field in DATASET_FIELDS[:4]:
+        values = getattr(data, field)
+        if not values.is_floating_point():
+            setattr(data, field, values.long())
     return data
 
 
 def check_dataset(data: Dataset, name: str) -> None:
     """Fail in one line naming the field unless ``data`` can be evaluated: tensors of
-    float inputs with one row per sample (the same trailing shape in both splits), as
-    many targets as inputs, samples in both splits (training evaluates the test set),
-    every input and float target finite, class labels in ``0 .. num_classes - 1``.
+    float inputs or integer token ids with one row per sample (the same trailing shape
+    and kind in both splits), as many targets as inputs, samples in both splits
+    (training evaluates the test set), every float input and float target finite, token
+    ids in ``0 .. vocab - 1``, class labels in ``0 .. num_classes - 1``: one per sample,
+    or one per token ((samples, tokens) labels), where padding is -100 (IGNORE_INDEX).
 
     Checked once at load, because each defect otherwise surfaces far away: a NaN input
-    makes every map NaN while the points count as done, a label out of range fails
-    inside cross-entropy at the first point (on a GPU as a device-side assert), except
-    -100, which cross-entropy silently skips (its ``ignore_index``).
+    makes every map NaN while the points count as done, a label or token id out of
+    range fails inside cross-entropy or an embedding at the first point (on a GPU as a
+    device-side assert), except a label -100 of one label per sample, which
+    cross-entropy would silently skip (its ``ignore_index``).
     """
     given = f"data.name: {name} returned"
     for field in DATASET_FIELDS[:4]:
@@ -103,11 +117,14 @@ def check_dataset(data: Dataset, name: str) -> None:
                 "tensors (return a dict to have arrays converted)"
             )
     classes = data.num_classes
-    if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1:
+    if not _is_count(classes):
         raise UserError(
             f"{given} num_classes {classes!r}; give the number of classes (of outputs, for "
             "regression), an integer >= 1"
         )
+    vocab = classes if data.vocab is None else data.vocab
+    if not _is_count(vocab):
+        raise UserError(f"{given} vocab {vocab!r}; give the number of token ids, an integer >= 1")
     for split in ("train", "test"):
         inputs, targets = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
         if len(inputs) == 0:
@@ -123,29 +140,60 @@ def check_dataset(data: Dataset, name: str) -> None:
                 f"{given} {split}_x of shape {tuple(inputs.shape)}; give one row per sample, "
                 f"(samples, features...), of the same shape in both splits"
             )
-        if not inputs.is_floating_point():
-            raise UserError(f"{given} {split}_x of {inputs.dtype}; give floating-point inputs")
+        if inputs.is_floating_point() != data.train_x.is_floating_point():
+            raise UserError(
+                f"{given} {split}_x of {inputs.dtype} beside train_x of {data.train_x.dtype}; "
+                "give float inputs or integer token ids in both splits"
+            )
+        if inputs.is_complex() or inputs.dtype == torch.bool:
+            raise UserError(
+                f"{given} {split}_x of {inputs.dtype}; give floating-point inputs or integer "
+                "token ids"
+            )
         if targets.is_floating_point() != data.train_y.is_floating_point():
             raise UserError(
                 f"{given} {split}_y of {targets.dtype} beside train_y of {data.train_y.dtype}; "
                 "give integer class labels or float targets in both splits"
             )
-        _check_finite(inputs, f"{given} {split}_x")
+        if inputs.is_floating_point():
+            _check_finite(inputs, f"{given} {split}_x")
+        else:
+            _check_range(inputs, vocab, f"{given} {split}_x token id", f"vocab {vocab}")
         if targets.is_floating_point():
             _check_finite(targets, f"{given} {split}_y")
-        elif targets.dim() != 1:
+        elif targets.dim() not in (1, 2):
             raise UserError(
                 f"{given} {split}_y of shape {tuple(targets.shape)}; class labels are one "
-                "integer per sample, shape (samples,)"
+                "integer per sample, shape (samples,), or one per token, (samples, tokens)"
             )
         else:
-            outside = ((targets < 0) | (targets >= classes)).nonzero()
-            if len(outside):
-                first = int(outside[0, 0])
-                raise UserError(
-                    f"{given} {split}_y label {int(targets[first])} (sample {first}, "
-                    f"{len(outside)} in all) outside 0..{classes - 1} for num_classes {classes}"
-                )
+            padding = IGNORE_INDEX if targets.dim() == 2 else None
+            _check_range(
+                targets, classes, f"{given} {split}_y label", f"num_classes {classes}", padding
+            )
+
+
+def _is_count(value) -> bool:
+    """Whether ``value`` is an integer >= 1 (a bool is no count)."""
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+
+
+def _check_range(
+    values: torch.Tensor, limit: int, described: str, bound: str, padding: int | None = None
+) -> None:
+    """Fail naming the first sample holding an integer outside ``0 .. limit - 1`` (other
+    than ``padding``), and how many there are in all."""
+    outside = (values < 0) | (values >= limit)
+    if padding is not None:
+        outside &= values != padding
+    outside = outside.reshape(len(values), -1).nonzero()
+    if len(outside):
+        sample, position = (int(i) for i in outside[0])
+        allowed = f"0..{limit - 1}" + ("" if padding is None else f" or padding {padding}")
+        raise UserError(
+            f"{described} {int(values.reshape(len(values), -1)[sample, position])} (sample "
+            f"{sample}, {len(outside)} in all) outside {allowed} for {bound}"
+        )
 
 
 def _check_finite(values: torch.Tensor, described: str) -> None:
@@ -317,16 +365,94 @@ class CifarUnpickler(pickle.Unpickler):
             raise ForeignGlobal(f"{module}.{name}") from None
 
 
-def _tensors(train_x, train_y, test_x, test_y, num_classes, name: str = "") -> Dataset:
-    """Inputs as floats, targets as int64 class labels when they are integers (else as
-    float targets); a value that is not numbers fails naming the field. Floats stay
-    float64 when given so (a float64 run then sees every digit of the user's data), and
-    are float32 otherwise; the experiment casts them to ``evaluation.dtype``."""
+def text(
+    seq_len: int = 64,
+    vocab: int = 256,
+    test_fraction: float = 0.2,
+    limit: int = 0,
+    document_bytes: int = 0,
+    seed: int = 0,
+) -> Dataset:
+    """Next-byte prediction on the English help text that ships with Python (the 79 help
+    topics of ``pydoc_data.topics``, 465k characters), so every machine has it.
+
+    Each topic is a document of UTF-8 bytes; documents are split whole, ``test_fraction``
+    of them (shuffled by ``seed``) held out as the test set. A document of L tokens gives
+    ceil((L - 1) / seq_len) sequences: inputs x_t = token t, targets y_t = token t + 1;
+    the last sequence of a document (and a document shorter than a sequence) is padded
+    with token id 0 in the inputs and -100 (IGNORE_INDEX) in the targets, so a
+    token-averaged loss (``token_cross_entropy``) counts the real tokens only, and
+    batches hold different numbers of them. ``vocab`` < 256 keeps the ``vocab - 1`` most
+    frequent bytes of the whole corpus (ids by frequency, ties by byte value) and maps
+    every rarer byte to id ``vocab - 1``, so that a test model can be tiny. ``limit`` > 0
+    keeps the first ``limit`` sequences of each split; ``document_bytes`` > 0 the first
+    ``document_bytes`` bytes of each document (many short documents: padding in every
+    few sequences). Inputs and targets are (N, seq_len) int64; ``num_classes`` =
+    ``vocab``."""
+    from pydoc_data.topics import topics
+
+    if not 2 <= vocab <= 256:
+        raise UserError(f"data.kwargs.vocab: {vocab!r}; give 2 .. 256 token ids (bytes)")
+    if seq_len < 1 or document_bytes < 0 or document_bytes == 1 or not 0 < test_fraction < 1:
+        raise UserError(
+            f"data.kwargs: seq_len {seq_len!r} must be >= 1, document_bytes {document_bytes!r} "
+            f"0 (whole documents) or >= 2, test_fraction {test_fraction!r} in (0, 1)"
+        )
+    documents = [np.frombuffer(topics[key].encode(), np.uint8) for key in sorted(topics)]
+    ids = byte_ids(np.concatenate(documents), vocab)
+    if document_bytes:
+        documents = [tokens[:document_bytes] for tokens in documents]
+    order = np.random.default_rng(seed).permutation(len(documents))
+    held_out = max(1, round(test_fraction * len(documents)))
+    splits = [order[held_out:], order[:held_out]]
+    (train_x, train_y), (test_x, test_y) = (
+        _sequences([ids[documents[i]] for i in sorted(split)], seq_len, limit) for split in splits
+    )
+    return _tensors(train_x, train_y, test_x, test_y, vocab)
+
+
+def byte_ids(corpus: np.ndarray, vocab: int) -> np.ndarray:
+    """The id of each of the 256 byte values: all of them for ``vocab`` 256, else the
+    ``vocab - 1`` most frequent bytes of ``corpus`` ranked by frequency (ties by value),
+    and ``vocab - 1`` for every other byte."""
+    if vocab == 256:
+        return np.arange(256, dtype=np.int64)
+    counts = np.bincount(corpus, minlength=256)
+    ranked = np.lexsort((np.arange(256), -counts))  # by count descending, then by value
+    ids = np.full(256, vocab - 1, dtype=np.int64)
+    ids[ranked[: vocab - 1]] = np.arange(vocab - 1)
+    return ids
+
+
+def _sequences(documents: list[np.ndarray], seq_len: int, limit: int):
+    """(inputs, targets) of shape (N, seq_len): each document cut into next-token pairs,
+    its last sequence padded (see :func:`text`)."""
+    inputs, targets = [], []
+    for tokens in documents:
+        for start in range(0, len(tokens) - 1, seq_len):
+            x = np.zeros(seq_len, np.int64)
+            y = np.full(seq_len, IGNORE_INDEX, np.int64)
+            piece = tokens[start : start + seq_len + 1]
+            x[: len(piece) - 1], y[: len(piece) - 1] = piece[:-1], piece[1:]
+            inputs.append(x)
+            targets.append(y)
+    if limit:
+        inputs, targets = inputs[:limit], targets[:limit]
+    return np.stack(inputs), np.stack(targets)
+
+
+def _tensors(
+    train_x, train_y, test_x, test_y, num_classes, name: str = "", vocab: int | None = None
+) -> Dataset:
+    """Integers as int64 (inputs: token ids, targets: class labels), anything else as
+    floats; a value that is not numbers fails naming the field. Floats stay float64 when
+    given so (a float64 run then sees every digit of the user's data), and are float32
+    otherwise; the experiment casts them to ``evaluation.dtype``."""
 
     def convert(values, field: str) -> torch.Tensor:
         try:
             array = np.asarray(values)
-            if field.endswith("_x") or array.dtype.kind not in "iu":
+            if array.dtype.kind not in "iu":
                 kept = np.float64 if array.dtype == np.float64 else np.float32
                 return torch.as_tensor(array.astype(kept))
             return torch.as_tensor(array.astype(np.int64))
@@ -336,7 +462,7 @@ def _tensors(train_x, train_y, test_x, test_y, num_classes, name: str = "") -> D
             ) from None
 
     values = dict(zip(DATASET_FIELDS, (train_x, train_y, test_x, test_y)))
-    return Dataset(*(convert(v, field) for field, v in values.items()), num_classes)
+    return Dataset(*(convert(v, field) for field, v in values.items()), num_classes, vocab)
 
 
 TORCH_DATA_FIELDS = ("train", "test", "num_classes")
@@ -344,9 +470,10 @@ TORCH_DATA_FIELDS = ("train", "test", "num_classes")
 
 def check_torch_data(data: TorchData) -> None:
     """Fail in one line unless both splits are non-empty map-style datasets whose first
-    item is an (input, target) pair: a floating input of one shape in both splits, and a
-    target that is a class label in ``0 .. num_classes - 1`` or a float. Only the first
-    items are read here; a later item that fails stops its pass, naming its samples."""
+    item is an (input, target) pair: an input of one shape in both splits, floating or
+    token ids in ``0 .. num_classes - 1``, and a float target or class labels in that
+    range (token labels may be IGNORE_INDEX). Only the first items are read here; a
+    later item that fails stops its pass, naming its samples."""
     given = f"data.name: {data.name} returned"
     classes = data.num_classes
     if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1:
@@ -370,13 +497,17 @@ def check_torch_data(data: TorchData) -> None:
                 f"{given} a {split} dataset whose item 0 is not an (input, target) pair of "
                 f"tensors or numbers ({describe(exc)})"
             ) from None
-        if not inputs.is_floating_point():
-            raise UserError(f"{given} {split} inputs of {inputs.dtype}; give floating-point inputs")
-        if not target.is_floating_point() and not 0 <= int(target) < data.num_classes:
-            raise UserError(
-                f"{given} {split} label {int(target)} (sample 0) outside 0..{classes - 1} for "
-                f"num_classes {classes}"
-            )
+        for values, what in ((inputs, "token id"), (target, "label")):
+            if values.is_floating_point():
+                continue
+            outside = values[(values < 0) | (values >= classes)]
+            if what == "label":  # padding of token labels
+                outside = outside[outside != IGNORE_INDEX]
+            if len(outside):
+                raise UserError(
+                    f"{given} {split} {what} {int(outside[0])} (sample 0) outside "
+                    f"0..{classes - 1} for num_classes {classes}"
+                )
         shapes[split] = tuple(inputs.shape)
     if shapes["train"] != shapes["test"]:
         raise UserError(
@@ -392,9 +523,9 @@ def _from_mapping(result, name: str) -> Dataset:
         returned = "None" if result is None else returned
         raise UserError(
             f"data.name: {name} returned {returned}; return a landscape.data.Dataset or a "
-            f"dict with {', '.join(DATASET_FIELDS)}"
+            f"dict with {', '.join(DATASET_FIELDS)} (and vocab, for token ids)"
         )
-    return _tensors(*(result[k] for k in DATASET_FIELDS), name=name)
+    return _tensors(*(result[k] for k in DATASET_FIELDS), name=name, vocab=result.get("vocab"))
 
 
 BUILT_IN = {
@@ -402,4 +533,5 @@ BUILT_IN = {
     "gaussian_clusters": gaussian_clusters,
     "mnist1d": mnist1d,
     "cifar10": cifar10,
+    "text": text,
 }

@@ -21,13 +21,19 @@ A direction d has one entry per parameter. Kinds (``directions.kind``):
 
 Scaling (``normalization``): ``filter``, ``layer`` (whole tensor), ``weight``
 (elementwise, d * |theta|), ``unit`` (the whole vector to length 1) or ``none``.
-1-D tensors (biases, BatchNorm weight and bias) are set to zero with ``ignore: biasbn``;
-when kept they are normalized as a single filter.
+1-D tensors (biases, BatchNorm and LayerNorm weight and bias) are set to zero with
+``ignore: biasbn``; when kept they are normalized as a single filter. An embedding
+(tokens, width) has one filter per token row. The filters of ``transformers``' Conv1D
+(GPT-2's linear layers, whose weight is stored (inputs, outputs)) are its columns
+(:func:`filter_axes`). A parameter shared by two modules (tied input and output
+embeddings) is one entry, under the name ``named_parameters`` gives it: one direction,
+added once.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,8 +81,10 @@ def plan_directions(experiment: Experiment, config: ExperimentConfig, count: int
     settings = config.directions
     planned = BUILDERS[settings.kind](experiment, config, count)
     theta = parameter_values(experiment.model)
+    axes = filter_axes(experiment.model)
     planned.vectors = [
-        scale_direction(d, theta, settings.normalization, settings.ignore) for d in planned.vectors
+        scale_direction(d, theta, settings.normalization, settings.ignore, axes)
+        for d in planned.vectors
     ]
     return planned
 
@@ -111,8 +119,9 @@ def random_directions(
 ) -> list[dict[str, torch.Tensor]]:
     """``count`` Gaussian directions scaled as ``config`` says (what a random plan holds)."""
     theta = parameter_values(model)
+    axes = filter_axes(model)
     return [
-        scale_direction(raw, theta, config.normalization, config.ignore)
+        scale_direction(raw, theta, config.normalization, config.ignore, axes)
         for raw in gaussian_directions(model, config.seed, count)
     ]
 
@@ -288,14 +297,37 @@ def ignored_parameters(model: nn.Module, ignore: str) -> list[str]:
     return [name for name, p in model.named_parameters() if p.dim() <= 1]
 
 
+def filter_axes(model: nn.Module) -> dict[str, int]:
+    """The parameters whose filters (one per output) lie along another axis than 0, with
+    that axis: 1 for the weight of ``transformers``' Conv1D, stored (inputs, outputs).
+    Looked up without importing ``transformers``: a model can hold a Conv1D only once
+    the module defining it is loaded."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    if conv1d is None:
+        return {}
+    return {
+        f"{name}.weight" if name else "weight": 1
+        for name, module in model.named_modules()
+        if isinstance(module, conv1d)
+    }
+
+
 def scale_direction(
-    direction: dict[str, torch.Tensor], theta: dict[str, torch.Tensor], how: str, ignore: str
+    direction: dict[str, torch.Tensor],
+    theta: dict[str, torch.Tensor],
+    how: str,
+    ignore: str,
+    axes: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Zero the ignored tensors and scale the rest (see the module docstring). Entries
+    """Zero the ignored tensors and scale the rest (see the module docstring); ``axes``:
+    the filter axis of the parameters where it is not 0 (:func:`filter_axes`). Entries
     that are not parameters (an interpolation's BN statistics) are left as they are."""
     per_tensor = "none" if how == "unit" else how
+    axes = axes or {}
     scaled = {
-        name: normalize(d, theta[name], per_tensor, ignore) if name in theta else d
+        name: normalize(d, theta[name], per_tensor, ignore, axes.get(name, 0))
+        if name in theta
+        else d
         for name, d in direction.items()
     }
     if how == "unit":
@@ -305,15 +337,17 @@ def scale_direction(
 
 
 def normalize(
-    direction: torch.Tensor, weights: torch.Tensor, how: str, ignore: str
+    direction: torch.Tensor, weights: torch.Tensor, how: str, ignore: str, axis: int = 0
 ) -> torch.Tensor:
-    """Rescale one parameter's direction to the scale of its weights."""
+    """Rescale one parameter's direction to the scale of its weights; ``axis``: the one
+    along which its filters lie."""
     if weights.dim() <= 1:
         if ignore == "biasbn":
             return torch.zeros_like(direction)
         return _scale_to(direction, weights) if how != "none" else direction
     if how == "filter":
-        return torch.stack([_scale_to(d, w) for d, w in zip(direction, weights)])
+        filters = zip(direction.unbind(axis), weights.unbind(axis))
+        return torch.stack([_scale_to(d, w) for d, w in filters], dim=axis)
     if how == "layer":
         return _scale_to(direction, weights)
     if how == "weight":

@@ -33,6 +33,16 @@ TITLES = {
     "train_acc": "training accuracy",
     "test_acc": "test accuracy",
 }
+# Planes whose axes' ranges differ by at most this factor are drawn with equal aspect.
+MAX_ASPECT = 4.0
+# The 3D views look down at this elevation (matplotlib's default: 30, its azimuth -60).
+VIEW_ELEVATION = 40.0
+DEFAULT_AZIMUTH = -60.0
+# Li et al. Fig. 7 colours |lambda_min / lambda_max| from 0 (convex: blue) to this value
+# (yellow: as much negative curvature as positive, or more, saturated).
+RATIO_COLOUR_MAX = 1.0
+# Maps drawn on one colour scale (training and test values of one quantity).
+SHARED_SCALES = (("train_loss", "test_loss"), ("train_acc", "test_acc"))
 HESSIAN_TITLES = {
     "lambda_ratio": r"$|\lambda_{min} / \lambda_{max}|$",
     "lambda_min": r"$\lambda_{min}$ of the Hessian",
@@ -115,12 +125,18 @@ def plot_contour(
     labels: list[str],
     filled: bool = False,
     trajectory: dict | None = None,
+    scale: np.ndarray | None = None,
 ) -> Figure:
     """2D contour lines with labelled levels (or filled contours with a colour bar), and
-    the projected ``trajectory`` on top when there is one."""
+    the projected ``trajectory`` on top when there is one. The levels span ``scale``
+    (default: ``values``), so that maps given one scale share their colours."""
     figure, axis = plt.subplots(figsize=(5.6, 5))
-    levels = contour_levels(values)
-    logarithmic = levels.size > 2 and np.allclose(levels[2] / levels[1], levels[1] / levels[0])
+    levels = contour_levels(values if scale is None else scale)
+    logarithmic = (
+        levels.size > 2
+        and levels[0] > 0
+        and np.allclose(levels[2] / levels[1], levels[1] / levels[0])
+    )
     style = {"levels": levels, "cmap": "viridis", "norm": LogNorm() if logarithmic else None}
     if filled:
         drawn = axis.contourf(grid.x, grid.y, values, **style)
@@ -131,7 +147,7 @@ def plot_contour(
     axis.plot([0], [0], marker="*", color="black", markersize=10, linestyle="none")
     if trajectory is not None:
         draw_trajectory(axis, trajectory)
-    _label_plane(axis, title, labels)
+    _label_plane(axis, title, labels, grid)
     figure.tight_layout()
     return figure
 
@@ -161,9 +177,11 @@ def plot_heatmap(
     title: str,
     labels: list[str],
     unconverged: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
 ) -> Figure:
     """Cell (i, j) centred on (x[i], y[j]); NaN (not yet computed) cells stay blank, and
-    cells flagged in ``unconverged`` are crossed out."""
+    cells flagged in ``unconverged`` are crossed out. The colours span ``scale``'s finite
+    range (default: ``values``'s), so that maps given one scale share their colours."""
     figure, axis = plt.subplots(figsize=(5.8, 5))
     dx = (grid.x[-1] - grid.x[0]) / (grid.x.size - 1) / 2
     dy = (grid.y[-1] - grid.y[0]) / (grid.y.size - 1) / 2
@@ -175,15 +193,22 @@ def plot_heatmap(
         aspect="auto",
         cmap="viridis",
         interpolation="nearest",
+        **colour_limits(values if scale is None else scale),
     )
     figure.colorbar(image, ax=axis, label=title)
     if unconverged is not None and unconverged.any():
         j, i = np.nonzero(unconverged)
         axis.plot(grid.x[i], grid.y[j], "x", color="red", markersize=8, label="not converged")
         axis.legend(loc="upper right", fontsize=8)
-    _label_plane(axis, title, labels)
+    _label_plane(axis, title, labels, grid)
     figure.tight_layout()
     return figure
+
+
+def colour_limits(scale: np.ndarray) -> dict:
+    """``vmin``/``vmax`` of ``scale``'s finite values (none if it has none)."""
+    finite = scale[np.isfinite(scale)]
+    return {"vmin": finite.min(), "vmax": finite.max()} if finite.size else {}
 
 
 def plot_hessian_curves(grid: Grid, maps: dict[str, np.ndarray], labels: list[str]):
@@ -220,20 +245,85 @@ def hessian_figures(surface: SurfaceFile, maps: dict, labels: list[str]) -> dict
     coarse = Grid(grid.x[::stride], grid.y[::stride])
     sub = {name: values[::stride, ::stride] for name, values in maps.items()}
     unconverged = sub["hessian_converged"] == 0
-    return {
+    figures = {
         f"{name}_heatmap": plot_heatmap(coarse, sub[name], title, labels, unconverged)
         for name, title in HESSIAN_TITLES.items()
+        if name != "lambda_ratio"
     }
+    figures["lambda_ratio_heatmap"] = plot_ratio_map(
+        coarse, sub["lambda_ratio"], labels, unconverged, grid, maps.get("train_loss")
+    )
+    return figures
 
 
-def plot_surface3d(grid: Grid, values: np.ndarray, title: str, labels: list[str]) -> Figure:
-    """A shaded 3D surface over the (alpha, beta) plane."""
+def plot_ratio_map(
+    grid: Grid,
+    ratio: np.ndarray,
+    labels: list[str],
+    unconverged: np.ndarray,
+    fine_grid: Grid,
+    loss: np.ndarray | None,
+) -> Figure:
+    """Li et al. Fig. 7: |lambda_min / lambda_max| on a fixed scale from 0 (blue: locally
+    convex) to RATIO_COLOUR_MAX (yellow: negative curvature as strong as the positive,
+    or stronger, saturated), so maps of two files compare by colour; under it, the
+    training loss's contours on the loss job's own (finer) grid in white, which shows
+    where the convex region sits in the basin."""
+    title = HESSIAN_TITLES["lambda_ratio"]
+    scale = np.array([0.0, RATIO_COLOUR_MAX])
+    figure = plot_heatmap(grid, ratio, title, labels, unconverged, scale)
+    if loss is not None and np.isfinite(loss).sum() >= 4:
+        axis = figure.axes[0]
+        limits = axis.get_xlim(), axis.get_ylim()
+        axis.contour(
+            fine_grid.x,
+            fine_grid.y,
+            loss,
+            levels=contour_levels(loss, 10),
+            colors="white",
+            linewidths=0.7,
+        )
+        axis.set_xlim(*limits[0])
+        axis.set_ylim(*limits[1])
+    return figure
+
+
+def view_of_minimum(grid: Grid, values: np.ndarray) -> tuple[float, float]:
+    """``(elevation, azimuth)`` in degrees of a camera from which the map's minimum is in
+    sight: on the minimum's side of the plane's middle (azimuth towards it, in units
+    of each axis's range, as the 3D box draws them), looking down at VIEW_ELEVATION,
+    so the walls between the middle and the far side cannot hide it. A minimum in the
+    middle keeps matplotlib's default azimuth."""
+    finite = np.where(np.isfinite(values), values, np.inf)
+    row, column = np.unravel_index(np.argmin(finite), values.shape)
+    offset_x = (grid.x[column] - grid.x.mean()) / np.ptp(grid.x)
+    offset_y = (grid.y[row] - grid.y.mean()) / np.ptp(grid.y)
+    if np.hypot(offset_x, offset_y) < 1e-9:
+        return VIEW_ELEVATION, DEFAULT_AZIMUTH
+    return VIEW_ELEVATION, float(np.degrees(np.arctan2(offset_y, offset_x)))
+
+
+def plot_surface3d(
+    grid: Grid, values: np.ndarray, title: str, labels: list[str], scale: np.ndarray | None = None
+) -> Figure:
+    """A shaded 3D surface over the (alpha, beta) plane, seen from where its minimum is
+    visible (:func:`view_of_minimum`), coloured over ``scale``'s range (default:
+    ``values``'s)."""
     figure = plt.figure(figsize=(6.4, 5.2))
     axis = figure.add_subplot(projection="3d")
     xx, yy = np.meshgrid(grid.x, grid.y)
     axis.plot_surface(
-        xx, yy, values, cmap="viridis", linewidth=0, antialiased=True, rstride=1, cstride=1
+        xx,
+        yy,
+        values,
+        cmap="viridis",
+        linewidth=0,
+        antialiased=True,
+        rstride=1,
+        cstride=1,
+        **colour_limits(values if scale is None else scale),
     )
+    axis.view_init(*view_of_minimum(grid, values))
     axis.set_xlabel(labels[0], fontsize=8)
     axis.set_ylabel(labels[1], fontsize=8)
     axis.set_zlabel(title)
@@ -242,10 +332,22 @@ def plot_surface3d(grid: Grid, values: np.ndarray, title: str, labels: list[str]
     return figure
 
 
-def _label_plane(axis, title: str, labels: list[str]) -> None:
+def _label_plane(axis, title: str, labels: list[str], grid: Grid) -> None:
+    """Axis titles, and equal data aspect where the plane's ranges allow it."""
     axis.set_xlabel(labels[0])
     axis.set_ylabel(labels[1])
     axis.set_title(title)
+    if equal_aspect_fits(grid):
+        axis.set_aspect("equal", adjustable="box")
+
+
+def equal_aspect_fits(grid: Grid) -> bool:
+    """Whether the plane is drawn with one data unit as long on both axes: distances and
+    angles in it are then true (a PCA plane's path, a round basin looks round), which
+    is worth it while the ranges differ by at most MAX_ASPECT; past that, one axis
+    would shrink to a sliver, and each axis gets its own scale."""
+    width, height = np.ptp(grid.x), np.ptp(grid.y)
+    return max(width, height) <= MAX_ASPECT * min(width, height)
 
 
 def plot_principal_sections(
@@ -299,11 +401,23 @@ def loss_figures(
     figures = {}
     for name in computed:
         values, title = maps[name], TITLES[name]
-        figures[f"{name}_contour"] = plot_contour(grid, values, title, labels, False, trajectory)
-        figures[f"{name}_contourf"] = plot_contour(grid, values, title, labels, True, trajectory)
-        figures[f"{name}_heatmap"] = plot_heatmap(grid, values, title, labels)
-        figures[f"{name}_surface3d"] = plot_surface3d(grid, values, title, labels)
+        scale = shared_scale(name, {n: maps[n] for n in computed})
+        figures[f"{name}_contour"] = plot_contour(
+            grid, values, title, labels, False, trajectory, scale
+        )
+        figures[f"{name}_contourf"] = plot_contour(
+            grid, values, title, labels, True, trajectory, scale
+        )
+        figures[f"{name}_heatmap"] = plot_heatmap(grid, values, title, labels, scale=scale)
+        figures[f"{name}_surface3d"] = plot_surface3d(grid, values, title, labels, scale)
     return figures
+
+
+def shared_scale(name: str, maps: dict[str, np.ndarray]) -> np.ndarray:
+    """The values whose range colours map ``name``: its own and its train/test partner's
+    (SHARED_SCALES), so the same colour is the same loss (or accuracy) in both."""
+    partners = next((pair for pair in SHARED_SCALES if name in pair), (name,))
+    return np.concatenate([maps[n].ravel() for n in partners if n in maps])
 
 
 def loss_job_figures(surface: SurfaceFile, maps: dict, labels: list[str]) -> dict[str, Figure]:
@@ -324,6 +438,15 @@ def loss_job_figures(surface: SurfaceFile, maps: dict, labels: list[str]) -> dic
     return figures
 
 
+def figures_by_job(surface: SurfaceFile) -> dict[str, dict[str, Figure]]:
+    """Every figure the open result file supports now, per job (the job kind's figures
+    function, :data:`landscape.jobs.JOBS`), drawn in STYLE; a job with no done point has
+    none. The caller closes them."""
+    with plt.rc_context(STYLE):
+        maps, labels = surface.maps(), surface.axis_labels()
+        return {job: resolve(JOBS[job].figures)(surface, maps, labels) for job in surface.jobs}
+
+
 def plot_surface_file(
     path: str | Path, out_dir: str | Path | None = None, formats: tuple[str, ...] = FORMATS
 ) -> list[Path]:
@@ -336,10 +459,9 @@ def plot_surface_file(
     out_dir = Path(out_dir) if out_dir else path.with_name(path.stem + "_plots")
     check_writable(out_dir, "--out", folder=True)
     figures = {}
-    with SurfaceFile.open(path) as surface, plt.rc_context(STYLE):
-        maps, labels = surface.maps(), surface.axis_labels()
-        for job in surface.jobs:
-            figures.update(resolve(JOBS[job].figures)(surface, maps, labels))
+    with SurfaceFile.open(path) as surface:
+        for job_figures in figures_by_job(surface).values():
+            figures.update(job_figures)
         if not figures:
             done = ", ".join(
                 f"{job} {surface.done(job).sum()} of {surface.points(job).size}"

@@ -360,7 +360,8 @@ class HessianOperator(CurvatureOperator):
             finally:
                 for hook in hooks:
                     hook.remove()
-            self.activation_size = max(sizes) * one.element_size()
+            # Tangents are in the parameters' dtype, whatever the inputs are (int64 token ids).
+            self.activation_size = max(sizes) * torch.finfo(self.torch_dtype).bits // 8
         return max(1, min(self.batch_size, PASS_BYTES // (count * self.activation_size)))
 
     def tangents(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -550,12 +551,16 @@ class GaugeProjection:
         """The projection for ``operator``'s selected parameters, or None where the loss
         does not see the logits through their softmax only (``objective.softmax_gauge``)
         or the model's output is not its last Linear layer's output (checked on one
-        sample: the very tensor the layer returned)."""
+        sample: the very tensor the layer returned), or that layer's weight is another
+        module's too (a tied input embedding, which the shift would move as well)."""
         model = operator.model
         linear = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         if not operator.objective.softmax_gauge or not linear:
             return None
         name, layer = linear[-1]
+        others = (p for m in model.modules() if m is not layer for p in m.parameters(False))
+        if any(p is layer.weight for p in others):  # tied: the shift would move more than W
+            return None
         seen = []
         hook = layer.register_forward_hook(lambda module, args, output: seen.append(output))
         try:

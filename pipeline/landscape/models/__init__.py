@@ -1,4 +1,5 @@
-"""The model zoo: Li et al.'s CIFAR networks, small nets, and user factories by import path.
+"""The model zoo: Li et al.'s CIFAR networks, small nets, a GPT-2 (``transformers``, built
+from a config), and user factories by import path.
 
 Every entry is a factory ``(input_shape, num_classes, **kwargs) -> nn.Module``, so one
 class serves 8x8 digits and 32x32 CIFAR-10 alike. A name containing ``:`` is imported
@@ -12,6 +13,7 @@ import functools
 from torch import nn
 
 from landscape.errors import UserError
+from landscape.models.causal_lm import gpt2
 from landscape.models.resnet import resnet_factory
 from landscape.models.small import MLP, Linear, SmallCNN
 from landscape.models.vgg import VGG
@@ -25,6 +27,7 @@ ZOO = {
     **{f"resnet{d}": resnet_factory(d) for d in (20, 56, 110)},
     **{f"resnet{d}_noshort": resnet_factory(d, shortcut=False) for d in (20, 56, 110)},
     **{f"wrn56_{k}": resnet_factory(56, width=k) for k in (2, 4, 8)},
+    "gpt2": gpt2,
 }
 
 
