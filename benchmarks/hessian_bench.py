@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.warm_bench import interleaved_seconds
 from landscape.config import parse_config
 from landscape.curvature import METHODS
 from landscape.curvature.lanczos import extreme_eigenvalues
-from landscape.curvature.operators import HessianOperator
+from landscape.curvature.operators import HessianOperator, select_parameters
 from landscape.demo import demo_config
 from landscape.experiment import Experiment
-from landscape.hessian import HessianEvaluator, training_hessian
+from landscape.hessian import HessianEvaluator
 from landscape.plan import plan_surface
 from landscape.store import SurfaceFile
 from landscape.train import train
@@ -101,46 +102,33 @@ def compare_solvers(folder: Path) -> dict:
     }
 
 
-def seconds(action, repeats: int = 3) -> float:
-    """Median wall time of ``action`` after one warm-up call."""
-    action()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def hvp_cost() -> dict:
-    """One full-data forward pass, gradient and HVP (both modes) of the demo model."""
-    config = demo_config("demo.yaml", [])
-    experiment = Experiment.load(config, with_checkpoint=False)
-    inputs, targets = experiment.data.train_x, experiment.data.train_y
+def operation_costs(experiment: Experiment, batch_size: int) -> dict:
+    """Seconds of a full-data forward pass, gradient (:meth:`MeanLoss.gradient`) and HVP in
+    each mode of the demo model at its initialization, in batches of ``batch_size``,
+    interleaved (:func:`~benchmarks.warm_bench.interleaved_seconds`), and the HVP's ratios."""
+    samples = experiment.data.split("train")
+    names = select_parameters(experiment.model, "all")
     operators = {
-        mode: training_hessian(experiment, "all", mode)
+        mode: HessianOperator(
+            experiment.model, names, samples, experiment.objective, batch_size, mode
+        )
         for mode in ("forward_over_reverse", "double_backward")
     }
     anyone = operators["double_backward"]
-    params, fixed = anyone.state()
     vector = torch.randn(anyone.shape[0], generator=torch.Generator().manual_seed(0))
-
-    def gradient():
-        leaves = {name: p.clone().requires_grad_(True) for name, p in params.items()}
-        with torch.enable_grad():
-            loss = anyone.batch_loss(leaves, fixed, inputs, targets)
-            torch.autograd.grad(loss, list(leaves.values()))
 
     @torch.no_grad()
     def forward():
-        experiment.model(inputs)
+        for batch, _ in anyone.batches():
+            experiment.model(batch)
 
-    timings = {"forward": seconds(forward), "gradient": seconds(gradient)}
-    for mode, operator in operators.items():
-        timings[f"hvp_{mode}"] = seconds(lambda operator=operator: operator.hvp(vector))
+    products = {
+        f"hvp_{mode}": (lambda operator=operator: operator.hvp(vector))
+        for mode, operator in operators.items()
+    }
+    timings = interleaved_seconds({"forward": forward, "gradient": anyone.gradient, **products})
     return {
-        "case": f"demo ResNet-20 on digits, {len(inputs)} images, "
-        f"{anyone.shape[0]} parameters, {config.evaluation.dtype}, one batch",
+        "batch_size": batch_size,
         "seconds": timings,
         "hvp_over_forward": {
             mode: timings[f"hvp_{mode}"] / timings["forward"] for mode in operators
@@ -148,6 +136,21 @@ def hvp_cost() -> dict:
         "hvp_over_gradient": {
             mode: timings[f"hvp_{mode}"] / timings["gradient"] for mode in operators
         },
+    }
+
+
+def hvp_cost() -> dict:
+    """One full-data forward pass, gradient and HVP (both modes) of the demo model, at the
+    demo's batch size (the whole set in one batch) and under ``batch_128`` at 128."""
+    config = demo_config("demo.yaml", [])
+    experiment = Experiment.load(config, with_checkpoint=False)
+    inputs, _ = experiment.data.split("train")
+    size = sum(p.numel() for p in experiment.model.parameters() if p.requires_grad)
+    return {
+        "case": f"demo ResNet-20 on digits, {len(inputs)} images, {size} parameters, "
+        f"{config.evaluation.dtype}, batch {config.evaluation.batch_size} (and 128 below)",
+        **operation_costs(experiment, config.evaluation.batch_size),
+        "batch_128": operation_costs(experiment, 128),
     }
 
 

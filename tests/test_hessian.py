@@ -14,6 +14,7 @@ from conftest import (
     MODELS,
     dense_hessian,
     hessian_operator,
+    small_model,
     trained_experiment,
 )
 from torch import nn
@@ -30,7 +31,12 @@ from landscape.curvature.lanczos import (
     free_memory,
     lanczos,
 )
-from landscape.curvature.operators import GaugeProjection, HessianOperator, product_context
+from landscape.curvature.operators import (
+    FrozenBatchNormAsAffine,
+    GaugeProjection,
+    HessianOperator,
+    product_context,
+)
 from landscape.errors import Interrupted, UserError
 from landscape.experiment import Experiment
 from landscape.hessian import HessianEvaluator
@@ -75,6 +81,39 @@ def test_hvp_equals_dense_hessian_in_both_modes_and_ignores_batch_size(experimen
     np.testing.assert_allclose(batched @ vector, whole @ vector, rtol=0, atol=1e-12)
     np.testing.assert_allclose(reverse @ vector, dense @ vector, rtol=0, atol=1e-10)
     assert whole.hvps == 2 and batched.hvps == 1 and reverse.hvps == 1
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_frozen_batch_norm_as_affine_map_gives_the_kernels_values_and_hessian(dtype):
+    model, inputs, targets = small_model("cnn_bn", DTYPES[dtype])
+    inputs, targets = inputs[:64], targets[:64]
+    generator = torch.Generator().manual_seed(0)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():  # statistics and scales far from their initial 0, 1
+        for norm in norms:
+            for tensor, low in ((norm.running_mean, -1), (norm.running_var, 0.2)):
+                tensor.copy_(low + 2 * torch.rand(tensor.shape, generator=generator))
+            for tensor in (norm.weight, norm.bias):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+        kernel = model(inputs)
+        with FrozenBatchNormAsAffine():
+            affine = model(inputs)
+            batch_statistics = [
+                F.batch_norm(inputs, None, None, training=True),
+                F.batch_norm(inputs, inputs.new_zeros(1), inputs.new_ones(1), training=True),
+            ]
+        own = [
+            F.batch_norm(inputs, None, None, training=True),
+            F.batch_norm(inputs, inputs.new_zeros(1), inputs.new_ones(1), training=True),
+        ]
+    rounding = 1e-5 if dtype == "float32" else 1e-13
+    assert norms and (affine - kernel).abs().max() <= rounding * kernel.abs().max()
+    assert all(torch.equal(a, b) for a, b in zip(batch_statistics, own))  # the kernel's
+    operator = hessian_operator(model, inputs, targets, CROSS_ENTROPY, 16, hvp="double_backward")
+    vector = np.random.default_rng(0).normal(size=operator.shape[0])
+    exact = dense_hessian(operator, torch.float64) @ vector  # the kernel's, in float64
+    error = np.linalg.norm(operator @ vector - exact) / np.linalg.norm(exact)
+    assert error <= (1e-5 if dtype == "float32" else 1e-12)
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))

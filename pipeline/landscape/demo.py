@@ -36,7 +36,7 @@ QUICK = {
 }
 # The analysis: analysis_clusters.yaml shrunk to C = 3 classes and 100 full-batch steps
 # (loss 2.5e-4: near zero, 3 outliers). Not the ResNet-20 above: one of its Hessian-vector
-# products takes about a second on two cores (make bench: 16-21 forward passes), and the
+# products costs 12-15 of its forward passes (one thread, batch 128-2048: make bench), and the
 # analysis below spends some 370 per checkpoint; this MLP's take a few milliseconds.
 ANALYSIS = {"epochs": (0, 5, 20, 100), "settings": ["probes=3", "steps=20", "trace_samples=16"]}
 QUICK_ANALYSIS = {"epochs": (0, 20), "settings": ["probes=2", "steps=12", "trace_samples=4"]}

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from landscape.curvature.lanczos import free_memory, in_units
 from landscape.errors import UserError, describe
+from landscape.memory import free_memory, in_units
 from landscape.objectives import Objective
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,6 @@ product of its Ritz vector, and the residuals reported are those true ones.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +37,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from landscape.curvature import METHODS
 from landscape.curvature.operators import CurvatureOperator
 from landscape.errors import UserError
+from landscape.memory import free_memory, in_units
 
 log = logging.getLogger(__name__)
 
@@ -157,35 +157,6 @@ class RitzPairs:
 def basis_bytes(max_hvps: int, size: int) -> int:
     """The float64 Lanczos basis for ``size`` parameters: one row per step."""
     return min(max_hvps, size) * size * 8
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes a new tensor can take on ``device``: free GPU memory plus what PyTorch's
-    cache holds unused; on the CPU, the kernel's MemAvailable; None where unknown."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
-
-
-def in_units(count: float) -> str:
-    """A byte count for people: ``162 GiB``, ``81.4 KiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.3g} {unit}"
-        count /= 1024
 
 
 def check_basis_memory(
