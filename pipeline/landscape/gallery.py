@@ -33,6 +33,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import torch
 
 from landscape.api import read
 from landscape.atomic import write_file
@@ -45,7 +46,9 @@ from landscape.workers import run_job
 log = logging.getLogger(__name__)
 
 SEED = 0
-SMALL_BATCH, LARGE_BATCH = 64, 512
+# Of 1437 training samples: the large batch is 17.8 % of the set (the paper's 8192: 16.4 %
+# of CIFAR-10's), the small one a quarter of it (the paper's: 1/64).
+SMALL_BATCH, LARGE_BATCH = 64, 256
 WEIGHT_DECAYS = {"wd0": 0.0, "wd5e-4": 5e-4}
 # |lambda_min / lambda_max| above this counts as significant negative curvature (Li et
 # al. Fig. 7's colour scale; issue 16).
@@ -54,18 +57,20 @@ RATIO_THRESHOLD = 0.1
 
 @dataclass(frozen=True)
 class Scale:
-    """How far the gallery is shrunk: epochs of every training run and points per axis
-    (odd, so that 0, and for the interpolation 1, lie on the grid)."""
+    """How far the gallery is shrunk: epochs of the training runs (at least 2: PCA needs
+    a path that is not a straight line; VGG-9's large batch takes 6 steps an epoch) and
+    points per axis (odd, so that 0, and for the interpolation 1, lie on the grid)."""
 
-    epochs: int  # at least 2: PCA needs a path that is not a straight line
+    resnet_epochs: int
+    vgg_epochs: int
     plane: int  # ResNet-20 planes, [-1, 1]^2
     line: int  # VGG-9 filter-normalized curves, [-1, 1]
     interpolation: int  # small -> large batch, [-0.5, 1.5]
     pca: int  # the PCA plane, framed on the trajectory
 
 
-FULL = Scale(epochs=4, plane=9, line=9, interpolation=9, pca=5)
-QUICK = Scale(epochs=2, plane=3, line=3, interpolation=5, pca=3)
+FULL = Scale(resnet_epochs=4, vgg_epochs=6, plane=7, line=9, interpolation=9, pca=5)
+QUICK = Scale(resnet_epochs=2, vgg_epochs=2, plane=3, line=3, interpolation=5, pca=3)
 
 BASE = f"""
 data: {{name: digits}}
@@ -89,13 +94,22 @@ class Training:
     model: str
     batch_size: int
     weight_decay: float
+    epochs: int
+
+    @property
+    def folder(self) -> str:
+        """Its checkpoints' folder, relative to the gallery's output."""
+        return f"checkpoints/{self.name}"
 
 
-def trainings() -> list[Training]:
-    runs = [Training(m, m, SMALL_BATCH, 5e-4) for m in ("resnet20", "resnet20_noshort")]
+def trainings(scale: Scale) -> list[Training]:
+    runs = [
+        Training(model, model, SMALL_BATCH, 5e-4, scale.resnet_epochs)
+        for model in ("resnet20", "resnet20_noshort")
+    ]
     for wd_name, wd in WEIGHT_DECAYS.items():
         for batch in (SMALL_BATCH, LARGE_BATCH):
-            runs.append(Training(vgg_name(batch, wd_name), "vgg9", batch, wd))
+            runs.append(Training(vgg_name(batch, wd_name), "vgg9", batch, wd, scale.vgg_epochs))
     return runs
 
 
@@ -103,20 +117,20 @@ def vgg_name(batch_size: int, wd_name: str) -> str:
     return f"vgg9_bs{batch_size}_{wd_name}"
 
 
-def gallery_config(out: Path, run: Training, scale: Scale, settings: list[str]) -> ExperimentConfig:
+def gallery_config(out: Path, run: Training, settings: list[str]) -> ExperimentConfig:
     """The digits config of ``run`` (its model, checkpoints and training), after
     ``settings`` (``key.path=value``, as ``--set``)."""
-    folder = out / "checkpoints" / run.name
+    folder = out / run.folder
     return parse_config(
         BASE,
         f"gallery:{run.name}",
         [
             f"model.name={run.model}",
-            f"model.checkpoint={checkpoint_path_for(folder, scale.epochs)}",
+            f"model.checkpoint={checkpoint_path_for(folder, run.epochs)}",
             f"train.checkpoint_dir={folder}",
             f"train.batch_size={run.batch_size}",
             f"train.weight_decay={run.weight_decay}",
-            f"train.epochs={scale.epochs}",
+            f"train.epochs={run.epochs}",
             *settings,
         ],
     )
@@ -128,7 +142,7 @@ def checkpoint_path_for(folder: Path, epoch: int) -> Path:
 
 def surface_configs(out: Path, scale: Scale) -> dict[str, ExperimentConfig]:
     """Every surface of the gallery by file stem (the file is ``out``/stem.h5)."""
-    runs = {run.name: run for run in trainings()}
+    runs = {run.name: run for run in trainings(scale)}
     filter_random = [
         "directions.normalization=filter",
         "directions.ignore=biasbn",
@@ -153,17 +167,17 @@ def surface_configs(out: Path, scale: Scale) -> dict[str, ExperimentConfig]:
                     f"grid.x={{min: -1.0, max: 1.0, num: {scale.line}}}",
                 ],
             ]
-        large = out / "checkpoints" / vgg_name(LARGE_BATCH, wd_name)
+        large = runs[vgg_name(LARGE_BATCH, wd_name)]
         configs[f"interpolation_{wd_name}"] = [
             runs[vgg_name(SMALL_BATCH, wd_name)],
             [
                 "directions.kind=interpolation",
-                f'directions.targets=["{checkpoint_path_for(large, scale.epochs)}"]',
+                f'directions.targets=["{checkpoint_path_for(out / large.folder, large.epochs)}"]',
                 f"grid.x={{min: -0.5, max: 1.5, num: {scale.interpolation}}}",
             ],
         ]
     pca_run = runs[vgg_name(SMALL_BATCH, "wd5e-4")]
-    trajectory = out / "checkpoints" / pca_run.name / "epoch_*.pt"
+    trajectory = out / pca_run.folder / "epoch_*.pt"
     configs["pca_" + pca_run.name] = [
         pca_run,
         [
@@ -175,7 +189,7 @@ def surface_configs(out: Path, scale: Scale) -> dict[str, ExperimentConfig]:
         ],
     ]
     return {
-        stem: gallery_config(out, run, scale, [*settings, f"output={out / stem}.h5"])
+        stem: gallery_config(out, run, [*settings, f"output={out / stem}.h5"])
         for stem, (run, settings) in configs.items()
     }
 
@@ -187,9 +201,9 @@ def run_gallery(
     started = time.perf_counter()
     out = Path(out).resolve()
     scale = QUICK if quick else FULL
-    for run in trainings():
-        config = gallery_config(out, run, scale, [])
-        if checkpoint_path(config.train, scale.epochs).is_file():
+    for run in trainings(scale):
+        config = gallery_config(out, run, [])
+        if checkpoint_path(config.train, run.epochs).is_file():
             log.info("using the trained checkpoints of %s", run.name)
         else:
             train(config)
@@ -203,7 +217,8 @@ def run_gallery(
             plot_surface_file(path, out / "figures")
     claims = measure_claims(out)
     claims["scale"] = {
-        "epochs": scale.epochs,
+        "resnet_epochs": scale.resnet_epochs,
+        "vgg_epochs": scale.vgg_epochs,
         "seed": SEED,
         "quick": quick,
         "seconds": round(time.perf_counter() - started, 1),
@@ -267,6 +282,13 @@ def measure_claims(folder: str | Path) -> dict:
     return {"claims": [sharpness_claim(folder), chaos_claim(folder), pca_claim(folder)]}
 
 
+def trained(checkpoint: str | Path) -> dict:
+    """What training reached at ``checkpoint`` (its metadata): a minimum to compare, or a
+    net still far from one."""
+    metadata = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return {key: float(metadata[key]) for key in ("train_loss", "train_acc", "test_acc")}
+
+
 def sharpness_claim(folder: Path) -> dict:
     values = {}
     for wd_name in WEIGHT_DECAYS:
@@ -276,6 +298,7 @@ def sharpness_claim(folder: Path) -> dict:
             entry[f"filter_curvature_{size}"] = curvature_at(
                 line.grid.x, line.maps["train_loss"], 0.0
             )
+            entry[f"trained_{size}"] = trained(line.config.model.checkpoint)
         path = read(folder / f"interpolation_{wd_name}.h5")
         coordinates, loss = path.grid.x, path.maps["train_loss"]
         entry["interpolation_curvature_small"] = curvature_at(coordinates, loss, 0.0)
@@ -318,6 +341,7 @@ def chaos_claim(folder: Path) -> dict:
             "local_minima": local_minima(loss),
             "plane_ratio_share": plane_ratio_share(plane.grid.x, plane.grid.y, loss),
             "grid": list(loss.shape),
+            "trained": trained(plane.config.model.checkpoint),
         }
     with_, without = values["resnet20"], values["resnet20_noshort"]
     return {
@@ -403,7 +427,7 @@ def claims_html(claims: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m landscape.gallery", description=__doc__)
     parser.add_argument("--out", default="results/gallery")
-    parser.add_argument("--quick", action="store_true", help="2 epochs, 3-point axes")
+    parser.add_argument("--quick", action="store_true", help="2 epochs, 3 to 5 points an axis")
     parser.add_argument("--no-figures", dest="figures", action="store_false")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
