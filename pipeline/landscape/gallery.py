@@ -354,8 +354,8 @@ def chaos_claim(folder: Path) -> dict:
         f"|lambda_min / lambda_max| > {RATIO_THRESHOLD} with lambda_min < 0.",
         "values": values,
         "holds": {
-            "noshort_more_chaotic": without["local_minima"] > with_["local_minima"]
-            or without["plane_ratio_share"] > with_["plane_ratio_share"]
+            "noshort_more_local_minima": without["local_minima"] > with_["local_minima"],
+            "noshort_larger_ratio_share": without["plane_ratio_share"] > with_["plane_ratio_share"],
         },
     }
 
