@@ -172,6 +172,11 @@ def test_quick_gallery_claims_are_the_numbers_in_its_files(quick_gallery):
         low, high = np.linalg.eigvalsh(hessian)
         assert entry["plane_ratio_share"] == float(low < 0 and abs(low / high) > RATIO_THRESHOLD)
 
+    with_, without = chaos["values"]["resnet20"], chaos["values"]["resnet20_noshort"]
+    assert chaos["holds"]["noshort_more_local_minima"] == (
+        without["local_minima"] > with_["local_minima"]
+    )
+
     run = out / "checkpoints" / vgg_name(SMALL_BATCH, "wd5e-4")
     path = np.stack([weights(f) for f in sorted(run.glob("epoch_*.pt"))])
     singular = np.linalg.svd(path[:-1] - path[-1], compute_uv=False)

@@ -37,7 +37,7 @@ import torch
 
 from landscape.api import read
 from landscape.atomic import write_file
-from landscape.config import ExperimentConfig, parse_config
+from landscape.config import ExperimentConfig, TrainConfig, parse_config
 from landscape.errors import UserError
 from landscape.plan import plan_surface
 from landscape.train import checkpoint_path, train
@@ -96,10 +96,13 @@ class Training:
     weight_decay: float
     epochs: int
 
-    @property
-    def folder(self) -> str:
-        """Its checkpoints' folder, relative to the gallery's output."""
-        return f"checkpoints/{self.name}"
+    def folder(self, out: Path) -> Path:
+        """Its checkpoints' folder in the gallery's output ``out``."""
+        return out / "checkpoints" / self.name
+
+    def minimum(self, out: Path) -> Path:
+        """Its last checkpoint: the minimum the gallery maps."""
+        return checkpoint_path(TrainConfig(checkpoint_dir=str(self.folder(out))), self.epochs)
 
 
 def trainings(scale: Scale) -> list[Training]:
@@ -120,24 +123,19 @@ def vgg_name(batch_size: int, wd_name: str) -> str:
 def gallery_config(out: Path, run: Training, settings: list[str]) -> ExperimentConfig:
     """The digits config of ``run`` (its model, checkpoints and training), after
     ``settings`` (``key.path=value``, as ``--set``)."""
-    folder = out / run.folder
     return parse_config(
         BASE,
         f"gallery:{run.name}",
         [
             f"model.name={run.model}",
-            f"model.checkpoint={checkpoint_path_for(folder, run.epochs)}",
-            f"train.checkpoint_dir={folder}",
+            f"model.checkpoint={run.minimum(out)}",
+            f"train.checkpoint_dir={run.folder(out)}",
             f"train.batch_size={run.batch_size}",
             f"train.weight_decay={run.weight_decay}",
             f"train.epochs={run.epochs}",
             *settings,
         ],
     )
-
-
-def checkpoint_path_for(folder: Path, epoch: int) -> Path:
-    return folder / f"epoch_{epoch:03d}.pt"
 
 
 def surface_configs(out: Path, scale: Scale) -> dict[str, ExperimentConfig]:
@@ -167,17 +165,16 @@ def surface_configs(out: Path, scale: Scale) -> dict[str, ExperimentConfig]:
                     f"grid.x={{min: -1.0, max: 1.0, num: {scale.line}}}",
                 ],
             ]
-        large = runs[vgg_name(LARGE_BATCH, wd_name)]
         configs[f"interpolation_{wd_name}"] = [
             runs[vgg_name(SMALL_BATCH, wd_name)],
             [
                 "directions.kind=interpolation",
-                f'directions.targets=["{checkpoint_path_for(out / large.folder, large.epochs)}"]',
+                f'directions.targets=["{runs[vgg_name(LARGE_BATCH, wd_name)].minimum(out)}"]',
                 f"grid.x={{min: -0.5, max: 1.5, num: {scale.interpolation}}}",
             ],
         ]
     pca_run = runs[vgg_name(SMALL_BATCH, "wd5e-4")]
-    trajectory = out / pca_run.folder / "epoch_*.pt"
+    trajectory = pca_run.folder(out) / "epoch_*.pt"
     configs["pca_" + pca_run.name] = [
         pca_run,
         [
@@ -202,11 +199,10 @@ def run_gallery(
     out = Path(out).resolve()
     scale = QUICK if quick else FULL
     for run in trainings(scale):
-        config = gallery_config(out, run, [])
-        if checkpoint_path(config.train, run.epochs).is_file():
+        if run.minimum(out).is_file():
             log.info("using the trained checkpoints of %s", run.name)
         else:
-            train(config)
+            train(gallery_config(out, run, []))
     for config in surface_configs(out, scale).values():
         path = plan_surface(config)
         for job in config.jobs:
