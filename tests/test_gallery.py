@@ -20,6 +20,7 @@ from landscape.gallery import (
     SMALL_BATCH,
     curvature_at,
     local_minima,
+    loss_rise,
     measure_claims,
     plane_ratio_share,
     run_gallery,
@@ -67,13 +68,16 @@ def test_paper_config_has_the_papers_grid_training_and_runnable_commands(path):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_curvature_at_is_exact_on_a_parabola(dtype):
+def test_curvature_and_rise_are_exact_on_a_parabola(dtype):
     x = np.linspace(-0.5, 1.5, 9).astype(dtype)
     values = 3.0 * (x - 1.0) ** 2 + 0.25
     assert curvature_at(x, values, 1.0) == pytest.approx(6.0, rel=1e-5)
     assert curvature_at(x, values, 0.0) == pytest.approx(6.0, rel=1e-5)
     with pytest.raises(ValueError):
         curvature_at(x, values, 1.5)  # an end: no neighbour beyond
+    assert loss_rise(x, values, 1.0, 0.75) == pytest.approx(3 * 0.25**2, rel=1e-5)
+    with pytest.raises(ValueError):
+        loss_rise(x, values, 1.0, 0.8)  # not a grid point
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -136,9 +140,9 @@ def test_quick_gallery_claims_are_the_numbers_in_its_files(quick_gallery):
             norm = np.linalg.norm(weights(final[-1]))
             assert entry[f"weight_norm_{size}"] == pytest.approx(norm, rel=1e-6)
         path = read(out / f"interpolation_{wd_name}.h5")
-        for size, at in (("small", 0.0), ("large", 1.0)):
-            expected = second_derivative(path.grid.x, path.maps["train_loss"], at)
-            assert entry[f"interpolation_curvature_{size}"] == pytest.approx(expected, rel=1e-6)
+        loss = dict(zip(path.grid.x.tolist(), path.maps["train_loss"]))
+        assert entry["interpolation_rise_small"] == pytest.approx(loss[0.25] - loss[0.0])
+        assert entry["interpolation_rise_large"] == pytest.approx(loss[0.75] - loss[1.0])
         assert entry["filter_large_sharper"] == (
             entry["filter_curvature_large"] > entry["filter_curvature_small"]
         )

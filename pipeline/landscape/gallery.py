@@ -50,6 +50,9 @@ SEED = 0
 # of CIFAR-10's), the small one a quarter of it (the paper's: 1/64).
 SMALL_BATCH, LARGE_BATCH = 64, 256
 WEIGHT_DECAYS = {"wd0": 0.0, "wd5e-4": 5e-4}
+# Section 5's un-normalized sharpness: the loss rise this far from each end of the line
+# between the small- and the large-batch minimum, in units of their distance.
+INWARD = 0.25
 # |lambda_min / lambda_max| above this counts as significant negative curvature (Li et
 # al. Fig. 7's colour scale; issue 16).
 RATIO_THRESHOLD = 0.1
@@ -65,12 +68,12 @@ class Scale:
     vgg_epochs: int
     plane: int  # ResNet-20 planes, [-1, 1]^2
     line: int  # VGG-9 filter-normalized curves, [-1, 1]
-    interpolation: int  # small -> large batch, [-0.5, 1.5]
+    interpolation: int  # small -> large batch, [-0.5, 1.5]: 9 puts 0.25 and 0.75 on it
     pca: int  # the PCA plane, framed on the trajectory
 
 
 FULL = Scale(resnet_epochs=4, vgg_epochs=6, plane=7, line=9, interpolation=9, pca=5)
-QUICK = Scale(resnet_epochs=2, vgg_epochs=2, plane=3, line=3, interpolation=5, pca=3)
+QUICK = Scale(resnet_epochs=2, vgg_epochs=2, plane=3, line=3, interpolation=9, pca=3)
 
 BASE = f"""
 data: {{name: digits}}
@@ -226,6 +229,15 @@ def run_gallery(
 # --- measuring ------------------------------------------------------------------------
 
 
+def loss_rise(coordinates: np.ndarray, values: np.ndarray, at: float, to: float) -> float:
+    """f(to) - f(at) between two grid points of a curve: how much the loss climbs when
+    one leaves the point ``at`` by ``to - at`` (the width a 1D plot shows)."""
+    indices = [int(np.argmin(np.abs(coordinates - point))) for point in (at, to)]
+    if not all(np.isclose(coordinates[i], point) for i, point in zip(indices, (at, to))):
+        raise ValueError(f"{at} and {to} must both be grid points of {coordinates}")
+    return float(values[indices[1]] - values[indices[0]])
+
+
 def curvature_at(coordinates: np.ndarray, values: np.ndarray, at: float) -> float:
     """The second difference (f(a - h) - 2 f(a) + f(a + h)) / h^2 of a curve sampled on a
     uniform grid, at its grid point ``a`` (h: the grid step): the curvature of the loss
@@ -297,15 +309,15 @@ def sharpness_claim(folder: Path) -> dict:
             entry[f"trained_{size}"] = trained(line.config.model.checkpoint)
         path = read(folder / f"interpolation_{wd_name}.h5")
         coordinates, loss = path.grid.x, path.maps["train_loss"]
-        entry["interpolation_curvature_small"] = curvature_at(coordinates, loss, 0.0)
-        entry["interpolation_curvature_large"] = curvature_at(coordinates, loss, 1.0)
+        entry["interpolation_rise_small"] = loss_rise(coordinates, loss, 0.0, INWARD)
+        entry["interpolation_rise_large"] = loss_rise(coordinates, loss, 1.0, 1.0 - INWARD)
         norms = path.groups["endpoints"][1]["weight_norms"]
         entry["weight_norm_small"], entry["weight_norm_large"] = (float(n) for n in norms)
         entry["filter_large_sharper"] = (
             entry["filter_curvature_large"] > entry["filter_curvature_small"]
         )
         entry["interpolation_large_sharper"] = (
-            entry["interpolation_curvature_large"] > entry["interpolation_curvature_small"]
+            entry["interpolation_rise_large"] > entry["interpolation_rise_small"]
         )
         values[wd_name] = entry
     filter_holds = all(entry["filter_large_sharper"] for entry in values.values())
@@ -316,10 +328,13 @@ def sharpness_claim(folder: Path) -> dict:
         "than the small-batch one, with and without weight decay; without normalization "
         "(the interpolation between them) weight decay flips the order, because it "
         "changes the weights' scale.",
-        "measure": f"VGG-9, batch {SMALL_BATCH} vs {LARGE_BATCH}: second difference of "
-        "the training loss at each minimum along one filter-normalized random direction "
-        "(seed 0, step = grid spacing), and along the un-normalized line small -> large "
-        "(per alpha^2, alpha in units of |theta_l - theta_s|); L2 norms of the weights.",
+        "measure": f"VGG-9, batch {SMALL_BATCH} vs {LARGE_BATCH}, {len(WEIGHT_DECAYS)} weight "
+        "decays: second difference of the training loss at each minimum along one "
+        "filter-normalized random direction (seed 0, step = grid spacing); on the "
+        "un-normalized line theta_s + alpha (theta_l - theta_s), the training loss's rise "
+        f"from each end {INWARD} inwards (L(0.25) - L(0), L(0.75) - L(1): outside [0, 1] "
+        "interpolated BatchNorm variances turn negative and the loss is undefined); L2 "
+        "norms of the weights; training loss and accuracy reached.",
         "values": values,
         "holds": {
             "filter_normalized_large_sharper": filter_holds,
