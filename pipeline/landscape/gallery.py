@@ -15,8 +15,9 @@ minibatch order, random directions), then:
   (Fig. 9).
 
 ``python -m landscape.gallery --out results/gallery`` (``make gallery``) writes every
-surface file, the figures and the claims into ``--out``; ``--quick`` shrinks it to two
-epochs and 3-point axes (the test suite's run). Trained checkpoints are reused and
+surface file, the figures and the claims into ``--out``; ``--quick`` shrinks it to a
+quarter of the data, one or two epochs and 3 to 9 points an axis (the test suite's
+run). Trained checkpoints are reused and
 planned files resumed, so a second run only redraws.
 """
 
@@ -60,8 +61,9 @@ RATIO_THRESHOLD = 0.1
 
 @dataclass(frozen=True)
 class Scale:
-    """How far the gallery is shrunk: epochs of the training runs (at least 2: PCA needs
-    a path that is not a straight line; VGG-9's large batch takes 6 steps an epoch) and
+    """How far the gallery is shrunk: epochs of the training runs (VGG-9's at least 2:
+    PCA needs a path that is not a straight line; its large batch takes 6 steps an
+    epoch), the data and
     points per axis (odd, so that 0, and for the interpolation 1, lie on the grid)."""
 
     resnet_epochs: int
@@ -70,10 +72,20 @@ class Scale:
     line: int  # VGG-9 filter-normalized curves, [-1, 1]
     interpolation: int  # small -> large batch, [-0.5, 1.5]: 9 puts 0.25 and 0.75 on it
     pca: int  # the PCA plane, framed on the trajectory
+    data: tuple[str, ...] = ()  # data settings (key.path=value) of every run
 
 
 FULL = Scale(resnet_epochs=4, vgg_epochs=6, plane=7, line=9, interpolation=9, pca=5)
-QUICK = Scale(resnet_epochs=2, vgg_epochs=2, plane=3, line=3, interpolation=9, pca=3)
+# Quick: a quarter of the digits to train and map (359 samples), for the test suite.
+QUICK = Scale(
+    resnet_epochs=1,
+    vgg_epochs=2,
+    plane=3,
+    line=3,
+    interpolation=9,
+    pca=3,
+    data=("data.kwargs.test_fraction=0.75",),
+)
 
 BASE = f"""
 data: {{name: digits}}
@@ -98,6 +110,7 @@ class Training:
     batch_size: int
     weight_decay: float
     epochs: int
+    data: tuple[str, ...]  # data settings, as Scale.data
 
     def folder(self, out: Path) -> Path:
         """Its checkpoints' folder in the gallery's output ``out``."""
@@ -110,12 +123,13 @@ class Training:
 
 def trainings(scale: Scale) -> list[Training]:
     runs = [
-        Training(model, model, SMALL_BATCH, 5e-4, scale.resnet_epochs)
+        Training(model, model, SMALL_BATCH, 5e-4, scale.resnet_epochs, scale.data)
         for model in ("resnet20", "resnet20_noshort")
     ]
     for wd_name, wd in WEIGHT_DECAYS.items():
         for batch in (SMALL_BATCH, LARGE_BATCH):
-            runs.append(Training(vgg_name(batch, wd_name), "vgg9", batch, wd, scale.vgg_epochs))
+            name = vgg_name(batch, wd_name)
+            runs.append(Training(name, "vgg9", batch, wd, scale.vgg_epochs, scale.data))
     return runs
 
 
@@ -136,6 +150,7 @@ def gallery_config(out: Path, run: Training, settings: list[str]) -> ExperimentC
             f"train.batch_size={run.batch_size}",
             f"train.weight_decay={run.weight_decay}",
             f"train.epochs={run.epochs}",
+            *run.data,
             *settings,
         ],
     )
@@ -438,7 +453,9 @@ def claims_html(claims: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m landscape.gallery", description=__doc__)
     parser.add_argument("--out", default="results/gallery")
-    parser.add_argument("--quick", action="store_true", help="2 epochs, 3 to 5 points an axis")
+    parser.add_argument(
+        "--quick", action="store_true", help="a quarter of the data, 1-2 epochs, tiny grids"
+    )
     parser.add_argument("--no-figures", dest="figures", action="store_false")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
