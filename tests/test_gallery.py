@@ -21,6 +21,7 @@ from landscape.gallery import (
     curvature_at,
     local_minima,
     loss_rise,
+    main,
     measure_claims,
     plane_ratio_share,
     run_gallery,
@@ -102,6 +103,15 @@ def test_plane_ratio_share_against_closed_form_curvatures(dtype):
     rotated = (xx + yy) ** 2 - 0.5 * (xx - yy) ** 2  # eigenvalues 4, -2 after rotation
     assert plane_ratio_share(x, y, rotated) == 1.0
     assert plane_ratio_share(x, y, xx**2 + 3 * yy**2) == 0.0  # a bowl
+
+
+def test_gallery_into_a_file_says_so_in_one_line(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    assert main(["--quick", "--out", str(taken)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --out:") and "\n" not in error
+    assert taken.read_text() == "not a folder"
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from landscape.api import read
-from landscape.atomic import write_file
+from landscape.atomic import check_writable, write_file
 from landscape.config import ExperimentConfig, TrainConfig, parse_config
 from landscape.errors import UserError
 from landscape.plan import plan_surface
@@ -216,6 +216,13 @@ def run_gallery(
     """Train, map, (draw) and measure the whole gallery into ``out``; returns the claims."""
     started = time.perf_counter()
     out = Path(out).resolve()
+    check_writable(out, "--out", folder=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"--out: cannot create {out} ({exc.strerror}); name a writable folder"
+        ) from None
     scale = QUICK if quick else FULL
     for run in trainings(scale):
         if run.minimum(out).is_file():
