@@ -21,7 +21,7 @@ H5PY_BUILD_ENV := CC=mpicc HDF5_MPI=ON HDF5_PKGCONFIG_NAME=$(HDF5_PKGCONFIG_NAME
 
 SLURM_APT_PACKAGES := slurm-wlm munge slurmdbd mariadb-server
 
-.PHONY: install parallel-stack system-mpi local-slurm browser demo test bench lint clean
+.PHONY: install parallel-stack system-mpi local-slurm browser demo test bench gallery lint clean
 
 install: $(STAMP)
 
@@ -100,6 +100,10 @@ test: install local-slurm browser
 
 bench: install
 	$(PY) -m benchmarks.bench --out results/bench.json
+
+# Li et al.'s experiments at digits scale, their claims measured: results/gallery/claims.html
+gallery: install
+	$(PY) -m landscape.gallery --out results/gallery
 
 lint: install
 	$(VENV)/bin/ruff check pipeline tests benchmarks

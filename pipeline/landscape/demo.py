@@ -21,6 +21,7 @@ from pathlib import Path
 from landscape.config import ExperimentConfig, parse_config
 from landscape.plan import plan_analysis, plan_surface
 from landscape.plot import plot_surface_file
+from landscape.report import write_report
 from landscape.trace import estimate_trace
 from landscape.train import checkpoint_path, train
 from landscape.workers import run_job
@@ -120,10 +121,12 @@ def run_demo(out: str | Path = "results/demo", quick: bool = False) -> list[Path
     run_job(path, "analysis")
     figures += plot_surface_file(path, out / "figures")
     trace = estimate_trace(out / "surface_hessian.h5")
+    report = write_report(sorted(out.glob("*.h5")), out / "report")
     elapsed = time.perf_counter() - started
     print(f"\n{trace}")
     print(f"\nDemo finished in {elapsed:.0f} s. Figures in {out / 'figures'}:")
     for figure in figures:
         if figure.suffix == ".png":
             print(f"  {figure}")
+    print(f"\nOpen this first, every figure and number of the demo on one page:\n  {report}")
     return figures

@@ -15,7 +15,9 @@ minibatch order, random directions), then:
   (Fig. 9).
 
 ``python -m landscape.gallery --out results/gallery`` (``make gallery``) writes every
-surface file, the figures and the claims into ``--out``; ``--quick`` shrinks it to a
+surface file, a report of their figures and numbers (``report/index.html``,
+:mod:`landscape.report`) and the claims (``claims.html``, linking the report) into
+``--out``; ``--quick`` shrinks it to a
 fifth of the data, one or two epochs and 3 to 9 points an axis (the test suite's
 run). Trained checkpoints are reused and
 planned files resumed, so a second run only redraws.
@@ -229,14 +231,15 @@ def run_gallery(
             log.info("using the trained checkpoints of %s", run.name)
         else:
             train(gallery_config(out, run, []))
+    paths = []
     for config in surface_configs(out, scale).values():
-        path = plan_surface(config)
+        paths.append(plan_surface(config))
         for job in config.jobs:
-            run_job(path, job, show_progress=False)
-        if figures:
-            from landscape.plot import plot_surface_file  # matplotlib only for figures
+            run_job(paths[-1], job, show_progress=False)
+    if figures:
+        from landscape.report import write_report  # matplotlib only for figures
 
-            plot_surface_file(path, out / "figures")
+        log.info("report of every surface: %s", write_report(paths, out / "report"))
     claims = measure_claims(out)
     claims["scale"] = {
         "resnet_epochs": scale.resnet_epochs,
@@ -454,7 +457,8 @@ def claims_html(claims: dict) -> str:
         "<h1>Li et al. 2018 at digits scale: the paper's claims, measured</h1>"
         f"<p>Scale: {scale}</p><table><tr><th>Section</th><th>The paper</th>"
         f"<th>Measured here</th><th>Numbers</th><th>Holds here?</th></tr>{rows}</table>"
-        "</body></html>\n"
+        "<p>Every surface's figures and numbers: <a href='report/index.html'>the report</a> "
+        "(written unless the gallery ran with --no-figures).</p></body></html>\n"
     )
 
 
