@@ -3,7 +3,8 @@
 ``epoch_000.pt`` is the initialization and ``epoch_NNN.pt`` the weights after epoch
 NNN, each with its BatchNorm buffers and metadata (epoch, losses, accuracy, lr), so
 PCA-trajectory directions and interpolation plots have every step they need.
-Minibatches are drawn from a seeded generator on the data's own device.
+Minibatches are drawn from a seeded generator on the data's own device; a last
+minibatch of a single sample is dropped (see :func:`minibatches`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,46 @@ def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
     )
 
 
+def minibatches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Split an epoch's sample ``order`` into minibatches of ``batch_size``, in order.
+
+    The last one holds ``len(order) mod batch_size`` samples. When that is a single
+    sample (and ``batch_size`` > 1) it is dropped (PyTorch's ``drop_last``, for that case only): BatchNorm in
+    training mode cannot normalize one value per channel (one sample at 1x1 resolution,
+    or after global pooling) and raises, and one sample's batch statistics are noise
+    anyway. The order is reshuffled every epoch, so a different sample sits out each time.
+    Every other split is unchanged, so training stays bit-identical for them.
+    """
+    batches = list(order.split(batch_size))
+    if batch_size > 1 and len(batches) > 1 and len(batches[-1]) == 1:
+        batches.pop()
+    return batches
+
+
+def check_batch_size(settings: TrainConfig, model: torch.nn.Module, num_samples: int) -> None:
+    """Refuse, before any checkpoint is written, the one split :func:`minibatches` cannot
+    fix: minibatches of one sample through BatchNorm layers in training mode.
+
+    Logs when each epoch drops a last minibatch of one sample.
+    """
+    has_batch_norm = any(
+        isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules()
+    )
+    if has_batch_norm and (settings.batch_size == 1 or num_samples == 1):
+        raise UserError(
+            f"train.batch_size: minibatches of 1 sample ({num_samples} training samples, "
+            f"batch_size {settings.batch_size}) cannot train the model's BatchNorm layers; "
+            "use train.batch_size >= 2 and at least 2 training samples"
+        )
+    if num_samples > settings.batch_size and num_samples % settings.batch_size == 1:
+        log.info(
+            "train.batch_size %d leaves 1 of the %d training samples over: each epoch "
+            "drops that last minibatch of 1 sample (a different sample each epoch)",
+            settings.batch_size,
+            num_samples,
+        )
+
+
 def train(config: ExperimentConfig) -> Path:
     """Train per ``config.train``; returns the last checkpoint written.
 
@@ -63,6 +104,7 @@ def train(config: ExperimentConfig) -> Path:
     experiment = Experiment.load(config, with_checkpoint=False, device=settings.device)
     model, objective = experiment.model, experiment.objective
     train_samples, test_samples = experiment.data.split("train"), experiment.data.split("test")
+    check_batch_size(settings, model, len(train_samples))
     optimizer = make_optimizer(settings, model.parameters())
     generator = torch.Generator(device=experiment.device).manual_seed(settings.seed)
     saved = []  # epochs whose checkpoint is written
@@ -84,8 +126,8 @@ def train(config: ExperimentConfig) -> Path:
             order = torch.randperm(
                 len(train_samples), generator=generator, device=experiment.device
             )
-            for start in range(0, len(order), settings.batch_size):
-                inputs, targets = train_samples.gather(order[start : start + settings.batch_size])
+            for batch in minibatches(order, settings.batch_size):
+                inputs, targets = train_samples.gather(batch)
                 loss = objective.mean(model(inputs), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
