@@ -54,10 +54,11 @@ def minibatches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Split an epoch's sample ``order`` into minibatches of ``batch_size``, in order.
 
     The last one holds ``len(order) mod batch_size`` samples. When that is a single
-    sample (and ``batch_size`` > 1) it is dropped (PyTorch's ``drop_last``, for that case only): BatchNorm in
-    training mode cannot normalize one value per channel (one sample at 1x1 resolution,
-    or after global pooling) and raises, and one sample's batch statistics are noise
-    anyway. The order is reshuffled every epoch, so a different sample sits out each time.
+    sample (and ``batch_size`` > 1) it is dropped (PyTorch's ``drop_last``, for that case
+    only): BatchNorm in training mode cannot normalize one value per channel (one sample
+    at 1x1 resolution, or after global pooling) and raises, and one sample's batch
+    statistics are noise anyway. The order is reshuffled every epoch, so a different
+    sample sits out each time.
     Every other split is unchanged, so training stays bit-identical for them.
     """
     batches = list(order.split(batch_size))
