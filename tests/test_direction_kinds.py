@@ -14,6 +14,7 @@ from scipy.linalg import null_space
 
 from landscape import trajectory
 from landscape.config import load_config
+from landscape.directions import checkpoint_names
 from landscape.errors import UserError
 from landscape.evaluate import evaluate
 from landscape.experiment import Experiment
@@ -105,6 +106,43 @@ def test_interpolation_ends_are_the_checkpoints_and_bn_statistics_move_too(exper
     assert "θA" in label and "epoch_002.pt" in label
     figures = {path.name for path in plot_surface_file(surface, formats=("png",))}
     assert figures == {f"{surface.stem}_interpolation.png"}
+
+
+def test_checkpoint_names_are_the_shortest_suffixes_that_tell_them_apart():
+    assert checkpoint_names(["runs/a/epoch_002.pt", "runs/a/epoch_006.pt"]) == [
+        "epoch_002.pt",
+        "epoch_006.pt",
+    ]
+    assert checkpoint_names(["/r/bs64/epoch_006.pt", "/r/bs256/epoch_006.pt"]) == [
+        "bs64/epoch_006.pt",
+        "bs256/epoch_006.pt",
+    ]
+    assert checkpoint_names(["/x/seed0/run/e.pt", "/x/seed1/run/e.pt", "/x/seed1/e.pt"]) == [
+        "seed0/run/e.pt",
+        "seed1/run/e.pt",
+        "x/seed1/e.pt",
+    ]
+    assert checkpoint_names(["/a/e.pt", "/a/e.pt"]) == ["e.pt", "e.pt"]
+
+
+def test_interpolation_between_same_named_checkpoints_names_their_folders(experiment, tmp_path):
+    """Two runs' checkpoints of one epoch share a file name: the labels name the runs."""
+    config = experiment()
+    ends = []
+    for seed, run in enumerate(("bs64", "bs256")):
+        experiment(name=run, seed=seed)  # its checkpoint: <tmp_path>/<run>.pt
+        (tmp_path / run).mkdir()
+        ends.append((tmp_path / f"{run}.pt").rename(tmp_path / run / "epoch_006.pt"))
+    interpolation = rewrite(
+        config,
+        model={**yaml.safe_load(config.read_text())["model"], "checkpoint": str(ends[0])},
+        directions={"kind": "interpolation", "targets": [str(ends[1])]},
+        grid={"x": {"min": 0.0, "max": 1.0, "num": 3}},
+        maps=["train_loss"],
+    )
+    with SurfaceFile.open(plan_surface(load_config(interpolation))) as planned:
+        (label,) = planned.axis_labels()
+    assert label.endswith("A = bs64/epoch_006.pt, B = bs256/epoch_006.pt"), label
 
 
 def test_pca_directions_match_a_dense_svd_and_frame_the_trajectory(experiment, monkeypatch):

@@ -225,13 +225,30 @@ def hessian_plane(experiment: Experiment, config: ExperimentConfig, count: int) 
     return Directions(vectors, axes)
 
 
+def checkpoint_names(paths: list[str]) -> list[str]:
+    """Names for checkpoint ``paths`` in axis labels: their shortest trailing parts, of one
+    length, that tell them apart.
+
+    File names alone where those differ (``epoch_002.pt``, ``epoch_006.pt``); folders are
+    added from the right as needed, so runs that share file names stay apart
+    (``bs64/epoch_006.pt``, ``bs256/epoch_006.pt``). Paths that no suffix separates (one
+    file named twice) keep their file names.
+    """
+    parts = [Path(path).parts for path in paths]
+    for length in range(1, max(map(len, parts)) + 1):
+        names = [Path(*path[-length:]).as_posix() for path in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [Path(path).name for path in paths]
+
+
 def target_plane(experiment: Experiment, config: ExperimentConfig, count: int) -> Directions:
     """d = theta_B - theta_0 per axis (Li et al. Fig. 8b, Goodfellow et al.)."""
     targets = config.directions.targets
     scaling = scaling_note(config.directions)
     axes = [
-        {"label": f"{axis}: toward {Path(target).name} (θB − θ0, {scaling})", "target": target}
-        for axis, target in zip("xy", targets)
+        {"label": f"{axis}: toward {name} (θB − θ0, {scaling})", "target": target}
+        for axis, target, name in zip("xy", targets, checkpoint_names(targets))
     ]
     states = [load_target(experiment.model, path, config.model) for path in targets]
     return Directions(checkpoint_differences(experiment.model, states, False), axes)
@@ -242,7 +259,8 @@ def interpolation_plane(experiment: Experiment, config: ExperimentConfig, count:
     ends' weight histograms and norms, which often explain such plots better."""
     (target,) = config.directions.targets
     source = config.model.checkpoint
-    label = f"α: (1 − α)·θA + α·θB, A = {Path(source).name}, B = {Path(target).name}"
+    source_name, target_name = checkpoint_names([source, target])
+    label = f"α: (1 − α)·θA + α·θB, A = {source_name}, B = {target_name}"
     state = load_target(experiment.model, target, config.model)
     histograms, norms = weight_histograms(experiment.model, state)
     (difference,) = checkpoint_differences(experiment.model, [state], True)
