@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_experiment
+from test_bad_input import fails_with
 from torch.func import functional_call
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -315,6 +316,29 @@ def test_tiny_gpt2_trains_and_its_analysis_runs(tmp_path):
     assert maps["top_eigenvalues"][0, 0] == pytest.approx(spectrum[-1], rel=1e-6)
     assert maps["train_loss"][0] == pytest.approx(trained, rel=1e-12)
     assert np.isfinite(maps["trace"][0]) and np.isfinite(maps["gradient_norm"][0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clustering_of_a_token_model_is_refused_at_plan(tmp_path, capsys, dtype):
+    """GPT-2's logits are (samples, tokens, vocabulary), one per token: Fort & Ganguli's
+    per-sample logit gradients are undefined, and plan says so before any quantity runs."""
+    path = lm_experiment(
+        tmp_path,
+        evaluation={**LM["evaluation"], "dtype": dtype},
+        analysis={
+            "output": str(tmp_path / "analysis.h5"),
+            "quantities": ["top_eigenpairs", "clustering"],
+            "top_k": 2,
+        },
+    )
+    fails_with(
+        capsys,
+        ["analyze", str(path)],
+        "analysis.quantities: clustering needs (samples, classes) logits",
+        "model gpt2 outputs shape (2, 4, 6) for 2 samples",
+        "drop clustering",
+    )
+    assert not (tmp_path / "analysis.h5").exists()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from landscape.atomic import folder_for
 from landscape.checkpoint import check_compatible, file_sha256, load_checkpoint, verify_fingerprint
@@ -23,7 +24,7 @@ from landscape.config import ExperimentConfig, config_differences
 from landscape.curvature.operators import select_parameters
 from landscape.directions import ignored_parameters, plan_directions
 from landscape.errors import UserError
-from landscape.experiment import Experiment
+from landscape.experiment import FORWARD_SAMPLES, Experiment
 from landscape.grid import Grid, shard_ranges
 from landscape.jobs import JOB_KINDS, jobs_for
 from landscape.locking import surface_lock
@@ -168,20 +169,37 @@ def resolved_analysis(config: ExperimentConfig, classes: int, parameters: int) -
     return dataclasses.replace(config, analysis=dataclasses.replace(settings, top_k=top_k))
 
 
+@torch.no_grad()
+def check_clustering_fits(experiment: Experiment, model_name: str) -> None:
+    """Refuse the clustering quantity, at plan rather than after the other quantities of
+    the first checkpoint were computed, where Fort & Ganguli's statistics are undefined:
+    they need class labels y_mu and one logit z_k(x_mu) per class and sample, outputs of
+    shape (samples, classes). Real-valued targets have no classes; a token model's
+    (samples, tokens, vocabulary) outputs have a logit per token, not per sample. The
+    model runs on the first training samples to see its outputs' shape."""
+    inputs, targets = experiment.data.split("train").head(FORWARD_SAMPLES)
+    if targets.is_floating_point():
+        raise UserError(
+            "analysis.quantities: clustering groups logit gradients by class and needs class "
+            "labels; this data set's targets are real numbers: drop clustering"
+        )
+    shape = tuple(experiment.model(inputs).shape)
+    if len(shape) != 2:
+        raise UserError(
+            f"analysis.quantities: clustering needs (samples, classes) logits, but model "
+            f"{model_name} outputs shape {shape} for {len(inputs)} samples (a token model's "
+            "(samples, tokens, vocabulary)?): drop clustering"
+        )
+
+
 def create_analysis_plan(path: Path, config: ExperimentConfig) -> None:
     """Check every checkpoint against the model (shapes, finite values) and write the
     analysis file at ``path``: its checkpoints' paths, hashes and epochs, and an empty
     work table over them."""
     files = analysis_checkpoints(config)
     experiment = Experiment.load(config, with_checkpoint=False, device="cpu")
-    if (
-        "clustering" in config.analysis.quantities
-        and experiment.data.split("train").head(1)[1].is_floating_point()
-    ):
-        raise UserError(
-            "analysis.quantities: clustering groups logit gradients by class and needs class "
-            "labels; this data set's targets are real numbers: drop clustering"
-        )
+    if "clustering" in config.analysis.quantities:
+        check_clustering_fits(experiment, config.model.name)
     names = select_parameters(experiment.model, config.analysis.parameters)
     parameters = dict(experiment.model.named_parameters())
     size = sum(parameters[name].numel() for name in names)
