@@ -48,7 +48,7 @@ def bench_stream() -> dict:
     held = HeldSamples(data.train_x, data.train_y)
     device = torch.device("cpu")
     streamed = StreamedSamples(
-        Items(data.train_x, data.train_y), device, torch.float32, "digits", WORKERS
+        Items(data.train_x, data.train_y), device, torch.float32, "digits", BATCH_SIZE, WORKERS
     )
     objective = CrossEntropy()
     results = {

@@ -121,7 +121,10 @@ def test_an_installed_package_runs_the_demo_from_its_own_configs(tmp_path):
     (wheel,) = tmp_path.glob("*.whl")
     installed = tmp_path / "installed"
     zipfile.ZipFile(wheel).extractall(installed)
-    assert sorted(path.name for path in (installed / "landscape" / "configs").iterdir()) == SHIPPED
+    configs = installed / "landscape" / "configs"
+    assert sorted(path.name for path in configs.glob("*.yaml")) == SHIPPED
+    shipped_papers = sorted(path.name for path in (CONFIGS / "papers").glob("*.yaml"))
+    assert sorted(path.name for path in (configs / "papers").iterdir()) == shipped_papers
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     demo = subprocess.run(

@@ -292,7 +292,9 @@ def test_compile_failure_falls_back_to_eager_in_one_line(tmp_path, monkeypatch, 
     def failing_compile(model):
         def compiled(inputs):
             calls.append(len(inputs))
-            raise RuntimeError("InductorError: CppCompileError: C++ compile error\ndetails")
+            raise torch._dynamo.exc.TorchDynamoException(
+                "InductorError: CppCompileError: C++ compile error\ndetails"
+            )
 
         return compiled
 
@@ -305,6 +307,6 @@ def test_compile_failure_falls_back_to_eager_in_one_line(tmp_path, monkeypatch, 
     warnings = [r.getMessage() for r in caplog.records if "evaluation.compile" in r.getMessage()]
     assert warnings == [
         "evaluation.compile: torch.compile failed, the forward pass runs eagerly "
-        "(RuntimeError: InductorError: CppCompileError: C++ compile error)"
+        "(TorchDynamoException: InductorError: CppCompileError: C++ compile error)"
     ]
     assert len(calls) == 1, "a failed compile is tried again"

@@ -149,7 +149,7 @@ def test_token_counts_and_batches_agree_between_kinds(dtype):
     labels[torch.rand(23, 6, generator=generator) < 0.3] = -100
     dataset = torch.utils.data.TensorDataset(inputs, labels)
     held = HeldSamples(inputs.to(dtype), labels)
-    streamed = StreamedSamples(dataset, torch.device("cpu"), dtype, "tokens", workers=2)
+    streamed = StreamedSamples(dataset, torch.device("cpu"), dtype, "tokens", 5, workers=2)
     objective = TokenCrossEntropy()
     assert streamed.units(objective) == held.units(objective) == int((labels != -100).sum())
     for (a, b), (c, d) in zip(streamed.batches(5), held.batches(5), strict=True):

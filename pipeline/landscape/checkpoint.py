@@ -310,8 +310,7 @@ def check_compatible(
     problems = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mis_shaped)):
         if keys:
-            shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
-            problems.append(f"{label}: {shown}")
+            problems.append(f"{label}: {listed(keys, 5)}")
     if problems:
         renamed = " (keys under a prefix: set model.strip_prefix)" if missing and unexpected else ""
         raise UserError(

@@ -78,7 +78,7 @@ def load_dataset(name: str, kwargs: dict) -> Dataset | TorchData:
         )
     result = call_factory(loader, name, "data.name", {}, kwargs)
     if isinstance(result, dict) and set(TORCH_DATA_FIELDS) <= set(result):
-        data = TorchData(*(result[field] for field in TORCH_DATA_FIELDS), name)
+        data = TorchData(*(result[field] for field in TORCH_DATA_FIELDS), name, result.get("vocab"))
         check_torch_data(data)
         return data
     data = result if isinstance(result, Dataset) else _from_mapping(result, name)
@@ -471,14 +471,19 @@ TORCH_DATA_FIELDS = ("train", "test", "num_classes")
 def check_torch_data(data: TorchData) -> None:
     """Fail in one line unless both splits are non-empty map-style datasets whose first
     item is an (input, target) pair: an input of one shape in both splits, floating or
-    token ids in ``0 .. num_classes - 1``, and a float target or class labels in that
-    range (token labels may be IGNORE_INDEX). Only the first items are read here; a
-    later item that fails stops its pass, naming its samples."""
+    token ids below ``vocab`` (default ``num_classes``), and a float target or class
+    labels below ``num_classes``, one per sample or one per token (token labels may be
+    IGNORE_INDEX, padding). Only the first items are read here; a later item that fails
+    stops its pass, naming its samples."""
     given = f"data.name: {data.name} returned"
-    classes = data.num_classes
-    if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1:
-        raise UserError(f"{given} num_classes {classes!r}; give an integer >= 1")
-    data.num_classes = int(classes)
+    for field in ("num_classes", "vocab"):
+        value = getattr(data, field)
+        if value is None and field == "vocab":
+            continue
+        if not _is_count(value):
+            raise UserError(f"{given} {field} {value!r}; give an integer >= 1")
+        setattr(data, field, int(value))
+    vocab = data.num_classes if data.vocab is None else data.vocab
     shapes = {}
     for split in ("train", "test"):
         dataset = getattr(data, split)
@@ -497,17 +502,13 @@ def check_torch_data(data: TorchData) -> None:
                 f"{given} a {split} dataset whose item 0 is not an (input, target) pair of "
                 f"tensors or numbers ({describe(exc)})"
             ) from None
-        for values, what in ((inputs, "token id"), (target, "label")):
-            if values.is_floating_point():
-                continue
-            outside = values[(values < 0) | (values >= classes)]
-            if what == "label":  # padding of token labels
-                outside = outside[outside != IGNORE_INDEX]
-            if len(outside):
-                raise UserError(
-                    f"{given} {split} {what} {int(outside[0])} (sample 0) outside "
-                    f"0..{classes - 1} for num_classes {classes}"
-                )
+        first = f"{given} {split} item 0:"
+        if not inputs.is_floating_point():
+            _check_range(inputs[None], vocab, f"{first} token id", f"vocab {vocab}")
+        if not target.is_floating_point():
+            padding = IGNORE_INDEX if target.dim() == 1 else None  # token labels only
+            bound = f"num_classes {data.num_classes}"
+            _check_range(target[None], data.num_classes, f"{first} label", bound, padding)
         shapes[split] = tuple(inputs.shape)
     if shapes["train"] != shapes["test"]:
         raise UserError(

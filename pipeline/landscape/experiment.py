@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from landscape.checkpoint import check_compatible, file_sha256, load_state_dict
 from landscape.config import ExperimentConfig
-from landscape.data import Dataset, load_dataset
+from landscape.data import DATASET_FIELDS, Dataset, load_dataset
 from landscape.errors import UserError, describe
 from landscape.models import build_model
 from landscape.objectives import Objective, build_objective, check_metric_maps
@@ -93,14 +93,15 @@ class Experiment:
         )
         objective = build_objective(evaluation.loss, evaluation.loss_kwargs)
         if isinstance(data, TorchData):
-            data = data.on(device, dtype, config.data)
+            data = data.on(device, dtype, config.data, evaluation.batch_size)
         else:
-            data = Dataset(
-                *(
-                    t.to(device, dtype if t.is_floating_point() else t.dtype)
-                    for t in (data.train_x, data.train_y, data.test_x, data.test_y)
-                ),
-                data.num_classes,
+            data = replace(
+                data,
+                **{
+                    field: t.to(device, dtype if t.is_floating_point() else t.dtype)
+                    for field in DATASET_FIELDS[:4]
+                    for t in [getattr(data, field)]
+                },
             )
         check_objective_fits(objective, config, data)
         # Cast first, then load: a float64 checkpoint in a float64 run keeps every digit.
@@ -158,22 +159,24 @@ def channels_last(data: Dataset | SplitSamples, name: str) -> Dataset:
             f"{tuple(data.train_x.shape[1:])}, not images (C, H, W); set it false"
         )
     layout = torch.channels_last
-    return Dataset(
-        data.train_x.contiguous(memory_format=layout),
-        data.train_y,
-        data.test_x.contiguous(memory_format=layout),
-        data.test_y,
-        data.num_classes,
+    return replace(
+        data,
+        train_x=data.train_x.contiguous(memory_format=layout),
+        test_x=data.test_x.contiguous(memory_format=layout),
     )
 
 
 class CompiledForward:
     """``torch.compile(model)`` with the model itself to fall back on (evaluation.compile).
 
-    Compiling happens at the first call, so that is where a failure shows (no C
-    compiler, an operation the compiler cannot trace): it is logged once, in one line,
-    and this and every later call run the model eagerly. Parameters are read at each
-    call, so moving the model in place (a new grid point) needs no recompilation.
+    Compiling happens at the first call (and again for a new batch shape), so that is
+    where a failure shows (no C compiler, an operation the compiler cannot trace): a
+    compiler's error (``TorchDynamoException``, which wraps the backend's) is logged once,
+    in one line, and this and every later call run the model eagerly. Any other error is
+    the model's own (out of memory, a user's forward) and is raised as it is. Parameters
+    are read at each call, so moving the model in place (a new grid point) needs no
+    recompilation. Only the one-point path calls it: K points per pass
+    (:class:`landscape.evaluators.SeveralPoints`) run their vmapped forward eagerly.
     """
 
     def __init__(self, model: nn.Module):
@@ -184,7 +187,7 @@ class CompiledForward:
         if self.compiled is not None:
             try:
                 return self.compiled(inputs)
-            except Exception as exc:  # any compiler or backend failure, in user models too
+            except torch._dynamo.exc.TorchDynamoException as exc:
                 log.warning(
                     "evaluation.compile: torch.compile failed, the forward pass runs eagerly (%s)",
                     describe(exc),

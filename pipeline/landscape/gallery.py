@@ -36,10 +36,10 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-import torch
 
 from landscape.api import read
 from landscape.atomic import check_writable, write_file
+from landscape.checkpoint import read_torch_file
 from landscape.config import ExperimentConfig, TrainConfig, parse_config
 from landscape.errors import UserError
 from landscape.plan import plan_surface
@@ -319,7 +319,7 @@ def measure_claims(folder: str | Path) -> dict:
 def trained(checkpoint: str | Path) -> dict:
     """What training reached at ``checkpoint`` (its metadata): a minimum to compare, or a
     net still far from one."""
-    metadata = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    metadata = read_torch_file(Path(checkpoint), "gallery checkpoint")
     return {key: float(metadata[key]) for key in ("train_loss", "train_acc", "test_acc")}
 
 

@@ -83,28 +83,35 @@ def precision_check(experiment, plane, grid, maps: list[str]) -> dict:
     is reduced: ``points`` (centre, corner), per loss or accuracy map ``<map>_reduced``,
     ``<map>_float32``, ``<map>_abs_difference`` (and ``<map>_rel_difference`` for a
     loss), each of shape (2,): centre, corner (:data:`ESTIMATOR`), and what they are.
-    The model is moved along ``plane`` (a :class:`landscape.parameters.DirectionPlane`)
-    and back."""
+    The float32 passes run in IEEE float32 even where evaluation.tf32 is on (TF32 is
+    itself a reduced precision). The model is moved along ``plane`` (a
+    :class:`landscape.parameters.DirectionPlane`) and back, whatever happens."""
     from landscape.evaluate import evaluate  # evaluate imports nothing of this module's
 
     points = check_points(grid)
     batch_size = experiment.config.evaluation.batch_size
     splits = [split for split in ("train", "test") if any(m.startswith(split) for m in maps)]
     found = {}
-    for dtype, autocast in (("reduced", experiment.autocast), ("float32", None)):
-        for point in points:
-            plane.move_to(*point)
-            for split in splits:
-                loss, accuracy = evaluate(
-                    experiment.forward,
-                    experiment.data.split(split),
-                    batch_size,
-                    experiment.objective,
-                    autocast,
-                )
-                found.setdefault(f"{split}_loss_{dtype}", []).append(loss)
-                found.setdefault(f"{split}_acc_{dtype}", []).append(accuracy)
-    plane.parameters.reset()
+    tf32 = experiment.device.type == "cuda" and experiment.config.evaluation.tf32
+    try:
+        for dtype, autocast in (("reduced", experiment.autocast), ("float32", None)):
+            set_tf32(tf32 and autocast is not None)
+            for point in points:
+                plane.move_to(*point)
+                for split in splits:
+                    loss, accuracy = evaluate(
+                        experiment.forward,
+                        experiment.data.split(split),
+                        batch_size,
+                        experiment.objective,
+                        autocast,
+                    )
+                    found.setdefault(f"{split}_loss_{dtype}", []).append(loss)
+                    found.setdefault(f"{split}_acc_{dtype}", []).append(accuracy)
+    finally:
+        plane.parameters.reset()
+        if experiment.device.type == "cuda":
+            set_tf32(tf32)
     attrs = {"points": points}
     for name in maps:
         if not name.endswith(("_loss", "_acc")):

@@ -91,8 +91,11 @@ class HeldSamples(Samples):
 class StreamedSamples(Samples):
     """A map-style ``torch.utils.data.Dataset`` of (input, target) pairs, read in order
     by a ``DataLoader`` (``workers`` background processes, each ``prefetch`` batches
-    ahead; workers persist across passes, so a pass costs no process start) and copied to
-    ``device``, floating values cast to ``dtype`` exactly as held tensors are.
+    ahead) and copied to ``device``, floating values cast to ``dtype`` exactly as held
+    tensors are. The workers of passes in ``batch_size`` batches (the evaluation's: every
+    grid point and every product) persist, so such a pass costs no process start; a pass
+    in other batches (several HVPs at once, the count of units) starts and stops its own.
+    One pass of a size at a time: a second one would share the first's loader.
 
     A sample that fails to load stops the pass with one line naming ``data.name`` and the
     samples of the failing batch; what earlier points wrote stays as it was.
@@ -104,32 +107,48 @@ class StreamedSamples(Samples):
         device: torch.device,
         dtype: torch.dtype,
         name: str,
+        batch_size: int,
         workers: int = 2,
         prefetch: int = 2,
     ):
         self.dataset, self.device, self.dtype, self.name = dataset, device, dtype, name
-        self.workers, self.prefetch = workers, prefetch
-        self.loaders: dict[int, DataLoader] = {}  # by batch size, workers kept alive
-        self.unit_counts: dict[Objective, int] = {}  # one pass per objective
+        self.batch_size, self.workers, self.prefetch = batch_size, workers, prefetch
+        self.persistent: DataLoader | None = None  # the loader of batch_size, built once
+        self.passing: set[int] = set()  # batch sizes of the passes under way
+        self.unit_counts: dict[Objective, int] = {}  # one pass per objective that masks
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def loader(self, size: int) -> DataLoader:
-        if size not in self.loaders:
-            background = {"persistent_workers": True, "prefetch_factor": self.prefetch}
-            self.loaders[size] = DataLoader(
-                self.dataset,
-                batch_size=size,
-                shuffle=False,
-                num_workers=self.workers,
-                pin_memory=self.device.type == "cuda",
-                **(background if self.workers else {}),
-            )
-        return self.loaders[size]
+        persistent = size == self.batch_size
+        if persistent and self.persistent is not None:
+            return self.persistent
+        background = {"persistent_workers": persistent, "prefetch_factor": self.prefetch}
+        loader = DataLoader(
+            self.dataset,
+            batch_size=size,
+            shuffle=False,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            **(background if self.workers else {}),
+        )
+        if persistent:
+            self.persistent = loader
+        return loader
 
     def batches(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batch = iter(self.loader(size))
+        if size in self.passing:
+            raise RuntimeError(f"a second pass in batches of {size} while one is under way")
+        self.passing.add(size)
+        try:
+            yield from self.read(iter(self.loader(size)), size)
+        finally:
+            self.passing.discard(size)
+
+    def read(self, batch, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of one pass from the loader iterator ``batch``, on the device; a
+        user's failure is one line naming the samples."""
         for start in range(0, len(self), size):
             try:
                 inputs, targets = next(batch)
@@ -166,7 +185,10 @@ class StreamedSamples(Samples):
         return values.to(self.device, dtype, non_blocking=True)
 
     def units(self, objective: Objective) -> int:
-        """One pass over the set, the first time an objective asks (then remembered)."""
+        """The number of samples for an objective that counts them; for one that masks
+        units (padded tokens), one pass over the set the first time it asks."""
+        if type(objective).count is Objective.count:
+            return len(self)
         if objective not in self.unit_counts:
             self.unit_counts[objective] = sum(
                 objective.count(targets) for _, targets in self.batches(COUNT_BATCH)
@@ -194,6 +216,7 @@ def choose_samples(
     device: torch.device,
     dtype: torch.dtype,
     name: str,
+    batch_size: int,
     stream: str = "auto",
     workers: int = 2,
     prefetch: int = 2,
@@ -202,7 +225,7 @@ def choose_samples(
     is ``never``, or ``auto`` and the whole set takes at most :data:`HELD_SHARE` of the
     device's free memory (read once through the loader, then sliced like built-in data);
     streamed otherwise. The choice and its reason go to the log."""
-    streamed = StreamedSamples(dataset, device, dtype, name, workers, prefetch)
+    streamed = StreamedSamples(dataset, device, dtype, name, batch_size, workers, prefetch)
     need = len(dataset) * sample_bytes(dataset, dtype)
     free = free_memory(device)
     if stream == "auto":
@@ -246,22 +269,27 @@ class TorchData:
     Nothing is read until :meth:`on` places it (or :func:`check_torch_data` looks at the
     first items)."""
 
-    def __init__(self, train, test, num_classes: int, name: str):
+    def __init__(self, train, test, num_classes: int, name: str, vocab: int | None = None):
         self.train, self.test, self.num_classes, self.name = train, test, num_classes, name
+        self.vocab = vocab  # token ids are checked below it (default num_classes)
 
     @property
     def input_shape(self) -> tuple:
         return tuple(torch.as_tensor(self.train[0][0]).shape)
 
-    def on(self, device: torch.device, dtype: torch.dtype, settings) -> SplitSamples:
+    def on(
+        self, device: torch.device, dtype: torch.dtype, settings, batch_size: int
+    ) -> SplitSamples:
         """Both splits, each held or streamed by :func:`choose_samples` under the config's
-        ``data`` section (``settings``: stream, workers, prefetch)."""
+        ``data`` section (``settings``: stream, workers, prefetch), passes in batches of
+        ``batch_size`` (evaluation.batch_size) keeping their loader workers."""
         train, test = (
             choose_samples(
                 dataset,
                 device,
                 dtype,
                 f"{self.name} ({split})",
+                batch_size,
                 settings.stream,
                 settings.workers,
                 settings.prefetch,
