@@ -130,11 +130,26 @@ def test_update_items_writes_only_the_items_one_write_per_grid_row(tmp_path, tra
         assert curve[()].tolist() == [0, 1, 2, 0, 0, 3]
 
 
-class RecordingWriter:
-    """A point writer that keeps what it is handed, and when it commits."""
+def test_update_items_keeps_the_last_value_of_a_repeated_item(tmp_path):
+    recorded = RecordedDataset((2, 5))
+    update_items(recorded, np.array([1, 1, 2]), np.array([5.0, 7.0, 9.0]), 2)
+    assert recorded.writes == [(0, slice(1, 3))]
+    with h5py.File(tmp_path / "items.h5", "w") as handle:  # h5py refuses [1, 1, 2]
+        curve = handle.create_dataset("c", data=np.zeros(5))
+        update_items(curve, np.array([1, 1, 2]), np.array([5.0, 7.0, 9.0]), 1)
+        assert curve[()].tolist() == [0, 7, 9, 0, 0]
+        grid = handle.create_dataset("m", data=np.zeros((2, 5)))
+        update_items(grid, np.array([8, 3, 6, 8, 3]), np.array([1.0, 2.0, 3.0, 4.0, 5.0]), 2)
+        assert grid[()].tolist() == [[0, 0, 0, 5, 0], [0, 3, 0, 4, 0]]
 
-    def __init__(self):
+
+class RecordingWriter:
+    """A point writer that keeps what it is handed, and when it commits; it commits in
+    place (a flush, as the surface file) or not (a new file, as a part)."""
+
+    def __init__(self, commits_in_place=False):
         self.written, self.log = {}, []
+        self.commits_in_place = commits_in_place
 
     def write_points(self, job, points, values, finished):
         assert len(finished) == len(points)
@@ -149,16 +164,16 @@ class RecordingWriter:
 
 class Doubling:
     """An evaluator of K = 4 points per call whose value is twice the point number;
-    optionally interrupted (Ctrl-C) at its ``stop_at``-th call."""
+    optionally stopped by ``error`` (Ctrl-C by default) at its ``stop_at``-th call."""
 
     items_per_call = 4
 
-    def __init__(self, stop_at=None):
-        self.calls, self.stop_at = [], stop_at
+    def __init__(self, stop_at=None, error=KeyboardInterrupt):
+        self.calls, self.stop_at, self.error = [], stop_at, error
 
     def __call__(self, items):
         if len(self.calls) == self.stop_at:
-            raise KeyboardInterrupt
+            raise self.error("stopped")
         self.calls.append(items.tolist())
         return {"double": 2.0 * items}
 
@@ -192,10 +207,51 @@ def test_interrupted_claim_commits_the_points_evaluated_and_slow_ones_are_writte
         workers.evaluate_shards("loss", Doubling(stop_at=2), pending, writer)
     assert writer.log == [("write", list(range(8))), ("commit", list(range(8)))]
     monkeypatch.setattr(workers, "WRITE_INTERVAL_SECONDS", 0.0)  # every call is overdue
-    writer = RecordingWriter()
+    writer = RecordingWriter()  # part files: one commit per claim
     workers.evaluate_shards("loss", Doubling(), pending, writer)
-    assert [entry for entry in writer.log if entry[0] == "write"] == [
+    assert writer.log == [
         ("write", [0, 1, 2, 3]),
         ("write", [4, 5, 6, 7]),
         ("write", [8, 9, 10, 11]),
+        ("commit", list(range(12))),
     ]
+
+
+def test_a_writer_that_commits_in_place_commits_each_overdue_write(monkeypatch):
+    """So that a process killed without warning loses at most WRITE_INTERVAL_SECONDS."""
+    monkeypatch.setattr(workers, "WRITE_INTERVAL_SECONDS", 0.0)  # every call is overdue
+    writer = RecordingWriter(commits_in_place=True)  # the surface file: a flush
+    workers.evaluate_shards("loss", Doubling(), [np.arange(0, 8)], writer)
+    assert writer.log == [
+        ("write", [0, 1, 2, 3]),
+        ("commit", [0, 1, 2, 3]),
+        ("write", [4, 5, 6, 7]),
+        ("commit", list(range(8))),
+        ("commit", list(range(8))),  # the claim's end, with nothing left to write
+    ]
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError, UserError])
+def test_a_claim_stopped_by_any_error_commits_the_points_evaluated_before_it(error):
+    writer = RecordingWriter()  # a streamed dataset's UserError, CUDA running out of memory
+    with pytest.raises(error, match="stopped"):
+        workers.evaluate_shards("loss", Doubling(stop_at=2, error=error), [np.arange(12)], writer)
+    assert writer.written == {point: 2.0 * point for point in range(8)}
+    assert writer.log == [("write", list(range(8))), ("commit", list(range(8)))]
+
+
+class InterruptedAfterHandOff(RecordingWriter):
+    """A writer interrupted (Ctrl-C) just after it took its first points."""
+
+    def write_points(self, job, points, values, finished):
+        super().write_points(job, points, values, finished)
+        if len(self.log) == 1:
+            raise KeyboardInterrupt
+
+
+def test_points_handed_to_the_writer_are_never_handed_again(monkeypatch):
+    monkeypatch.setattr(workers, "WRITE_INTERVAL_SECONDS", 0.0)  # written after each call
+    writer = InterruptedAfterHandOff()  # asserts that no point comes twice
+    with pytest.raises(KeyboardInterrupt):
+        workers.evaluate_shards("loss", Doubling(), [np.arange(12)], writer)
+    assert writer.log == [("write", [0, 1, 2, 3]), ("commit", [0, 1, 2, 3])]
