@@ -180,8 +180,8 @@ class Doubling:
 
 def test_claims_group_consecutive_shards_so_calls_hold_k_points_and_commit_per_claim():
     pending = [np.arange(start, min(start + 2, 11)) for start in range(0, 11, 2)]  # 6 shards
-    assert workers.shards_per_claim(4, pending) == 2
-    assert workers.shards_per_claim(1, pending) == 1
+    assert workers.shards_per_claim(4, pending, 1) == 2
+    assert workers.shards_per_claim(1, pending, 1) == 1
     claims = workers.ShardClaims("loss", Solo(), pending, False, "point", 2)
     evaluator, writer = Doubling(), RecordingWriter()
     assert workers.evaluate_shards("loss", evaluator, claims, writer) == 11
@@ -255,3 +255,54 @@ def test_points_handed_to_the_writer_are_never_handed_again(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         workers.evaluate_shards("loss", Doubling(), [np.arange(12)], writer)
     assert writer.log == [("write", [0, 1, 2, 3]), ("commit", [0, 1, 2, 3])]
+
+
+def test_claims_leave_one_for_every_rank_where_there_are_as_many_shards():
+    pending = [np.arange(start, start + 2) for start in range(0, 128, 2)]  # 64 shards of 2
+    assert workers.shards_per_claim(32, pending, 1) == 16  # 4 claims of 32 points
+    assert workers.shards_per_claim(32, pending, 4) == 16
+    assert workers.shards_per_claim(32, pending, 8) == 8  # 8 claims of 16 points
+    assert workers.shards_per_claim(32, pending[:6], 8) == 1  # 6 claims: no more to make
+    for ranks in range(1, 65):
+        per_claim = workers.shards_per_claim(32, pending, ranks)
+        claims = workers.ShardClaims("loss", Solo(), pending, False, "point", per_claim)
+        assert len(claims.groups) >= ranks
+
+
+class RankZeroOfTwo(Solo):
+    """Rank 0 of two whose other rank's evaluator takes ``other_k`` points per call; this
+    process holds the shared counters, so it claims every shard."""
+
+    size = 2
+
+    def __init__(self, other_k):
+        super().__init__()
+        self.other_k = other_k
+
+    def minimum(self, value):
+        return min(value, self.other_k)
+
+
+class SurfaceStandIn(RecordingWriter):
+    """What the run needs of a surface file opened by the serial writer."""
+
+    item_noun, path = "point", "stand-in.h5"
+
+
+@pytest.mark.parametrize(
+    "other_k, calls",
+    [
+        (3, [[0, 1, 2], [3], [4, 5, 6], [7], [8, 9, 10], [11]]),  # 3 claims of 2 shards
+        (8, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]),  # this rank's K = 4 is the least
+    ],
+)
+def test_every_rank_takes_the_least_k_of_all_ranks(monkeypatch, other_k, calls):
+    """Each rank's evaluator finds its K in its own free GPU memory; the run takes one."""
+    evaluator = Doubling()  # K = 4 on this rank
+    monkeypatch.setattr(workers, "load_evaluator", lambda *args: evaluator)
+    pending = [np.arange(start, start + 2) for start in range(0, 12, 2)]  # 6 shards of 2
+    surface = SurfaceStandIn(commits_in_place=True)
+    ranks = RankZeroOfTwo(other_k)
+    assert workers.evaluate_pending("loss", surface, pending, ranks, "serial", None, False) == 12
+    assert evaluator.calls == calls
+    assert surface.written == {point: 2.0 * point for point in range(12)}

@@ -151,8 +151,9 @@ class ShardClaims:
     them, they are added to the shared done count, which rank 0 reads after each of its
     own evaluator calls to drive the progress bar (points, rate, ETA). Which shards form
     a group depends only on the pending list and ``shards_per_claim`` (the same on every
-    rank), never on which rank claims first: the points that share a forward pass do
-    not depend on the number of ranks.
+    rank), never on which rank claims first. The pending list is what an earlier run
+    left, so a resumed run groups the rest afresh; ``shards_per_claim`` follows K and,
+    where it caps a claim, the number of ranks (:func:`shards_per_claim`).
     """
 
     def __init__(
@@ -349,13 +350,30 @@ def warn_if_one_thread_faster(experiment: Experiment) -> None:
         )
 
 
-def shards_per_claim(items_per_call: int, pending: list[np.ndarray]) -> int:
+def shards_per_claim(items_per_call: int, pending: list[np.ndarray], ranks: int) -> int:
     """Enough consecutive shards per claim that one claim holds the ``items_per_call`` (K)
     points an evaluator call can take: with the default of about 64 shards, an 11 x 11
-    grid's shards hold 2 points, and K = 32 would otherwise never be reached. Rank 0's
-    answer is every rank's (:func:`evaluate_pending`), so that all group alike."""
+    grid's shards hold 2 points, and K = 32 would otherwise never be reached. Capped so
+    that there are at least as many claims as ``ranks`` where there are as many pending
+    shards: K = 32 on 64 two-point shards would make 4 claims, 4 of 8 ranks idle; capped,
+    8 claims of 16 points keep all 8 busy, at 16 points per call. Every rank computes it
+    from the same pending list, K and rank count: all group alike."""
     largest = max((len(points) for points in pending), default=1)
-    return max(1, -(-items_per_call // largest))
+    enough = -(-items_per_call // largest)
+    return max(1, min(enough, len(pending) // ranks))
+
+
+def run_items_per_call(evaluator: Evaluator, ranks: Solo) -> int:
+    """K, the points per evaluator call on every rank: the least any rank's evaluator
+    takes (each chose its own from its device's free memory), so that which points share
+    a call, and so how they round, does not depend on which rank claims them."""
+    own = getattr(evaluator, "items_per_call", 1)
+    agreed = ranks.minimum(own)
+    if agreed < own:
+        log.info(
+            "%d points per call on every rank (the least any rank takes; this one: %d)", agreed, own
+        )
+    return agreed
 
 
 def evaluate_pending(
@@ -368,7 +386,8 @@ def evaluate_pending(
     show_progress: bool,
 ) -> int:
     """This rank's share of the pending shards, claimed a few consecutive ones at a time
-    (:func:`shards_per_claim`); returns its count."""
+    (:func:`shards_per_claim`), K points per call (:func:`run_items_per_call`); returns
+    its count."""
     evaluator = ranks.agree(lambda: load_evaluator(job, surface, device, ranks))
     point_writer = (
         ranks.agree(lambda: PartWriter(surface.path, surface.plan_id))
@@ -376,11 +395,14 @@ def evaluate_pending(
         else surface
     )
     noun = surface.item_noun
-    per_claim = ranks.broadcast(shards_per_claim(getattr(evaluator, "items_per_call", 1), pending))
+    items_per_call = run_items_per_call(evaluator, ranks)
+    per_claim = shards_per_claim(items_per_call, pending, ranks.size)
     claims = ShardClaims(job, ranks, pending, show_progress, noun, per_claim)
     started = time.perf_counter()
     with ranks.failing_together():
-        count = evaluate_shards(job, evaluator, claims, point_writer, claims.points_done)
+        count = evaluate_shards(
+            job, evaluator, claims, point_writer, claims.points_done, items_per_call
+        )
         ranks.wait_for_all(claims.show_progress)
     claims.close()
     if ranks.rank == 0:
