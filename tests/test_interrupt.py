@@ -23,8 +23,8 @@ from landscape.reduce import reduce
 from landscape.store import SurfaceFile
 from landscape.workers import evaluate_shards, run_job
 
-# The interrupted runs wait for their signal half-way through their second shard: the
-# serial writer saves each point evaluated, part files the finished shard only.
+# The interrupted runs wait for their signal half-way through their second shard: both
+# writers save each point evaluated (the interrupt commits the claim's finished calls).
 SHARD = GRID["grid"]["shard_size"]
 EVALUATED = SHARD + 2
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d ")  # configure_logging's lines
