@@ -16,7 +16,8 @@ data against one product each: see :mod:`benchmarks.probe_bench`. Products, seco
 basis memory of each curvature analysis: see :mod:`benchmarks.analysis_bench`.
 Warm-started against cold Lanczos on a Hessian grid: see :mod:`benchmarks.warm_bench`. Several
 grid points per forward pass against one, and the bare forward in a process that loaded
-the tool against a plain one: see :mod:`benchmarks.batch_bench`.
+the tool against a plain one: see :mod:`benchmarks.batch_bench`. A surface file's commit
+(a flush) against the write interval: see :mod:`benchmarks.commit_bench`.
 
 PCA directions at scale: 12 checkpoints of a 10^7-parameter model, the principal plane
 by the Gram matrix (as planned) and by numpy's SVD of the dense matrix, each in a child
@@ -43,6 +44,7 @@ import torch
 
 from benchmarks.analysis_bench import bench_analysis
 from benchmarks.batch_bench import bench_batched
+from benchmarks.commit_bench import bench_commit
 from benchmarks.hessian_bench import bench_hessian
 from benchmarks.lm_bench import bench_lm
 from benchmarks.probe_bench import PROBES, bench_probes
@@ -360,6 +362,12 @@ def bench_cpu(folder: Path, results: dict) -> None:
     print(
         f"tiny LM (demo_lm): {lm['points_per_s']:.1f} points/s, HVP "
         f"{lm['hvp_over_forward']['double_backward']:.1f}x a forward pass"
+    )
+    commit = results["commit"] = bench_commit(folder / "commit")
+    print(
+        f"serial surface commit (flush) {1e6 * commit['commit_seconds']:.0f} us after a "
+        f"{1e6 * commit['write_seconds']:.0f} us row write: at most "
+        f"{100 * commit['overhead_bound']:.4f} % of a run (one per write interval)"
     )
     stream = results["stream"] = bench_stream()
     for model in ("mlp", "small_cnn", "resnet20"):

@@ -79,6 +79,13 @@ def wait_at_gate(gate: Path, job: subprocess.Popen, processes: int = 1) -> None:
         time.sleep(0.01)
 
 
+def write_point(writer, job: str, point: int, values: dict) -> None:
+    """Hand one point's values (each of its output's trailing shape), finished now, to a
+    point writer: a surface file open for writing, or a :class:`landscape.parts.PartWriter`."""
+    single = {name: np.asarray(value)[None] for name, value in values.items()}
+    writer.write_points(job, np.array([point]), single, time.time())
+
+
 BASE = {
     "model": {"name": "mlp", "kwargs": {"hidden": [8]}},
     "data": {

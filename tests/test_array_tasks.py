@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from conftest import write_point
 
 from landscape.cli import main
 from landscape.config import load_config
@@ -61,7 +62,7 @@ def write_part(
     """One part file of ``points`` beside ``surface``, for the plan ``plan_id``."""
     writer = PartWriter(surface, plan_id)
     for point in points:
-        writer.write_point("loss", point, dict.fromkeys(maps, value))
+        write_point(writer, "loss", point, dict.fromkeys(maps, value))
     writer.commit()
 
 

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import yaml
-from conftest import BASE, merge
+from conftest import BASE, merge, write_point
 
 from landscape.cli import main
 from landscape.config import ConfigError, load_config, parse_config
@@ -134,7 +134,7 @@ def test_part_file_of_another_plan_is_refused(experiment, capsys):
     assert main(["plan", str(config)]) == 0 and main(["run", surface, "--no-progress"]) == 0
     before = map_bytes(surface)
     stale = PartWriter(surface, plan_id="0123456789abcdef")
-    stale.write_point("loss", 0, {name: 0.0 for name in BASE["maps"]})
+    write_point(stale, "loss", 0, {name: 0.0 for name in BASE["maps"]})
     stale.commit()
 
     fails_with(capsys, ["reduce", surface], "belongs to another plan", "plan id 0123456789abcdef")

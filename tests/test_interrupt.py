@@ -11,19 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import GRID, MPI_ENV, MPIEXEC, gated, wait_at_gate, wait_for_lock
+from conftest import BASE, GRID, MPI_ENV, MPIEXEC, gated, wait_at_gate, wait_for_lock
 
-from landscape import atomic
+from landscape import atomic, workers
 from landscape.cli import main
 from landscape.config import load_config
-from landscape.errors import Interrupted
-from landscape.parts import parts_folder, points_in_parts
+from landscape.errors import Interrupted, UserError
+from landscape.parts import PartWriter, parts_folder, points_in_parts
 from landscape.plan import plan_surface
+from landscape.reduce import reduce
 from landscape.store import SurfaceFile
-from landscape.workers import run_job
+from landscape.workers import evaluate_shards, run_job
 
-# The interrupted runs wait for their signal half-way through their second shard: the
-# serial writer saves each point evaluated, part files the finished shard only.
+# The interrupted runs wait for their signal half-way through their second shard: both
+# writers save each point evaluated (the interrupt commits the claim's finished calls).
 SHARD = GRID["grid"]["shard_size"]
 EVALUATED = SHARD + 2
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d ")  # configure_logging's lines
@@ -174,3 +175,74 @@ def test_interrupted_mpi_run_stops_every_rank_and_resumes_bit_for_bit(experiment
     with SurfaceFile.open(surface) as resumed:
         for name, values in expected.items():
             np.testing.assert_array_equal(resumed.maps()[name], values, err_msg=name)
+
+
+class Shifted:
+    """A loss evaluator of 3 points per call whose every map is the point number + 0.25;
+    ``error`` stops its third call (after 6 points), if given."""
+
+    items_per_call = 3
+
+    def __init__(self, maps: list[str], error: type[BaseException] | None = None):
+        self.maps, self.error, self.calls = maps, error, 0
+
+    def __call__(self, items: np.ndarray) -> dict[str, np.ndarray]:
+        if self.error is not None and self.calls == 2:
+            raise self.error("stopped")
+        self.calls += 1
+        return {name: items + 0.25 for name in self.maps}
+
+
+def one_shard_surface(experiment) -> Path:
+    """A planned surface of 20 points in one shard: one claim."""
+    return plan_surface(load_config(experiment(grid={**BASE["grid"], "shard_size": 20})))
+
+
+def assert_saved(path: Path, count: int) -> None:
+    """Points 0 to count - 1 are done with their values, and no other point."""
+    with SurfaceFile.open(path) as surface:
+        assert np.flatnonzero(surface.done("loss")).tolist() == list(range(count))
+        maps = surface.maps()
+        for name in surface.job_maps("loss"):
+            saved = maps[name].reshape(-1)[:count]
+            np.testing.assert_array_equal(saved, np.arange(count) + 0.25, err_msg=name)
+
+
+@pytest.mark.parametrize("writer", ["serial", "parts"])
+@pytest.mark.parametrize("error", [RuntimeError, UserError])
+def test_a_claim_stopped_by_an_error_keeps_the_points_evaluated_before_it(
+    experiment, writer, error
+):
+    """A streamed dataset's UserError or CUDA's out-of-memory RuntimeError at the third
+    call of a claim: the two calls before it are in the file, and the error goes on."""
+    path = one_shard_surface(experiment)
+    with SurfaceFile.open(path, "r+" if writer == "serial" else "r") as surface:
+        point_writer = surface if writer == "serial" else PartWriter(path, surface.plan_id)
+        evaluator = Shifted(surface.job_maps("loss"), error)
+        with pytest.raises(error, match="stopped"):
+            evaluate_shards("loss", evaluator, [np.arange(20)], point_writer)
+    assert reduce(path) == (6 if writer == "parts" else 0)
+    assert_saved(path, 6)
+
+
+def test_an_interrupt_just_after_the_hand_off_leaves_a_part_that_merges(experiment, monkeypatch):
+    """Ctrl-C right after the part writer took the first call's points: the interrupt's
+    own write must not hand them over again (a part with a point twice never merged)."""
+    path = one_shard_surface(experiment)
+    monkeypatch.setattr(workers, "WRITE_INTERVAL_SECONDS", 0.0)  # written after each call
+    keep = PartWriter.write_points
+
+    def interrupted_once(writer, *args):
+        keep(writer, *args)
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+
+    interrupted = []
+    monkeypatch.setattr(PartWriter, "write_points", interrupted_once)
+    with SurfaceFile.open(path) as surface:
+        evaluator = Shifted(surface.job_maps("loss"))
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_shards("loss", evaluator, [np.arange(20)], PartWriter(path, surface.plan_id))
+    assert reduce(path) == 3
+    assert_saved(path, 3)

@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import write_point
 
 from landscape import store
 from landscape.cli import build_parser, main
@@ -105,11 +106,11 @@ def test_outputs_with_a_trailing_shape_go_through_file_parts_and_reduce(tmp_path
 
     with SurfaceFile.open(path, "r+") as surface:  # the serial writer: point 0
         assert surface.jobs == ["spectrum"] and surface.job_maps("spectrum") == ["top3"]
-        surface.write_point("spectrum", 0, {"top3": values[0]})
+        write_point(surface, "spectrum", 0, {"top3": values[0]})
         plan_id = surface.plan_id
     parts = PartWriter(path, plan_id)  # an array task: points 1 to 5, in two parts
     for point in range(1, 6):
-        parts.write_point("spectrum", point, {"top3": values[point]})
+        write_point(parts, "spectrum", point, {"top3": values[point]})
         if point in (2, 5):
             parts.commit()
     with h5py.File(part_files(path)[0]) as part:
@@ -130,7 +131,7 @@ def test_a_part_of_the_wrong_trailing_shape_is_refused_in_one_line(tmp_path, mon
     path = spectrum_file(tmp_path, monkeypatch)
     with SurfaceFile.open(path) as surface:
         parts = PartWriter(path, surface.plan_id)
-    parts.write_point("spectrum", 1, {"top3": np.array([1.0, 2.0])})  # two numbers, not 3
+    write_point(parts, "spectrum", 1, {"top3": np.array([1.0, 2.0])})  # two numbers, not 3
     parts.commit()
     with pytest.raises(UserError, match=r"damaged part file \(top3 not of its 1 points' shape"):
         reduce(path)

@@ -7,13 +7,15 @@ cannot batch."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from copy import deepcopy
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import BASE, write_experiment
+from conftest import BASE, GRID, MPI_ENV, MPIEXEC, write_experiment
 from torch import nn
 from torch.nn import functional as F
 
@@ -246,3 +248,41 @@ def test_k_points_per_call_span_one_point_shards_and_match_one_at_a_time(
             rtol = BATCHED_RTOL[getattr(torch, dtype)]
             np.testing.assert_allclose(maps[4][name], maps[1][name], rtol=rtol)
     assert len(set(maps[1]["train_loss"].reshape(-1))) == 20  # the points differ
+
+
+# Each rank's K from "its free GPU memory": 2 on rank 0, 4 on rank 1.
+K_BY_RANK = """
+import os, sys
+from landscape import cli, evaluators
+rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+evaluators.points_per_pass = lambda experiment, plane: 2 + 2 * rank
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: `make install` builds it")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_ranks_whose_memory_allows_different_k_all_take_the_least(tmp_path, dtype):
+    """The maps of two ranks that would take K = 2 and 4 are those of one process at
+    K = 2 bit for bit: the same points share each pass (16 shards: no cap binds)."""
+    maps, logs = {}, {}
+    for ranks, k in ((2, 0), (1, 2)):  # 0: K from memory
+        changes = {"evaluation": {"points_per_pass": k, "dtype": dtype}, **GRID}
+        path = plan_surface(load_config(write_experiment(tmp_path, f"ranks{ranks}", **changes)))
+        command = [MPIEXEC, "--oversubscribe", "-n", str(ranks), sys.executable, "-c", K_BY_RANK]
+        done = subprocess.run(
+            [*command, "run", str(path), "--no-progress"],
+            env=MPI_ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        logs[ranks] = done.stderr
+        with SurfaceFile.open(path) as surface:
+            assert surface.done("loss").all()
+            maps[ranks] = surface.maps()
+    said = "2 points per call on every rank (the least any rank takes; this one: 4)"
+    assert said in logs[2]
+    for name, values in maps[1].items():
+        np.testing.assert_array_equal(maps[2][name], values, err_msg=name)

@@ -130,11 +130,26 @@ def test_update_items_writes_only_the_items_one_write_per_grid_row(tmp_path, tra
         assert curve[()].tolist() == [0, 1, 2, 0, 0, 3]
 
 
-class RecordingWriter:
-    """A point writer that keeps what it is handed, and when it commits."""
+def test_update_items_keeps_the_last_value_of_a_repeated_item(tmp_path):
+    recorded = RecordedDataset((2, 5))
+    update_items(recorded, np.array([1, 1, 2]), np.array([5.0, 7.0, 9.0]), 2)
+    assert recorded.writes == [(0, slice(1, 3))]
+    with h5py.File(tmp_path / "items.h5", "w") as handle:  # h5py refuses [1, 1, 2]
+        curve = handle.create_dataset("c", data=np.zeros(5))
+        update_items(curve, np.array([1, 1, 2]), np.array([5.0, 7.0, 9.0]), 1)
+        assert curve[()].tolist() == [0, 7, 9, 0, 0]
+        grid = handle.create_dataset("m", data=np.zeros((2, 5)))
+        update_items(grid, np.array([8, 3, 6, 8, 3]), np.array([1.0, 2.0, 3.0, 4.0, 5.0]), 2)
+        assert grid[()].tolist() == [[0, 0, 0, 5, 0], [0, 3, 0, 4, 0]]
 
-    def __init__(self):
+
+class RecordingWriter:
+    """A point writer that keeps what it is handed, and when it commits; it commits in
+    place (a flush, as the surface file) or not (a new file, as a part)."""
+
+    def __init__(self, commits_in_place=False):
         self.written, self.log = {}, []
+        self.commits_in_place = commits_in_place
 
     def write_points(self, job, points, values, finished):
         assert len(finished) == len(points)
@@ -149,24 +164,24 @@ class RecordingWriter:
 
 class Doubling:
     """An evaluator of K = 4 points per call whose value is twice the point number;
-    optionally interrupted (Ctrl-C) at its ``stop_at``-th call."""
+    optionally stopped by ``error`` (Ctrl-C by default) at its ``stop_at``-th call."""
 
     items_per_call = 4
 
-    def __init__(self, stop_at=None):
-        self.calls, self.stop_at = [], stop_at
+    def __init__(self, stop_at=None, error=KeyboardInterrupt):
+        self.calls, self.stop_at, self.error = [], stop_at, error
 
     def __call__(self, items):
         if len(self.calls) == self.stop_at:
-            raise KeyboardInterrupt
+            raise self.error("stopped")
         self.calls.append(items.tolist())
         return {"double": 2.0 * items}
 
 
 def test_claims_group_consecutive_shards_so_calls_hold_k_points_and_commit_per_claim():
     pending = [np.arange(start, min(start + 2, 11)) for start in range(0, 11, 2)]  # 6 shards
-    assert workers.shards_per_claim(4, pending) == 2
-    assert workers.shards_per_claim(1, pending) == 1
+    assert workers.shards_per_claim(4, pending, 1) == 2
+    assert workers.shards_per_claim(1, pending, 1) == 1
     claims = workers.ShardClaims("loss", Solo(), pending, False, "point", 2)
     evaluator, writer = Doubling(), RecordingWriter()
     assert workers.evaluate_shards("loss", evaluator, claims, writer) == 11
@@ -192,10 +207,102 @@ def test_interrupted_claim_commits_the_points_evaluated_and_slow_ones_are_writte
         workers.evaluate_shards("loss", Doubling(stop_at=2), pending, writer)
     assert writer.log == [("write", list(range(8))), ("commit", list(range(8)))]
     monkeypatch.setattr(workers, "WRITE_INTERVAL_SECONDS", 0.0)  # every call is overdue
-    writer = RecordingWriter()
+    writer = RecordingWriter()  # part files: one commit per claim
     workers.evaluate_shards("loss", Doubling(), pending, writer)
-    assert [entry for entry in writer.log if entry[0] == "write"] == [
+    assert writer.log == [
         ("write", [0, 1, 2, 3]),
         ("write", [4, 5, 6, 7]),
         ("write", [8, 9, 10, 11]),
+        ("commit", list(range(12))),
     ]
+
+
+def test_a_writer_that_commits_in_place_commits_each_overdue_write(monkeypatch):
+    """So that a process killed without warning loses at most WRITE_INTERVAL_SECONDS."""
+    monkeypatch.setattr(workers, "WRITE_INTERVAL_SECONDS", 0.0)  # every call is overdue
+    writer = RecordingWriter(commits_in_place=True)  # the surface file: a flush
+    workers.evaluate_shards("loss", Doubling(), [np.arange(0, 8)], writer)
+    assert writer.log == [
+        ("write", [0, 1, 2, 3]),
+        ("commit", [0, 1, 2, 3]),
+        ("write", [4, 5, 6, 7]),
+        ("commit", list(range(8))),
+        ("commit", list(range(8))),  # the claim's end, with nothing left to write
+    ]
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError, UserError])
+def test_a_claim_stopped_by_any_error_commits_the_points_evaluated_before_it(error):
+    writer = RecordingWriter()  # a streamed dataset's UserError, CUDA running out of memory
+    with pytest.raises(error, match="stopped"):
+        workers.evaluate_shards("loss", Doubling(stop_at=2, error=error), [np.arange(12)], writer)
+    assert writer.written == {point: 2.0 * point for point in range(8)}
+    assert writer.log == [("write", list(range(8))), ("commit", list(range(8)))]
+
+
+class InterruptedAfterHandOff(RecordingWriter):
+    """A writer interrupted (Ctrl-C) just after it took its first points."""
+
+    def write_points(self, job, points, values, finished):
+        super().write_points(job, points, values, finished)
+        if len(self.log) == 1:
+            raise KeyboardInterrupt
+
+
+def test_points_handed_to_the_writer_are_never_handed_again(monkeypatch):
+    monkeypatch.setattr(workers, "WRITE_INTERVAL_SECONDS", 0.0)  # written after each call
+    writer = InterruptedAfterHandOff()  # asserts that no point comes twice
+    with pytest.raises(KeyboardInterrupt):
+        workers.evaluate_shards("loss", Doubling(), [np.arange(12)], writer)
+    assert writer.log == [("write", [0, 1, 2, 3]), ("commit", [0, 1, 2, 3])]
+
+
+def test_claims_leave_one_for_every_rank_where_there_are_as_many_shards():
+    pending = [np.arange(start, start + 2) for start in range(0, 128, 2)]  # 64 shards of 2
+    assert workers.shards_per_claim(32, pending, 1) == 16  # 4 claims of 32 points
+    assert workers.shards_per_claim(32, pending, 4) == 16
+    assert workers.shards_per_claim(32, pending, 8) == 8  # 8 claims of 16 points
+    assert workers.shards_per_claim(32, pending[:6], 8) == 1  # 6 claims: no more to make
+    for ranks in range(1, 65):
+        per_claim = workers.shards_per_claim(32, pending, ranks)
+        claims = workers.ShardClaims("loss", Solo(), pending, False, "point", per_claim)
+        assert len(claims.groups) >= ranks
+
+
+class RankZeroOfTwo(Solo):
+    """Rank 0 of two whose other rank's evaluator takes ``other_k`` points per call; this
+    process holds the shared counters, so it claims every shard."""
+
+    size = 2
+
+    def __init__(self, other_k):
+        super().__init__()
+        self.other_k = other_k
+
+    def minimum(self, value):
+        return min(value, self.other_k)
+
+
+class SurfaceStandIn(RecordingWriter):
+    """What the run needs of a surface file opened by the serial writer."""
+
+    item_noun, path = "point", "stand-in.h5"
+
+
+@pytest.mark.parametrize(
+    "other_k, calls",
+    [
+        (3, [[0, 1, 2], [3], [4, 5, 6], [7], [8, 9, 10], [11]]),  # 3 claims of 2 shards
+        (8, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]),  # this rank's K = 4 is the least
+    ],
+)
+def test_every_rank_takes_the_least_k_of_all_ranks(monkeypatch, other_k, calls):
+    """Each rank's evaluator finds its K in its own free GPU memory; the run takes one."""
+    evaluator = Doubling()  # K = 4 on this rank
+    monkeypatch.setattr(workers, "load_evaluator", lambda *args: evaluator)
+    pending = [np.arange(start, start + 2) for start in range(0, 12, 2)]  # 6 shards of 2
+    surface = SurfaceStandIn(commits_in_place=True)
+    ranks = RankZeroOfTwo(other_k)
+    assert workers.evaluate_pending("loss", surface, pending, ranks, "serial", None, False) == 12
+    assert evaluator.calls == calls
+    assert surface.written == {point: 2.0 * point for point in range(12)}

@@ -94,12 +94,20 @@ class SeveralPoints:
     of a (K, batch) sum) may block their sums differently from the one-point kernels: a
     point's outputs can differ from K = 1 in the last bits of the dtype. That is the
     tolerance: the loss to a few units of the dtype's epsilon relative (tests hold
-    float32 to 1e-6 and float64 to 1e-13). Which points share a pass is fixed by the
-    plan's shards and K (:class:`landscape.workers.ShardClaims`), so the number of ranks
-    does not change it; a resumed shard's rest, or another K (free GPU memory differs),
-    may round otherwise, within that tolerance. A call with one point (a one-point
-    shard, the rest of a resumed one) takes the one-point path, which the batched one
-    would only slow down.
+    float32 to 1e-6 and float64 to 1e-13).
+
+    Which points share a pass: consecutive slices of K points of a claim
+    (:func:`landscape.workers.evaluate_shards`), a claim being a few consecutive pending
+    shards (:class:`landscape.workers.ShardClaims`). The groups therefore depend on the
+    pending list (a resumed run regroups what the killed one left), on the run's K (the
+    least ``items_per_call`` of all ranks: ``evaluation.points_per_pass``, or each rank's
+    own from its free GPU memory, :func:`landscape.workers.run_items_per_call`) and,
+    where it caps the shards per claim, on the number of ranks
+    (:func:`landscape.workers.shards_per_claim`); never on which rank claims a group.
+    Every grouping is within the tolerance above of K = 1, so two runs that group
+    otherwise differ only within it. A call with one point (a one-point shard, the rest
+    of a resumed one) takes the one-point path, which the batched one would only slow
+    down; this evaluator then takes up to K points per call (``items_per_call``).
     """
 
     def __init__(self, experiment: Experiment, grid: Grid, plane: DirectionPlane, maps, k: int):
@@ -207,7 +215,8 @@ def activation_bytes(experiment: Experiment) -> int:
 
 def points_per_pass(experiment: Experiment, plane: DirectionPlane) -> int:
     """K from memory on a GPU: one batch's activations plus one parameter copy per point,
-    against half the device's free memory, capped at :data:`MAX_POINTS_PER_PASS`.
+    against half the device's free memory, capped at :data:`MAX_POINTS_PER_PASS`. Each
+    rank finds its own; the run takes the least (:func:`landscape.workers.run_items_per_call`).
 
     On a CPU, 1, for every model family: measured again once the per-point writes and
     the per-point loss operations were gone (benchmarks/batch_bench.py, CPU time on one

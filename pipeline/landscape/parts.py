@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 from pathlib import Path
 
 import h5py
@@ -32,7 +31,9 @@ def parts_folder(surface_path: str | Path) -> Path:
 
 
 class PartWriter:
-    """A point writer that keeps a shard's points in memory and commits them as one part."""
+    """A point writer that keeps a claim's points in memory and commits them as one part."""
+
+    commits_in_place = False  # each commit is a new part file: once per claim
 
     def __init__(self, surface_path: str | Path, plan_id: str):
         self.surface = str(surface_path)
@@ -44,22 +45,17 @@ class PartWriter:
         # an interrupt between two bytecodes never leaves the columns of unequal length.
         self.rows: list[tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]] = []
 
-    def write_point(self, job: str, point: int, values: dict[str, np.ndarray]) -> None:
-        """Keep one point's values, finished now."""
-        self.write_points(
-            job, np.array([point]), {n: np.asarray(v)[None] for n, v in values.items()}
-        )
-
     def write_points(
         self,
         job: str,
         points: np.ndarray,
         values: dict[str, np.ndarray],
-        finished: np.ndarray | float | None = None,
+        finished: np.ndarray | float,
     ) -> None:
-        """Keep many points' values (``(n,) + trailing shape``) until :meth:`commit`."""
+        """Keep many points' values (``(n,) + trailing shape``) and finish times (unix
+        times, one per point or one for all) until :meth:`commit`."""
         self.job = job
-        times = np.broadcast_to(time.time() if finished is None else finished, (len(points),))
+        times = np.broadcast_to(finished, (len(points),))
         self.rows.append((np.asarray(points, np.int64), values, times))
 
     def commit(self) -> None:

@@ -106,6 +106,10 @@ class Solo:
     def broadcast(self, value: T) -> T:
         return value
 
+    def minimum(self, value: int) -> int:
+        """The least of every rank's ``value`` (a collective call)."""
+        return value
+
     def agree(self, action: Callable[[], T]) -> T:
         """Run ``action`` on every rank; if it fails on any, raise on all (see MpiRanks)."""
         return action()
@@ -168,6 +172,9 @@ class MpiRanks(Solo):
     def broadcast(self, value: T) -> T:
         """Rank 0's ``value`` on every rank."""
         return self.comm.bcast(value, root=0)
+
+    def minimum(self, value: int) -> int:
+        return self.comm.allreduce(value, op=self.mpi.MIN)
 
     def agree(self, action: Callable[[], T]) -> T:
         """Run ``action`` everywhere and compare notes, so a failure on one rank (a corrupt

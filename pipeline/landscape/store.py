@@ -56,7 +56,6 @@ from __future__ import annotations
 import datetime
 import errno
 import io
-import time
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
@@ -241,6 +240,8 @@ def rewrite_group(path: Path, name: str, datasets: dict, attrs: dict) -> None:
 
 class SurfaceFile:
     """An open surface file: typed reads of its parts and writes of results."""
+
+    commits_in_place = True  # a commit flushes the file (see commit): cheap at any time
 
     def __init__(self, handle: h5py.File, path: Path, parallel: bool = False):
         self.handle = handle
@@ -456,27 +457,21 @@ class SurfaceFile:
         group = self.handle[name]
         return {key: group[key][()] for key in group}, dict(group.attrs)
 
-    def write_point(self, job: str, point: int, values: dict[str, np.ndarray]) -> None:
-        """Store one point's values (each of its output's trailing shape), finished now."""
-        self.write_points(
-            job, np.array([point]), {n: np.asarray(v)[None] for n, v in values.items()}
-        )
-
     def write_points(
         self,
         job: str,
         points: np.ndarray,
         values: dict[str, np.ndarray],
-        finished: np.ndarray | float | None = None,
+        finished: np.ndarray | float,
     ) -> None:
         """Store many points at once: each map's values (``(n,) + trailing shape``), then
-        the finish times (one per point, or one for all; None: now), then the done flags,
+        the finish times (unix times, one per point or one for all), then the done flags,
         one write per grid row each (:func:`landscape.work_table.update_items`). Nothing
         is flushed: :meth:`commit` makes them durable."""
         ndim = len(self.grid.shape)
         for name, column in values.items():
             update_items(self.dataset(f"maps/{name}"), points, column, ndim)
-        self.work(job).mark_done(points, time.time() if finished is None else finished)
+        self.work(job).mark_done(points, finished)
 
     def dataset(self, name: str) -> h5py.Dataset:
         """The dataset object, looked up once: a path lookup per write costs more than the write."""

@@ -37,10 +37,16 @@ def update_items(dataset: h5py.Dataset, items: np.ndarray, values: np.ndarray, n
     MLP over the digits: 0.45 ms) is most of a point's cost. Only the items' own elements
     are written, never the rest of a row, so ranks writing disjoint items of one file
     (``mpio``) never overwrite each other's.
+
+    An item given more than once keeps its last value (a part file may hold a point
+    twice); h5py refuses a list of columns that repeats one.
     """
     items = np.asarray(items, np.int64)
     order = np.argsort(items, kind="stable")
     items, values = items[order], np.asarray(values)[order]
+    last = np.ones(len(items), bool)  # the last of each run of equal items
+    last[:-1] = items[1:] != items[:-1]
+    items, values = items[last], values[last]
     shape = dataset.shape[:ndim]
     rows, columns = np.divmod(items, shape[-1])
     breaks = np.flatnonzero(np.diff(rows)) + 1

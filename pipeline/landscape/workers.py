@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 
 class PointWriter(Protocol):
+    # True where commit only flushes what is written (the surface file), so that the loop
+    # may commit whenever it writes; False where each commit adds a file (a part file).
+    commits_in_place: bool
+
     def write_points(
         self, job: str, points: np.ndarray, values: dict[str, np.ndarray], finished: np.ndarray
     ) -> None: ...
@@ -50,8 +54,11 @@ class PointWriter(Protocol):
 # Points evaluated are handed to the writer at the end of their claim, or as soon as this
 # much time has passed since the last write: a small model's points (an MLP over the
 # digits: about a millisecond each) then cost one write per grid row, not four per point
-# (60 us each); a slow model's point (a Hessian's) is written as soon as it is done; and
-# a process killed without warning loses at most this much work beyond its running call.
+# (60 us each); a slow model's point (a Hessian's) is written as soon as it is done. A
+# writer that commits in place (the surface file, serial or mpio) commits with each such
+# write, so a process killed without warning loses at most this much work beyond its
+# running call (a flush a second: benchmarks/commit_bench.py); a part file is committed
+# once per claim, so a killed part-file rank loses at most its current claim.
 WRITE_INTERVAL_SECONDS = 1.0
 
 
@@ -71,17 +78,21 @@ class UnwrittenPoints:
         return time.time() - self.last_write >= WRITE_INTERVAL_SECONDS
 
     def write(self) -> None:
-        """Hand every unwritten point to the writer in one call."""
-        if not self.calls:
+        """Hand every unwritten point to the writer in one call.
+
+        They leave ``calls`` before the writer has them: an interrupt during the hand-off
+        then loses them (a resumed run evaluates them again), never hands them over twice
+        (a part file holding a point twice)."""
+        calls, self.calls = self.calls, []
+        if not calls:
             return
-        points, values, finished = zip(*self.calls)
+        points, values, finished = zip(*calls)
         self.writer.write_points(
             self.job,
             np.concatenate(points),
             {name: np.concatenate([v[name] for v in values]) for name in values[0]},
             np.concatenate([np.full(len(p), t) for p, t in zip(points, finished)]),
         )
-        self.calls = []  # only now: an interrupt during the write has them written again
         self.last_write = time.time()
 
 
@@ -91,18 +102,24 @@ def evaluate_shards(
     claims: Iterable[np.ndarray],
     writer: PointWriter,
     on_points: Callable[[int], None] | None = None,
+    items_per_call: int | None = None,
 ) -> int:
     """Evaluate and write every point of each claim (the points of one shard or of a few
-    consecutive ones, :class:`ShardClaims`), the evaluator's ``items_per_call`` points
-    per call (one for an evaluator without it), committing after each claim, and the
-    points evaluated so far when an interrupt stops a claim halfway (a part file then
-    holds part of a claim: it lists its points). Points reach the writer at the end of
-    their claim or after :data:`WRITE_INTERVAL_SECONDS`, several calls' at once.
+    consecutive ones, :class:`ShardClaims`), ``items_per_call`` (K; by default the
+    evaluator's ``items_per_call``, 1 for an evaluator without it) points per call:
+    consecutive slices of the claim's points, so the points that share a call depend on
+    the claims and K alone. Points reach the writer at the end of their claim or after
+    :data:`WRITE_INTERVAL_SECONDS`, several calls' at once; the writer commits after each
+    claim, with each write where it commits in place, and when any exception (Ctrl-C, a
+    streamed dataset's error, CUDA out of memory) stops a claim halfway: the points held
+    are those of finished calls, so writing them is safe (a part file then holds part of
+    a claim: it lists its points). The exception then goes on.
 
     Returns the number of points evaluated.
     """
     count = 0
-    items_per_call = getattr(evaluator, "items_per_call", 1)
+    if items_per_call is None:
+        items_per_call = getattr(evaluator, "items_per_call", 1)
     for points in claims:
         unwritten = UnwrittenPoints(job, writer)
         try:
@@ -114,7 +131,9 @@ def evaluate_shards(
                     on_points(len(batch))
                 if unwritten.overdue():
                     unwritten.write()
-        except KeyboardInterrupt:
+                    if writer.commits_in_place:
+                        writer.commit()
+        except BaseException:
             unwritten.write()
             writer.commit()
             raise
@@ -132,8 +151,9 @@ class ShardClaims:
     them, they are added to the shared done count, which rank 0 reads after each of its
     own evaluator calls to drive the progress bar (points, rate, ETA). Which shards form
     a group depends only on the pending list and ``shards_per_claim`` (the same on every
-    rank), never on which rank claims first: the points that share a forward pass do
-    not depend on the number of ranks.
+    rank), never on which rank claims first. The pending list is what an earlier run
+    left, so a resumed run groups the rest afresh; ``shards_per_claim`` follows K and,
+    where it caps a claim, the number of ranks (:func:`shards_per_claim`).
     """
 
     def __init__(
@@ -330,13 +350,30 @@ def warn_if_one_thread_faster(experiment: Experiment) -> None:
         )
 
 
-def shards_per_claim(items_per_call: int, pending: list[np.ndarray]) -> int:
+def shards_per_claim(items_per_call: int, pending: list[np.ndarray], ranks: int) -> int:
     """Enough consecutive shards per claim that one claim holds the ``items_per_call`` (K)
     points an evaluator call can take: with the default of about 64 shards, an 11 x 11
-    grid's shards hold 2 points, and K = 32 would otherwise never be reached. Rank 0's
-    answer is every rank's (:func:`evaluate_pending`), so that all group alike."""
+    grid's shards hold 2 points, and K = 32 would otherwise never be reached. Capped so
+    that there are at least as many claims as ``ranks`` where there are as many pending
+    shards: K = 32 on 64 two-point shards would make 4 claims, 4 of 8 ranks idle; capped,
+    8 claims of 16 points keep all 8 busy, at 16 points per call. Every rank computes it
+    from the same pending list, K and rank count: all group alike."""
     largest = max((len(points) for points in pending), default=1)
-    return max(1, -(-items_per_call // largest))
+    enough = -(-items_per_call // largest)
+    return max(1, min(enough, len(pending) // ranks))
+
+
+def run_items_per_call(evaluator: Evaluator, ranks: Solo) -> int:
+    """K, the points per evaluator call on every rank: the least any rank's evaluator
+    takes (each chose its own from its device's free memory), so that which points share
+    a call, and so how they round, does not depend on which rank claims them."""
+    own = getattr(evaluator, "items_per_call", 1)
+    agreed = ranks.minimum(own)
+    if agreed < own:
+        log.info(
+            "%d points per call on every rank (the least any rank takes; this one: %d)", agreed, own
+        )
+    return agreed
 
 
 def evaluate_pending(
@@ -349,7 +386,8 @@ def evaluate_pending(
     show_progress: bool,
 ) -> int:
     """This rank's share of the pending shards, claimed a few consecutive ones at a time
-    (:func:`shards_per_claim`); returns its count."""
+    (:func:`shards_per_claim`), K points per call (:func:`run_items_per_call`); returns
+    its count."""
     evaluator = ranks.agree(lambda: load_evaluator(job, surface, device, ranks))
     point_writer = (
         ranks.agree(lambda: PartWriter(surface.path, surface.plan_id))
@@ -357,11 +395,14 @@ def evaluate_pending(
         else surface
     )
     noun = surface.item_noun
-    per_claim = ranks.broadcast(shards_per_claim(getattr(evaluator, "items_per_call", 1), pending))
+    items_per_call = run_items_per_call(evaluator, ranks)
+    per_claim = shards_per_claim(items_per_call, pending, ranks.size)
     claims = ShardClaims(job, ranks, pending, show_progress, noun, per_claim)
     started = time.perf_counter()
     with ranks.failing_together():
-        count = evaluate_shards(job, evaluator, claims, point_writer, claims.points_done)
+        count = evaluate_shards(
+            job, evaluator, claims, point_writer, claims.points_done, items_per_call
+        )
         ranks.wait_for_all(claims.show_progress)
     claims.close()
     if ranks.rank == 0:
