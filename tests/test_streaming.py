@@ -89,10 +89,10 @@ def test_auto_holds_a_set_that_fits_and_says_so(experiment, caplog):
 def test_a_sample_that_fails_mid_run_stops_with_one_line_and_keeps_finished_points(
     experiment, capsys
 ):
-    """The Dataset raises on its 4th full pass (each grid point reads the training set
-    once, after one pass that counts its samples): points of the shards committed before
-    stay, the run says which samples failed, and runs again from there, each resumed
-    value equal to an uninterrupted run's."""
+    """The Dataset raises on its 6th full pass (each grid point reads the training set
+    once; cross-entropy's count of units needs no pass): the points evaluated before
+    stay, those of the shard under way included, the run says which samples failed, and
+    runs again from there, each resumed value equal to an uninterrupted run's."""
     uninterrupted = run_all(streamed_config(experiment, "whole", "always", workers=0))
     failing = streamed_config(experiment, "failing", "always", workers=0, fail_on_read=6)
     config = yaml.safe_load(failing.read_text())
@@ -107,13 +107,13 @@ def test_a_sample_that_fails_mid_run_stops_with_one_line_and_keeps_finished_poin
     assert "fix the Dataset's __getitem__" in error[-1]
     with SurfaceFile.open(config["output"]) as surface:
         done, maps = surface.done("loss").reshape(-1), surface.maps()
-    # Reads of sample 59: point 0, the count of units after it, points 1-3; then point 4.
-    assert done.sum() == 4 and done[:4].all()
+    # Reads of sample 59: points 0-4, then point 5 fails (the 2nd of the shard 4..7).
+    assert done.sum() == 5 and done[:5].all()
     for name in ("train_loss", "train_acc"):
         stored, expected = maps[name].reshape(-1), uninterrupted[name].reshape(-1)
-        np.testing.assert_array_equal(stored[:4], expected[:4])
-        assert np.isnan(stored[4:]).all()
-    for _ in range(5):  # each run gets 4 points further before it fails
+        np.testing.assert_array_equal(stored[:5], expected[:5])
+        assert np.isnan(stored[5:]).all()
+    for _ in range(5):  # each run gets 5 points further before it fails
         if main(["run", str(failing), "--no-progress"]) == 0:
             break
     with SurfaceFile.open(config["output"]) as surface:
