@@ -97,7 +97,7 @@ def synchronized_seconds(action, repeats: int = 3) -> float:
 def forward_flops(experiment: Experiment) -> float:
     """FLOPs of one forward pass over the training set: one batch counted, times the
     batches (every batch but the last is full; the count is linear in the samples)."""
-    inputs, _ = experiment.data.split("train")
+    inputs = experiment.data.train_x
     batch = inputs[: experiment.config.evaluation.batch_size]
     with FlopCounterMode(display=False) as counter:
         experiment.model(batch)
@@ -138,7 +138,7 @@ def bench_loss_setting(folder: Path, name: str, changes: dict, peak: str) -> dic
             evaluator(items)
 
     seconds = synchronized_seconds(all_points) / len(points)
-    inputs, _ = experiment.data.split("train")
+    inputs = experiment.data.train_x
     batch_size = config.evaluation.batch_size
 
     @torch.no_grad()
@@ -220,7 +220,7 @@ def bench_hessian_gpu(folder: Path) -> dict:
 
 def hvp_costs(experiment: Experiment) -> dict:
     """One full-data forward pass, gradient and HVP in each mode; their ratios."""
-    inputs, _ = experiment.data.split("train")
+    inputs = experiment.data.train_x
     operators = {
         mode: training_hessian(experiment, "all", mode)
         for mode in ("forward_over_reverse", "double_backward")

@@ -144,7 +144,7 @@ def hvp_cost() -> dict:
     demo's batch size (the whole set in one batch) and under ``batch_128`` at 128."""
     config = demo_config("demo.yaml", [])
     experiment = Experiment.load(config, with_checkpoint=False)
-    inputs, _ = experiment.data.split("train")
+    inputs = experiment.data.train_x
     size = sum(p.numel() for p in experiment.model.parameters() if p.requires_grad)
     return {
         "case": f"demo ResNet-20 on digits, {len(inputs)} images, {size} parameters, "
