@@ -150,7 +150,7 @@ def hvp_costs(folder: Path) -> dict:
         }
         anyone = operators["double_backward"]
         vector = torch.randn(anyone.shape[0], generator=torch.Generator().manual_seed(0))
-        inputs = anyone.inputs
+        inputs = experiment.data.train_x
 
         @torch.no_grad()
         def forward(model=experiment.model, inputs=inputs):
