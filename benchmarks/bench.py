@@ -335,8 +335,8 @@ def bench_cpu(folder: Path, results: dict) -> None:
             f"cores {scaling['speedup_over_1_rank_all_cores']:.2f}x"
         )
     batched = results["batched"] = bench_batched(folder / "batched")
-    for model, runs in batched.items():
-        for key, run in runs.items():
+    for model in ("mlp", "small_cnn", "resnet20"):
+        for key, run in batched[model].items():
             if isinstance(run, dict) and "ratio" in run:
                 print(
                     f"{model:10s} {key:18s} K={run['points_per_pass']:2d} "
