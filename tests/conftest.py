@@ -27,8 +27,11 @@ from landscape.errors import UserError
 from landscape.locking import surface_lock
 from landscape.models import build_model
 from landscape.objectives import CrossEntropy, Objective
+from landscape.plan import plan_surface
 from landscape.samples import HeldSamples
+from landscape.trace import estimate_trace
 from landscape.train import train
+from landscape.workers import run_job
 
 # Figures go to files, as the CLI draws them (landscape.plot leaves the backend alone).
 matplotlib.use("Agg")
@@ -407,3 +410,13 @@ def after_kill(path: Path, job: str, writer: str) -> tuple[np.ndarray, dict[str,
         assert main(["reduce", str(path)]) == 0
     with SurfaceFile.open(path) as partial:
         return partial.done(job), partial.maps()
+
+
+def surface_with_curvature(config_path) -> Path:
+    """Plan ``config_path``, run its loss and Hessian jobs and ``landscape trace``: the
+    surface file every curvature number of the config is then read from."""
+    surface = plan_surface(load_config(config_path))
+    run_job(surface, "loss", show_progress=False)
+    run_job(surface, "hessian", show_progress=False)
+    estimate_trace(surface)
+    return surface

@@ -11,7 +11,7 @@ from pydoc_data.topics import topics
 import numpy as np
 import pytest
 import torch
-from conftest import write_experiment
+from conftest import surface_with_curvature, write_experiment
 from test_bad_input import fails_with
 from torch.func import functional_call
 from torch.nn import functional as F
@@ -27,7 +27,6 @@ from landscape.parameters import DirectionPlane
 from landscape.plan import plan_analysis, plan_surface
 from landscape.samples import HeldSamples
 from landscape.store import SurfaceFile
-from landscape.trace import estimate_trace
 from landscape.train import train
 from landscape.workers import run_job
 
@@ -175,10 +174,7 @@ def test_tiny_gpt2_surface_hessian_and_trace_match_torch_and_the_dense_hessian(t
         hessian={"stride": 2, "tolerance": 1e-6 if dtype == "float64" else 1e-4},
         trace={"samples": 64},
     )
-    surface = plan_surface(load_config(path))
-    run_job(surface, "loss", show_progress=False)
-    run_job(surface, "hessian", show_progress=False)
-    estimate_trace(surface)
+    surface = surface_with_curvature(path)
 
     exp = Experiment.load(load_config(path, ["evaluation.dtype=float64"]))
     inputs, targets = exp.data.train_x, exp.data.train_y

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import BASE, CLUSTERS, MODELS, merge, write_experiment
+from conftest import BASE, CLUSTERS, MODELS, merge, surface_with_curvature, write_experiment
 from test_bad_input import fails_with
 from torch import nn
 from torch.func import functional_call, hessian
@@ -21,11 +21,8 @@ from landscape.evaluate import evaluate
 from landscape.experiment import Experiment
 from landscape.objectives import CrossEntropy, TokenCrossEntropy
 from landscape.parameters import DirectionPlane
-from landscape.plan import plan_surface
 from landscape.samples import HeldSamples
 from landscape.store import SurfaceFile
-from landscape.trace import estimate_trace
-from landscape.workers import run_job
 
 DTYPES = ["float32", "float64"]
 SMOOTHING = 0.3
@@ -64,10 +61,7 @@ def test_a_label_smoothing_plugin_flows_through_surface_hessian_and_trace(experi
         hessian={"tolerance": 1e-4},
         trace={"samples": 64},
     )
-    surface = plan_surface(load_config(path))
-    run_job(surface, "loss", show_progress=False)
-    run_job(surface, "hessian", show_progress=False)
-    estimate_trace(surface)
+    surface = surface_with_curvature(path)
 
     exp = Experiment.load(load_config(path, ["evaluation.dtype=float64"]))
     inputs, targets = exp.data.train_x, exp.data.train_y
