@@ -75,12 +75,12 @@ def test_non_square_grid_stores_and_draws_each_value_at_its_own_coordinates(expe
         expected = direct_loss(exp, d1, d2, grid.x[i], grid.y[j])
         assert abs(loss[j, i] - expected) < 1e-12, (i, j)
     # The heatmap puts row j at height y[j] and column i at x[i].
-    image = plot_heatmap(grid, loss, "loss", labels).axes[0].images[0]
-    left, right, bottom, top = image.get_extent()
-    np.testing.assert_array_equal(image.get_array(), loss)
-    assert image.origin == "lower"
-    assert left < grid.x[0] < grid.x[1] and grid.x[-2] < grid.x[-1] < right
-    assert bottom < grid.y[0] < grid.y[1] and grid.y[-2] < grid.y[-1] < top
+    mesh = plot_heatmap(grid, loss, "loss", labels).axes[0].collections[0]
+    corners = mesh.get_coordinates()  # (ny + 1, nx + 1, 2): cell corners, row j from y[0] up
+    np.testing.assert_array_equal(np.asarray(mesh.get_array()).reshape(loss.shape), loss)
+    x_edges, y_edges = corners[0, :, 0], corners[:, 0, 1]
+    assert (x_edges[:-1] < grid.x).all() and (grid.x < x_edges[1:]).all()
+    assert (y_edges[:-1] < grid.y).all() and (grid.y < y_edges[1:]).all()
     # The contour plot spans x horizontally and y vertically (not transposed).
     axis = plot_contour(grid, loss, "loss", labels).axes[0]
     assert axis.get_xlim() == (grid.x[0], grid.x[-1])

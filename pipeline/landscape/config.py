@@ -22,6 +22,7 @@ import yaml
 
 from landscape.curvature import HVP_CHOICES, METHODS, PARAMETER_SELECTIONS
 from landscape.errors import UserError
+from landscape.grid import SPACINGS, spaced_coordinates
 from landscape.jobs import MAP_NAMES, jobs_for
 
 # The largest grid a plan accepts. Every point is a full-data evaluation, and the planner
@@ -73,22 +74,28 @@ def path_field(default: str | list | None = None, written_file: bool = False) ->
 
 @dataclass(frozen=True)
 class AxisConfig:
-    """One grid axis: ``num`` evenly spaced coordinates from ``min`` to ``max`` inclusive.
+    """One grid axis: ``num`` coordinates from ``min`` to ``max`` inclusive, spaced as
+    ``spacing`` says (:mod:`landscape.grid`): ``uniform`` (evenly) or ``graded`` (finest
+    at 0, which is then a grid point; needs min <= 0 <= max).
 
-    Without ``min`` and ``max`` (PCA directions only) the planner frames the trajectory.
+    Without ``min`` and ``max`` (PCA directions only) the planner frames the trajectory;
+    such an axis is graded unless told otherwise, so that the end of the training path,
+    near the minimum at 0, is resolved; an axis with bounds is uniform unless told.
     """
 
     num: int
     min: float | None = None
     max: float | None = None
+    spacing: str | None = field(default=None, metadata={"choices": SPACINGS})
 
     @property
     def automatic(self) -> bool:
         return self.min is None
 
-    def coordinates(self) -> np.ndarray:
-        """The axis's coordinates (float64), first and last exactly ``min`` and ``max``."""
-        return np.linspace(self.min, self.max, self.num)
+    @property
+    def spacing_kind(self) -> str:
+        """``spacing``, or its default: graded for a framed axis, uniform between bounds."""
+        return self.spacing or ("graded" if self.automatic else "uniform")
 
     def check(self, where: str) -> None:
         if self.num < 2:
@@ -100,7 +107,8 @@ class AxisConfig:
             )
         if (self.min is None) != (self.max is None):
             raise ConfigError(f"{where}: give both min and max, or neither (PCA framing)")
-        if self.automatic:
+        if self.automatic:  # the frame has the minimum strictly inside
+            self.check_graded_points(where, both_sides=True)
             return
         if self.min >= self.max:
             raise ConfigError(
@@ -114,10 +122,25 @@ class AxisConfig:
                     f"are {MAX_COORDINATE:g} times their size and every loss overflows; "
                     "directions are scaled to the weights, so choose bounds like -1 to 1"
                 )
-        if not (np.diff(self.coordinates()) > 0).all():
+        if self.spacing_kind == "graded" and not self.min <= 0 <= self.max:
+            raise ConfigError(
+                f"{where}.spacing: graded is finest at 0, which lies outside [{self.min}, "
+                f"{self.max}]; use uniform or a range that contains 0"
+            )
+        self.check_graded_points(where, both_sides=self.min < 0 < self.max)
+        coordinates = spaced_coordinates(self.min, self.max, self.num, self.spacing_kind)
+        if not (np.diff(coordinates) > 0).all():
             raise ConfigError(
                 f"{where}: {self.num} points from {self.min} to {self.max} are not distinct in "
                 "float64; widen the range or use fewer points"
+            )
+
+    def check_graded_points(self, where: str, both_sides: bool) -> None:
+        """A graded axis with the minimum strictly inside needs 0 as a third point."""
+        if self.spacing_kind == "graded" and both_sides and self.num < 3:
+            raise ConfigError(
+                f"{where}.num: a graded axis needs >= 3 points (both ends and 0; got "
+                f"{self.num}); add points or set {where}.spacing: uniform"
             )
 
 

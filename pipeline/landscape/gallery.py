@@ -264,6 +264,15 @@ def loss_rise(coordinates: np.ndarray, values: np.ndarray, at: float, to: float)
     return float(values[indices[1]] - values[indices[0]])
 
 
+def require_uniform(coordinates: np.ndarray) -> None:
+    """Refuse ``coordinates`` that are not evenly spaced: the gallery's difference
+    formulas hold only there (its lines and planes have bounds, so uniform axes; a
+    graded one would be a changed config, refused rather than measured wrong)."""
+    steps = np.diff(coordinates)
+    if not np.allclose(steps, steps[0], rtol=1e-9, atol=0.0):
+        raise ValueError(f"coordinates {coordinates} are not evenly spaced (spacing: uniform)")
+
+
 def curvature_at(coordinates: np.ndarray, values: np.ndarray, at: float) -> float:
     """The second difference (f(a - h) - 2 f(a) + f(a + h)) / h^2 of a curve sampled on a
     uniform grid, at its grid point ``a`` (h: the grid step): the curvature of the loss
@@ -271,6 +280,7 @@ def curvature_at(coordinates: np.ndarray, values: np.ndarray, at: float) -> floa
     index = int(np.argmin(np.abs(coordinates - at)))
     if not 0 < index < len(coordinates) - 1 or not np.isclose(coordinates[index], at):
         raise ValueError(f"{at} is not an interior grid point of {coordinates}")
+    require_uniform(coordinates)
     step = coordinates[index + 1] - coordinates[index]
     return float((values[index - 1] - 2 * values[index] + values[index + 1]) / step**2)
 
@@ -292,7 +302,9 @@ def plane_ratio_share(x: np.ndarray, y: np.ndarray, values: np.ndarray) -> float
     """Share of the interior grid points where the 2x2 Hessian of the plotted surface (by
     central differences) has |lambda_min / lambda_max| > 0.1 with lambda_min < 0: Li et
     al.'s Fig. 7 statistic for the 2D slice (the curvature one sees in the plot), not for
-    the full Hessian, whose ratio needs ``landscape hessian``."""
+    the full Hessian, whose ratio needs ``landscape hessian``. Needs a uniform grid."""
+    require_uniform(x)
+    require_uniform(y)
     hx, hy = x[1] - x[0], y[1] - y[0]
     centre = values[1:-1, 1:-1]
     fxx = (values[1:-1, 2:] - 2 * centre + values[1:-1, :-2]) / hx**2

@@ -25,7 +25,7 @@ from landscape.curvature.operators import select_parameters
 from landscape.directions import ignored_parameters, plan_directions
 from landscape.errors import UserError
 from landscape.experiment import FORWARD_SAMPLES, Experiment
-from landscape.grid import Grid, shard_ranges
+from landscape.grid import Grid, cell_at_origin, cells_from_origin, shard_ranges
 from landscape.jobs import JOB_KINDS, jobs_for
 from landscape.locking import surface_lock
 from landscape.parameters import DirectionPlane
@@ -72,6 +72,8 @@ def create_plan(path: Path, config: ExperimentConfig) -> None:
     count = 1 if config.grid.y is None else 2
     directions = plan_directions(experiment, config, count)
     grid = Grid.from_config(config.grid, directions.frame)
+    if directions.frame is not None:
+        log_path_resolution(grid, directions.frame)
     if experiment.autocast is not None:
         plane = DirectionPlane(experiment.model, directions.vectors)
         check = precision_check(experiment, plane, grid, config.maps)
@@ -113,6 +115,47 @@ def create_plan(path: Path, config: ExperimentConfig) -> None:
         ", ".join(config.maps),
         ", ".join(f"{job}: {p.size} points in {len(s)} shards" for job, (p, s) in work.items()),
     )
+
+
+# The checkpoints before the minimum whose distance from it the plan logs.
+LAST_CHECKPOINTS = 3
+
+
+def log_path_resolution(grid: Grid, path: np.ndarray) -> None:
+    """Say what the grid resolves of a training path (its checkpoints' coordinates, the
+    last one the minimum at 0): per axis its range, points, spacing and cell at the
+    minimum, and how many cells from the minimum the last checkpoints before it lie;
+    warn when the final step, from the last of them to the minimum, stays inside one
+    grid cell (the plot cannot show where training settled)."""
+    before = path[np.any(path != 0, axis=1)]  # the minimum's own row, if listed, is 0
+    last = before[-LAST_CHECKPOINTS:]
+    steps = []
+    for name, coordinates, spacing, column in zip("xy", grid.axes, grid.spacing, last.T):
+        cells = cells_from_origin(coordinates, column)
+        steps.append(cells[-1] if cells.size else np.inf)
+        uniform = np.ptp(coordinates) / (coordinates.size - 1)
+        log.info(
+            "grid %s: %.4g to %.4g, %d points, %s spacing, cell at the minimum %.3g (%.2g of "
+            "a uniform cell); the last %d checkpoints lie %s cells from the minimum along %s",
+            name,
+            coordinates[0],
+            coordinates[-1],
+            coordinates.size,
+            spacing,
+            cell_at_origin(coordinates),
+            cell_at_origin(coordinates) / uniform,
+            cells.size,
+            ", ".join(f"{value:.2g}" for value in cells),
+            name,
+        )
+    if max(steps) < 1:
+        log.warning(
+            "the final step of the training path (the last checkpoint to the minimum) lies "
+            "within one grid cell (%s cells along %s): the plot will not resolve where "
+            "training settled; use more points (grid.x.num, grid.y.num)",
+            " x ".join(f"{step:.2g}" for step in steps),
+            " and ".join("xy"[: len(steps)]),
+        )
 
 
 def check_same_plan(path: Path, config: ExperimentConfig) -> None:

@@ -1,8 +1,9 @@
 """Figures of a surface file: 1D curves, 2D contours (Li et al. style), heatmaps, 3D surfaces.
 
 Orientation is fixed once: ``Z[j, i]`` is the value at ``(x[i], y[j])``, which is what
-``contour(x, y, Z)`` and ``imshow(Z, origin="lower")`` draw, so non-square grids are
-never transposed. Every axis says which direction it is (the label the planner stored:
+``contour(x, y, Z)`` and ``pcolormesh(x, y, Z)`` draw, so non-square grids are never
+transposed; every figure takes the grid's own coordinates, which may be graded (finest
+at the minimum), never an assumed spacing. Every axis says which direction it is (the label the planner stored:
 random and its scaling, PCA-1 with its explained variance, Hessian lambda_max, ...).
 A PCA plan's trajectory is drawn on its contours (Li et al. Fig. 9), an interpolation
 gets its end points' weight histograms beside the curves (Li et al. Fig. 2).
@@ -179,20 +180,19 @@ def plot_heatmap(
     unconverged: np.ndarray | None = None,
     scale: np.ndarray | None = None,
 ) -> Figure:
-    """Cell (i, j) centred on (x[i], y[j]); NaN (not yet computed) cells stay blank, and
-    cells flagged in ``unconverged`` are crossed out. The colours span ``scale``'s finite
-    range (default: ``values``'s), so that maps given one scale share their colours."""
+    """Cell (i, j) around (x[i], y[j]), its edges halfway to the neighbouring points (on
+    a graded grid the cells are as fine as the points: smallest at the minimum); NaN
+    (not yet computed) cells stay blank, and cells flagged in ``unconverged`` are crossed
+    out. The colours span ``scale``'s finite range (default: ``values``'s), so that maps
+    given one scale share their colours."""
     figure, axis = plt.subplots(figsize=(5.8, 5))
-    dx = (grid.x[-1] - grid.x[0]) / (grid.x.size - 1) / 2
-    dy = (grid.y[-1] - grid.y[0]) / (grid.y.size - 1) / 2
-    extent = (grid.x[0] - dx, grid.x[-1] + dx, grid.y[0] - dy, grid.y[-1] + dy)
-    image = axis.imshow(
+    image = axis.pcolormesh(
+        grid.x,
+        grid.y,
         values,
-        origin="lower",
-        extent=extent,
-        aspect="auto",
+        shading="nearest",
         cmap="viridis",
-        interpolation="nearest",
+        rasterized=True,  # one image in a PDF, not a path per cell
         **colour_limits(values if scale is None else scale),
     )
     figure.colorbar(image, ax=axis, label=title)
@@ -296,8 +296,10 @@ def view_of_minimum(grid: Grid, values: np.ndarray) -> tuple[float, float]:
     middle keeps matplotlib's default azimuth."""
     finite = np.where(np.isfinite(values), values, np.inf)
     row, column = np.unravel_index(np.argmin(finite), values.shape)
-    offset_x = (grid.x[column] - grid.x.mean()) / np.ptp(grid.x)
-    offset_y = (grid.y[row] - grid.y.mean()) / np.ptp(grid.y)
+    offset_x, offset_y = (
+        (axis[index] - (axis[0] + axis[-1]) / 2) / np.ptp(axis)
+        for axis, index in ((grid.x, column), (grid.y, row))
+    )
     if np.hypot(offset_x, offset_y) < 1e-9:
         return VIEW_ELEVATION, DEFAULT_AZIMUTH
     return VIEW_ELEVATION, float(np.degrees(np.arctan2(offset_y, offset_x)))

@@ -70,7 +70,8 @@ def centre_index(coordinates: np.ndarray) -> int:
 def basin_extent(coordinates: np.ndarray, loss: np.ndarray, centre: int) -> dict | None:
     """The run of grid points around ``centre`` where ``loss`` < loss[centre] + BASIN_RISE
     along one axis: its end coordinates, width (to grid resolution: the true basin is at
-    least this wide and less than one spacing wider per side) and whether it reaches
+    least this wide and less than one grid cell wider per side, the cell beyond each
+    end, which on a graded axis grows away from the centre) and whether it reaches
     the grid's edge (then the basin is wider than the grid shows). None where the
     centre's loss is not computed yet."""
     if not np.isfinite(loss[centre]):
@@ -291,7 +292,7 @@ def surface_numbers(numbers: dict) -> str:
         parts.append(f"<h3>Basin width where {html.escape(basin['threshold'])}</h3>")
         parts.append(
             "<p>Along each axis through the centre; to grid resolution (the basin is "
-            "less than one spacing wider per side).</p>"
+            "less than one grid cell wider per side, the cell beyond each end).</p>"
         )
         parts.append(table(["axis", "from", "to", "width", "reaches the edge"], rows))
     if "hessian" in numbers:

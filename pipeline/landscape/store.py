@@ -26,7 +26,8 @@ Layout (schema version 3; version 2 named the loss job "surface", and still open
                          difference at step e; hutchinson: z^T H z); attrs per estimate
                          label, mean, half width, dtype; dimension, step (e), step_fraction,
                          non_smooth_operations. Written by ``rewrite_group`` (new image, rename)
-    /grid/x, /grid/y     coordinates (no y for a 1D surface)
+    /grid/x, /grid/y     coordinates (no y for a 1D surface); a surface's attrs:
+                         spacing (uniform | graded), cell_at_minimum, description
     /maps/<name>         float64 (ny, nx) or (nx,), plus the output's trailing shape
                          ((k,) for k values per point), NaN until computed (attrs:
                          description, what the value is and how it is estimated): every output
@@ -135,9 +136,10 @@ def create_surface_file(
             group.attrs.update(attrs)
             for key, values in datasets.items():
                 group.create_dataset(key, data=values)
-        handle["grid/x"] = grid.x
-        if grid.y is not None:
-            handle["grid/y"] = grid.y
+        for axis, coordinates in zip("xy", grid.axes):
+            handle[f"grid/{axis}"] = coordinates
+        for axis, attrs in zip("xy", grid.axis_attrs()):
+            handle[f"grid/{axis}"].attrs.update(attrs)
         # Storage is written out now (no lazy allocation), so workers never allocate.
         for job, (points, shards) in work.items():
             kind = JOBS[job]
