@@ -26,7 +26,7 @@ from landscape.grid import (
     graded_coordinates,
 )
 from landscape.plan import log_path_resolution, plan_surface
-from landscape.plot import equal_aspect_fits, plot_heatmap, plot_surface_file
+from landscape.plot import equal_aspect_fits, plot_contour, plot_heatmap, plot_surface_file
 from landscape.store import SurfaceFile
 from landscape.workers import run_job
 
@@ -95,8 +95,12 @@ def test_cells_per_side_are_proportional_to_its_length(low, high, num):
 
 @pytest.mark.parametrize(
     "axis",
-    [AxisConfig(num=9, min=-1.0, max=1.0), AxisConfig(num=7, min=-0.2, max=0.8),
-     AxisConfig(num=5, min=0.3, max=2.0), AxisConfig(num=6, min=-1.0, max=1.0, spacing="uniform")],
+    [
+        AxisConfig(num=9, min=-1.0, max=1.0),
+        AxisConfig(num=7, min=-0.2, max=0.8),
+        AxisConfig(num=5, min=0.3, max=2.0),
+        AxisConfig(num=6, min=-1.0, max=1.0, spacing="uniform"),
+    ],
 )
 def test_axes_with_bounds_stay_uniform_and_bit_identical(axis):
     """The default for min/max is uniform: the very linspace of the versions before."""
@@ -113,7 +117,8 @@ def test_graded_axis_with_bounds_has_zero_among_its_points():
 
 def test_cells_from_origin_count_cells_on_either_spacing():
     uniform = np.linspace(-1.0, 1.0, 11)  # cell 0.2, 0 at index 5
-    np.testing.assert_allclose(cells_from_origin(uniform, np.array([0.1, -0.7, 1.0])), [0.5, 3.5, 5])
+    cells = cells_from_origin(uniform, np.array([0.1, -0.7, 1.0]))
+    np.testing.assert_allclose(cells, [0.5, 3.5, 5])
     assert cell_at_origin(uniform) == pytest.approx(0.2)
     assert cell_at_origin(np.linspace(-1.0, 1.0, 10)) == pytest.approx(2 / 9)  # 0 inside a cell
     graded = graded_coordinates(-1.0, 2.0, 16)
@@ -137,7 +142,23 @@ def test_final_step_within_one_cell_is_warned(caplog):
     with caplog.at_level(logging.INFO, logger="landscape.plan"):
         log_path_resolution(grid, np.vstack([near, [[0.0, 0.0]]]))
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "(0.5 x 0.33 cells along x and y)" in warning and "grid.x.num" in warning
+    assert "(0.5 x 0.33 cells along x and y)" in warning
+    # A plane around the last checkpoints (1 + FRAME_MARGIN times their reach) resolves it.
+    assert "grid.x: {min: -1, max: 1, num: 5}, grid.y: {min: -0.92, max: 0.92, num: 5}" in warning
+
+
+def test_a_zoomed_plane_keeps_its_frame_under_the_whole_path():
+    """Contours of a plane with bounds inside the path show the path's part over the
+    plane, not the plane shrunk to a corner of the whole path."""
+    grid = Grid(graded_coordinates(-0.1, 0.1, 7), graded_coordinates(-0.05, 0.05, 5))
+    xx, yy = np.meshgrid(grid.x, grid.y)
+    path = {
+        "coordinates": np.array([[5.0, 3.0], [0.5, 0.2], [0.04, -0.01], [0.0, 0.0]]),
+        "epochs": np.arange(4),
+        "lr_drop": np.zeros(4),
+    }
+    axis = plot_contour(grid, xx**2 + 3 * yy**2, "loss", ["x", "y"], trajectory=path).axes[0]
+    assert axis.get_xlim() == (-0.1, 0.1) and axis.get_ylim() == (-0.05, 0.05)
 
 
 @pytest.mark.parametrize(
@@ -165,9 +186,7 @@ def test_bad_spacing_is_a_one_line_config_error(experiment, capsys, axis, fragme
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_pca_plane_is_graded_with_the_final_checkpoint_at_a_grid_point(
-    experiment, caplog, dtype
-):
+def test_pca_plane_is_graded_with_the_final_checkpoint_at_a_grid_point(experiment, caplog, dtype):
     config = trained_experiment(
         experiment, "mlp", epochs=6, maps=["train_loss"], evaluation={"dtype": dtype}
     )

@@ -77,10 +77,10 @@ def test_training_and_test_maps_share_one_colour_scale():
         np.testing.assert_array_equal(levels[2], levels[3])  # train and test accuracy
         assert (levels[0][0], levels[0][-1]) == pytest.approx((low, high))
     for name in ("train_loss", "test_loss"):
-        assert figures[f"{name}_heatmap"].axes[0].images[0].get_clim() == (low, high)
+        assert figures[f"{name}_heatmap"].axes[0].collections[0].get_clim() == (low, high)
         surface = figures[f"{name}_surface3d"].axes[0].collections[0]
         assert (surface.norm.vmin, surface.norm.vmax) == (low, high)
-    clims = [figures[f"{name}_heatmap"].axes[0].images[0].get_clim() for name in maps]
+    clims = [figures[f"{name}_heatmap"].axes[0].collections[0].get_clim() for name in maps]
     assert clims[2] == clims[3] == (accuracy.min() / 2, accuracy.max())
 
 
@@ -91,9 +91,9 @@ def test_the_lambda_ratio_map_has_a_fixed_scale_and_the_fine_grids_loss_contours
     loss = bowl(fine, depth=0.1)
     figure = plot_ratio_map(coarse, ratio, LABELS, np.zeros(coarse.shape, bool), fine, loss)
     axis = figure.axes[0]
-    image = axis.images[0]
+    image = axis.collections[0]  # the heatmap's cells (a QuadMesh)
     assert image.get_clim() == (0.0, RATIO_COLOUR_MAX)  # not the data's 0..0.3
-    np.testing.assert_array_equal(image.get_array(), ratio)
+    np.testing.assert_array_equal(np.asarray(image.get_array()).reshape(ratio.shape), ratio)
     (contours,) = [c for c in axis.collections if hasattr(c, "levels")]
     assert contours.levels[0] == pytest.approx(loss.min()) and contours.levels.size == 10
     assert axis.get_xlim() == pytest.approx((-1.25, 1.25))  # the heatmap's cells, kept

@@ -25,7 +25,7 @@ from landscape.curvature.operators import select_parameters
 from landscape.directions import ignored_parameters, plan_directions
 from landscape.errors import UserError
 from landscape.experiment import FORWARD_SAMPLES, Experiment
-from landscape.grid import Grid, cell_at_origin, cells_from_origin, shard_ranges
+from landscape.grid import FRAME_MARGIN, Grid, cell_at_origin, cells_from_origin, shard_ranges
 from landscape.jobs import JOB_KINDS, jobs_for
 from landscape.locking import surface_lock
 from landscape.parameters import DirectionPlane
@@ -124,15 +124,16 @@ LAST_CHECKPOINTS = 3
 def log_path_resolution(grid: Grid, path: np.ndarray) -> None:
     """Say what the grid resolves of a training path (its checkpoints' coordinates, the
     last one the minimum at 0): per axis its range, points, spacing and cell at the
-    minimum, and how many cells from the minimum the last checkpoints before it lie;
-    warn when the final step, from the last of them to the minimum, stays inside one
-    grid cell (the plot cannot show where training settled)."""
-    before = path[np.any(path != 0, axis=1)]  # the minimum's own row, if listed, is 0
-    last = before[-LAST_CHECKPOINTS:]
+    minimum, and how many cells from the minimum the last checkpoints before it lie.
+    Warn when the final step, from the last of them to the minimum, stays inside one
+    grid cell (the plot cannot show where training settled), with the bounds of a
+    plane around those checkpoints that would (a decaying learning rate shrinks the
+    last steps geometrically, far below any cell of a frame around the whole path)."""
+    last = path[np.any(path != 0, axis=1)][-LAST_CHECKPOINTS:]  # the minimum's row is 0
     steps = []
     for name, coordinates, spacing, column in zip("xy", grid.axes, grid.spacing, last.T):
         cells = cells_from_origin(coordinates, column)
-        steps.append(cells[-1] if cells.size else np.inf)
+        steps.append(cells[-1])
         uniform = np.ptp(coordinates) / (coordinates.size - 1)
         log.info(
             "grid %s: %.4g to %.4g, %d points, %s spacing, cell at the minimum %.3g (%.2g of "
@@ -149,12 +150,19 @@ def log_path_resolution(grid: Grid, path: np.ndarray) -> None:
             name,
         )
     if max(steps) < 1:
+        reach = (1 + FRAME_MARGIN) * np.abs(last).max(axis=0)
         log.warning(
             "the final step of the training path (the last checkpoint to the minimum) lies "
             "within one grid cell (%s cells along %s): the plot will not resolve where "
-            "training settled; use more points (grid.x.num, grid.y.num)",
+            "training settled; plan the plane again around the last %d checkpoints, e.g. "
+            "%s, or use more points",
             " x ".join(f"{step:.2g}" for step in steps),
             " and ".join("xy"[: len(steps)]),
+            len(last),
+            ", ".join(
+                f"grid.{name}: {{min: {-bound:.2g}, max: {bound:.2g}, num: {coordinates.size}}}"
+                for name, bound, coordinates in zip("xy", reach, grid.axes)
+            ),
         )
 
 

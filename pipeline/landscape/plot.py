@@ -3,8 +3,9 @@
 Orientation is fixed once: ``Z[j, i]`` is the value at ``(x[i], y[j])``, which is what
 ``contour(x, y, Z)`` and ``pcolormesh(x, y, Z)`` draw, so non-square grids are never
 transposed; every figure takes the grid's own coordinates, which may be graded (finest
-at the minimum), never an assumed spacing. Every axis says which direction it is (the label the planner stored:
-random and its scaling, PCA-1 with its explained variance, Hessian lambda_max, ...).
+at the minimum), never an assumed spacing. Every axis says which direction it is (the
+label the planner stored: random and its scaling, PCA-1 with its explained variance,
+Hessian lambda_max, ...).
 A PCA plan's trajectory is drawn on its contours (Li et al. Fig. 9), an interpolation
 gets its end points' weight histograms beside the curves (Li et al. Fig. 2).
 """
@@ -146,8 +147,10 @@ def plot_contour(
         drawn = axis.contour(grid.x, grid.y, values, linewidths=1.2, **style)
         axis.clabel(drawn, drawn.levels[::2], inline=True, fontsize=8, fmt="%.3g")
     axis.plot([0], [0], marker="*", color="black", markersize=10, linestyle="none")
-    if trajectory is not None:
+    if trajectory is not None:  # on the grid's frame: a zoomed plane shows its part of the path
         draw_trajectory(axis, trajectory)
+        axis.set_xlim(grid.x[0], grid.x[-1])
+        axis.set_ylim(grid.y[0], grid.y[-1])
     _label_plane(axis, title, labels, grid)
     figure.tight_layout()
     return figure
