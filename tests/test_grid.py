@@ -9,8 +9,9 @@ import math
 import h5py
 import numpy as np
 import pytest
+import torch
 import yaml
-from conftest import trained_experiment
+from conftest import dense_hessian, trained_experiment
 
 from landscape.cli import main
 from landscape.config import AxisConfig, GridConfig, load_config
@@ -25,8 +26,15 @@ from landscape.grid import (
     cells_from_origin,
     graded_coordinates,
 )
+from landscape.hessian import HessianEvaluator
 from landscape.plan import log_path_resolution, plan_surface
-from landscape.plot import equal_aspect_fits, plot_contour, plot_heatmap, plot_surface_file
+from landscape.plot import (
+    equal_aspect_fits,
+    hessian_figures,
+    plot_contour,
+    plot_heatmap,
+    plot_surface_file,
+)
 from landscape.store import SurfaceFile
 from landscape.workers import run_job
 
@@ -244,3 +252,59 @@ def test_heatmap_cells_surround_their_graded_points():
     np.testing.assert_allclose(y_edges[1:-1], (grid.y[1:] + grid.y[:-1]) / 2)
     assert (x_edges[:-1] < grid.x).all() and (grid.x < x_edges[1:]).all()
     np.testing.assert_array_equal(np.asarray(mesh.get_array()).reshape(5, 9), values)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_uniform_sublattice_is_every_stride_th_point_from_the_first(stride):
+    grid = Grid(np.linspace(-1, 1, 7), np.linspace(-1, 1, 5), ("uniform", "uniform"))
+    numbers = np.arange(35).reshape(5, 7)
+    assert grid.sublattice(stride).tolist() == numbers[::stride, ::stride].ravel().tolist()
+
+
+def test_graded_sublattice_holds_the_minimum():
+    grid = Grid(graded_coordinates(-1.0, 1.5, 8), graded_coordinates(-0.5, 1.0, 7))
+    grid = Grid(grid.x, grid.y, ("graded", "graded"))
+    column, row = (int(np.flatnonzero(axis == 0.0)[0]) for axis in grid.axes)
+    points = grid.sublattice(3)
+    rows, columns = np.unravel_index(points, grid.shape)
+    assert row * 8 + column in points
+    assert set(np.diff(np.unique(columns))) == {3} and set(np.diff(np.unique(rows))) == {3}
+    assert np.unique(columns).size == len(range(column % 3, 8, 3))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_hessian_on_a_graded_grid_is_solved_and_drawn_at_the_minimum(experiment, dtype):
+    config = experiment(
+        grid={
+            "x": {"min": -1.0, "max": 1.5, "num": 8, "spacing": "graded"},
+            "y": {"min": -0.5, "max": 1.0, "num": 7, "spacing": "graded"},
+        },
+        maps=["train_loss", "lambda_min", "lambda_max"],
+        hessian={"stride": 3},
+        evaluation={"dtype": dtype},
+    )
+    path = plan_surface(load_config(config))
+    run_job(path, "hessian", show_progress=False)
+    with SurfaceFile.open(path) as surface:
+        grid, maps, cfg = surface.grid, surface.maps(), surface.config
+        directions = surface.directions()
+        figures = hessian_figures(surface, maps, surface.axis_labels())
+        points = surface.points("hessian")
+    row, column = (int(np.flatnonzero(axis == 0.0)[0]) for axis in (grid.y, grid.x))
+    assert row * grid.x.size + column in points
+
+    # Ground truth: the dense Hessian at the checkpoint itself.
+    exp = Experiment.load(cfg)
+    checker = HessianEvaluator(exp, directions, cfg.hessian)
+    checker.plane.move_to(0.0, 0.0)
+    exact = np.linalg.eigvalsh(dense_hessian(checker.operator, torch.float64))
+    for name, true in (("lambda_min", exact[0]), ("lambda_max", exact[-1])):
+        scale = max(abs(exact[0]), abs(exact[-1]))
+        bound = cfg.hessian.tolerance * max(abs(true), cfg.hessian.tolerance * scale)
+        assert abs(maps[name][row, column] - true) <= bound, (name, maps[name][row, column], true)
+
+    # The ratio map is drawn on the job's own points: its cells hold their values.
+    rows, columns = (np.unique(i) for i in np.unravel_index(points, grid.shape))
+    mesh = figures["lambda_ratio_heatmap"].axes[0].collections[0]
+    drawn = np.asarray(mesh.get_array()).reshape(rows.size, columns.size)
+    np.testing.assert_array_equal(drawn, maps["lambda_ratio"][np.ix_(rows, columns)])

@@ -84,10 +84,18 @@ class Grid:
         return tuple(int(i) for i in np.unravel_index(point, self.shape))
 
     def sublattice(self, stride: int) -> np.ndarray:
-        """Point numbers of every ``stride``-th point along each axis, starting at index 0
-        (a coarser grid inside this one, e.g. for Hessian maps)."""
+        """Point numbers of every ``stride``-th point along each axis (a coarser grid
+        inside this one, e.g. for Hessian maps): from index 0 on a uniform axis, and on
+        a graded one from the index of 0 modulo ``stride``, so that the minimum, where
+        the graded grid is finest, is among them. Readers take the points from the file
+        (:meth:`landscape.store.SurfaceFile.points`), never from here."""
         numbers = np.arange(self.size, dtype=np.int64).reshape(self.shape)
-        return numbers[(slice(None, None, stride),) * len(self.shape)].reshape(-1)
+        starts = [
+            int(np.flatnonzero(coordinates == 0.0)[0]) % stride if spacing == "graded" else 0
+            for coordinates, spacing in zip(self.axes, self.spacing or ("uniform",) * 2)
+        ]
+        # The map's axes are (y, x): the starts go in reverse.
+        return numbers[tuple(slice(start, None, stride) for start in starts[::-1])].reshape(-1)
 
     def coordinates(self, point: int) -> tuple[float, float]:
         """``(alpha, beta)`` of point number ``point``; beta is 0 on a 1D grid."""

@@ -236,17 +236,21 @@ def hessian_figures(surface: SurfaceFile, maps: dict, labels: list[str]) -> dict
     first point is done."""
     if not np.isfinite(maps["lambda_max"]).any():
         return {}
-    stride = surface.config.hessian.stride
     grid = surface.grid
+    # The rows and columns of the job's stored points (a sublattice: every stride-th
+    # point along each axis, placed as the planner chose).
+    rows_columns = [np.unique(i) for i in np.unravel_index(surface.points("hessian"), grid.shape)]
     if grid.y is None:
-        coarse = Grid(grid.x[::stride])
+        (columns,) = rows_columns
+        coarse = Grid(grid.x[columns])
         return {
             "hessian_curves": plot_hessian_curves(
-                coarse, {k: v[::stride] for k, v in maps.items()}, labels
+                coarse, {k: v[columns] for k, v in maps.items()}, labels
             )
         }
-    coarse = Grid(grid.x[::stride], grid.y[::stride])
-    sub = {name: values[::stride, ::stride] for name, values in maps.items()}
+    rows, columns = rows_columns
+    coarse = Grid(grid.x[columns], grid.y[rows])
+    sub = {name: values[np.ix_(rows, columns)] for name, values in maps.items()}
     unconverged = sub["hessian_converged"] == 0
     figures = {
         f"{name}_heatmap": plot_heatmap(coarse, sub[name], title, labels, unconverged)
