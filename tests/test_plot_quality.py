@@ -97,3 +97,15 @@ def test_the_lambda_ratio_map_has_a_fixed_scale_and_the_fine_grids_loss_contours
     (contours,) = [c for c in axis.collections if hasattr(c, "levels")]
     assert contours.levels[0] == pytest.approx(loss.min()) and contours.levels.size == 10
     assert axis.get_xlim() == pytest.approx((-1.25, 1.25))  # the heatmap's cells, kept
+
+
+def test_a_constant_map_is_drawn_as_one_band_around_its_value():
+    """All 100 % accurate (a plane zoomed into the basin): filled contours need two levels."""
+    grid = Grid(np.linspace(-0.01, 0.01, 5), np.linspace(-0.01, 0.01, 4))
+    maps = {"train_loss": bowl(grid, depth=0.1), "train_acc": np.ones(grid.shape)}
+    figures = loss_figures(grid, maps, LABELS)
+    (levels,) = {
+        tuple(figures[f"train_acc_{k}"].axes[0].collections[0].levels)
+        for k in ("contour", "contourf")
+    }
+    assert levels[0] < 1.0 < levels[1] and levels == pytest.approx((1.0, 1.0), abs=2e-3)

@@ -53,11 +53,14 @@ HESSIAN_TITLES = {
 
 
 def contour_levels(values: np.ndarray, count: int = 20) -> np.ndarray:
-    """Level values: log-spaced when a positive map spans decades (loss bowls), else linear."""
+    """Level values: log-spaced when a positive map spans decades (loss bowls), else linear;
+    a constant map (100 % accuracy all over a plane zoomed into the basin) gets one band
+    around its value, as filled contours need two levels."""
     finite = values[np.isfinite(values)]
     low, high = float(finite.min()), float(finite.max())
     if high <= low:
-        return np.array([low])
+        half_band = abs(low) / 1000 or 1e-3
+        return np.array([low - half_band, low + half_band])
     if low > 0 and high / low > 100:
         return np.geomspace(low, high, count)
     return np.linspace(low, high, count)
