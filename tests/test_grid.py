@@ -17,6 +17,7 @@ from landscape.cli import main
 from landscape.config import AxisConfig, GridConfig, load_config
 from landscape.evaluate import evaluate
 from landscape.experiment import Experiment
+from landscape.gallery import curvature_at, plane_ratio_share
 from landscape.grid import (
     FRAME_MARGIN,
     GRADING,
@@ -308,3 +309,13 @@ def test_hessian_on_a_graded_grid_is_solved_and_drawn_at_the_minimum(experiment,
     mesh = figures["lambda_ratio_heatmap"].axes[0].collections[0]
     drawn = np.asarray(mesh.get_array()).reshape(rows.size, columns.size)
     np.testing.assert_array_equal(drawn, maps["lambda_ratio"][np.ix_(rows, columns)])
+
+
+def test_the_galleries_difference_formulas_refuse_a_graded_axis():
+    """Second differences with one step h hold on a uniform axis only."""
+    x = graded_coordinates(-1.0, 1.0, 7)
+    xx, yy = np.meshgrid(x, x)
+    with pytest.raises(ValueError, match="not evenly spaced"):
+        curvature_at(x, x**2, 0.0)
+    with pytest.raises(ValueError, match="not evenly spaced"):
+        plane_ratio_share(x, x, xx**2 - yy**2)
