@@ -273,6 +273,15 @@ def test_graded_sublattice_holds_the_minimum():
     assert np.unique(columns).size == len(range(column % 3, 8, 3))
 
 
+
+def test_a_hessian_shard_is_one_row_of_the_anchored_sublattice():
+    x = graded_coordinates(-1.0, 2.5, 8)  # 0 at index 2: the row holds 2, 5, not 3 points
+    grid = Grid(x, np.linspace(-1, 1, 4), ("graded", "uniform"))
+    columns = np.unique(np.unravel_index(grid.sublattice(3), grid.shape)[1])
+    assert x[2] == 0.0 and columns.tolist() == [2, 5]
+    assert grid.sublattice_row(3) == 2
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_hessian_on_a_graded_grid_is_solved_and_drawn_at_the_minimum(experiment, dtype):
     config = experiment(

@@ -78,7 +78,7 @@ def spectrum_kind() -> JobKind:
         maps=(),
         outputs=lambda config: (Output("top3", (3,)),),
         points=lambda config, grid: grid.sublattice(1),
-        shard_size=lambda config: 2,
+        shard_size=lambda config, grid: 2,
         evaluator="unused:unused",
         figures="unused:unused",
         derived=(DerivedMap("top3_sum", ("top3",), lambda top3: top3.sum(axis=-1)),),
@@ -95,7 +95,7 @@ def spectrum_file(tmp_path, monkeypatch) -> Path:
     points = kind.points(config, grid)
     path = tmp_path / "x.h5"
     metadata = dict(checkpoint_path="x.pt", checkpoint_sha256="0", model="mlp", dataset="d")
-    work = {kind.name: (points, shard_ranges(points.size, kind.shard_size(config)))}
+    work = {kind.name: (points, shard_ranges(points.size, kind.shard_size(config, grid)))}
     create_surface_file(path, config, grid, [{"w": np.zeros(2)}], [{}], {}, work, metadata, {})
     return path
 

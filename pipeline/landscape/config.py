@@ -379,11 +379,11 @@ class HessianConfig:
             )
 
     def points_per_shard(self, row: int) -> int:
-        """``shard_size``, or for 0 one row of the Hessian grid (``row`` points: x.num over
-        the stride, rounded up). A row is the longest run of consecutive Hessian points
-        that are all neighbours (the next row starts at the far side), so warm starts
-        chain along all of it; rows remain as many shards as the grid has rows, for ranks
-        to share."""
+        """``shard_size``, or for 0 one row of the Hessian grid (``row`` points,
+        :meth:`landscape.grid.Grid.sublattice_row`). A row is the longest run of
+        consecutive Hessian points that are all neighbours (the next row starts at the far
+        side), so warm starts chain along all of it; rows remain as many shards as the
+        grid has rows, for ranks to share."""
         return self.shard_size or row
 
 

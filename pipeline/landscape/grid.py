@@ -85,17 +85,26 @@ class Grid:
 
     def sublattice(self, stride: int) -> np.ndarray:
         """Point numbers of every ``stride``-th point along each axis (a coarser grid
-        inside this one, e.g. for Hessian maps): from index 0 on a uniform axis, and on
-        a graded one from the index of 0 modulo ``stride``, so that the minimum, where
-        the graded grid is finest, is among them. Readers take the points from the file
-        (:meth:`landscape.store.SurfaceFile.points`), never from here."""
+        inside this one, e.g. for Hessian maps), from :meth:`sublattice_starts`. Readers
+        take the points from the file (:meth:`landscape.store.SurfaceFile.points`),
+        never from here."""
         numbers = np.arange(self.size, dtype=np.int64).reshape(self.shape)
-        starts = [
+        starts = self.sublattice_starts(stride)
+        # The map's axes are (y, x): the starts go in reverse.
+        return numbers[tuple(slice(start, None, stride) for start in starts[::-1])].reshape(-1)
+
+    def sublattice_starts(self, stride: int) -> list[int]:
+        """The first index of the stride-``stride`` sublattice along each axis: 0 on a
+        uniform axis, and on a graded one the index of 0 modulo ``stride``, so that the
+        minimum, where the graded grid is finest, is among its points."""
+        return [
             int(np.flatnonzero(coordinates == 0.0)[0]) % stride if spacing == "graded" else 0
             for coordinates, spacing in zip(self.axes, self.spacing or ("uniform",) * 2)
         ]
-        # The map's axes are (y, x): the starts go in reverse.
-        return numbers[tuple(slice(start, None, stride) for start in starts[::-1])].reshape(-1)
+
+    def sublattice_row(self, stride: int) -> int:
+        """The number of points in one row (along x) of the stride-``stride`` sublattice."""
+        return len(range(self.sublattice_starts(stride)[0], self.x.size, stride))
 
     def coordinates(self, point: int) -> tuple[float, float]:
         """``(alpha, beta)`` of point number ``point``; beta is 0 on a 1D grid."""

@@ -88,7 +88,7 @@ class JobKind:
     - ``maps``: the maps a config may ask for (``maps:``) that this kind computes;
     - ``outputs(config)``: what it stores at each point, in this order;
     - ``derived``: maps reduce derives from the outputs;
-    - ``points(config, grid)``: the point numbers it covers; ``shard_size(config)`` how
+    - ``points(config, grid)``: the point numbers it covers; ``shard_size(config, grid)`` how
       many of them make a shard (0: about 64 shards);
     - ``done_attrs(config, dtype)``: attributes of its done flags (what its values mean);
     - ``evaluator`` and ``figures``: ``"module:attribute"`` of the evaluator factory and of
@@ -103,7 +103,7 @@ class JobKind:
     maps: tuple[str, ...]
     outputs: Callable[[Any], tuple[Output, ...]]
     points: Callable[[Any, Any], np.ndarray]
-    shard_size: Callable[[Any], int]
+    shard_size: Callable[[Any, Any], int]
     evaluator: str
     figures: str
     derived: tuple[DerivedMap, ...] = ()
@@ -343,7 +343,7 @@ JOB_KINDS: tuple[JobKind, ...] = (
         maps=LOSS_MAPS + tuple(derived.name for derived in PERPLEXITY_MAPS),
         outputs=loss_outputs,
         points=lambda config, grid: grid.sublattice(1),
-        shard_size=lambda config: config.grid.shard_size,
+        shard_size=lambda config, grid: config.grid.shard_size,
         evaluator="landscape.evaluators:loss_evaluator",
         figures="landscape.plot:loss_job_figures",
         derived=PERPLEXITY_MAPS,
@@ -356,8 +356,8 @@ JOB_KINDS: tuple[JobKind, ...] = (
         # Both ends are always solved for, with how well each converged.
         outputs=lambda config: HESSIAN_OUTPUTS,
         points=lambda config, grid: grid.sublattice(config.hessian.stride),
-        shard_size=lambda config: config.hessian.points_per_shard(
-            -(-config.grid.x.num // config.hessian.stride)
+        shard_size=lambda config, grid: config.hessian.points_per_shard(
+            grid.sublattice_row(config.hessian.stride)
         ),
         evaluator="landscape.evaluators:hessian_evaluator",
         figures="landscape.plot:hessian_figures",
@@ -379,7 +379,7 @@ JOB_KINDS: tuple[JobKind, ...] = (
         maps=(),
         outputs=analysis_outputs,
         points=lambda config, grid: grid.sublattice(1),
-        shard_size=lambda config: config.analysis.shard_size,
+        shard_size=lambda config, grid: config.analysis.shard_size,
         evaluator="landscape.analysis:analysis_evaluator",
         figures="landscape.analysis_plot:analysis_figures",
         done_attrs=analysis_done_attrs,

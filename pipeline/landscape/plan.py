@@ -88,7 +88,7 @@ def create_plan(path: Path, config: ExperimentConfig) -> None:
     work, job_attrs = {}, {}
     for kind in jobs_for(config.maps):
         points = kind.points(config, grid)
-        work[kind.name] = (points, shard_ranges(points.size, kind.shard_size(config)))
+        work[kind.name] = (points, shard_ranges(points.size, kind.shard_size(config, grid)))
         job_attrs[kind.name] = kind.done_attrs(config, experiment.dtype)
     metadata = {
         "checkpoint_path": config.model.checkpoint,
@@ -274,7 +274,7 @@ def create_analysis_plan(path: Path, config: ExperimentConfig) -> None:
     for kind in JOB_KINDS:
         if kind.file == "analysis":
             points = kind.points(config, grid)
-            work[kind.name] = (points, shard_ranges(points.size, kind.shard_size(config)))
+            work[kind.name] = (points, shard_ranges(points.size, kind.shard_size(config, grid)))
             job_attrs[kind.name] = kind.done_attrs(config, experiment.dtype)
     metadata = {
         "model": config.model.name,
