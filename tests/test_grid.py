@@ -36,6 +36,7 @@ from landscape.plot import (
     plot_heatmap,
     plot_surface_file,
 )
+from landscape.status import surface_status
 from landscape.store import SurfaceFile
 from landscape.workers import run_job
 
@@ -225,6 +226,11 @@ def test_pca_plane_is_graded_with_the_final_checkpoint_at_a_grid_point(experimen
     assert (coordinates[-1] == 0).all()  # the last checkpoint is the centre
     logged = [r.getMessage() for r in caplog.records if r.name == "landscape.plan"]
     assert any(line.startswith("grid x:") and "graded spacing" in line for line in logged)
+    assert grid.spacing == ("graded", "graded")  # as read back from the file
+    shown = surface_status(path)
+    for axis, coordinates in zip("xy", grid.axes):
+        cell = f"{axis}: graded spacing, cell at the minimum {cell_at_origin(coordinates):.4g} "
+        assert cell in shown
 
     # Ground truth: the final checkpoint evaluated directly, with no direction applied.
     exp = Experiment.load(cfg, device="cpu")

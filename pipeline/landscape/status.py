@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from landscape.errors import UserError
+from landscape.grid import cell_at_origin
 from landscape.jobs import JOBS
 from landscape.parts import finished_in_parts
 from landscape.store import SurfaceFile
@@ -61,6 +62,12 @@ def surface_lines(surface: SurfaceFile) -> list[str]:
         f"{attrs['dataset']}, planned {attrs['created']}"
     ]
     lines += [f"  {label}" for label in surface.axis_labels()]
+    lines += [
+        f"  {axis}: graded spacing, cell at the minimum {cell_at_origin(coordinates):.4g} "
+        f"(uniform: {np.ptp(coordinates) / (coordinates.size - 1):.4g})"
+        for axis, coordinates, spacing in zip("xy", grid.axes, grid.spacing)
+        if spacing == "graded"
+    ]
     maps = surface.maps()
     for job in surface.jobs:
         lines.append(job_progress(surface, job))

@@ -265,8 +265,10 @@ class SurfaceFile:
         except BaseException:
             handle.close()
             raise
-        y = handle["grid/y"][()] if "grid/y" in handle else None
-        self.grid = Grid(handle["grid/x"][()], y)
+        axes = [handle[f"grid/{axis}"] for axis in "xy" if f"grid/{axis}" in handle]
+        spacing = tuple(str(axis.attrs.get("spacing", "uniform")) for axis in axes)
+        x, *y = [axis[()] for axis in axes]
+        self.grid = Grid(x, y[0] if y else None, spacing)
         self.datasets: dict[str, h5py.Dataset] = {}
         stored = {job_name(name): name for name in handle["done"]}
         self.tables = {
