@@ -360,9 +360,10 @@ class MeanLoss:
         """The module :meth:`outputs` evaluates: the model with its batch norms folded
         into the convolutions before them (:func:`fold_frozen_batch_norms`; the same
         function, whose forward and backward passes skip the norms' activation-sized
-        work: on the demo ResNet-20, one thread, a double-backward HVP takes 0.92x the
-        CPU time at batch 128 and 2048, a gradient 0.97x and 0.74x; benchmarks/
-        hessian_bench.py) while those norms are frozen (eval mode), else the model."""
+        work: on the demo ResNet-20, one thread, a double-backward HVP takes 0.88-0.92x
+        the CPU time at batch 128 and 2048, a gradient 0.92x at 128 and 0.55-0.74x at
+        2048; benchmarks/hessian_bench.py) while those norms are frozen (eval mode),
+        else the model itself."""
         if self.folding is None or self.model.training:
             return self.model
         folded, norms = self.folding
