@@ -4,12 +4,14 @@ one Hessian-vector product costs next to a forward pass and a gradient.
 Solvers are compared on a small CNN with BatchNorm trained on digits (float64), at
 points along a filter-normalized line through the trained minimum, against the exact
 extremes of its dense Hessian (built column by column from HVPs, which the tests check
-against ``torch.func.hessian``). Costs are timed on the demo model (ResNet-20).
+against ``torch.func.hessian``). Costs are timed on the demo model (ResNet-20), and on
+each model family of warm_bench at batch 128.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -17,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.warm_bench import interleaved_seconds
+from benchmarks.warm_bench import FAMILIES, interleaved_seconds
 from landscape.config import parse_config
 from landscape.curvature import METHODS
 from landscape.curvature.lanczos import extreme_eigenvalues
-from landscape.curvature.operators import HessianOperator, select_parameters
+from landscape.curvature.operators import HessianOperator, full_gradient, select_parameters
 from landscape.demo import demo_config
 from landscape.experiment import Experiment
 from landscape.hessian import HessianEvaluator
@@ -30,6 +32,10 @@ from landscape.store import SurfaceFile
 from landscape.train import train
 
 TOLERANCE = 1e-3
+# Costs are CPU time of this process on one torch thread: on the shared 2-core machine
+# wall-clock ratios swing with other processes' load, CPU time counts this process's
+# work only (see benchmarks/batch_bench.py); the load average is recorded beside them.
+clock = time.process_time
 SOLVER_CASE = {
     "model": {"name": "small_cnn", "kwargs": {"channels": [3, 4]}},
     "data": {"name": "digits"},
@@ -103,56 +109,104 @@ def compare_solvers(folder: Path) -> dict:
 
 
 def operation_costs(experiment: Experiment, batch_size: int) -> dict:
-    """Seconds of a full-data forward pass, gradient (:meth:`MeanLoss.gradient`) and HVP in
-    each mode of the demo model at its initialization, in batches of ``batch_size``,
-    interleaved (:func:`~benchmarks.warm_bench.interleaved_seconds`), and the HVP's ratios."""
+    """CPU seconds (this process, one torch thread: see :data:`clock`) of a full-data
+    forward pass, the tool's gradient (:func:`full_gradient`) and an HVP in each mode of
+    ``experiment``'s model at its initialization, in batches of ``batch_size``, interleaved
+    (:func:`~benchmarks.warm_bench.interleaved_seconds`), and the HVP's ratios to both.
+
+    ``unfolded``: the gradient and the double-backward HVP with the batch norms left
+    where they are (each frozen norm an affine map), the code before
+    :func:`~landscape.curvature.operators.fold_frozen_batch_norms`, for comparison in
+    the same run; the ratios are like for like (folded over folded)."""
     samples = experiment.data.split("train")
     names = select_parameters(experiment.model, "all")
+    model, objective = experiment.model, experiment.objective
     operators = {
-        mode: HessianOperator(
-            experiment.model, names, samples, experiment.objective, batch_size, mode
-        )
+        mode: HessianOperator(model, names, samples, objective, batch_size, mode)
         for mode in ("forward_over_reverse", "double_backward")
     }
-    anyone = operators["double_backward"]
-    vector = torch.randn(anyone.shape[0], generator=torch.Generator().manual_seed(0))
+    unfolded = HessianOperator(model, names, samples, objective, batch_size, "double_backward")
+    unfolded.folding = None
+    vector = torch.randn(unfolded.shape[0], generator=torch.Generator().manual_seed(0))
 
     @torch.no_grad()
     def forward():
-        for batch, _ in anyone.batches():
-            experiment.model(batch)
+        for batch, _ in unfolded.batches():
+            model(batch)
 
     products = {
         f"hvp_{mode}": (lambda operator=operator: operator.hvp(vector))
         for mode, operator in operators.items()
     }
-    timings = interleaved_seconds({"forward": forward, "gradient": anyone.gradient, **products})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
+    try:
+        timings = interleaved_seconds(
+            {
+                "forward": forward,
+                "gradient": lambda: full_gradient(model, names, samples, objective, batch_size),
+                **products,
+                "gradient_unfolded": unfolded.gradient,
+                "hvp_double_backward_unfolded": lambda: unfolded.hvp(vector),
+            },
+            clock=clock,
+        )
+    finally:
+        torch.set_num_threads(threads)
     return {
         "batch_size": batch_size,
-        "seconds": timings,
+        "folded_batch_norms": len(operators["double_backward"].folding[1])
+        if operators["double_backward"].folding
+        else 0,
+        "cpu_seconds": timings,
         "hvp_over_forward": {
             mode: timings[f"hvp_{mode}"] / timings["forward"] for mode in operators
         },
         "hvp_over_gradient": {
             mode: timings[f"hvp_{mode}"] / timings["gradient"] for mode in operators
         },
+        "unfolded": {
+            "hvp_over_forward": timings["hvp_double_backward_unfolded"] / timings["forward"],
+            "hvp_over_gradient": timings["hvp_double_backward_unfolded"]
+            / timings["gradient_unfolded"],
+            "folded_over_unfolded": {
+                "gradient": timings["gradient"] / timings["gradient_unfolded"],
+                "hvp_double_backward": timings["hvp_double_backward"]
+                / timings["hvp_double_backward_unfolded"],
+            },
+        },
+        "load_average": [load_before, os.getloadavg()[0]],
     }
 
 
-def hvp_cost() -> dict:
-    """One full-data forward pass, gradient and HVP (both modes) of the demo model, at the
-    demo's batch size (the whole set in one batch) and under ``batch_128`` at 128."""
+def hvp_cost(folder: Path) -> dict:
+    """One full-data forward pass, gradient and HVP (both modes) of the demo model at the
+    demo's batch size (the whole set in one batch), and under ``families`` of each
+    model family of :data:`FAMILIES` (the demo ResNet-20 among them) at batch 128."""
     config = demo_config("demo.yaml", [])
     experiment = Experiment.load(config, with_checkpoint=False)
     inputs = experiment.data.train_x
     size = sum(p.numel() for p in experiment.model.parameters() if p.requires_grad)
+    families = {}
+    for name, model in FAMILIES.items():
+        spec = {
+            "model": model,
+            "data": {"name": "digits"},
+            "maps": ["lambda_min"],
+            "evaluation": {"batch_size": 128, "dtype": "float32", "device": "cpu"},
+            "output": str(folder / f"{name}_cost.h5"),
+        }
+        family = Experiment.load(parse_config(json.dumps(spec)), with_checkpoint=False)
+        families[name] = operation_costs(family, 128)
     return {
         "case": f"demo ResNet-20 on digits, {len(inputs)} images, {size} parameters, "
-        f"{config.evaluation.dtype}, batch {config.evaluation.batch_size} (and 128 below)",
+        f"{config.evaluation.dtype}, batch {config.evaluation.batch_size}; families at 128",
+        "clock": "CPU seconds of this process on one torch thread (time.process_time)",
         **operation_costs(experiment, config.evaluation.batch_size),
-        "batch_128": operation_costs(experiment, 128),
+        "families": families,
     }
 
 
 def bench_hessian(folder: Path) -> dict:
-    return {"solvers": compare_solvers(folder), "hvp_cost": hvp_cost()}
+    return {"solvers": compare_solvers(folder), "hvp_cost": hvp_cost(folder)}

@@ -22,7 +22,10 @@ each batch's forward and backward pass is computed once and the tangents are bat
 samples, at the first such call. Attention runs on the math kernel of
 ``scaled_dot_product_attention`` during products, since the fused kernels have no
 double backward, and a BatchNorm in eval mode as the affine map it is
-(:class:`FrozenBatchNormAsAffine`), whose second derivatives are cheap.
+(:class:`FrozenBatchNormAsAffine`), whose second derivatives are cheap. Where such a
+norm follows a convolution it is folded into that convolution's filters
+(:func:`fold_frozen_batch_norms`), in products and gradients alike: the same function
+of the same parameters, without the norm's activation-sized work.
 
 The solvers in :mod:`landscape.curvature.lanczos` only need ``hvp``, ``hvps``,
 ``torch_dtype`` and the ``LinearOperator`` interface, which every operator here has.
@@ -33,16 +36,18 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
-from torch import nn
+from torch import fx, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from landscape.curvature import AUTOMATIC_HVP_MODE, HVP_MODES, PARAMETER_SELECTIONS
@@ -55,6 +60,11 @@ log = logging.getLogger(__name__)
 # The bytes of the m tangents of a model's largest activation in one batched pass
 # (HessianOperator.samples_per_pass).
 PASS_BYTES = 16 * 2**20
+CONVOLUTION_MODULES = {nn.Conv1d, nn.Conv2d, nn.Conv3d}
+# Each model's checked folding (MeanLoss.checked_folding), with the module tree it was
+# traced from: full_gradient builds a MeanLoss per call, and tracing the demo ResNet-20
+# takes 13 ms of its 0.27 s gradient.
+FOLDINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def select_parameters(model: nn.Module, selection: str) -> list[str]:
@@ -69,17 +79,37 @@ def select_parameters(model: nn.Module, selection: str) -> list[str]:
     ]
 
 
+def frozen_batch_norm_affine(
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) per channel of a batch norm with frozen statistics, the affine map
+    y = x * scale + shift it is: scale = w / sqrt(var + eps), shift = b - mean * scale
+    (PyTorch's CPU kernel's formula, so values agree to rounding). Differentiable in
+    w and b, which is how a Hessian w.r.t. them comes out exact."""
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
 class FrozenBatchNormAsAffine(TorchFunctionMode):
     """Evaluates every batch norm that uses its running statistics (``F.batch_norm`` with
     ``training=False``, a BatchNorm module in eval mode) as the per-channel affine map it
-    is, y = x * a + c with a = w / sqrt(var + eps) and c = b - mean * a: the formula of
-    PyTorch's own CPU kernel, so the values agree to rounding.
+    is (:func:`frozen_batch_norm_affine`).
 
     The kernel's backward is written for batch statistics too, and its double backward
     (``NativeBatchNormBackwardBackward``) works through that general formula.
     Differentiating the affine map instead costs a product and a sum per derivative: a
     double-backward HVP of the demo ResNet-20 takes 0.95x the CPU time (one thread, batch
-    128 and 2048; benchmarks/hessian_bench.py gives the ratios)."""
+    128 and 2048; benchmarks/hessian_bench.py gives the ratios). A batch norm right after
+    a convolution is cheaper still folded into it (:func:`fold_frozen_batch_norms`)."""
 
     SIGNATURE = inspect.signature(F.batch_norm)
 
@@ -93,14 +123,127 @@ class FrozenBatchNormAsAffine(TorchFunctionMode):
         if norm["training"] or norm["running_mean"] is None or norm["running_var"] is None:
             return func(*args, **kwargs)
         inputs = norm["input"]
-        scale = torch.rsqrt(norm["running_var"] + norm["eps"])
-        if norm["weight"] is not None:
-            scale = scale * norm["weight"]
-        shift = -norm["running_mean"] * scale
-        if norm["bias"] is not None:
-            shift = shift + norm["bias"]
+        scale, shift = frozen_batch_norm_affine(
+            norm["weight"], norm["bias"], norm["running_mean"], norm["running_var"], norm["eps"]
+        )
         channels = (1, -1) + (1,) * (inputs.dim() - 2)
         return inputs * scale.view(channels) + shift.view(channels)
+
+
+CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}  # by the number of spatial dimensions
+
+
+def convolution_with_frozen_batch_norm(
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    dimensions: int,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+) -> torch.Tensor:
+    """bn(conv(x, W, c)) for a batch norm with frozen statistics, as one convolution:
+    with (scale, shift) its affine map (:func:`frozen_batch_norm_affine`),
+
+        bn(conv(x, W, c)) = conv(x, W * scale) + (c * scale + shift),
+
+    scale multiplying each output channel's filter. The same function of x, W, c and
+    the norm's w, b, computed on parameter-sized tensors inside the autograd graph, so
+    its derivatives of any order w.r.t. the original parameters are exact, while the
+    activation-sized products of the norm drop out of the forward pass, the backward
+    pass and the backward of the backward. The shift is added after the convolution,
+    not as its bias: oneDNN sums a bias's gradient in an order that loses 10x the
+    float32 accuracy of ATen's sum (the cnn_bn Gauss-Newton matrix of tests/test_ggn.py
+    was 8e-7 of its norm off the float64 one, against 5e-8 unfolded and added after)."""
+    scale, shift = frozen_batch_norm_affine(norm_weight, norm_bias, running_mean, running_var, eps)
+    if bias is not None:
+        shift = shift + bias * scale
+    filters = weight * scale.view((-1,) + (1,) * (weight.dim() - 1))
+    outputs = CONVOLUTIONS[dimensions](inputs, filters, None, stride, padding, dilation, groups)
+    return outputs + shift.view((1, -1) + (1,) * dimensions)
+
+
+def fold_frozen_batch_norms(model: nn.Module) -> tuple[fx.GraphModule, list[nn.Module]] | None:
+    """The model with every batch norm that follows a convolution, and is that
+    convolution's only consumer, folded into it (:func:`convolution_with_frozen_batch_norm`),
+    and the folded norms; None where there is nothing to fold or ``torch.fx`` cannot
+    trace the model (logged). The traced module holds the model's own tensors under
+    their own names, so ``functional_call`` takes the model's state unchanged; it
+    computes the eval-mode function only (the caller checks the norms' mode), since
+    a norm in training mode normalizes by its batch."""
+    kinds = {type(m) for m in model.modules()}
+    if not any(issubclass(k, _BatchNorm) for k in kinds) or not kinds & CONVOLUTION_MODULES:
+        return None
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as exc:  # any Python a model runs can stop the tracer
+        log.info(
+            "Batch norms not folded into convolutions: torch.fx cannot trace the model (%s)",
+            describe(exc),
+        )
+        return None
+    modules = dict(traced.named_modules())
+    graph, folded = traced.graph, []
+    for node in list(graph.nodes):
+        norm = modules.get(node.target) if node.op == "call_module" else None
+        source = node.args[0] if node.args else None
+        conv = (
+            modules.get(source.target)
+            if isinstance(source, fx.Node) and source.op == "call_module"
+            else None
+        )
+        foldable = (
+            isinstance(norm, _BatchNorm)
+            and norm.track_running_stats
+            and type(conv) in CONVOLUTION_MODULES
+            and conv.padding_mode == "zeros"
+            and len(node.args) == 1
+            and not node.kwargs
+            and len(source.users) == 1
+            and len(source.args) == 1
+            and not source.kwargs
+        )
+        if not foldable:
+            continue
+        with graph.inserting_before(node):
+            tensors = [
+                graph.get_attr(f"{owner}.{field}") if getattr(module, field) is not None else None
+                for owner, module, field in (
+                    (source.target, conv, "weight"),
+                    (source.target, conv, "bias"),
+                    (node.target, norm, "weight"),
+                    (node.target, norm, "bias"),
+                    (node.target, norm, "running_mean"),
+                    (node.target, norm, "running_var"),
+                )
+            ]
+            fused = graph.call_function(
+                convolution_with_frozen_batch_norm,
+                (
+                    source.args[0],
+                    *tensors,
+                    norm.eps,
+                    conv.weight.dim() - 2,
+                    conv.stride,
+                    conv.padding,
+                    conv.dilation,
+                    conv.groups,
+                ),
+            )
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+        graph.erase_node(source)
+        folded.append(norm)
+    if not folded:
+        return None
+    graph.lint()
+    return fx.GraphModule(model, graph), folded
 
 
 @contextmanager
@@ -170,6 +313,32 @@ class MeanLoss:
         self.sizes = [selected[name].numel() for name in self.names]
         reference = selected[self.names[0]]
         self.device, self.torch_dtype = reference.device, reference.dtype
+        self.folding = self.checked_folding()
+
+    def checked_folding(self) -> tuple[fx.GraphModule, list[nn.Module]] | None:
+        """:func:`fold_frozen_batch_norms` of the model, kept where the folded module
+        gives the model's outputs on two samples, to rounding (relative 1e-4 of the
+        largest, float32 rounding is ~1e-6): a guard against a trace that froze a
+        branch of the model's Python differently from how it runs. Traced once per
+        model and module tree (:data:`FOLDINGS`)."""
+        if self.model.training:
+            return None
+        tree = tuple((name, id(module)) for name, module in self.model.named_modules())
+        known = FOLDINGS.get(self.model)
+        if known is not None and known[0] == tree:
+            return known[1]
+        folding = fold_frozen_batch_norms(self.model)
+        if folding is not None:
+            inputs, _ = self.samples.head(2)
+            with torch.no_grad():
+                own, folded = self.model(inputs), folding[0](inputs)
+            if (folded - own).abs().max() > 1e-4 * own.abs().max():
+                log.warning(
+                    "Batch norms not folded into convolutions: the traced model's outputs differ"
+                )
+                folding = None
+        FOLDINGS[self.model] = (tree, folding)
+        return folding
 
     def state(self) -> tuple[dict, dict]:
         """(selected parameters, everything else: other parameters and buffers), detached."""
@@ -185,7 +354,20 @@ class MeanLoss:
 
     def outputs(self, params: dict, fixed: dict, inputs: torch.Tensor) -> torch.Tensor:
         """The model's outputs on ``inputs`` with the selected parameters ``params``."""
-        return functional_call(self.model, {**fixed, **params}, (inputs,))
+        return functional_call(self.evaluated_module(), {**fixed, **params}, (inputs,))
+
+    def evaluated_module(self) -> nn.Module:
+        """The module :meth:`outputs` evaluates: the model with its batch norms folded
+        into the convolutions before them (:func:`fold_frozen_batch_norms`; the same
+        function, whose forward and backward passes skip the norms' activation-sized
+        work: on the demo ResNet-20, one thread, a double-backward HVP takes 0.88-0.92x
+        the CPU time at batch 128 and 2048, a gradient 0.92x at 128 and 0.55-0.74x at
+        2048; benchmarks/hessian_bench.py) while those norms are frozen (eval mode),
+        else the model itself."""
+        if self.folding is None or self.model.training:
+            return self.model
+        folded, norms = self.folding
+        return self.model if any(norm.training for norm in norms) else folded
 
     def share(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """A batch's share of the mean loss from its outputs: its summed losses over N."""
@@ -437,7 +619,7 @@ class HessianOperator(CurvatureOperator):
             gradient = grad(lambda p: self.batch_loss(p, fixed, *batch))
             _, product = jvp(gradient, (params,), (tangents,))
             return [product[name] for name in self.names]
-        leaves = {name: p.clone().requires_grad_(True) for name, p in params.items()}
+        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
         with torch.enable_grad():
             loss = self.batch_loss(leaves, fixed, *batch)
             gradients = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
@@ -456,7 +638,7 @@ class HessianOperator(CurvatureOperator):
             gradient = grad(lambda p: self.batch_loss(p, fixed, *batch))
             product = vmap(lambda t: jvp(gradient, (params,), (t,))[1])(tangents)
             return [product[name] for name in self.names]
-        leaves = {name: p.clone().requires_grad_(True) for name, p in params.items()}
+        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
         with torch.enable_grad():
             loss = self.batch_loss(leaves, fixed, *batch)
             gradients = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
@@ -517,7 +699,7 @@ class GaussNewtonOperator(CurvatureOperator):
             _, pullback = vjp(outputs_of, params)
             (product,) = pullback(curved)
             return [product[name] for name in self.names]
-        leaves = {name: p.clone().requires_grad_(True) for name, p in params.items()}
+        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
         with torch.enable_grad():
             outputs = self.outputs(leaves, fixed, inputs)
             cotangent = torch.zeros_like(outputs, requires_grad=True)
