@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from landscape.errors import UserError, describe
 from landscape.memory import free_memory, in_units
@@ -149,6 +149,7 @@ class StreamedSamples(Samples):
         return DataLoader(
             self.dataset,
             batch_sampler=PassMessages(len(self), size, self.message_batches(size), endless),
+            collate_fn=collate,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             **(background if self.workers else {}),
@@ -208,7 +209,7 @@ class StreamedSamples(Samples):
         """Read in this process: a probe or a minibatch is too small to wait for workers."""
         chosen = torch.utils.data.Subset(self.dataset, indices.tolist())
         try:
-            inputs, targets = next(iter(DataLoader(chosen, batch_size=len(chosen))))
+            inputs, targets = next(iter(DataLoader(chosen, len(chosen), collate_fn=collate)))
         except Exception as exc:
             raise UserError(
                 f"data.name: {self.name} failed to load {len(chosen)} samples "
@@ -256,6 +257,17 @@ class PassMessages(torch.utils.data.Sampler):
                 yield list(range(start, min(start + self.step, self.count)))
             if not self.endless:
                 return
+
+
+def collate(read) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch from what the loader read for it: a list of (input, target) items,
+    stacked by ``default_collate``; or the (inputs, targets) tensors a Dataset's
+    ``__getitems__(indices)`` read as one batch, as they are. A batched read costs one
+    call per message where items cost one Python call (and one copy) per sample, more
+    than the compute of a small model on it."""
+    if isinstance(read, tuple) and all(isinstance(value, torch.Tensor) for value in read):
+        return read
+    return default_collate(read)
 
 
 def lowest_priority(worker: int) -> None:
