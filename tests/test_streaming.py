@@ -4,6 +4,7 @@ either way, and a clear line when a sample fails to load."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -208,7 +209,7 @@ def test_consecutive_and_abandoned_passes_serve_the_held_batches(kind, dtype):
     batches (the 5 batches of a pass, read at most one pass ahead), the last one short.
     Every pass of the endless stream, read item by item or a message per call, serves
     the held batches; a pass left after one batch ends the stream, and the next pass
-    starts again at sample 0."""
+    starts again at sample 0; one left after its last message keeps it."""
     generator = torch.Generator().manual_seed(1)
     inputs, labels = torch.randn(23, 3, generator=generator), torch.arange(23) % 4
     held = HeldSamples(inputs.to(dtype), labels)
@@ -228,6 +229,9 @@ def test_consecutive_and_abandoned_passes_serve_the_held_batches(kind, dtype):
         break
     assert stream is not None and streamed.stream is None
     same_as_held(streamed.batches(5))
+    stream = streamed.stream
+    same_as_held(itertools.islice(streamed.batches(5), 5))  # closed before its end
+    assert streamed.stream is stream
     same_as_held(streamed.batches(5))
     order = torch.tensor([7, 0, 22, 3])
     for found, expected in zip(streamed.gather(order), held.gather(order)):

@@ -99,7 +99,7 @@ class StreamedSamples(Samples):
 
     - a worker sends each read to this process as a message (a shared-memory segment per
       tensor, a pickle, a socket round trip), so a message carries several consecutive
-      batches when they are small (:func:`message_batches`), sliced apart here;
+      batches when they are small (:meth:`message_batches`), sliced apart here;
     - passes in ``batch_size`` batches (the evaluation's: every grid point and every
       product) are served by one endless stream of passes with the same workers, so a
       pass costs no process start and no resume handshake, and the workers read the next
@@ -109,8 +109,8 @@ class StreamedSamples(Samples):
     - workers run at the lowest CPU priority (:func:`lowest_priority`).
 
     One pass of a size at a time: a second one would share the first's stream. A pass
-    left before its end (its consumer stopped or raised) ends the stream: the next one
-    starts a new one rather than serve the rest of the old pass.
+    left before its last message (its consumer stopped or raised) ends the stream: the
+    next one starts a new one rather than serve the rest of the old pass.
 
     A sample that fails to load stops the pass with one line naming ``data.name`` and the
     samples of the failing message; what earlier points wrote stays as it was.
@@ -168,39 +168,44 @@ class StreamedSamples(Samples):
         if size in self.passing:
             raise RuntimeError(f"a second pass in batches of {size} while one is under way")
         self.passing.add(size)
-        finished = False
         try:
             yield from self.read(self.messages(size), size)
-            finished = True
         finally:
             self.passing.discard(size)
-            if not finished and size == self.batch_size:
-                self.stream = None  # its workers stop; the rest of this pass is never read
 
     def read(self, messages: Iterator, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of one pass, on the device, from its ``messages`` (each a whole
-        number of batches); a user's failure is one line naming the samples."""
+        number of batches); a user's failure is one line naming the samples. A pass that
+        stops before it took its last message ends the stream (its workers stop; the
+        rest of that pass is never read)."""
         per_message = size * self.message_batches(size)
-        for start in range(0, len(self), per_message):
-            end = min(start + per_message, len(self))
-            try:
-                inputs, targets = next(messages)
-            except Exception as exc:  # a user's __getitem__, in a worker or here
-                raise UserError(
-                    f"data.name: {self.name} failed to load samples {start}..{end - 1} "
-                    f"({describe(exc)}); fix the Dataset's __getitem__"
-                ) from None
-            if len(inputs) != end - start or len(targets) != end - start:
-                raise UserError(
-                    f"data.name: {self.name} served {len(inputs)} inputs and {len(targets)} "
-                    f"targets for samples {start}..{end - 1}; make __getitems__ return one "
-                    "item per index"
-                )
-            for first in range(0, len(inputs), size):
-                yield (
-                    self.to_device(inputs[first : first + size]),
-                    self.to_device(targets[first : first + size]),
-                )
+        last = (len(self) - 1) // per_message * per_message  # the last message's start
+        taken = False
+        try:
+            for start in range(0, len(self), per_message):
+                end = min(start + per_message, len(self))
+                try:
+                    inputs, targets = next(messages)
+                except Exception as exc:  # a user's __getitem__, in a worker or here
+                    raise UserError(
+                        f"data.name: {self.name} failed to load samples {start}..{end - 1} "
+                        f"({describe(exc)}); fix the Dataset's __getitem__"
+                    ) from None
+                taken = start == last
+                if len(inputs) != end - start or len(targets) != end - start:
+                    raise UserError(
+                        f"data.name: {self.name} served {len(inputs)} inputs and "
+                        f"{len(targets)} targets for samples {start}..{end - 1}; make "
+                        "__getitems__ return one item per index"
+                    )
+                for first in range(0, len(inputs), size):
+                    yield (
+                        self.to_device(inputs[first : first + size]),
+                        self.to_device(targets[first : first + size]),
+                    )
+        finally:
+            if not taken and messages is self.stream:
+                self.stream = None
 
     def head(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gather(torch.arange(min(count, len(self))))
