@@ -4,7 +4,9 @@ either way, and a clear line when a sample fails to load."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from test_bad_input import edit, fails_with
 
 from landscape.cli import main
 from landscape.config import load_config
+from landscape.errors import UserError
 from landscape.experiment import Experiment
 from landscape.objectives import TokenCrossEntropy
 from landscape.samples import HeldSamples, StreamedSamples
@@ -184,3 +187,99 @@ def test_streamed_token_sequences_match_held_ones(experiment):
             maps.append(surface.maps())
     for name in common["maps"]:
         np.testing.assert_array_equal(maps[1][name], maps[0][name], err_msg=name)
+
+
+class BatchedReads(torch.utils.data.TensorDataset):
+    """Tensors whose loader reads a message of samples in one ``__getitems__`` call;
+    ``short``: that many rows fewer than asked (a broken Dataset)."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, short: int = 0):
+        super().__init__(inputs, targets)
+        self.short = short
+
+    def __getitems__(self, indices: list[int]):
+        chosen = indices[: len(indices) - self.short]
+        return self.tensors[0][chosen], self.tensors[1][chosen]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", [torch.utils.data.TensorDataset, BatchedReads])
+def test_consecutive_and_abandoned_passes_serve_the_held_batches(kind, dtype):
+    """23 samples in batches of 5 through 2 workers, each 1 message ahead: messages of 2
+    batches (the 5 batches of a pass, read at most one pass ahead), the last one short.
+    Every pass of the endless stream, read item by item or a message per call, serves
+    the held batches; a pass left after one batch ends the stream, and the next pass
+    starts again at sample 0; one left after its last message keeps it."""
+    generator = torch.Generator().manual_seed(1)
+    inputs, labels = torch.randn(23, 3, generator=generator), torch.arange(23) % 4
+    held = HeldSamples(inputs.to(dtype), labels)
+    streamed = StreamedSamples(
+        kind(inputs, labels), torch.device("cpu"), dtype, "items", 5, workers=2, prefetch=1
+    )
+    assert streamed.message_batches(5) == 2
+
+    def same_as_held(batches) -> None:
+        for (a, b), (c, d) in zip(batches, held.batches(5), strict=True):
+            assert a.dtype == dtype and torch.equal(a, c) and torch.equal(b, d)
+
+    for _ in range(3):
+        same_as_held(streamed.batches(5))
+    stream = streamed.stream
+    for _ in streamed.batches(5):
+        break
+    assert stream is not None and streamed.stream is None
+    same_as_held(streamed.batches(5))
+    stream = streamed.stream
+    same_as_held(itertools.islice(streamed.batches(5), 5))  # closed before its end
+    assert streamed.stream is stream
+    same_as_held(streamed.batches(5))
+    order = torch.tensor([7, 0, 22, 3])
+    for found, expected in zip(streamed.gather(order), held.gather(order)):
+        assert torch.equal(found, expected)
+
+
+def test_message_batches_are_bounded_by_bytes_and_one_pass_ahead(monkeypatch):
+    """1000 samples of 16 float32 values (64 bytes) in batches of 10: 100 batches a pass.
+    Two workers, 2 messages ahead each: at most 25 batches a message (one pass in
+    flight), fewer when MESSAGE_BYTES hold fewer, never less than one."""
+    dataset = torch.utils.data.TensorDataset(torch.zeros(1000, 16), torch.zeros(1000))
+    streamed = StreamedSamples(dataset, torch.device("cpu"), torch.float32, "zeros", 10)
+    assert streamed.sample_bytes == 16 * 4 + 4
+    assert streamed.message_batches(10) == 25
+    monkeypatch.setattr("landscape.samples.MESSAGE_BYTES", 68 * 10 * 7)
+    assert streamed.message_batches(10) == 7
+    monkeypatch.setattr("landscape.samples.MESSAGE_BYTES", 100)
+    assert streamed.message_batches(10) == 1
+    assert streamed.message_batches(1000) == 1
+
+
+def test_a_batched_read_of_the_wrong_length_is_one_line():
+    dataset = BatchedReads(torch.zeros(12, 2), torch.zeros(12, dtype=torch.long), short=1)
+    streamed = StreamedSamples(dataset, torch.device("cpu"), torch.float32, "short", 4, 2, 1)
+    with pytest.raises(UserError) as error:
+        list(streamed.batches(4))
+    assert str(error.value) == (
+        "data.name: short served 3 inputs and 3 targets for samples 0..3; make "
+        "__getitems__ return one item per index"
+    )
+    assert streamed.stream is None
+
+
+class SchedulingPolicy(torch.utils.data.Dataset):
+    """Items that say the scheduling policy of the process that reads them."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int):
+        return torch.tensor([float(os.sched_getscheduler(0))]), 0
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_workers_read_only_on_idle_cores():
+    """Loader workers run under SCHED_IDLE (they never take a core from the compute's
+    threads); this process keeps its own policy."""
+    streamed = StreamedSamples(SchedulingPolicy(), torch.device("cpu"), torch.float32, "p", 2)
+    policies = torch.cat([inputs for inputs, _ in streamed.batches(2)]).unique().tolist()
+    assert policies == [float(os.SCHED_IDLE)]
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE

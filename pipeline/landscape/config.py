@@ -193,7 +193,7 @@ class DataConfig:
     For a plug-in that returns ``torch.utils.data.Dataset`` objects (:mod:`landscape.samples`):
     ``stream`` (``auto``: held on the device when the set takes at most a quarter of its
     free memory, streamed otherwise; ``always``; ``never``), the loader's ``workers`` and
-    the batches each prefetches (``prefetch``)."""
+    the messages (one or more batches) each reads ahead (``prefetch``)."""
 
     name: str = "digits"
     kwargs: dict = field(default_factory=dict)

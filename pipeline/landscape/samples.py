@@ -19,10 +19,12 @@ on the same values. :func:`choose_samples` picks the kind by size and says so in
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from landscape.errors import UserError, describe
 from landscape.memory import free_memory, in_units
@@ -90,15 +92,28 @@ class HeldSamples(Samples):
 
 class StreamedSamples(Samples):
     """A map-style ``torch.utils.data.Dataset`` of (input, target) pairs, read in order
-    by a ``DataLoader`` (``workers`` background processes, each ``prefetch`` batches
-    ahead) and copied to ``device``, floating values cast to ``dtype`` exactly as held
-    tensors are. The workers of passes in ``batch_size`` batches (the evaluation's: every
-    grid point and every product) persist, so such a pass costs no process start; a pass
-    in other batches (several HVPs at once, the count of units) starts and stops its own.
-    One pass of a size at a time: a second one would share the first's loader.
+    by a ``DataLoader`` (``workers`` background processes) and copied to ``device``,
+    floating values cast to ``dtype`` exactly as held tensors are.
+
+    Where the time goes, and what each choice saves (``benchmarks/stream_bench.py``):
+
+    - a worker sends each read to this process as a message (a shared-memory segment per
+      tensor, a pickle, a socket round trip), so a message carries several consecutive
+      batches when they are small (:meth:`message_batches`), sliced apart here;
+    - passes in ``batch_size`` batches (the evaluation's: every grid point and every
+      product) are served by one endless stream of passes with the same workers, so a
+      pass costs no process start and no resume handshake, and the workers read the next
+      pass's first messages while this one is computed (``prefetch`` messages each, at
+      most one pass in all); a pass in other batches (several HVPs at once, the count of
+      units) starts and stops its own workers;
+    - workers run at the lowest CPU priority (:func:`lowest_priority`).
+
+    One pass of a size at a time: a second one would share the first's stream. A pass
+    left before its last message (its consumer stopped or raised) ends the stream: the
+    next one starts a new one rather than serve the rest of the old pass.
 
     A sample that fails to load stops the pass with one line naming ``data.name`` and the
-    samples of the failing batch; what earlier points wrote stays as it was.
+    samples of the failing message; what earlier points wrote stays as it was.
     """
 
     def __init__(
@@ -113,57 +128,84 @@ class StreamedSamples(Samples):
     ):
         self.dataset, self.device, self.dtype, self.name = dataset, device, dtype, name
         self.batch_size, self.workers, self.prefetch = batch_size, workers, prefetch
-        self.persistent: DataLoader | None = None  # the loader of batch_size, built once
+        self.sample_bytes = sample_bytes(dataset, dtype)
+        self.stream: Iterator | None = None  # the endless stream of batch_size passes
         self.passing: set[int] = set()  # batch sizes of the passes under way
         self.unit_counts: dict[Objective, int] = {}  # one pass per objective that masks
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def loader(self, size: int) -> DataLoader:
-        persistent = size == self.batch_size
-        if persistent and self.persistent is not None:
-            return self.persistent
-        background = {"persistent_workers": persistent, "prefetch_factor": self.prefetch}
-        loader = DataLoader(
+    def message_batches(self, size: int) -> int:
+        """Batches of ``size`` per worker message: as many as :data:`MESSAGE_BYTES` hold,
+        and few enough that the messages read ahead (``prefetch`` per worker) hold at most
+        one pass, at least one."""
+        per_pass = math.ceil(len(self) / size)
+        ahead = per_pass // (max(self.workers, 1) * self.prefetch)
+        return max(1, min(MESSAGE_BYTES // (size * self.sample_bytes), ahead))
+
+    def loader(self, size: int, endless: bool) -> DataLoader:
+        background = {"prefetch_factor": self.prefetch, "worker_init_fn": lowest_priority}
+        return DataLoader(
             self.dataset,
-            batch_size=size,
-            shuffle=False,
+            batch_sampler=PassMessages(len(self), size, self.message_batches(size), endless),
+            collate_fn=collate,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             **(background if self.workers else {}),
         )
-        if persistent:
-            self.persistent = loader
-        return loader
+
+    def messages(self, size: int) -> Iterator:
+        """The messages of one pass in batches of ``size``: the stream's next pass for the
+        evaluation's batch size, a loader of its own otherwise."""
+        if size != self.batch_size:
+            return iter(self.loader(size, endless=False))
+        if self.stream is None:
+            self.stream = iter(self.loader(size, endless=True))
+        return self.stream
 
     def batches(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if size in self.passing:
             raise RuntimeError(f"a second pass in batches of {size} while one is under way")
         self.passing.add(size)
         try:
-            yield from self.read(iter(self.loader(size)), size)
+            yield from self.read(self.messages(size), size)
         finally:
             self.passing.discard(size)
 
-    def read(self, batch, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of one pass from the loader iterator ``batch``, on the device; a
-        user's failure is one line naming the samples."""
-        for start in range(0, len(self), size):
-            try:
-                inputs, targets = next(batch)
-            except StopIteration:
-                raise UserError(
-                    f"data.name: {self.name} served {start} samples but its len() says "
-                    f"{len(self)}; make __len__ and __getitem__ agree"
-                ) from None
-            except Exception as exc:  # a user's __getitem__, in a worker or here
-                end = min(start + size, len(self)) - 1
-                raise UserError(
-                    f"data.name: {self.name} failed to load samples {start}..{end} "
-                    f"({describe(exc)}); fix the Dataset's __getitem__"
-                ) from None
-            yield self.to_device(inputs), self.to_device(targets)
+    def read(self, messages: Iterator, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of one pass, on the device, from its ``messages`` (each a whole
+        number of batches); a user's failure is one line naming the samples. A pass that
+        stops before it took its last message ends the stream (its workers stop; the
+        rest of that pass is never read)."""
+        per_message = size * self.message_batches(size)
+        last = (len(self) - 1) // per_message * per_message  # the last message's start
+        taken = False
+        try:
+            for start in range(0, len(self), per_message):
+                end = min(start + per_message, len(self))
+                try:
+                    inputs, targets = next(messages)
+                except Exception as exc:  # a user's __getitem__, in a worker or here
+                    raise UserError(
+                        f"data.name: {self.name} failed to load samples {start}..{end - 1} "
+                        f"({describe(exc)}); fix the Dataset's __getitem__"
+                    ) from None
+                taken = start == last
+                if len(inputs) != end - start or len(targets) != end - start:
+                    raise UserError(
+                        f"data.name: {self.name} served {len(inputs)} inputs and "
+                        f"{len(targets)} targets for samples {start}..{end - 1}; make "
+                        "__getitems__ return one item per index"
+                    )
+                for first in range(0, len(inputs), size):
+                    yield (
+                        self.to_device(inputs[first : first + size]),
+                        self.to_device(targets[first : first + size]),
+                    )
+        finally:
+            if not taken and messages is self.stream:
+                self.stream = None
 
     def head(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gather(torch.arange(min(count, len(self))))
@@ -172,7 +214,7 @@ class StreamedSamples(Samples):
         """Read in this process: a probe or a minibatch is too small to wait for workers."""
         chosen = torch.utils.data.Subset(self.dataset, indices.tolist())
         try:
-            inputs, targets = next(iter(DataLoader(chosen, batch_size=len(chosen))))
+            inputs, targets = next(iter(DataLoader(chosen, len(chosen), collate_fn=collate)))
         except Exception as exc:
             raise UserError(
                 f"data.name: {self.name} failed to load {len(chosen)} samples "
@@ -198,6 +240,52 @@ class StreamedSamples(Samples):
 
 # Samples per batch of the passes that only read: counting units, filling a held set.
 COUNT_BATCH = 1024
+
+# Bytes of samples a loader worker sends in one message at most: a message has a fixed
+# cost (a shared-memory segment per tensor, a pickle, a socket round trip) that small
+# batches of cheap samples would pay once each.
+MESSAGE_BYTES = 4 * 2**20
+
+
+class PassMessages(torch.utils.data.Sampler):
+    """A ``batch_sampler`` of passes over ``count`` samples in batches of ``size``: the
+    sample indices of each worker message, ``group`` consecutive batches (fewer at the
+    end of a pass: a message never spans two passes), for one pass or, ``endless``, for
+    as many as are asked."""
+
+    def __init__(self, count: int, size: int, group: int, endless: bool):
+        self.count, self.step, self.endless = count, size * group, endless
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            for start in range(0, self.count, self.step):
+                yield list(range(start, min(start + self.step, self.count)))
+            if not self.endless:
+                return
+
+
+def collate(read) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch from what the loader read for it: a list of (input, target) items,
+    stacked by ``default_collate``; or the (inputs, targets) tensors a Dataset's
+    ``__getitems__(indices)`` read as one batch, as they are. A batched read costs one
+    call per message where items cost one Python call (and one copy) per sample, more
+    than the compute of a small model on it."""
+    if isinstance(read, tuple) and all(isinstance(value, torch.Tensor) for value in read):
+        return read
+    return default_collate(read)
+
+
+def lowest_priority(worker: int) -> None:
+    """A loader worker's ``worker_init_fn``: the worker runs only on a core the compute
+    leaves idle (Linux's SCHED_IDLE policy; elsewhere the lowest nice level). The forward
+    pass's OpenMP threads wait for each other at the end of every parallel region, so a
+    worker that takes a core from one of them stalls them all: at normal priority a
+    worker costs the compute more than its own CPU time whenever the compute's threads
+    fill the cores."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
 
 
 def sample_bytes(dataset, dtype: torch.dtype) -> int:
