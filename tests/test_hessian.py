@@ -269,9 +269,10 @@ def test_lambda_min_converges_where_the_hessian_is_semidefinite(experiment, dtyp
 def test_converged_ends_have_true_residuals_within_the_criterion(experiment, dtype):
     """Lanczos' residual estimate |beta_k s_ki| assumes exact products: in float32 it read
     1e-10 lambda_max where the true residual is 1e-7 lambda_max, and passed tolerance
-    1e-7. Reported residuals now come from one explicit product, the criterion is floored
-    at 16 eps, and converged means every true residual (dense float64 Hessian) is within
-    it. An explicit float32 product errs by about 1 eps ||H|| (measured): 4 eps of slack."""
+    1e-7. Reported residuals now come from the products as computed (H y = W s), the
+    criterion is floored at 16 eps, and converged means every true residual (dense
+    float64 Hessian) is within it. A float32 product errs by about 1 eps ||H|| (measured):
+    4 eps of slack."""
     network, data = MODELS["mlp"]
     exp = Experiment.load(
         load_config(experiment(model=network, data=data, evaluation={"dtype": dtype}))
@@ -356,8 +357,8 @@ def test_lanczos_goes_on_past_an_exhausted_krylov_space(dtype, which):
 
 
 def test_a_basis_larger_than_free_memory_is_refused_in_one_line(experiment, monkeypatch, caplog):
-    """The basis holds up to max_hvps float64 vectors (162 GiB for wrn56_8 at 400): it is
-    sized and logged at start-up and refused, naming the field and a value that fits,
+    """The basis and its products hold up to 2 max_hvps float64 vectors (324 GiB for
+    wrn56_8 at 400): they are sized and logged at start-up and refused, naming the field and a value that fits,
     before a point is computed (the free-memory probe is mocked: a fault)."""
     config = experiment(grid={"x": {"min": 0.0, "max": 1.0, "num": 2}}, maps=["lambda_max"])
     surface = plan_surface(load_config(config))
@@ -368,9 +369,14 @@ def test_a_basis_larger_than_free_memory_is_refused_in_one_line(experiment, monk
     with pytest.raises(UserError) as caught:
         run_job(surface, "hessian", show_progress=False)
     message = str(caught.value)
-    assert message.startswith("hessian.max_hvps: 75 Lanczos vectors of 75 parameters need")
+    assert message.startswith(
+        "hessian.max_hvps: 75 Lanczos vectors of 75 parameters and their products need"
+    )
     assert "lower hessian.max_hvps to 50 or fewer" in message and "\n" not in message
-    assert "Lanczos basis: 75 float64 vectors of 75 parameters, 43.9 KiB" in caplog.text
+    assert (
+        "Lanczos basis: 75 float64 vectors of 75 parameters and their products, 87.9 KiB"
+        in caplog.text
+    )
     with SurfaceFile.open(surface) as untouched:
         assert not untouched.done("hessian").any()
     # Hessian directions (of the weights: 64 parameters) where not even 4 vectors fit.

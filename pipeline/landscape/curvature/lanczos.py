@@ -19,8 +19,19 @@ smallest, and at a trained MLP's minimum Lanczos then stops on the bulk near zer
 reports lambda_min = +4e-4 for -0.017 (tests/test_hessian.py). The floor is where
 products stop being exact: in float32 a product is good to about 2 eps ||H||, and
 Lanczos' own residual estimate |beta_k s_ki| assumes exact products (it reads 0 where
-the true residual is 2 eps ||H||). So every chosen end is verified by one explicit
-product of its Ritz vector, and the residuals reported are those true ones.
+the true residual is 2 eps ||H||). So every chosen end is verified by its true residual,
+and the residuals reported are those true ones.
+
+The true residual needs no product of its own. Lanczos keeps the products as computed,
+W = [H v_1 .. H v_k] before any orthogonalization, beside its basis V; a Ritz vector is
+y = V s, and H is linear, so H y = W s: the residual ||W s - theta y|| is that of the
+products actually computed, their rounding included, where |beta_k s_ki| assumes the
+recurrence held exactly. It is as honest as one explicit product fl(H y): each computed
+product is off by e_j ~ eps ||H|| (float32: about 2 eps ||H||), so W s is off from H y by
+sum_j s_j e_j, of the same order for unit s as fl(H y)'s own error (independent roundings
+add in quadrature), and both lie below the floor. tests/test_lanczos.py measures the two
+against each other and against dense eigh in float32 and float64. It costs a second
+float64 block as large as the basis (:func:`basis_bytes`) and saves two products a solve.
 """
 
 from __future__ import annotations
@@ -108,8 +119,9 @@ class Criterion:
 
     TEXT = (
         "||H y - theta y|| <= max(tolerance * max(|theta|, tolerance * S), rounding_floor * S), "
-        "S = max(|lambda_min|, |lambda_max|); the residual from one explicit HVP of the Ritz "
-        "vector y"
+        "S = max(|lambda_min|, |lambda_max|); the true residual of the computed products: "
+        "H y = W s from the products Lanczos kept (y = V s), one explicit HVP of y for eigsh "
+        "and shift"
     )
 
     @classmethod
@@ -131,7 +143,7 @@ class Criterion:
 
 def ritz_residual(hvp: Callable[[torch.Tensor], torch.Tensor], theta: float, vector) -> float:
     """||H y - theta y|| for the unit vector y along ``vector``, by one explicit product:
-    the solvers' own estimates assume exact products."""
+    ARPACK's own estimates assume exact products, and it keeps none of them."""
     vector = torch.as_tensor(vector, dtype=torch.float64)
     vector = vector / vector.norm()
     return float((hvp(vector).double().to(vector.device) - theta * vector).norm())
@@ -141,7 +153,7 @@ def ritz_residual(hvp: Callable[[torch.Tensor], torch.Tensor], theta: float, vec
 class RitzPairs:
     """Chosen Ritz pairs of one Lanczos run: values, true residuals, unit vectors
     (float64, one row each), the spectral scale they converge against, and the products
-    spent (Krylov steps plus one check per pair). ``pair_converged``: each pair's true
+    spent (one per Krylov step). ``pair_converged``: each pair's true
     residual against the criterion; ``converged``: all of them, and the run stopped on
     its own test rather than on ``max_hvps``."""
 
@@ -154,9 +166,11 @@ class RitzPairs:
     pair_converged: np.ndarray
 
 
-def basis_bytes(max_hvps: int, size: int) -> int:
-    """The float64 Lanczos basis for ``size`` parameters: one row per step."""
-    return min(max_hvps, size) * size * 8
+def basis_bytes(max_hvps: int, size: int, products: bool = True) -> int:
+    """The float64 Lanczos basis for ``size`` parameters, one row per step, and with
+    ``products`` the products as computed beside it (:func:`lanczos` keeps both; the
+    quadrature of :mod:`~landscape.curvature.spectrum` only the basis)."""
+    return (2 if products else 1) * min(max_hvps, size) * size * 8
 
 
 def check_basis_memory(
@@ -165,23 +179,27 @@ def check_basis_memory(
     device: torch.device,
     setting: str = "hessian.max_hvps",
     level: int = logging.INFO,
+    products: bool = True,
 ) -> None:
-    """Log (at ``level``) what the Lanczos basis for ``size`` parameters may take, and
-    refuse in one line, before anything is allocated, if that is more than ``device`` has
-    free, naming the ``setting`` that sets the basis length (``max_hvps``)."""
-    limit, need, free = min(max_hvps, size), basis_bytes(max_hvps, size), free_memory(device)
+    """Log (at ``level``) what the Lanczos basis for ``size`` parameters (with
+    ``products``, and its products: :func:`basis_bytes`) may take, and refuse in one line,
+    before anything is allocated, if that is more than ``device`` has free, naming the
+    ``setting`` that sets the basis length (``max_hvps``)."""
+    limit, need = min(max_hvps, size), basis_bytes(max_hvps, size, products)
+    free = free_memory(device)
     log.log(
         level,
-        "Lanczos basis: %d float64 vectors of %d parameters, %s (%s free on %s)",
+        "Lanczos basis: %d float64 vectors of %d parameters%s, %s (%s free on %s)",
         limit,
         size,
+        " and their products" if products else "",
         in_units(need),
         "unknown" if free is None else in_units(free),
         device,
     )
     if free is None or need <= free:
         return
-    fitting = free // (size * 8)
+    fitting = free // basis_bytes(1, size, products)
     section = setting.rpartition(".")[0]  # whose parameters: selects them (hessian, analysis)
     remedy = (
         f"lower {setting} to {fitting} or fewer"
@@ -190,7 +208,8 @@ def check_basis_memory(
         "larger device"
     )
     raise UserError(
-        f"{setting}: {limit} Lanczos vectors of {size:,} parameters need "
+        f"{setting}: {limit} Lanczos vectors of {size:,} parameters"
+        f"{' and their products' if products else ''} need "
         f"{in_units(need)} (float64) but {device} has {in_units(free)} free; {remedy}"
     )
 
@@ -212,14 +231,19 @@ def reorthogonalized_product(
     hvp: Callable[[torch.Tensor], torch.Tensor],
     known: torch.Tensor,
     keep: Callable[[torch.Tensor], torch.Tensor],
+    computed: torch.Tensor | None = None,
 ) -> tuple[float, torch.Tensor, float]:
     """One Lanczos step with full reorthogonalization from the basis rows ``known``, the
     last of which is the current unit vector q: alpha = q^T H q (the next diagonal of T),
     the product H q (kept by ``keep``, in float64) orthogonalized twice against every row
     (Kahan-Parlett: twice is enough), and its norm beta (the next off-diagonal, before
-    normalizing it into the next vector)."""
+    normalizing it into the next vector). ``computed``: a float64 row that receives H q
+    as computed, before ``keep`` and the orthogonalization."""
     vector = known[-1]
-    product = keep(hvp(vector).double())
+    product = hvp(vector).double()
+    if computed is not None:
+        computed.copy_(product)
+    product = keep(product)
     alpha = float(vector @ product)
     for _ in range(2):
         product -= known.T @ (known @ product)
@@ -244,14 +268,15 @@ def lanczos(
     """Ritz pairs ``which`` (indices into the ascending Ritz values: 0 the smallest, -1
     the largest, -2 the second largest) from one Lanczos run with full reorthogonalization.
 
-    The basis is kept in float64 on ``start``'s device, min(``max_hvps``, n) x n values
-    allocated at once (see :func:`check_basis_memory`; on the CPU a page is only touched
-    when a step fills it); every product is orthogonalized twice against it
-    (Kahan-Parlett: twice is enough), so no ghost eigenvalues appear. After each product
-    the tridiagonal T_k is solved; the estimated residual of Ritz pair (theta_i, y_i) is
-    |beta_k * s_ki|, the last component of T_k's eigenvector times the next off-diagonal.
-    It stops when every chosen pair's estimate meets ``criterion``; each chosen pair is
-    then checked by one explicit product, whose residual decides ``converged``.
+    The basis V and the products W as computed are kept in float64 on ``start``'s
+    device, min(``max_hvps``, n) x n values each allocated at once (see
+    :func:`check_basis_memory`; on the CPU a page is only touched when a step fills it);
+    every product is orthogonalized twice against the basis (Kahan-Parlett: twice is
+    enough), so no ghost eigenvalues appear. After each product the tridiagonal T_k is
+    solved; the estimated residual of Ritz pair (theta_i, y_i) is |beta_k * s_ki|, the
+    last component of T_k's eigenvector times the next off-diagonal. It stops when every
+    chosen pair's estimate meets ``criterion``; each chosen pair's true residual
+    ||W s - theta V s|| (see the module docstring) then decides ``converged``.
 
     A vanishing beta_k means the Krylov space is an invariant subspace (the start vector
     lay in one, e.g. H v0 = 0): its Ritz pairs are exact eigenpairs, but say nothing of
@@ -266,6 +291,7 @@ def lanczos(
     size = start.numel()
     limit = min(max_hvps, size)
     basis = torch.empty(limit, size, dtype=torch.float64, device=start.device)
+    products = torch.empty_like(basis)  # H v_j as computed: W
     restarts = torch.Generator().manual_seed(0)
     exact: list[tuple[float, int, np.ndarray]] = []  # (theta, block's first row, coefficients)
     first, alphas, betas = 0, [], []  # the current block: its first row and T's diagonals
@@ -276,7 +302,7 @@ def lanczos(
         basis[steps] = vector
         steps += 1
         known = basis[:steps]
-        alpha, product, beta = reorthogonalized_product(hvp, known, keep)
+        alpha, product, beta = reorthogonalized_product(hvp, known, keep, products[steps - 1])
         alphas.append(alpha)
         thetas, ritz = eigh_tridiagonal(np.array(alphas), np.array(betas))
         scale = max([abs(thetas[0]), abs(thetas[-1])] + [abs(t) for t, _, _ in exact])
@@ -300,15 +326,18 @@ def lanczos(
         current = [(theta, first, ritz[:, i]) for i, theta in enumerate(thetas)]
     pairs = sorted(exact + current, key=lambda pair: pair[0])
     chosen = [pairs[index] for index in which if -len(pairs) <= index < len(pairs)]
-    vectors = torch.stack(
-        [
-            basis[row : row + len(s)].T @ torch.as_tensor(s, device=basis.device)
-            for _, row, s in chosen
-        ]
-    )
-    vectors /= vectors.norm(dim=1, keepdim=True)
     values = np.array([theta for theta, _, _ in chosen])
-    residuals = np.array([ritz_residual(hvp, t, y) for t, y in zip(values, vectors)])
+    vectors, images = [], []  # y = V s and H y = W s, scaled to unit y
+    for _, row, s in chosen:
+        coefficients = torch.as_tensor(s, device=basis.device)
+        vector = basis[row : row + len(s)].T @ coefficients
+        length = vector.norm()
+        vectors.append(vector / length)
+        images.append(products[row : row + len(s)].T @ coefficients / length)
+    vectors = torch.stack(vectors)
+    residuals = np.array(
+        [float((image - t * y).norm()) for t, y, image in zip(values, vectors, images)]
+    )
     scale = max(abs(pairs[0][0]), abs(pairs[-1][0]))
     each = criterion.each(values, residuals, scale)
     return RitzPairs(
@@ -316,7 +345,7 @@ def lanczos(
         residuals,
         vectors,
         scale,
-        steps + len(chosen),
+        steps,
         settled and len(chosen) == len(which) and bool(each.all()),
         each,
     )

@@ -200,7 +200,9 @@ def stochastic_lanczos_quadrature(
     if probes < 1 or steps < 1:
         raise UserError(f"probes, steps: {probes} probes of {steps} steps; give at least 1 each")
     device = torch.device(device)
-    check_basis_memory(size, steps, device, setting="steps", level=logging.DEBUG)
+    check_basis_memory(
+        size, steps, device, setting="steps", level=logging.DEBUG, products=False
+    )
     columns = min(steps, size)
     basis = torch.empty(columns, size, dtype=torch.float64, device=device)
     nodes = np.full((probes, columns), np.nan)
