@@ -358,8 +358,9 @@ def test_lanczos_goes_on_past_an_exhausted_krylov_space(dtype, which):
 
 def test_a_basis_larger_than_free_memory_is_refused_in_one_line(experiment, monkeypatch, caplog):
     """The basis and its products hold up to 2 max_hvps float64 vectors (324 GiB for
-    wrn56_8 at 400): they are sized and logged at start-up and refused, naming the field and a value that fits,
-    before a point is computed (the free-memory probe is mocked: a fault)."""
+    wrn56_8 at 400): they are sized and logged at start-up and refused, naming the field
+    and a value that fits, before a point is computed (the free-memory probe is mocked: a
+    fault)."""
     config = experiment(grid={"x": {"min": 0.0, "max": 1.0, "num": 2}}, maps=["lambda_max"])
     surface = plan_surface(load_config(config))
     size = 5 * 8 + 8 + 8 * 3 + 3  # the test MLP: Linear(5, 8), Linear(8, 3)

@@ -308,8 +308,8 @@ class EvaluationConfig:
 class HessianConfig:
     """The extreme Hessian eigenvalues at grid points (Li et al. 2018, section 6).
 
-    Each end is converged when its Ritz residual ||H y - theta y||, checked by one
-    explicit HVP, is at most ``tolerance`` times max(|lambda_min|, |lambda_max|) (an
+    Each end is converged when its Ritz residual ||H y - theta y||, from the products
+    as computed, is at most ``tolerance`` times max(|lambda_min|, |lambda_max|) (an
     eigenvalue lies within the residual of its Ritz value; the scale never vanishes,
     unlike |lambda_min| at a semidefinite point). ``tolerance`` is floored at 16 machine
     epsilons of evaluation.dtype (float32 for bfloat16 and float16, which only the loss
