@@ -232,10 +232,11 @@ def top_eigenpairs(
     float64 row each), from one Lanczos run with full reorthogonalization from the
     seeded start vector (:func:`~landscape.curvature.lanczos.start_vector`), within
     ``max_hvps`` products. Each pair's residual ||H y - theta y|| comes from the products
-    as computed and is judged by :class:`~landscape.curvature.lanczos.Criterion` for
-    ``tolerance`` in the products' ``dtype`` (``pair_converged``); then some eigenvalue
-    lies within the residual of theta, and the eigenvector's angle to y is at most
-    residual / gap (Davis-Kahan), gap the distance to the rest of the spectrum.
+    Lanczos kept (one explicit product where rounding could decide) and is judged by
+    :class:`~landscape.curvature.lanczos.Criterion` for ``tolerance`` in the products'
+    ``dtype`` (``pair_converged``); then some eigenvalue lies within the residual of
+    theta, and the eigenvector's angle to y is at most residual / gap (Davis-Kahan), gap
+    the distance to the rest of the spectrum.
     ``project``: see :class:`~landscape.curvature.operators.GaugeProjection` (it only
     removes exact zeros, so the top-k of a Hessian with positive top-k is the same)."""
     if not 1 <= k <= size:
