@@ -17,6 +17,7 @@ grids taking most of it.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -82,7 +83,10 @@ def trained_checkpoint(folder: Path) -> Path:
 
 def warm_over_cold(folder: Path) -> dict:
     """Median HVPs per point warm and cold, and the largest deviation of either end from
-    the tight cold solve, relative to max(|lambda_min|, |lambda_max|) at that point."""
+    the tight cold solve, relative to max(|lambda_min|, |lambda_max|) at that point; the
+    counts per point in shard order (rows of 5, each starting cold) and their means too,
+    since the median of 25 counts is that of the warm points alone."""
+    load_before = os.getloadavg()[0]
     checkpoint = trained_checkpoint(folder)
     runs = {
         "warm": grid_values(checkpoint, "warm", {"warm_start": True}),
@@ -101,6 +105,7 @@ def warm_over_cold(folder: Path) -> dict:
         }
         summary[name] = {
             "median_hvps": float(np.median(run["hessian_hvps"])),
+            "mean_hvps": float(np.mean(run["hessian_hvps"])),
             "hvps": run["hessian_hvps"].astype(int).tolist(),
             "seconds_per_point": float(run["seconds"][0]),
             "max_deviation_from_tight": deviation,
@@ -113,6 +118,8 @@ def warm_over_cold(folder: Path) -> dict:
         "max(|lambda_min|, |lambda_max|) of the tight solve",
         "runs": summary,
         "warm_over_cold_hvps": summary["warm"]["median_hvps"] / summary["cold"]["median_hvps"],
+        "warm_over_cold_mean_hvps": summary["warm"]["mean_hvps"] / summary["cold"]["mean_hvps"],
+        "load_average": [load_before, os.getloadavg()[0]],
     }
 
 
