@@ -22,21 +22,22 @@ Lanczos' own residual estimate |beta_k s_ki| assumes exact products (it reads 0 
 the true residual is 2 eps ||H||). So every chosen end is verified by its true residual
 up to the products' rounding, and the residuals reported are those.
 
-Most ends need no product for that. Lanczos keeps the products as computed, W = [H v_1 ..
-H v_k] before any orthogonalization, beside its basis V; a Ritz vector is y = V s, and H
-is linear, so H y = W s + sum_j s_j e_j, e_j the rounding of the j-th product. The
+Most ends need no product for that. Lanczos keeps the products as computed, W = [H v_1
+.. H v_k] before any orthogonalization, beside its basis V; a Ritz vector is y = V s, and
+H is linear, so H y = W s + sum_j s_j e_j, e_j the rounding of the j-th product. The
 residual ||W s - theta y|| is thus the true one to within rho = ||sum_j s_j e_j||, and no
 better: the basis was built from the same rounded products, so Lanczos cannot see their
-rounding, and ||W s - theta y|| reads about what |beta_k s_ki| reads (on the reference's
-BatchNorm CNN in float32: 1.9e-6 where the true residual, float64, was 3.7e-5, i.e. rho =
-10 eps S; one explicit float32 product read 5.1e-5). The floor's premise is that products
-err by less than floor * S, so rho < floor * S, and an end whose residual from W lies
-further than floor * S from its bound is decided by it (:meth:`Criterion.decided`): where
-the bound is well above the rounding, as for tol 1e-3 in float32, that is every end but
-a rare one, and the two products of the checks are saved. The others (the bound at the
-floor, as for lambda_min = 0 at a semidefinite point, or a residual within floor * S of
-its bound) are verified by one explicit product each, as before. Keeping W costs a
-second float64 block as large as the basis (:func:`basis_bytes`).
+rounding, and ||W s - theta y|| reads about what |beta_k s_ki| reads (at the centre of
+the reference's BatchNorm CNN in float32: 1.9e-6 where the true residual, float64, was
+3.7e-5, rho = 10 eps S; one explicit float32 product read 5.1e-5). rho is of the order of
+one product's rounding, which the floor's premise puts below floor * S, so an end whose
+residual from W lies further than floor * S from its bound is decided by it
+(:meth:`Criterion.decided`). Where the bound is well above the rounding, as for tol 1e-3
+in float32, that is every end but a rare one, and the two products of the checks are
+saved. The others (the bound at the floor, as for lambda_min = 0 at a semidefinite point,
+or a residual within floor * S of its bound) are verified by one explicit product each,
+as before. Keeping W costs a second float64 block as large as the basis
+(:func:`basis_bytes`).
 """
 
 from __future__ import annotations
