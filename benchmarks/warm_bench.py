@@ -9,9 +9,18 @@ Hessian over the weights (the demo's setting). The grid's spacing is the demo gr
 patch of a Hessian map at every demo grid point, as a long run computes. Each row of
 the grid is one shard (the default). Both ends of every solve are compared with a cold
 solve at tolerance 1e-6 (floored at 16 float32 epsilons, 1.9e-6 of the spectral scale).
-Measured (2 cores shared, load 3.5-5): median 12 HVPs warm, 18 cold (0.67), both ends
-within 1.8e-6 of the tight solve, 25/25 converged; 9 minutes at that load, the three
-grids taking most of it.
+Measured (2 cores shared, load 6-9; HVP counts do not depend on it): median 10 HVPs
+warm, 16 cold (0.625; means 10.6 and 17.0), both ends within 1.6e-6 of the tight solve,
+25/25 converged; 19 minutes at that load. Before, 12 and 18 (0.67): each solve spent 2
+HVPs on explicit checks, which the kept products now make (lanczos.py), and the warm
+points after the second of a row started from the last Ritz vectors, not their
+extrapolation (144 HVPs on those 15 points, was 158). The warm points alone: median 9.
+The floor is the grid step: at this spacing the ends' eigenvectors turn by sin 0.15 to
+0.23 from one point to the next, and extrapolating even the tight eigenvectors leaves
+0.16 to 0.20 (the path is not smooth at this scale), so a start is that far off along
+the eigenvectors next to each end, which Lanczos damps slowest; from such starts a
+solve took 8 to 10 HVPs. Block starts [p_min, p_max] (13) or with a second Ritz vector
+per end (14-15), and a quadratic extrapolation (10-12 where linear took 8-10), took more.
 """
 
 from __future__ import annotations
