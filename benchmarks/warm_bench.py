@@ -9,14 +9,24 @@ Hessian over the weights (the demo's setting). The grid's spacing is the demo gr
 patch of a Hessian map at every demo grid point, as a long run computes. Each row of
 the grid is one shard (the default). Both ends of every solve are compared with a cold
 solve at tolerance 1e-6 (floored at 16 float32 epsilons, 1.9e-6 of the spectral scale).
-Measured (2 cores shared, load 3.5-5): median 12 HVPs warm, 18 cold (0.67), both ends
-within 1.8e-6 of the tight solve, 25/25 converged; 9 minutes at that load, the three
-grids taking most of it.
+Measured (2 cores shared, load 6-9; HVP counts do not depend on it): median 10 HVPs
+warm, 16 cold (0.625; means 10.6 and 17.0), both ends within 1.6e-6 of the tight solve,
+25/25 converged; 19 minutes at that load. Before, 12 and 18 (0.67): each solve spent 2
+HVPs on explicit checks, which the kept products now make (lanczos.py), and the warm
+points after the second of a row started from the last Ritz vectors, not their
+extrapolation (144 HVPs on those 15 points, was 158). The warm points alone: median 9.
+The floor is the grid step: at this spacing the ends' eigenvectors turn by sin 0.15 to
+0.23 from one point to the next, and extrapolating even the tight eigenvectors leaves
+0.16 to 0.20 (the path is not smooth at this scale), so a start is that far off along
+the eigenvectors next to each end, which Lanczos damps slowest; from such starts a
+solve took 8 to 10 HVPs. Block starts [p_min, p_max] (13) or with a second Ritz vector
+per end (14-15), and a quadratic extrapolation (10-12 where linear took 8-10), took more.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -82,7 +92,10 @@ def trained_checkpoint(folder: Path) -> Path:
 
 def warm_over_cold(folder: Path) -> dict:
     """Median HVPs per point warm and cold, and the largest deviation of either end from
-    the tight cold solve, relative to max(|lambda_min|, |lambda_max|) at that point."""
+    the tight cold solve, relative to max(|lambda_min|, |lambda_max|) at that point; the
+    counts per point in shard order (rows of 5, each starting cold) and their means too,
+    since the median of 25 counts is that of the warm points alone."""
+    load_before = os.getloadavg()[0]
     checkpoint = trained_checkpoint(folder)
     runs = {
         "warm": grid_values(checkpoint, "warm", {"warm_start": True}),
@@ -101,6 +114,7 @@ def warm_over_cold(folder: Path) -> dict:
         }
         summary[name] = {
             "median_hvps": float(np.median(run["hessian_hvps"])),
+            "mean_hvps": float(np.mean(run["hessian_hvps"])),
             "hvps": run["hessian_hvps"].astype(int).tolist(),
             "seconds_per_point": float(run["seconds"][0]),
             "max_deviation_from_tight": deviation,
@@ -113,6 +127,8 @@ def warm_over_cold(folder: Path) -> dict:
         "max(|lambda_min|, |lambda_max|) of the tight solve",
         "runs": summary,
         "warm_over_cold_hvps": summary["warm"]["median_hvps"] / summary["cold"]["median_hvps"],
+        "warm_over_cold_mean_hvps": summary["warm"]["mean_hvps"] / summary["cold"]["mean_hvps"],
+        "load_average": [load_before, os.getloadavg()[0]],
     }
 
 

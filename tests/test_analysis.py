@@ -430,8 +430,8 @@ def test_checkpoint_changed_after_the_plan_stops_the_analysis_there(tmp_path, ca
             7199,
             ["analysis.steps: 12 Lanczos vectors of 75 parameters", "lower analysis.steps to 11"],
         ),
-        # top-k: up to min(max_hvps, 75) vectors, 45000 bytes.
-        (44999, ["analysis.max_hvps: 75 Lanczos vectors", "lower analysis.max_hvps to 74"]),
+        # top-k: up to min(max_hvps, 75) vectors and their products, 90000 bytes.
+        (89999, ["analysis.max_hvps: 75 Lanczos vectors", "lower analysis.max_hvps to 74"]),
         (1000, ["analysis.steps", "select fewer parameters (analysis.parameters: weights)"]),
     ],
 )

@@ -296,7 +296,11 @@ class AnalysisEvaluator:
         spectra = {"density", "top_eigenpairs", "gauss_newton"} & set(settings.quantities)
         if spectra:
             check_basis_memory(
-                self.operators.size, settings.steps, experiment.device, "analysis.steps"
+                self.operators.size,
+                settings.steps,
+                experiment.device,
+                "analysis.steps",
+                products=False,
             )
         if {"top_eigenpairs", "gauss_newton", "gradient_overlap"} & set(settings.quantities):
             check_basis_memory(

@@ -331,13 +331,14 @@ class EvaluationConfig:
 class HessianConfig:
     """The extreme Hessian eigenvalues at grid points (Li et al. 2018, section 6).
 
-    Each end is converged when its Ritz residual ||H y - theta y||, checked by one
-    explicit HVP, is at most ``tolerance`` times max(|lambda_min|, |lambda_max|) (an
-    eigenvalue lies within the residual of its Ritz value; the scale never vanishes,
-    unlike |lambda_min| at a semidefinite point). ``tolerance`` is floored at 16 machine
-    epsilons of evaluation.dtype (float32 for bfloat16 and float16, which only the loss
-    maps use), the precision of a product. ``max_hvps`` bounds the
-    Lanczos steps per point, and so its basis (max_hvps x parameters x 8 bytes).
+    Each end is converged when its Ritz residual ||H y - theta y|| (from the products
+    Lanczos kept, or one explicit HVP near the bound) is at most ``tolerance`` times
+    max(|lambda_min|, |lambda_max|) (an eigenvalue lies within the residual of its Ritz
+    value; the scale never vanishes, unlike |lambda_min| at a semidefinite point).
+    ``tolerance`` is floored at 16 machine epsilons of evaluation.dtype (float32 for
+    bfloat16 and float16, which only the loss maps use), the precision of a product.
+    ``max_hvps`` bounds the Lanczos steps per point, and so its basis and the products
+    kept (2 x max_hvps x parameters x 8 bytes).
 
     ``hvp``: how a product is differentiated; ``auto`` takes the mode measured faster on
     the device's type (double backward on CPUs, forward over reverse on CUDA:

@@ -136,9 +136,10 @@ def point_values(found: Extremes) -> dict[str, float]:
 
 class WarmShards:
     """The hessian job's batch evaluator with warm starts: within each shard (a run of
-    neighbouring points fixed at plan time), a point's Lanczos starts from the previous
-    point's Ritz vectors (:func:`~landscape.curvature.lanczos.warm_start_vector`); the
-    first point of every shard from the seeded vector.
+    neighbouring points fixed at plan time), a point's Lanczos starts from the Ritz
+    vectors of the shard's previous one or two points, extrapolated along the row
+    (:func:`~landscape.curvature.lanczos.warm_start_vector`); the first point of every
+    shard from the seeded vector.
 
     A point's numbers therefore depend on its shard's earlier points only, which every
     rank and every resume evaluates alike: asked for a point whose predecessor is not the
@@ -160,7 +161,8 @@ class WarmShards:
         self.points = points
         first = np.repeat(shards[:, 0], shards[:, 1] - shards[:, 0])
         self.index = {int(point): (i, int(first[i])) for i, point in enumerate(points)}
-        self.last: tuple[int, torch.Tensor | None] | None = None  # (index, its Ritz vectors)
+        self.solved: int | None = None  # the index of the last point solved here
+        self.recent: list[torch.Tensor] = []  # the Ritz vectors of its shard's last two
 
     def __call__(self, items: np.ndarray) -> dict[str, np.ndarray]:
         rows = [point_values(self.solve(int(item))) for item in items]
@@ -168,7 +170,7 @@ class WarmShards:
 
     def solve(self, point: int) -> Extremes:
         index, first = self.index[point]
-        begin = first if self.last is None or self.last[0] != index - 1 else index
+        begin = index if self.solved == index - 1 and index != first else first
         if begin < index:
             log.info(
                 "Replaying %d Hessian point(s) of the shard from its first to warm-start point %d",
@@ -177,12 +179,10 @@ class WarmShards:
             )
         found = None
         for current in range(begin, index + 1):
-            vectors = None if current == first else self.last[1]
-            start = (
-                self.evaluator.start
-                if vectors is None
-                else warm_start_vector(vectors, self.evaluator.start)
-            )
+            if current == first:
+                self.recent = []
+            seeded = self.evaluator.start
+            start = warm_start_vector(self.recent, seeded) if self.recent else seeded
             found = self.evaluator.solve(*self.grid.coordinates(int(self.points[current])), start)
-            self.last = (current, found.vectors)
+            self.solved, self.recent = current, [*self.recent, found.vectors][-2:]
         return found

@@ -133,8 +133,8 @@ HESSIAN_OUTPUTS = tuple(
     for name, description in (
         ("lambda_min", "smallest eigenvalue of the training-loss Hessian (done/hessian: method)"),
         ("lambda_max", "largest eigenvalue of the training-loss Hessian (done/hessian: method)"),
-        ("lambda_min_residual", "||H y - theta y|| of lambda_min's Ritz pair, one explicit HVP"),
-        ("lambda_max_residual", "||H y - theta y|| of lambda_max's Ritz pair, one explicit HVP"),
+        ("lambda_min_residual", "||H y - theta y|| of lambda_min's Ritz pair, true residual"),
+        ("lambda_max_residual", "||H y - theta y|| of lambda_max's Ritz pair, true residual"),
         ("hessian_hvps", "Hessian-vector products spent at the point"),
         ("hessian_converged", "1 where both ends met done/hessian's criterion, else 0"),
     )
@@ -220,7 +220,7 @@ def top_outputs(prefix: str, operator: str, settings) -> tuple[Output, ...]:
         Output(
             f"{prefix}top_residuals",
             (k,),
-            "||M y - theta y|| of each Ritz pair by one explicit product: an eigenvalue "
+            "||M y - theta y|| of each Ritz pair from the products computed: an eigenvalue "
             "lies within it of theta",
         ),
         Output(

@@ -19,8 +19,25 @@ smallest, and at a trained MLP's minimum Lanczos then stops on the bulk near zer
 reports lambda_min = +4e-4 for -0.017 (tests/test_hessian.py). The floor is where
 products stop being exact: in float32 a product is good to about 2 eps ||H||, and
 Lanczos' own residual estimate |beta_k s_ki| assumes exact products (it reads 0 where
-the true residual is 2 eps ||H||). So every chosen end is verified by one explicit
-product of its Ritz vector, and the residuals reported are those true ones.
+the true residual is 2 eps ||H||). So every chosen end is verified by its true residual
+up to the products' rounding, and the residuals reported are those.
+
+Most ends need no product for that. Lanczos keeps the products as computed, W = [H v_1
+.. H v_k] before any orthogonalization, beside its basis V; a Ritz vector is y = V s, and
+H is linear, so H y = W s + sum_j s_j e_j, e_j the rounding of the j-th product. The
+residual ||W s - theta y|| is thus the true one to within rho = ||sum_j s_j e_j||, and no
+better: the basis was built from the same rounded products, so Lanczos cannot see their
+rounding, and ||W s - theta y|| reads about what |beta_k s_ki| reads (at the centre of
+the reference's BatchNorm CNN in float32: 1.9e-6 where the true residual, float64, was
+3.7e-5, rho = 10 eps S; one explicit float32 product read 5.1e-5). rho is of the order of
+one product's rounding, which the floor's premise puts below floor * S, so an end whose
+residual from W lies further than floor * S from its bound is decided by it
+(:meth:`Criterion.decided`). Where the bound is well above the rounding, as for tol 1e-3
+in float32, that is every end but a rare one, and the two products of the checks are
+saved. The others (the bound at the floor, as for lambda_min = 0 at a semidefinite point,
+or a residual within floor * S of its bound) are verified by one explicit product each,
+as before. Keeping W costs a second float64 block as large as the basis
+(:func:`basis_bytes`).
 """
 
 from __future__ import annotations
@@ -53,6 +70,9 @@ INVARIANT = 1e-12
 # Ritz vectors of norm 1 each. 0.1 and 0.01 took the same HVPs on ResNet-20 (the Ritz
 # vectors' own error dominates), and the larger keeps crossings in reach.
 WARM_SEEDED = 0.1
+# Consecutive Ritz vectors of one end whose |cosine| is below this are taken for two
+# different eigenvectors (a crossing between the points): no path to extrapolate along.
+SAME_EIGENVECTOR = 0.5
 
 
 def start_vector(size: int, seed: int) -> torch.Tensor:
@@ -63,21 +83,49 @@ def start_vector(size: int, seed: int) -> torch.Tensor:
     return torch.randn(size, generator=generator, dtype=torch.float64)
 
 
-def warm_start_vector(ritz_vectors: torch.Tensor, seeded: torch.Tensor) -> torch.Tensor:
-    """The start of a solve next to one that found the unit Ritz vectors ``ritz_vectors``
-    (rows y_min, y_max): v0 = y_min + y_max + WARM_SEEDED * s / ||s||, s the seeded start.
+def predicted_ritz_vectors(latest: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Each end's unit eigenvector at the next point of a shard's row, extrapolated from
+    its Ritz vectors at the last two points (rows y_min, y_max of ``latest`` and
+    ``previous``): 2 y_k - y_{k-1} after aligning y_{k-1}'s sign to y_k, normalized.
+
+    Along a row an end's eigenvector u(t) is smooth where its eigenvalue is simple, so
+    u(t + h) = 2 u(t) - u(t - h) + O(h^2), where u(t) alone is off by O(h): the start
+    of the next solve is closer by a factor of the order of the step's angle (on the
+    warm bench, 1 to 2 HVPs a point). The Ritz vectors' own error (residual / gap) is
+    doubled, which is why a quadratic extrapolation from three points took more HVPs
+    there, not fewer. An end whose two vectors are further apart than SAME_EIGENVECTOR
+    (another eigenvector became the end in between) is carried as y_k alone."""
+    latest, previous = latest.double(), previous.double().to(latest.device)
+    cosines = (latest * previous).sum(dim=1, keepdim=True)
+    extrapolated = 2 * latest - torch.sign(cosines) * previous
+    extrapolated /= extrapolated.norm(dim=1, keepdim=True)
+    return torch.where(cosines.abs() >= SAME_EIGENVECTOR, extrapolated, latest)
+
+
+def warm_start_vector(recent: Sequence[torch.Tensor], seeded: torch.Tensor) -> torch.Tensor:
+    """The start of a solve next to the last one or two of its shard, whose unit Ritz
+    vectors (rows y_min, y_max) are ``recent``, oldest first: v0 = p_min + p_max +
+    WARM_SEEDED * s / ||s||, s the seeded start, p each end's prediction: the Ritz
+    vector of the last point, or with two points their extrapolation
+    (:func:`predicted_ritz_vectors`).
 
     At a neighbouring point H changes little, so each end's eigenvector u is within a
-    small angle d of the old y, and v0 has components of size ~d, not ~1/sqrt(n) as a
-    random vector has, along every other eigenvector. Lanczos shrinks such components by
-    a factor per step set by the spectral gaps, so it reaches an end's residual bound in
-    about log(d / tol) steps instead of log(sqrt(n) / tol). Both ends share one vector
-    because one Krylov space reads both ends. The seeded share keeps every eigenvector in
-    the Krylov space (an end that is another eigenvector than at the last point, after
-    two eigenvalues cross, starts at ~WARM_SEEDED / sqrt(n), as from a cold start scaled
-    down), and keeps v0 off an invariant subspace spanned by the two old vectors."""
-    seeded = seeded.to(ritz_vectors.device, torch.float64)
-    vector = ritz_vectors.double().sum(dim=0) + WARM_SEEDED * seeded / seeded.norm()
+    small angle d of its prediction p, and v0 has components of size ~d, not ~1/sqrt(n)
+    as a random vector has, along every other eigenvector. Lanczos shrinks such
+    components by a factor per step set by the spectral gaps, so it reaches an end's
+    residual bound in about log(d / tol) steps instead of log(sqrt(n) / tol). Both ends
+    share one vector because one Krylov space reads both ends: a block start
+    [p_min, p_max], or one with a second Ritz vector per end, halves the degree of the
+    Krylov polynomial each end gets for the same products, and took 13 to 15 HVPs a
+    point on the warm bench where this vector took 8 to 10. The seeded share keeps every
+    eigenvector in the Krylov space (an end that is another eigenvector than at the last
+    point, after two eigenvalues cross, starts at ~WARM_SEEDED / sqrt(n), as from a cold
+    start scaled down), and keeps v0 off an invariant subspace spanned by the two
+    predictions."""
+    latest = recent[-1].double()
+    predicted = latest if len(recent) == 1 else predicted_ritz_vectors(latest, recent[-2])
+    seeded = seeded.to(latest.device, torch.float64)
+    vector = predicted.sum(dim=0) + WARM_SEEDED * seeded / seeded.norm()
     return vector / vector.norm()
 
 
@@ -108,8 +156,10 @@ class Criterion:
 
     TEXT = (
         "||H y - theta y|| <= max(tolerance * max(|theta|, tolerance * S), rounding_floor * S), "
-        "S = max(|lambda_min|, |lambda_max|); the residual from one explicit HVP of the Ritz "
-        "vector y"
+        "S = max(|lambda_min|, |lambda_max|); the residual ||W s - theta y|| from the products "
+        "Lanczos kept (y = V s; true to within the products' rounding, < rounding_floor * S), "
+        "or one explicit HVP of y where that lies within rounding_floor * S of the bound, and "
+        "for eigsh and shift"
     )
 
     @classmethod
@@ -121,6 +171,12 @@ class Criterion:
     def bound(self, theta: float, scale: float) -> float:
         return max(self.tolerance * max(abs(theta), self.tolerance * scale), self.floor * scale)
 
+    def decided(self, theta: float, residual: float, scale: float) -> bool:
+        """Whether a residual known only to within the products' rounding (floor * scale,
+        as the one from kept products: see the module docstring) is on one side of the
+        bound whatever that rounding was."""
+        return abs(residual - self.bound(theta, scale)) > self.floor * scale
+
     def each(self, values: Sequence[float], residuals: Sequence[float], scale: float) -> np.ndarray:
         """Whether each pair (value, residual) meets the bound, as a boolean array."""
         return np.array([r <= self.bound(t, scale) for t, r in zip(values, residuals)], bool)
@@ -131,7 +187,7 @@ class Criterion:
 
 def ritz_residual(hvp: Callable[[torch.Tensor], torch.Tensor], theta: float, vector) -> float:
     """||H y - theta y|| for the unit vector y along ``vector``, by one explicit product:
-    the solvers' own estimates assume exact products."""
+    ARPACK's own estimates assume exact products, and it keeps none of them."""
     vector = torch.as_tensor(vector, dtype=torch.float64)
     vector = vector / vector.norm()
     return float((hvp(vector).double().to(vector.device) - theta * vector).norm())
@@ -141,7 +197,7 @@ def ritz_residual(hvp: Callable[[torch.Tensor], torch.Tensor], theta: float, vec
 class RitzPairs:
     """Chosen Ritz pairs of one Lanczos run: values, true residuals, unit vectors
     (float64, one row each), the spectral scale they converge against, and the products
-    spent (Krylov steps plus one check per pair). ``pair_converged``: each pair's true
+    spent (one per Krylov step, one per explicit check). ``pair_converged``: each pair's true
     residual against the criterion; ``converged``: all of them, and the run stopped on
     its own test rather than on ``max_hvps``."""
 
@@ -152,11 +208,14 @@ class RitzPairs:
     hvps: int
     converged: bool
     pair_converged: np.ndarray
+    checked: np.ndarray  # which residuals needed an explicit product (Criterion.decided)
 
 
-def basis_bytes(max_hvps: int, size: int) -> int:
-    """The float64 Lanczos basis for ``size`` parameters: one row per step."""
-    return min(max_hvps, size) * size * 8
+def basis_bytes(max_hvps: int, size: int, products: bool = True) -> int:
+    """The float64 Lanczos basis for ``size`` parameters, one row per step, and with
+    ``products`` the products as computed beside it (:func:`lanczos` keeps both; the
+    quadrature of :mod:`~landscape.curvature.spectrum` only the basis)."""
+    return (2 if products else 1) * min(max_hvps, size) * size * 8
 
 
 def check_basis_memory(
@@ -165,23 +224,27 @@ def check_basis_memory(
     device: torch.device,
     setting: str = "hessian.max_hvps",
     level: int = logging.INFO,
+    products: bool = True,
 ) -> None:
-    """Log (at ``level``) what the Lanczos basis for ``size`` parameters may take, and
-    refuse in one line, before anything is allocated, if that is more than ``device`` has
-    free, naming the ``setting`` that sets the basis length (``max_hvps``)."""
-    limit, need, free = min(max_hvps, size), basis_bytes(max_hvps, size), free_memory(device)
+    """Log (at ``level``) what the Lanczos basis for ``size`` parameters (with
+    ``products``, and its products: :func:`basis_bytes`) may take, and refuse in one line,
+    before anything is allocated, if that is more than ``device`` has free, naming the
+    ``setting`` that sets the basis length (``max_hvps``)."""
+    limit, need = min(max_hvps, size), basis_bytes(max_hvps, size, products)
+    free = free_memory(device)
     log.log(
         level,
-        "Lanczos basis: %d float64 vectors of %d parameters, %s (%s free on %s)",
+        "Lanczos basis: %d float64 vectors of %d parameters%s, %s (%s free on %s)",
         limit,
         size,
+        " and their products" if products else "",
         in_units(need),
         "unknown" if free is None else in_units(free),
         device,
     )
     if free is None or need <= free:
         return
-    fitting = free // (size * 8)
+    fitting = free // basis_bytes(1, size, products)
     section = setting.rpartition(".")[0]  # whose parameters: selects them (hessian, analysis)
     remedy = (
         f"lower {setting} to {fitting} or fewer"
@@ -190,7 +253,8 @@ def check_basis_memory(
         "larger device"
     )
     raise UserError(
-        f"{setting}: {limit} Lanczos vectors of {size:,} parameters need "
+        f"{setting}: {limit} Lanczos vectors of {size:,} parameters"
+        f"{' and their products' if products else ''} need "
         f"{in_units(need)} (float64) but {device} has {in_units(free)} free; {remedy}"
     )
 
@@ -212,14 +276,19 @@ def reorthogonalized_product(
     hvp: Callable[[torch.Tensor], torch.Tensor],
     known: torch.Tensor,
     keep: Callable[[torch.Tensor], torch.Tensor],
+    computed: torch.Tensor | None = None,
 ) -> tuple[float, torch.Tensor, float]:
     """One Lanczos step with full reorthogonalization from the basis rows ``known``, the
     last of which is the current unit vector q: alpha = q^T H q (the next diagonal of T),
     the product H q (kept by ``keep``, in float64) orthogonalized twice against every row
     (Kahan-Parlett: twice is enough), and its norm beta (the next off-diagonal, before
-    normalizing it into the next vector)."""
+    normalizing it into the next vector). ``computed``: a float64 row that receives H q
+    as computed, before ``keep`` and the orthogonalization."""
     vector = known[-1]
-    product = keep(hvp(vector).double())
+    product = hvp(vector).double()
+    if computed is not None:
+        computed.copy_(product)
+    product = keep(product)
     alpha = float(vector @ product)
     for _ in range(2):
         product -= known.T @ (known @ product)
@@ -244,14 +313,16 @@ def lanczos(
     """Ritz pairs ``which`` (indices into the ascending Ritz values: 0 the smallest, -1
     the largest, -2 the second largest) from one Lanczos run with full reorthogonalization.
 
-    The basis is kept in float64 on ``start``'s device, min(``max_hvps``, n) x n values
-    allocated at once (see :func:`check_basis_memory`; on the CPU a page is only touched
-    when a step fills it); every product is orthogonalized twice against it
-    (Kahan-Parlett: twice is enough), so no ghost eigenvalues appear. After each product
-    the tridiagonal T_k is solved; the estimated residual of Ritz pair (theta_i, y_i) is
-    |beta_k * s_ki|, the last component of T_k's eigenvector times the next off-diagonal.
-    It stops when every chosen pair's estimate meets ``criterion``; each chosen pair is
-    then checked by one explicit product, whose residual decides ``converged``.
+    The basis V and the products W as computed are kept in float64 on ``start``'s
+    device, min(``max_hvps``, n) x n values each allocated at once (see
+    :func:`check_basis_memory`; on the CPU a page is only touched when a step fills it);
+    every product is orthogonalized twice against the basis (Kahan-Parlett: twice is
+    enough), so no ghost eigenvalues appear. After each product the tridiagonal T_k is
+    solved; the estimated residual of Ritz pair (theta_i, y_i) is |beta_k * s_ki|, the
+    last component of T_k's eigenvector times the next off-diagonal. It stops when every
+    chosen pair's estimate meets ``criterion``; each chosen pair's residual
+    ||W s - theta V s||, or where that is within the products' rounding of its bound one
+    explicit product's (see the module docstring), then decides ``converged``.
 
     A vanishing beta_k means the Krylov space is an invariant subspace (the start vector
     lay in one, e.g. H v0 = 0): its Ritz pairs are exact eigenpairs, but say nothing of
@@ -266,6 +337,7 @@ def lanczos(
     size = start.numel()
     limit = min(max_hvps, size)
     basis = torch.empty(limit, size, dtype=torch.float64, device=start.device)
+    products = torch.empty_like(basis)  # H v_j as computed: W
     restarts = torch.Generator().manual_seed(0)
     exact: list[tuple[float, int, np.ndarray]] = []  # (theta, block's first row, coefficients)
     first, alphas, betas = 0, [], []  # the current block: its first row and T's diagonals
@@ -276,7 +348,7 @@ def lanczos(
         basis[steps] = vector
         steps += 1
         known = basis[:steps]
-        alpha, product, beta = reorthogonalized_product(hvp, known, keep)
+        alpha, product, beta = reorthogonalized_product(hvp, known, keep, products[steps - 1])
         alphas.append(alpha)
         thetas, ritz = eigh_tridiagonal(np.array(alphas), np.array(betas))
         scale = max([abs(thetas[0]), abs(thetas[-1])] + [abs(t) for t, _, _ in exact])
@@ -300,25 +372,34 @@ def lanczos(
         current = [(theta, first, ritz[:, i]) for i, theta in enumerate(thetas)]
     pairs = sorted(exact + current, key=lambda pair: pair[0])
     chosen = [pairs[index] for index in which if -len(pairs) <= index < len(pairs)]
-    vectors = torch.stack(
-        [
-            basis[row : row + len(s)].T @ torch.as_tensor(s, device=basis.device)
-            for _, row, s in chosen
-        ]
-    )
-    vectors /= vectors.norm(dim=1, keepdim=True)
     values = np.array([theta for theta, _, _ in chosen])
-    residuals = np.array([ritz_residual(hvp, t, y) for t, y in zip(values, vectors)])
+    vectors, images = [], []  # y = V s and H y = W s, scaled to unit y
+    for _, row, s in chosen:
+        coefficients = torch.as_tensor(s, device=basis.device)
+        vector = basis[row : row + len(s)].T @ coefficients
+        length = vector.norm()
+        vectors.append(vector / length)
+        images.append(products[row : row + len(s)].T @ coefficients / length)
+    vectors = torch.stack(vectors)
+    residuals = np.array(
+        [float((image - t * y).norm()) for t, y, image in zip(values, vectors, images)]
+    )
     scale = max(abs(pairs[0][0]), abs(pairs[-1][0]))
+    checked = np.array(
+        [not criterion.decided(t, r, scale) for t, r in zip(values, residuals)], bool
+    )
+    for i in np.flatnonzero(checked):
+        residuals[i] = ritz_residual(hvp, values[i], vectors[i])
     each = criterion.each(values, residuals, scale)
     return RitzPairs(
         values,
         residuals,
         vectors,
         scale,
-        steps + len(chosen),
+        steps + int(checked.sum()),
         settled and len(chosen) == len(which) and bool(each.all()),
         each,
+        checked,
     )
 
 

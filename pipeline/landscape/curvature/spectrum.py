@@ -28,7 +28,7 @@ with m as fast as f is smooth. Every product is reorthogonalized against the who
 converged outliers take weight from the bulk.
 
 **Top-k eigenpairs**: the k largest eigenvalues with unit eigenvectors from one Lanczos
-run (:func:`~landscape.curvature.lanczos.lanczos`), each verified by one explicit HVP.
+run (:func:`~landscape.curvature.lanczos.lanczos`), each verified by its true residual.
 
 **Outliers**: see :func:`count_outliers`.
 """
@@ -200,7 +200,7 @@ def stochastic_lanczos_quadrature(
     if probes < 1 or steps < 1:
         raise UserError(f"probes, steps: {probes} probes of {steps} steps; give at least 1 each")
     device = torch.device(device)
-    check_basis_memory(size, steps, device, setting="steps", level=logging.DEBUG)
+    check_basis_memory(size, steps, device, setting="steps", level=logging.DEBUG, products=False)
     columns = min(steps, size)
     basis = torch.empty(columns, size, dtype=torch.float64, device=device)
     nodes = np.full((probes, columns), np.nan)
@@ -231,11 +231,12 @@ def top_eigenpairs(
     """The ``k`` largest (algebraic) eigenvalues, descending, with unit eigenvectors (one
     float64 row each), from one Lanczos run with full reorthogonalization from the
     seeded start vector (:func:`~landscape.curvature.lanczos.start_vector`), within
-    ``max_hvps`` products. Each pair's residual ||H y - theta y|| comes from one explicit
-    product and is judged by :class:`~landscape.curvature.lanczos.Criterion` for
-    ``tolerance`` in the products' ``dtype`` (``pair_converged``); then some eigenvalue
-    lies within the residual of theta, and the eigenvector's angle to y is at most
-    residual / gap (Davis-Kahan), gap the distance to the rest of the spectrum.
+    ``max_hvps`` products. Each pair's residual ||H y - theta y|| comes from the products
+    Lanczos kept (one explicit product where rounding could decide) and is judged by
+    :class:`~landscape.curvature.lanczos.Criterion` for ``tolerance`` in the products'
+    ``dtype`` (``pair_converged``); then some eigenvalue lies within the residual of
+    theta, and the eigenvector's angle to y is at most residual / gap (Davis-Kahan), gap
+    the distance to the rest of the spectrum.
     ``project``: see :class:`~landscape.curvature.operators.GaugeProjection` (it only
     removes exact zeros, so the top-k of a Hessian with positive top-k is the same)."""
     if not 1 <= k <= size:
