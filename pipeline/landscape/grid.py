@@ -16,12 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import numpy as np
-
-if TYPE_CHECKING:
-    from landscape.config import AxisConfig, GridConfig
 
 TARGET_SHARDS = 64
 FRAME_MARGIN = 0.15  # of the trajectory's extent, added on each side
@@ -46,8 +41,9 @@ class Grid:
     spacing: tuple[str, ...] = ()  # per axis, one of SPACINGS; () where not known
 
     @classmethod
-    def from_config(cls, config: GridConfig, frame: np.ndarray | None = None) -> Grid:
-        """The configured grid; an axis without bounds spans ``frame[:, axis]`` (points to
+    def from_config(cls, config, frame: np.ndarray | None = None) -> Grid:
+        """The grid of a :class:`landscape.config.GridConfig` ``config`` (not imported:
+        config imports this module); an axis without bounds spans ``frame[:, axis]`` (points to
         enclose, e.g. a projected trajectory) and the origin, plus a margin."""
         axes = [config.x] + ([config.y] if config.y else [])
         x, *y = [axis_coordinates(axis, frame, i) for i, axis in enumerate(axes)]
@@ -130,10 +126,11 @@ SPACING_DESCRIPTIONS = {
 }
 
 
-def axis_coordinates(axis: AxisConfig, frame: np.ndarray | None, column: int) -> np.ndarray:
-    """The coordinates of one configured axis: from ``min`` to ``max``, or, for an axis
-    without bounds, spanning ``frame[:, column]`` and 0 plus FRAME_MARGIN of that extent
-    on each side; spaced as ``axis.spacing_kind`` says."""
+def axis_coordinates(axis, frame: np.ndarray | None, column: int) -> np.ndarray:
+    """The coordinates of one :class:`landscape.config.AxisConfig` ``axis``: from
+    ``min`` to ``max``, or, for an axis without bounds, spanning ``frame[:, column]`` and
+    0 plus FRAME_MARGIN of that extent on each side; spaced as ``axis.spacing_kind``
+    says."""
     if axis.automatic:
         values = np.append(frame[:, column], 0.0)
         low, high = values.min(), values.max()
