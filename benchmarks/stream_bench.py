@@ -26,7 +26,8 @@ What bounds the ratio, per pass, measured without any model:
   reads never overlap its compute (``workers: 0``, or workers on cores the compute
   fills). A model whose compute per sample is far above the read's (ResNet-20) loses
   little; one whose compute is below it (the MLP: under 1 us of compute per sample
-  against 2-3 us of Python per item) cannot reach 0.8 with any loader that calls ``__getitem__`` per item;
+  against 2-3 us of Python per item) cannot reach 0.8 with any loader that calls
+  ``__getitem__`` per item;
 - ``read_through_workers_s``: the stream of passes alone (the consumer only takes the
   batches): ``overlap_ceiling = held / read_through_workers`` bounds a pass even when the
   reads overlap the compute perfectly (capped at 1).

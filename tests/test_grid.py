@@ -279,7 +279,6 @@ def test_graded_sublattice_holds_the_minimum():
     assert np.unique(columns).size == len(range(column % 3, 8, 3))
 
 
-
 def test_a_hessian_shard_is_one_row_of_the_anchored_sublattice():
     x = graded_coordinates(-1.0, 2.5, 8)  # 0 at index 2: the row holds 2, 5, not 3 points
     grid = Grid(x, np.linspace(-1, 1, 4), ("graded", "uniform"))
