@@ -151,3 +151,53 @@ def test_a_model_the_tracer_cannot_follow_is_differentiated_unfolded(caplog):
     vector = np.random.default_rng(0).normal(size=operator.shape[0])
     exact = dense_hessian(operator) @ vector
     assert relative_error(operator @ vector, exact) <= TOLERANCE["float64"]
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_a_weight_computed_by_a_hook_keeps_its_convolution_unfolded(dtype):
+    """weight_norm's conv.weight is made from weight_g, weight_v by a forward pre-hook,
+    which a folded graph would skip (their gradient would read 0): that pair stays as it
+    is, the others fold; the gradient w.r.t. weight_g, weight_v is the model's (dense
+    float64) and the products are the unfolded model's."""
+    model, inputs, targets = residual_net(DTYPES[dtype])
+    torch.nn.utils.weight_norm(model.inner)  # the deprecated API: a hook, not parametrize
+    names = select_parameters(model, "all")
+    assert "inner.weight_g" in names and "inner.weight" not in names
+    operator = hessian_operator(model, inputs, targets, CROSS_ENTROPY, 10)
+    assert operator.folding[1] == [model.stem_norm, model.outer_norm]
+    wide = {name: t.double() for name, t in model.state_dict().items()}
+    wide_model = ResidualBatchNormNet().double().eval()
+    torch.nn.utils.weight_norm(wide_model.inner)
+    wide_model.load_state_dict(wide)
+
+    def loss(params):
+        outputs = functional_call(wide_model, {**wide, **params}, (inputs.double(),))
+        return F.cross_entropy(outputs, targets)
+
+    def flat_loss(flat):  # reverse over reverse: weight_norm has no forward derivative
+        pieces = torch.split(flat, [wide[name].numel() for name in names])
+        return loss({n: p.view(wide[n].shape) for n, p in zip(names, pieces)})
+
+    point = torch.cat([wide[name].reshape(-1) for name in names])
+    gradient = torch.func.grad(flat_loss)(point)
+    found = full_gradient(model, names, HeldSamples(inputs, targets), CROSS_ENTROPY, 10)
+    by_name = dict(zip(names, torch.split(gradient, operator.sizes)))
+    assert by_name["inner.weight_v"].abs().max() > 1e-3  # not a zero to match
+    assert relative_error(found.numpy(), gradient.numpy()) <= TOLERANCE[dtype]
+    # Products as the unfolded model gives them (torch's own second derivative of
+    # _weight_norm is not symmetric, so a dense reference would test torch, not folding).
+    vector = np.random.default_rng(0).normal(size=operator.shape[0])
+    folded = operator @ vector
+    operator.folding = None
+    assert relative_error(folded, operator @ vector) <= TOLERANCE[dtype]
+
+
+def test_a_norm_traced_in_training_mode_folds_once_the_model_is_in_eval_mode():
+    model, inputs, targets = residual_net(torch.float64)
+    model.stem_norm.train()
+    operator = hessian_operator(model, inputs, targets, CROSS_ENTROPY, 24)
+    assert model.stem_norm not in operator.folding[1]  # by its batch: not an affine map
+    assert operator.evaluated_module() is model
+    model.eval()
+    operator = hessian_operator(model, inputs, targets, CROSS_ENTROPY, 24)
+    assert operator.folding[1] == [model.stem_norm, model.inner_norm, model.outer_norm]

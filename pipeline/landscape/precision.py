@@ -24,6 +24,9 @@ shown by
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -49,6 +52,19 @@ def set_tf32(enabled: bool) -> None:
     ranks compute alike."""
     torch.backends.cudnn.allow_tf32 = enabled
     torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """IEEE float32 products inside, whatever :func:`set_tf32` chose outside: for checks
+    that compare two ways of computing one function, which TF32's ~1e-3 relative
+    rounding would drown."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    set_tf32(False)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def check_autocast(device: torch.device, name: str) -> None:
