@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import h5py
 import numpy as np
@@ -153,8 +154,35 @@ def test_final_step_within_one_cell_is_warned(caplog):
         log_path_resolution(grid, np.vstack([near, [[0.0, 0.0]]]))
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "(0.5 x 0.33 cells along x and y)" in warning
-    # A plane around the last checkpoints (1 + FRAME_MARGIN times their reach) resolves it.
-    assert "grid.x: {min: -1, max: 1, num: 5}, grid.y: {min: -0.92, max: 0.92, num: 5}" in warning
+    # The plane suggested: graded, 1 + FRAME_MARGIN times the last two checkpoints' reach.
+    assert (
+        "grid.x: {min: -1, max: 1, num: 5, spacing: graded}, "
+        "grid.y: {min: -0.92, max: 0.92, num: 5, spacing: graded}"
+    ) in warning
+
+
+def test_the_suggested_plane_resolves_a_geometrically_shrinking_path(caplog):
+    """Steps shrinking 5x per checkpoint (a decaying learning rate) under a 21 x 21 frame
+    of the whole path: the final step is inside one cell; on the suggested plane it
+    spans more than one cell along each axis, and an axis without 0 is said so."""
+    path = np.array([[2.5, 1.5], [0.5, 0.3], [0.1, 0.06], [0.02, 0.012], [0.0, 0.0]])
+    frame = [graded_coordinates(-0.5, 3.0, 21), graded_coordinates(-0.3, 1.8, 21)]
+    with caplog.at_level(logging.INFO, logger="landscape.plan"):
+        log_path_resolution(Grid(*frame, ("graded",) * 2), path)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    bounds = [float(value) for value in re.findall(r"max: ([0-9.e-]+)", warning)]
+    assert bounds == pytest.approx([1.15 * 0.1, 1.15 * 0.06], rel=0.05)  # printed to 2 digits
+    zoomed = [graded_coordinates(-bound, bound, 21) for bound in bounds]
+    assert (cells_from_origin(zoomed[0], path[-2:-1, 0]) > 1).all()
+    assert (cells_from_origin(zoomed[1], path[-2:-1, 1]) > 1).all()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="landscape.plan"):
+        log_path_resolution(Grid(frame[0], np.linspace(0.5, 2.0, 5), ("graded", "uniform")), path)
+    lines = [r.getMessage() for r in caplog.records]
+    assert (
+        lines[1]
+        == "grid y: 0.5 to 2, 5 points, uniform spacing; the minimum (0) lies outside this axis"
+    )
 
 
 def test_a_zoomed_plane_keeps_its_frame_under_the_whole_path():

@@ -194,6 +194,11 @@ def cell_at_origin(coordinates: np.ndarray) -> float:
     return float(coordinates[cell] - coordinates[cell - 1])
 
 
+def uniform_cell(coordinates: np.ndarray) -> float:
+    """The cell of a uniform axis with the same ends and number of points."""
+    return float(np.ptp(coordinates) / (coordinates.size - 1))
+
+
 def cells_from_origin(coordinates: np.ndarray, values: np.ndarray) -> np.ndarray:
     """How many grid cells lie between 0 and each of ``values`` along one axis (the
     difference of their fractional grid indices, linear within a cell): the

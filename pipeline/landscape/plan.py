@@ -25,7 +25,14 @@ from landscape.curvature.operators import select_parameters
 from landscape.directions import ignored_parameters, plan_directions
 from landscape.errors import UserError
 from landscape.experiment import FORWARD_SAMPLES, Experiment
-from landscape.grid import FRAME_MARGIN, Grid, cell_at_origin, cells_from_origin, shard_ranges
+from landscape.grid import (
+    FRAME_MARGIN,
+    Grid,
+    cell_at_origin,
+    cells_from_origin,
+    shard_ranges,
+    uniform_cell,
+)
 from landscape.jobs import JOB_KINDS, jobs_for
 from landscape.locking import surface_lock
 from landscape.parameters import DirectionPlane
@@ -127,40 +134,44 @@ def log_path_resolution(grid: Grid, path: np.ndarray) -> None:
     minimum, and how many cells from the minimum the last checkpoints before it lie.
     Warn when the final step, from the last of them to the minimum, stays inside one
     grid cell (the plot cannot show where training settled), with the bounds of a
-    plane around those checkpoints that would (a decaying learning rate shrinks the
-    last steps geometrically, far below any cell of a frame around the whole path)."""
+    graded plane that would: one reaching the last two checkpoints (a decaying learning
+    rate shrinks the last steps geometrically, far below any cell of a frame around the
+    whole path; the step before the last is a few times the last, so on such a plane
+    the last step spans many of its cells)."""
     last = path[np.any(path != 0, axis=1)][-LAST_CHECKPOINTS:]  # the minimum's row is 0
     steps = []
     for name, coordinates, spacing, column in zip("xy", grid.axes, grid.spacing, last.T):
+        head = (
+            f"grid {name}: {coordinates[0]:.4g} to {coordinates[-1]:.4g}, {coordinates.size} "
+            f"points, {spacing} spacing"
+        )
+        if not coordinates[0] <= 0 <= coordinates[-1]:
+            log.info("%s; the minimum (0) lies outside this axis", head)
+            continue
         cells = cells_from_origin(coordinates, column)
         steps.append(cells[-1])
-        uniform = np.ptp(coordinates) / (coordinates.size - 1)
+        cell = cell_at_origin(coordinates)
         log.info(
-            "grid %s: %.4g to %.4g, %d points, %s spacing, cell at the minimum %.3g (%.2g of "
-            "a uniform cell); the last %d checkpoints lie %s cells from the minimum along %s",
-            name,
-            coordinates[0],
-            coordinates[-1],
-            coordinates.size,
-            spacing,
-            cell_at_origin(coordinates),
-            cell_at_origin(coordinates) / uniform,
+            "%s, cell at the minimum %.3g (%.2g of a uniform cell); the last %d checkpoints "
+            "lie %s cells from the minimum along %s",
+            head,
+            cell,
+            cell / uniform_cell(coordinates),
             cells.size,
             ", ".join(f"{value:.2g}" for value in cells),
             name,
         )
-    if max(steps) < 1:
-        reach = (1 + FRAME_MARGIN) * np.abs(last).max(axis=0)
+    if steps and max(steps) < 1:
+        reach = (1 + FRAME_MARGIN) * np.abs(last[-2:]).max(axis=0)
         log.warning(
             "the final step of the training path (the last checkpoint to the minimum) lies "
             "within one grid cell (%s cells along %s): the plot will not resolve where "
-            "training settled; plan the plane again around the last %d checkpoints, e.g. "
-            "%s, or use more points",
+            "training settled; plan the plane again around the last checkpoints, e.g. %s",
             " x ".join(f"{step:.2g}" for step in steps),
             " and ".join("xy"[: len(steps)]),
-            len(last),
             ", ".join(
-                f"grid.{name}: {{min: {-bound:.2g}, max: {bound:.2g}, num: {coordinates.size}}}"
+                f"grid.{name}: {{min: {-bound:.2g}, max: {bound:.2g}, num: {coordinates.size}, "
+                "spacing: graded}"
                 for name, bound, coordinates in zip("xy", reach, grid.axes)
             ),
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from landscape.errors import UserError
-from landscape.grid import cell_at_origin
+from landscape.grid import cell_at_origin, uniform_cell
 from landscape.jobs import JOBS
 from landscape.parts import finished_in_parts
 from landscape.store import SurfaceFile
@@ -64,7 +64,7 @@ def surface_lines(surface: SurfaceFile) -> list[str]:
     lines += [f"  {label}" for label in surface.axis_labels()]
     lines += [
         f"  {axis}: graded spacing, cell at the minimum {cell_at_origin(coordinates):.4g} "
-        f"(uniform: {np.ptp(coordinates) / (coordinates.size - 1):.4g})"
+        f"(uniform: {uniform_cell(coordinates):.4g})"
         for axis, coordinates, spacing in zip("xy", grid.axes, grid.spacing)
         if spacing == "graded"
     ]
