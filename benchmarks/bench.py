@@ -187,7 +187,11 @@ def bench_ranks_run(folder: Path, checkpoint: Path, ranks: int, threads: int) ->
         f"output={folder / name}.h5",
         f"evaluation.threads={threads}",
     ]
-    path = plan_surface(demo_config("demo.yaml", overrides))
+    threads_here = torch.get_num_threads()
+    try:  # planning loads the experiment, which applies evaluation.threads process-wide
+        path = plan_surface(demo_config("demo.yaml", overrides))
+    finally:
+        torch.set_num_threads(threads_here)  # the benchmarks after this one: every core
     command = [sys.executable, "-m", "landscape.cli", "run", str(path), "--no-progress"]
     if ranks > 1:
         command = ["mpiexec", "-n", str(ranks), *command]
