@@ -48,8 +48,18 @@ def lm_experiment(folder: Path) -> tuple[Path, Experiment]:
 
 
 def bench_lm(folder: Path) -> dict:
-    """Points per second of the loss job on the demo LM, and HVP / forward ratios."""
-    path, experiment = lm_experiment(Path(folder))
+    """Points per second of the loss job on the demo LM, and HVP / forward ratios (on the
+    config's one thread, which Experiment.load sets process-wide: restored after, so
+    the benchmarks after this one run on the machine's threads)."""
+    threads = torch.get_num_threads()
+    try:
+        return bench_lm_on_one_thread(Path(folder))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def bench_lm_on_one_thread(folder: Path) -> dict:
+    path, experiment = lm_experiment(folder)
     with SurfaceFile.open(path, "r+") as surface:
         evaluator = loss_evaluator(experiment, surface, surface.job_maps("loss"))
         evaluator(surface.pending_shards("loss")[0][:1])  # warm-up, not written
