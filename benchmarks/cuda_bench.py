@@ -2,14 +2,15 @@
 synthetic data held on the GPU, the figures a user plans a GPU run by.
 
 - Loss maps: 50,000 images of 3x32x32 (10 classes), batch 1024, a 3 x 2 grid, K points
-  per pass from free memory (``points_per_pass`` 0), in four settings: float32 (IEEE,
-  TF32 off: :func:`landscape.precision.set_tf32`), bfloat16 autocast, channels_last,
-  and both. Each: points per second (the evaluator's calls over all six points, after
-  a warm-up call, synchronized), seconds per point over one bare forward pass in the
+  per pass from free memory (``points_per_pass`` 0), in five settings: float32 (IEEE,
+  TF32 off: :func:`landscape.precision.set_tf32`), TF32, bfloat16 autocast,
+  channels_last, and both; last, ``torch.compile`` at one point per pass. Each: points
+  per second (the evaluator's calls over all six points, after a warm-up call,
+  synchronized), seconds per point over one bare forward pass in the
   same setting, and the achieved FLOP/s (the forward FLOPs of one point,
   ``torch.utils.flop_counter.FlopCounterMode`` on one batch times the batches, over
   its seconds) against the card's dense peak for the setting's arithmetic (float32 on
-  the CUDA cores; bfloat16 on the tensor cores). The reduced-precision cases add the
+  the CUDA cores; TF32 and bfloat16 on the tensor cores). The reduced-precision cases add the
   difference to float32 their plan measured at the centre and a corner
   (:mod:`landscape.precision`), and every case its speed-up over float32 in this run.
 - Hessian job: Lanczos with ``max_hvps`` 8 at 2 points on 2,000 of the images (every
@@ -52,10 +53,16 @@ LOSS_CASE = {
 # The loss settings measured, each against the first: (name, evaluation changes, peak).
 LOSS_SETTINGS = (
     ("float32", {}, "float32"),
+    ("tf32", {"tf32": True}, "tf32"),
     ("bfloat16", {"dtype": "bfloat16"}, "bfloat16"),
     ("channels_last", {"channels_last": True}, "float32"),
     ("bfloat16_channels_last", {"dtype": "bfloat16", "channels_last": True}, "bfloat16"),
 )
+# torch.compile runs the one-point forward only (K points per pass stay eager), so its
+# case is K = 1 against the float32 case at the evaluator's K. Measured last: compiling
+# ResNet-56 (and again for the last, shorter batch) can take minutes, and a run cut
+# short then still has every other case.
+COMPILE_SETTING = ("compile", {"compile": True, "points_per_pass": 1}, "float32")
 HESSIAN_SAMPLES = 2_000
 HESSIAN_CASE = {
     **LOSS_CASE,
@@ -181,10 +188,11 @@ def bench_loss_setting(folder: Path, name: str, changes: dict, peak: str) -> dic
     return result
 
 
-def bench_loss(folder: Path, record: Callable[[], None], results: dict) -> None:
-    """Every :data:`LOSS_SETTINGS` entry into ``results``, each with its speed-up over
-    the float32 case of this run; ``record()`` after each."""
-    for name, changes, peak in LOSS_SETTINGS:
+def bench_loss(folder: Path, record: Callable[[], None], results: dict, settings) -> None:
+    """Each of ``settings`` (entries like :data:`LOSS_SETTINGS`) into ``results``, with
+    its speed-up over the float32 case of this run (the first of :data:`LOSS_SETTINGS`);
+    ``record()`` after each."""
+    for name, changes, peak in settings:
         results[name] = bench_loss_setting(folder, name, changes, peak)
         baseline = results[LOSS_SETTINGS[0][0]]["seconds_per_point"]
         results[name]["speedup_over_float32"] = baseline / results[name]["seconds_per_point"]
@@ -263,6 +271,7 @@ def bench_cuda(folder: Path, results: dict, record: Callable[[], None]) -> None:
     )
     record()
     results["loss"] = {}
-    bench_loss(folder, record, results["loss"])
+    bench_loss(folder, record, results["loss"], LOSS_SETTINGS)
     results["hessian"] = bench_hessian_gpu(folder)
     record()
+    bench_loss(folder, record, results["loss"], [COMPILE_SETTING])
