@@ -399,10 +399,11 @@ def bench_gpu(folder: Path, results: dict, record) -> None:
             if loss["fraction_of_peak"] is not None
             else "no peak known for this card"
         )
+        [(baseline, speedup)] = loss["speedup"].items()
         print(
-            f"{cuda['device']}: ResNet-56 {setting}, {loss['train_samples']} images, "
+            f"{cuda['device']}: {loss['model']} {setting}, {loss['train_samples']} images, "
             f"{loss['points_per_s']:.2f} points/s (K {loss['points_per_pass']}, "
-            f"{loss['speedup_over_float32']:.2f}x float32), overhead {loss['overhead']:.3f}x, "
+            f"{speedup:.2f}x {baseline}), overhead {loss['overhead']:.3f}x, "
             f"{loss['achieved_tflops']:.1f} TFLOP/s ({peak})"
         )
         if "difference_to_float32" in loss:

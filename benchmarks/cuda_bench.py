@@ -2,17 +2,19 @@
 synthetic data held on the GPU, the figures a user plans a GPU run by.
 
 - Loss maps: 50,000 images of 3x32x32 (10 classes), batch 1024, a 3 x 2 grid, K points
-  per pass from free memory (``points_per_pass`` 0), in five settings: float32 (IEEE,
-  TF32 off: :func:`landscape.precision.set_tf32`), TF32, bfloat16 autocast,
-  channels_last, and both; last, ``torch.compile`` at one point per pass. Each: points
-  per second (the evaluator's calls over all six points, after a warm-up call,
-  synchronized), seconds per point over one bare forward pass in the
-  same setting, and the achieved FLOP/s (the forward FLOPs of one point,
-  ``torch.utils.flop_counter.FlopCounterMode`` on one batch times the batches, over
-  its seconds) against the card's dense peak for the setting's arithmetic (float32 on
-  the CUDA cores; TF32 and bfloat16 on the tensor cores). The reduced-precision cases add the
-  difference to float32 their plan measured at the centre and a corner
-  (:mod:`landscape.precision`), and every case its speed-up over float32 in this run.
+  per pass by ``points_per_pass`` 0 (one for a convolution net) in settings
+  (:data:`LOSS_SETTINGS`): float32 (IEEE, TF32 off: :func:`landscape.precision.set_tf32`),
+  float32 at K = 8 (vmap's grouped convolutions, which the default avoids), TF32,
+  bfloat16 autocast, channels_last, and both; an MLP at K from free memory against one
+  point at a time; last, ``torch.compile`` at one point per pass. Each: points per second
+  (one sweep of the evaluator's calls over the six points after a warm-up sweep,
+  synchronized), seconds per point over one bare forward pass in the same setting, and
+  the achieved FLOP/s (the forward FLOPs of one point,
+  ``torch.utils.flop_counter.FlopCounterMode`` on one batch times the batches, over its
+  seconds) against the card's dense peak for the setting's arithmetic (float32 on the
+  CUDA cores; TF32 and bfloat16 on the tensor cores). The reduced-precision cases add
+  the difference to float32 their plan measured at the centre and a corner
+  (:mod:`landscape.precision`), and every case its speed-up over its baseline case.
 - Hessian job: Lanczos with ``max_hvps`` 8 at 2 points on 2,000 of the images (every
   HVP is a full pass over the training set, about six forward passes; an H200 took
   1.37 s a product on 10,000 images, so a point of 10 products is a few seconds here
@@ -28,6 +30,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,19 +53,36 @@ LOSS_CASE = {
     "grid": {"x": {"min": -1, "max": 1, "num": 3}, "y": {"min": -1, "max": 1, "num": 2}},
     "maps": ["train_loss", "train_acc"],
 }
-# The loss settings measured, each against the first: (name, evaluation changes, peak).
+
+
+@dataclass(frozen=True)
+class LossSetting:
+    """One loss-map case: :data:`LOSS_CASE` with ``model`` and ``evaluation`` changed,
+    its FLOP/s against the card's ``peak`` and its time against the case ``baseline``."""
+
+    name: str
+    evaluation: dict
+    peak: str
+    model: str = "resnet56"
+    baseline: str = "float32"
+
+
 LOSS_SETTINGS = (
-    ("float32", {}, "float32"),
-    ("tf32", {"tf32": True}, "tf32"),
-    ("bfloat16", {"dtype": "bfloat16"}, "bfloat16"),
-    ("channels_last", {"channels_last": True}, "float32"),
-    ("bfloat16_channels_last", {"dtype": "bfloat16", "channels_last": True}, "bfloat16"),
+    LossSetting("float32", {}, "float32"),
+    # What points_per_pass 0 refuses for a convolution net: K points as grouped convolutions.
+    LossSetting("float32_vmapped", {"points_per_pass": 8}, "float32"),
+    LossSetting("tf32", {"tf32": True}, "tf32"),
+    LossSetting("bfloat16", {"dtype": "bfloat16"}, "bfloat16"),
+    LossSetting("channels_last", {"channels_last": True}, "float32"),
+    LossSetting("bfloat16_channels_last", {"dtype": "bfloat16", "channels_last": True}, "bfloat16"),
+    # A model without convolutions: K from free memory against one point at a time.
+    LossSetting("mlp_one_point", {"points_per_pass": 1}, "float32", "mlp", "mlp_one_point"),
+    LossSetting("mlp", {}, "float32", "mlp", "mlp_one_point"),
 )
-# torch.compile runs the one-point forward only (K points per pass stay eager), so its
-# case is K = 1 against the float32 case at the evaluator's K. Measured last: compiling
-# ResNet-56 (and again for the last, shorter batch) can take minutes, and a run cut
-# short then still has every other case.
-COMPILE_SETTING = ("compile", {"compile": True, "points_per_pass": 1}, "float32")
+# torch.compile runs the one-point forward only (K points per pass stay eager). Measured
+# last: compiling ResNet-56 (and again for the last, shorter batch) can take minutes,
+# and a run cut short then still has every other case.
+COMPILE_SETTING = LossSetting("compile", {"compile": True, "points_per_pass": 1}, "float32")
 HESSIAN_SAMPLES = 2_000
 HESSIAN_CASE = {
     **LOSS_CASE,
@@ -126,11 +146,15 @@ def planned_case(folder: Path, name: str, spec: dict) -> tuple[Path, dict]:
     return plan_surface(parse_config(json.dumps(spec))), spec
 
 
-def bench_loss_setting(folder: Path, name: str, changes: dict, peak: str) -> dict:
-    """One :data:`LOSS_SETTINGS` entry: points/s over the whole grid, bare forward,
-    FLOP/s, and for a reduced dtype the difference its plan measured."""
-    spec = {**LOSS_CASE, "evaluation": {**LOSS_CASE["evaluation"], **changes}}
-    path, spec = planned_case(folder, f"resnet56_{name}", spec)
+def bench_loss_setting(folder: Path, setting: LossSetting) -> dict:
+    """One loss setting: points/s over the whole grid (one timed sweep after a warm-up
+    one), bare forward, FLOP/s, and for a reduced dtype the difference its plan measured."""
+    spec = {
+        **LOSS_CASE,
+        "model": {"name": setting.model},
+        "evaluation": {**LOSS_CASE["evaluation"], **setting.evaluation},
+    }
+    path, spec = planned_case(folder, f"{setting.model}_{setting.name}", spec)
     config = parse_config(json.dumps(spec))
     experiment = Experiment.load(config)
     with SurfaceFile.open(path) as surface:
@@ -144,7 +168,7 @@ def bench_loss_setting(folder: Path, name: str, changes: dict, peak: str) -> dic
         for items in calls:
             evaluator(items)
 
-    seconds = synchronized_seconds(all_points) / len(points)
+    seconds = synchronized_seconds(all_points, repeats=1) / len(points)
     inputs = experiment.data.train_x
     batch_size = config.evaluation.batch_size
 
@@ -158,6 +182,7 @@ def bench_loss_setting(folder: Path, name: str, changes: dict, peak: str) -> dic
     peaks = peak_tflops(torch.cuda.get_device_name(experiment.device))
     achieved = flops / seconds / 1e12
     result = {
+        "model": setting.model,
         "evaluation": {
             key: getattr(config.evaluation, key) for key in ("dtype", "channels_last", "tf32")
         },
@@ -171,8 +196,8 @@ def bench_loss_setting(folder: Path, name: str, changes: dict, peak: str) -> dic
         "overhead": seconds / forward,
         "forward_tflop_per_point": flops / 1e12,
         "achieved_tflops": achieved,
-        "compared_with": f"{peak} dense peak",
-        "fraction_of_peak": achieved / peaks[peak] if peaks else None,
+        "compared_with": f"{setting.peak} dense peak",
+        "fraction_of_peak": achieved / peaks[setting.peak] if peaks else None,
     }
     if precision is not None:
         attrs = precision[1]
@@ -189,13 +214,12 @@ def bench_loss_setting(folder: Path, name: str, changes: dict, peak: str) -> dic
 
 
 def bench_loss(folder: Path, record: Callable[[], None], results: dict, settings) -> None:
-    """Each of ``settings`` (entries like :data:`LOSS_SETTINGS`) into ``results``, with
-    its speed-up over the float32 case of this run (the first of :data:`LOSS_SETTINGS`);
-    ``record()`` after each."""
-    for name, changes, peak in settings:
-        results[name] = bench_loss_setting(folder, name, changes, peak)
-        baseline = results[LOSS_SETTINGS[0][0]]["seconds_per_point"]
-        results[name]["speedup_over_float32"] = baseline / results[name]["seconds_per_point"]
+    """Each of ``settings`` into ``results``, with its speed-up over its baseline case of
+    this run; ``record()`` after each."""
+    for setting in settings:
+        result = results[setting.name] = bench_loss_setting(folder, setting)
+        baseline = results[setting.baseline]["seconds_per_point"]
+        result["speedup"] = {setting.baseline: baseline / result["seconds_per_point"]}
         record()
 
 
@@ -216,8 +240,8 @@ def bench_hessian_gpu(folder: Path) -> dict:
     per_point = statistics.median(p["seconds"] for p in points)
     per_hvp = statistics.median(p["seconds"] / p["hvps"] for p in points)
     return {
-        "case": f"ResNet-56, {len(experiment.data.train_x)} synthetic 3x32x32 images, batch "
-        f"{config.evaluation.batch_size}, float32, {evaluator.operator.shape[0]} parameters, "
+        "case": f"{config.model.name}, {len(experiment.data.train_x)} synthetic 3x32x32 images, "
+        f"batch {config.evaluation.batch_size}, float32, {evaluator.operator.shape[0]} parameters, "
         f"lanczos max_hvps {config.hessian.max_hvps}, mode {evaluator.operator.mode}",
         "seconds_per_point": per_point,
         "seconds_per_hvp": per_hvp,

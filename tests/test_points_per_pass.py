@@ -176,6 +176,18 @@ def test_points_per_pass_from_memory_on_a_gpu_and_one_on_a_cpu(dtype, monkeypatc
     assert loss_evaluator(experiment, surface, ["train_loss"]).items_per_call == 32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_convolution_net_takes_one_point_per_pass_on_a_gpu_too(dtype, monkeypatch, caplog):
+    """vmap batches convolutions as grouped ones, slower per point than plain ones."""
+    experiment, surface = setting("small_cnn", dtype, 0)
+    experiment.device = torch.device("cuda")  # only its free memory could be asked for
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**40, 0))
+    with caplog.at_level(logging.INFO, logger="landscape.evaluators"):
+        evaluator = loss_evaluator(experiment, surface, ["train_loss"])
+    assert isinstance(evaluator, PointByPoint) and evaluator.items_per_call == 1
+    assert "convolutions grouped" in caplog.text
+
+
 def test_negative_points_per_pass_is_one_line():
     with pytest.raises(ConfigError) as error:
         EvaluationConfig(points_per_pass=-2).check("evaluation")

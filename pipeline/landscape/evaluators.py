@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from torch.func import functional_call, vmap
 
 from landscape.evaluate import evaluate, outputs_of
@@ -214,11 +215,18 @@ def activation_bytes(experiment: Experiment) -> int:
 
 
 def points_per_pass(experiment: Experiment, plane: DirectionPlane) -> int:
-    """K from memory on a GPU: one batch's activations plus one parameter copy per point,
-    against half the device's free memory, capped at :data:`MAX_POINTS_PER_PASS`. Each
-    rank finds its own; the run takes the least (:func:`landscape.workers.run_items_per_call`).
+    """K from memory on a GPU for a model without convolutions: one batch's activations
+    plus one parameter copy per point, against half the device's free memory, capped at
+    :data:`MAX_POINTS_PER_PASS`. Each rank finds its own; the run takes the least
+    (:func:`landscape.workers.run_items_per_call`).
 
-    On a CPU, 1, for every model family: measured again once the per-point writes and
+    1 for a model with a convolution layer (``torch.nn`` Conv1d/2d/3d or their
+    transposes), on every device: vmap runs a convolution over K weight sets as one
+    grouped convolution over K times the channels, slower per point than K plain ones.
+    ResNet-56 on 50,000 images, batch 1024, float32, on an H200: 1.63x a bare forward
+    pass per point at K = 13 (benchmarks/cuda_bench.py).
+
+    1 on a CPU, for every model family: measured again once the per-point writes and
     the per-point loss operations were gone (benchmarks/batch_bench.py, CPU time on one
     thread, batch 128, forwards per point at K = 1 / 8 / 32, two runs): the digits MLP
     2.36 / 2.97 / 3.54 and 1.96 / 2.05 / 1.67 (no gain to rely on), the small BN CNN
@@ -226,11 +234,15 @@ def points_per_pass(experiment: Experiment, plane: DirectionPlane) -> int:
     1.03 / 1.17 / 1.20, and no better at the best batch. vmap costs about 0.4 ms of
     Python per call whatever K (as much as 8 of the MLP's forward passes over a batch),
     its batched matrix products run at about half the speed of the plain ones, and a
-    batched convolution is a grouped one over K times the channels, whose activations
-    leave the cache. A fixed rule, not a timing: K must not depend on the load, or a
-    resumed run would round otherwise."""
+    batched convolution is a grouped one, whose activations leave the cache.
+
+    A fixed rule, not a timing: K must not depend on the load, or a resumed run would
+    round otherwise."""
     device = experiment.device
     if device.type != "cuda":
+        return 1
+    if has_convolutions(experiment.model):
+        log.info("loss: one point per forward pass (vmap runs convolutions grouped, slower)")
         return 1
     flat = plane.parameters.vector
     per_point = activation_bytes(experiment) + flat.numel() * flat.element_size()
@@ -238,12 +250,19 @@ def points_per_pass(experiment: Experiment, plane: DirectionPlane) -> int:
     return max(1, min(MAX_POINTS_PER_PASS, budget // per_point))
 
 
+def has_convolutions(model: nn.Module) -> bool:
+    """Whether ``model`` holds a ``torch.nn`` convolution (``_ConvNd``: Conv1d/2d/3d and
+    the transposed ones), which vmap batches as a grouped convolution."""
+    return any(isinstance(module, nn.modules.conv._ConvNd) for module in model.modules())
+
+
 def loss_evaluator(
     experiment: Experiment, surface: SurfaceFile, outputs: list[str]
 ) -> PointByPoint | SeveralPoints:
     """The loss job's evaluator: the loss and accuracy maps ``outputs`` asks for, K points
-    per pass (``evaluation.points_per_pass``; 0: from memory; 1: one point at a time,
-    moving the model itself). A model vmap cannot batch gets K = 1, and the log says why."""
+    per pass (``evaluation.points_per_pass``; 0: :func:`points_per_pass`; 1: one point at a
+    time, moving the model itself). A model vmap cannot batch gets K = 1, and the log says
+    why."""
     plane = DirectionPlane(experiment.model, surface.directions())
     k = experiment.config.evaluation.points_per_pass
     if k != 1:

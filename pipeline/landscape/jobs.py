@@ -133,8 +133,16 @@ HESSIAN_OUTPUTS = tuple(
     for name, description in (
         ("lambda_min", "smallest eigenvalue of the training-loss Hessian (done/hessian: method)"),
         ("lambda_max", "largest eigenvalue of the training-loss Hessian (done/hessian: method)"),
-        ("lambda_min_residual", "||H y - theta y|| of lambda_min's Ritz pair, true residual"),
-        ("lambda_max_residual", "||H y - theta y|| of lambda_max's Ritz pair, true residual"),
+        (
+            "lambda_min_residual",
+            "||H y - theta y|| of lambda_min's Ritz pair, true to within the products' "
+            "rounding (done/hessian: residual)",
+        ),
+        (
+            "lambda_max_residual",
+            "||H y - theta y|| of lambda_max's Ritz pair, true to within the products' "
+            "rounding (done/hessian: residual)",
+        ),
         ("hessian_hvps", "Hessian-vector products spent at the point"),
         ("hessian_converged", "1 where both ends met done/hessian's criterion, else 0"),
     )
