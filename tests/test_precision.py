@@ -287,9 +287,11 @@ def test_channels_last_refused_for_inputs_that_are_not_images(tmp_path):
 def test_compile_failure_falls_back_to_eager_in_one_line(tmp_path, monkeypatch, caplog):
     """A compiler that fails at its first call (as a missing C compiler does): one log
     line, and the maps of the eager model, bit for bit."""
-    calls = []
+    calls, options_given = [], []
 
-    def failing_compile(model):
+    def failing_compile(model, options=None):
+        options_given.append(options)
+
         def compiled(inputs):
             calls.append(len(inputs))
             raise torch._dynamo.exc.TorchDynamoException(
@@ -310,3 +312,4 @@ def test_compile_failure_falls_back_to_eager_in_one_line(tmp_path, monkeypatch, 
         "(TorchDynamoException: InductorError: CppCompileError: C++ compile error)"
     ]
     assert len(calls) == 1, "a failed compile is tried again"
+    assert options_given and set(options_given) == {None}, "on a CPU the compiler picks the layout"
