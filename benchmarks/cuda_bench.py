@@ -2,18 +2,19 @@
 synthetic data held on the GPU, the figures a user plans a GPU run by.
 
 - Loss maps: 50,000 images of 3x32x32 (10 classes), batch 1024, a 3 x 2 grid, K points
-  per pass by ``points_per_pass`` 0 (one for a convolution net) in settings
-  (:data:`LOSS_SETTINGS`): float32 (IEEE, TF32 off: :func:`landscape.precision.set_tf32`),
-  float32 at K = 8 (vmap's grouped convolutions, which the default avoids), TF32,
+  per pass by ``points_per_pass`` 0 (one where vmap would group convolutions) in
+  settings (:data:`LOSS_SETTINGS`): float32 (IEEE, TF32 off:
+  :func:`landscape.precision.set_tf32`), float32 at up to 8 points a pass (vmap's grouped
+  convolutions, which the default avoids; the grid's 6 points in one pass), TF32,
   bfloat16 autocast, channels_last, and both; an MLP at K from free memory against one
-  point at a time; last, ``torch.compile`` at one point per pass. Each: points per second
-  (one sweep of the evaluator's calls over the six points after a warm-up sweep,
-  synchronized), seconds per point over one bare forward pass in the same setting, and
-  the achieved FLOP/s (the forward FLOPs of one point,
-  ``torch.utils.flop_counter.FlopCounterMode`` on one batch times the batches, over its
-  seconds) against the card's dense peak for the setting's arithmetic (float32 on the
-  CUDA cores; TF32 and bfloat16 on the tensor cores). The reduced-precision cases add
-  the difference to float32 their plan measured at the centre and a corner
+  point at a time; last, ``torch.compile`` at one point per pass. Each: points per
+  second (sweeps of the evaluator's calls over the six points after a warm-up sweep, at
+  least one and at least 1 s of them, synchronized), seconds per point over one bare
+  forward pass in the same setting, and the achieved FLOP/s (the forward FLOPs of one
+  point, ``torch.utils.flop_counter.FlopCounterMode`` on one batch times the batches,
+  over its seconds) against the card's dense peak for the setting's arithmetic (float32
+  on the CUDA cores; TF32 and bfloat16 on the tensor cores). The reduced-precision cases
+  add the difference to float32 their plan measured at the centre and a corner
   (:mod:`landscape.precision`), and every case its speed-up over its baseline case.
 - Hessian job: Lanczos with ``max_hvps`` 8 at 2 points on 2,000 of the images (every
   HVP is a full pass over the training set, about six forward passes; an H200 took
@@ -107,11 +108,13 @@ def peak_tflops(name: str) -> dict[str, float] | None:
     return next((peaks for known, peaks in PEAK_TFLOPS if known in name), None)
 
 
-def synchronized_seconds(action, repeats: int = 3) -> float:
-    """Median wall time of ``action`` on the GPU, after one warm-up call."""
+def synchronized_seconds(action, repeats: int = 3, at_least: float = 1.0) -> float:
+    """Median wall time of ``action`` on the GPU, after one warm-up call: ``repeats``
+    calls, and more until ``at_least`` seconds are timed (a sweep of milliseconds is
+    noise alone)."""
     action()
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or sum(times) < at_least:
         torch.cuda.synchronize()
         started = time.perf_counter()
         action()
@@ -187,7 +190,7 @@ def bench_loss_setting(folder: Path, setting: LossSetting) -> dict:
             key: getattr(config.evaluation, key) for key in ("dtype", "channels_last", "tf32")
         },
         "points": len(points),
-        "points_per_pass": per_call,
+        "points_per_pass": min(per_call, len(points)),  # the grid's points in each pass
         "train_samples": len(inputs),
         "batch_size": batch_size,
         "points_per_s": 1 / seconds,

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from landscape import workers
 from landscape.config import ConfigError, EvaluationConfig, load_config
 from landscape.data import Dataset, load_dataset
-from landscape.evaluators import PointByPoint, SeveralPoints, can_batch, loss_evaluator
+from landscape.evaluators import PointByPoint, SeveralPoints, loss_evaluator, try_batching
 from landscape.models import build_model
 from landscape.objectives import build_objective
 from landscape.parameters import DirectionPlane
@@ -139,20 +139,10 @@ class ItemInForward(nn.Module):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_model_vmap_cannot_batch_falls_back_to_one_point_and_says_so(dtype, caplog):
     experiment, surface = setting("mlp", dtype, 0)
-    torch.manual_seed(0)
-    experiment.model = experiment.forward = ItemInForward().to(dtype).eval()
-    generator = torch.Generator().manual_seed(1)
-    directions = [
-        {
-            n: torch.randn(p.shape, generator=generator, dtype=torch.float64).numpy()
-            for n, p in experiment.model.named_parameters()
-        }
-        for _ in range(2)
-    ]
-    surface.directions = lambda: directions
+    with_model(experiment, surface, ItemInForward(), dtype)
     loss, _ = truth(experiment, surface)
-    plane = DirectionPlane(experiment.model, directions)
-    assert "item" in can_batch(experiment, plane)
+    plane = DirectionPlane(experiment.model, surface.directions())
+    assert "item" in try_batching(experiment, plane).problem
     with caplog.at_level(logging.INFO, logger="landscape.evaluators"):
         evaluator = loss_evaluator(experiment, surface, ["train_loss"])
     assert isinstance(evaluator, PointByPoint) and evaluator.items_per_call == 1
@@ -176,16 +166,67 @@ def test_points_per_pass_from_memory_on_a_gpu_and_one_on_a_cpu(dtype, monkeypatc
     assert loss_evaluator(experiment, surface, ["train_loss"]).items_per_call == 32
 
 
+def with_model(experiment, surface, model: nn.Module, dtype: torch.dtype) -> None:
+    """``model`` (seeded) in ``experiment``, with seeded directions of its parameters."""
+    torch.manual_seed(0)
+    experiment.model = experiment.forward = model.to(dtype).eval()
+    generator = torch.Generator().manual_seed(1)
+    directions = [
+        {
+            n: torch.randn(p.shape, generator=generator, dtype=torch.float64).numpy()
+            for n, p in experiment.model.named_parameters()
+        }
+        for _ in range(2)
+    ]
+    surface.directions = lambda: directions
+
+
+class ConvolutionStem(nn.Module):
+    """One convolution of the data (as a patch embedding), then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 4, stride=4)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.stem(x).flatten(1))
+
+
+class FunctionalConvolutions(nn.Module):
+    """Two convolutions through ``F.conv2d`` with its own parameters (no nn.Conv2d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Parameter(0.3 * torch.randn(4, 1, 3, 3))
+        self.second = nn.Parameter(0.3 * torch.randn(10, 4, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(F.relu(F.conv2d(x, self.first)), self.second).mean((2, 3))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_convolution_net_takes_one_point_per_pass_on_a_gpu_too(dtype, monkeypatch, caplog):
-    """vmap batches convolutions as grouped ones, slower per point than plain ones."""
-    experiment, surface = setting("small_cnn", dtype, 0)
+@pytest.mark.parametrize(
+    "model, grouped",
+    [("small_cnn", True), (FunctionalConvolutions, True), (ConvolutionStem, False)],
+    ids=["small_cnn", "functional_convolutions", "convolution_stem"],
+)
+def test_k_from_memory_on_a_gpu_only_where_vmap_groups_no_convolution(
+    dtype, model, grouped, monkeypatch, caplog
+):
+    """vmap runs a convolution of batched activations as a grouped one, slower per point
+    than one point at a time; a convolution of the data itself stays a plain one."""
+    experiment, surface = setting("small_cnn" if isinstance(model, str) else "mlp", dtype, 0)
+    if not isinstance(model, str):
+        with_model(experiment, surface, model(), dtype)
+    plane = DirectionPlane(experiment.model, surface.directions())
+    assert try_batching(experiment, plane).grouped_convolutions == grouped
     experiment.device = torch.device("cuda")  # only its free memory could be asked for
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**40, 0))
     with caplog.at_level(logging.INFO, logger="landscape.evaluators"):
         evaluator = loss_evaluator(experiment, surface, ["train_loss"])
-    assert isinstance(evaluator, PointByPoint) and evaluator.items_per_call == 1
-    assert "convolutions grouped" in caplog.text
+    assert evaluator.items_per_call == (1 if grouped else 32)
+    assert ("would group the convolutions" in caplog.text) == grouped
 
 
 def test_negative_points_per_pass_is_one_line():
@@ -267,7 +308,7 @@ K_BY_RANK = """
 import os, sys
 from landscape import cli, evaluators
 rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
-evaluators.points_per_pass = lambda experiment, plane: 2 + 2 * rank
+evaluators.points_per_pass = lambda experiment, plane, trial: 2 + 2 * rank
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from landscape.config import load_config
 from landscape.errors import UserError
 from landscape.evaluate import outputs_of
-from landscape.experiment import Experiment
+from landscape.experiment import CompiledForward, Experiment, compiler_keeps_layout
 from landscape.parameters import DirectionPlane
 from landscape.plan import plan_surface
 from landscape.precision import set_tf32
@@ -313,3 +313,39 @@ def test_compile_failure_falls_back_to_eager_in_one_line(tmp_path, monkeypatch, 
     ]
     assert len(calls) == 1, "a failed compile is tried again"
     assert options_given and set(options_given) == {None}, "on a CPU the compiler picks the layout"
+
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "device, dtype, autocast, tf32, keeps",
+    [
+        (CUDA, torch.float32, None, False, True),  # IEEE float32: the CUDA cores
+        (CUDA, torch.float64, None, False, True),
+        (CUDA, torch.float64, None, True, True),  # TF32 never touches float64
+        (CUDA, torch.float32, None, True, False),  # TF32: the tensor cores
+        (CUDA, torch.float32, torch.bfloat16, False, False),
+        (CUDA, torch.float32, torch.float16, False, False),
+        (CPU, torch.float32, None, False, False),  # oneDNN's layout is the compiler's own
+        (CPU, torch.float64, None, False, False),
+    ],
+)
+def test_compiler_keeps_the_layout_where_convolutions_miss_the_tensor_cores(
+    device, dtype, autocast, tf32, keeps
+):
+    assert compiler_keeps_layout(device, dtype, autocast, tf32) is keeps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_forward_with_the_layout_kept_is_the_model(dtype):
+    """The option is one this torch's Inductor accepts (an unknown one raises when
+    torch.compile is called, outside the fallback), and the compiled forward gives the
+    eager model's outputs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.Flatten()).to(dtype)
+    inputs = torch.randn(2, 1, 5, 5, dtype=dtype)
+    compiled = CompiledForward(model, keep_layout=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(inputs), model(inputs))
+    assert compiled.compiled is not None, "compiling failed: the eager fallback ran"

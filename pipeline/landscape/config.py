@@ -284,7 +284,7 @@ class DirectionsConfig:
 class EvaluationConfig:
     """How each grid point is evaluated: batch size only changes speed, never the value.
     ``points_per_pass``: loss-map points per forward pass (0: from free memory on a GPU
-    for a model without convolutions, else one; 1: one at a time; more than 1 may change
+    where vmap groups no convolution, else one; 1: one at a time; more than 1 may change
     the last bits of the loss, :mod:`landscape.evaluators`).
     ``loss``: a built-in objective or ``package.module:name``, built with ``loss_kwargs``
     (:mod:`landscape.objectives`).

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 from torch.func import functional_call, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from landscape.evaluate import evaluate, outputs_of
 from landscape.experiment import Experiment
@@ -178,17 +179,47 @@ class SeveralPoints:
         return {m: values[m] for m in self.maps}
 
 
-def can_batch(experiment: Experiment, plane: DirectionPlane) -> str | None:
-    """None when vmap batches the model's forward and the objective's losses over
-    parameter sets (tried once on two samples at two points), else why not."""
+@dataclass(frozen=True)
+class BatchTrial:
+    """What vmap did with the model's forward over two parameter sets (:func:`try_batching`).
+
+    ``problem``: why vmap cannot batch it (None: it can). ``grouped_convolutions``: some
+    convolution ran grouped over the points, with more groups than in one point's
+    forward. A convolution of the unbatched data (a stem, a patch embedding) runs as one
+    plain convolution over K times the output channels; every later one sees batched
+    inputs and becomes a grouped one, slower per point than K plain ones
+    (:func:`points_per_pass`)."""
+
+    problem: str | None
+    grouped_convolutions: bool = False
+
+
+class ConvolutionGroups(TorchDispatchMode):
+    """The ``groups`` of every ``aten.convolution`` run under it, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.groups: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.groups.append(args[8])
+        return func(*args, **(kwargs or {}))
+
+
+def try_batching(experiment: Experiment, plane: DirectionPlane) -> BatchTrial:
+    """vmap tried once on two samples at two points (the model's forward and the
+    objective's losses), its convolutions' groups against one plain forward's."""
     inputs, targets = experiment.data.split("train").head(2)
     trial = SeveralPoints(experiment, None, plane, [], 2)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), ConvolutionGroups() as batched:
             trial.totals(trial.stacked([(0.0, 0.0), (0.0, 0.0)]), inputs, targets)
     except Exception as exc:  # any operation without a batching rule, in user code too
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    return None
+        return BatchTrial(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    with torch.no_grad(), ConvolutionGroups() as plain:
+        experiment.model(inputs)
+    return BatchTrial(None, batched.groups != plain.groups)
 
 
 def activation_bytes(experiment: Experiment) -> int:
@@ -214,17 +245,17 @@ def activation_bytes(experiment: Experiment) -> int:
     return total
 
 
-def points_per_pass(experiment: Experiment, plane: DirectionPlane) -> int:
-    """K from memory on a GPU for a model without convolutions: one batch's activations
-    plus one parameter copy per point, against half the device's free memory, capped at
-    :data:`MAX_POINTS_PER_PASS`. Each rank finds its own; the run takes the least
-    (:func:`landscape.workers.run_items_per_call`).
+def points_per_pass(experiment: Experiment, plane: DirectionPlane, trial: BatchTrial) -> int:
+    """K from memory on a GPU where vmap runs no grouped convolution (``trial``): one
+    batch's activations plus one parameter copy per point, against half the device's
+    free memory, capped at :data:`MAX_POINTS_PER_PASS`. Each rank finds its own; the run
+    takes the least (:func:`landscape.workers.run_items_per_call`).
 
-    1 for a model with a convolution layer (``torch.nn`` Conv1d/2d/3d or their
-    transposes), on every device: vmap runs a convolution over K weight sets as one
-    grouped convolution over K times the channels, slower per point than K plain ones.
-    ResNet-56 on 50,000 images, batch 1024, float32, on an H200: 1.63x a bare forward
-    pass per point at K = 13 (benchmarks/cuda_bench.py).
+    1 where vmap turns a convolution into a grouped one over the points, on every
+    device: slower per point than one point at a time. ResNet-56 on 50,000 images,
+    batch 1024, float32, on an H200: 1.63x a bare forward pass per point with its 6
+    grid points in one pass (benchmarks/cuda_bench.py); an MLP there ran 1.68x the
+    points/s of one point at a time in the same way.
 
     1 on a CPU, for every model family: measured again once the per-point writes and
     the per-point loss operations were gone (benchmarks/batch_bench.py, CPU time on one
@@ -241,19 +272,13 @@ def points_per_pass(experiment: Experiment, plane: DirectionPlane) -> int:
     device = experiment.device
     if device.type != "cuda":
         return 1
-    if has_convolutions(experiment.model):
-        log.info("loss: one point per forward pass (vmap runs convolutions grouped, slower)")
+    if trial.grouped_convolutions:
+        log.info("loss: one point per forward pass (vmap would group the convolutions: slower)")
         return 1
     flat = plane.parameters.vector
     per_point = activation_bytes(experiment) + flat.numel() * flat.element_size()
     budget = torch.cuda.mem_get_info(device)[0] // 2
     return max(1, min(MAX_POINTS_PER_PASS, budget // per_point))
-
-
-def has_convolutions(model: nn.Module) -> bool:
-    """Whether ``model`` holds a ``torch.nn`` convolution (``_ConvNd``: Conv1d/2d/3d and
-    the transposed ones), which vmap batches as a grouped convolution."""
-    return any(isinstance(module, nn.modules.conv._ConvNd) for module in model.modules())
 
 
 def loss_evaluator(
@@ -266,12 +291,14 @@ def loss_evaluator(
     plane = DirectionPlane(experiment.model, surface.directions())
     k = experiment.config.evaluation.points_per_pass
     if k != 1:
-        problem = can_batch(experiment, plane)
-        if problem is not None:
-            log.info("loss: one point per forward pass; vmap cannot batch the model (%s)", problem)
+        trial = try_batching(experiment, plane)
+        if trial.problem is not None:
+            log.info(
+                "loss: one point per forward pass; vmap cannot batch the model (%s)", trial.problem
+            )
             k = 1
         elif k == 0:
-            k = points_per_pass(experiment, plane)
+            k = points_per_pass(experiment, plane, trial)
     if k == 1:
         return PointByPoint(surface.grid, outputs, LossAtPoint(experiment, plane, outputs))
     log.info("loss: %d points per forward pass", k)

@@ -125,10 +125,7 @@ class Experiment:
         check_forward(model, data, config.model.name, weights, objective, evaluation.loss)
         compiled = None
         if evaluation.compile:
-            # On a GPU the compiler's own layout choice only where its heuristic's premise
-            # holds: convolutions on the tensor cores (autocast or TF32), not IEEE float32.
-            on_tensor_cores = autocast is not None or evaluation.tf32
-            keep_layout = device.type == "cuda" and not on_tensor_cores
+            keep_layout = compiler_keeps_layout(device, dtype, autocast, evaluation.tf32)
             compiled = CompiledForward(model, keep_layout)
         return cls(config, model, data, objective, device, dtype, sha256, autocast, compiled)
 
@@ -172,6 +169,17 @@ def channels_last(data: Dataset | SplitSamples, name: str) -> Dataset:
     )
 
 
+def compiler_keeps_layout(
+    device: torch.device, dtype: torch.dtype, autocast: torch.dtype | None, tf32: bool
+) -> bool:
+    """Whether ``evaluation.compile`` keeps the configured memory layout (see
+    :class:`CompiledForward`): on a GPU where convolutions do not run on the tensor cores,
+    that is in IEEE float32 (no autocast, TF32 off) or in float64 (which TF32 never
+    touches). Elsewhere Inductor chooses."""
+    on_tensor_cores = autocast is not None or (tf32 and dtype == torch.float32)
+    return device.type == "cuda" and not on_tensor_cores
+
+
 class CompiledForward:
     """``torch.compile(model)`` with the model itself to fall back on (evaluation.compile).
 
@@ -186,12 +194,15 @@ class CompiledForward:
 
     ``keep_layout``: convolutions stay in the memory format the model and data have
     (``evaluation.channels_last``) instead of the one Inductor's layout optimization
-    picks. Its heuristic turns a net of small convolutions (ResNets: at most 64
-    channels) to channels-last, a speed-up it benchmarked on the tensor cores; with
-    IEEE float32 on an H200, channels-last convolutions ran 2.7x slower (ResNet-56,
-    cuDNN 9.19), and the compiled forward at 0.40x the eager one (benchmarks/cuda_bench.py).
-    On a CPU the compiler's choice (oneDNN, channels-last) pays: ResNet-20 on 1,000
-    synthetic images, batch 128, 2 threads, compiled 1.65x eager with it, 1.47x without.
+    picks. Its heuristic (fixed multipliers from torchbench's convolutions, the same for
+    every card) turns a net of small convolutions (ResNets: at most 64 channels) to
+    channels-last. On an H200 in IEEE float32 (ResNet-56, cuDNN 9.19,
+    benchmarks/cuda_bench.py) eager channels-last ran at 0.37x the default layout, and
+    the compiled forward, which took the heuristic's layout, at 0.40x eager: most likely
+    the same cause, not yet measured with the layout kept. On the tensor cores
+    channels-last paid (bfloat16: 2.11x float32 against 1.60x), and on a CPU the
+    compiler's oneDNN layout is its own; there Inductor chooses
+    (:func:`compiler_keeps_layout`).
     """
 
     def __init__(self, model: nn.Module, keep_layout: bool):

@@ -136,12 +136,14 @@ HESSIAN_OUTPUTS = tuple(
         (
             "lambda_min_residual",
             "||H y - theta y|| of lambda_min's Ritz pair, true to within the products' "
-            "rounding (done/hessian: residual)",
+            "rounding, rounding_floor x max(|lambda_min|, |lambda_max|) (done/hessian: "
+            "rounding_floor, criterion)",
         ),
         (
             "lambda_max_residual",
             "||H y - theta y|| of lambda_max's Ritz pair, true to within the products' "
-            "rounding (done/hessian: residual)",
+            "rounding, rounding_floor x max(|lambda_min|, |lambda_max|) (done/hessian: "
+            "rounding_floor, criterion)",
         ),
         ("hessian_hvps", "Hessian-vector products spent at the point"),
         ("hessian_converged", "1 where both ends met done/hessian's criterion, else 0"),
