@@ -37,7 +37,7 @@ import inspect
 import logging
 import re
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -52,6 +52,7 @@ from torch.overrides import TorchFunctionMode
 
 from landscape.curvature import AUTOMATIC_HVP_MODE, HVP_MODES, PARAMETER_SELECTIONS
 from landscape.errors import Interrupted, UserError, describe
+from landscape.memory import free_memory, sharing_processes
 from landscape.objectives import Objective
 from landscape.precision import ieee_float32
 from landscape.samples import Samples
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 # The bytes of the m tangents of a model's largest activation in one batched pass
 # (HessianOperator.samples_per_pass).
 PASS_BYTES = 16 * 2**20
+# Kept gradient graphs take at most this share of the memory free on their device for
+# each process that shares it (as data held on a device does, landscape.samples).
+KEPT_GRAPHS_SHARE = 1 / 4
 CONVOLUTION_MODULES = {nn.Conv1d, nn.Conv2d, nn.Conv3d}
 # Each model's checked folding (MeanLoss.checked_folding), with the module tree it was
 # traced from: full_gradient builds a MeanLoss per call, and tracing the demo ResNet-20
@@ -521,6 +525,74 @@ class CurvatureOperator(MeanLoss, SymmetricOperator):
         raise NotImplementedError
 
 
+class ModelState:
+    """What a model computes with: a copy of its parameters and buffers, and its modules'
+    training flags, compared by value. Not by tensor versions: the model may be moved
+    by writes into a flat vector its parameters' data are views of
+    (:meth:`landscape.parameters.FlatParameters.move_to`), which bump that vector's
+    version, not theirs. A copy costs one parameter vector; a comparison reads it once,
+    beside a product's passes over the data."""
+
+    def __init__(self, model: nn.Module):
+        self.tensors = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+        self.training = [module.training for module in model.modules()]
+
+    def holds(self, model: nn.Module) -> bool:
+        """Whether ``model`` computes with exactly this state now."""
+        tensors = (*model.parameters(), *model.buffers())
+        return self.training == [module.training for module in model.modules()] and all(
+            kept.shape == now.shape and torch.equal(kept, now)
+            for kept, now in zip(self.tensors, tensors, strict=True)
+        )
+
+
+class KeptGraphs:
+    """The gradient graphs of the first batches of a double-backward HVP at one parameter
+    state, kept for the next products there.
+
+    A double-backward product H_b v is the backward pass of g_b . v through the graph of
+    g_b = grad L_b, which the forward and the first backward pass build: 1 forward and 2
+    backward passes' worth of work that do not depend on v. Kept, every product after a
+    point's first runs only the second backward: the demo ResNet-20 on 1,437 digits
+    (one batch, one thread) 0.67x the CPU time of a product that builds its graph, whose
+    graph holds 349 MiB (benchmarks/hessian_bench.py). Lanczos makes 10-17 products a
+    point, all at one state. Graphs are kept for batches 0, 1, ... while their saved
+    tensors (counted by ``saved_tensors_hooks`` while one is built, plus the gradient)
+    fit a budget of :data:`KEPT_GRAPHS_SHARE` of the device's free memory (measured
+    when the state's first graph is built) over the processes that share the device
+    (:func:`landscape.memory.sharing_processes`); later batches build theirs in every
+    product, as without keeping. A new state (the model moved, a buffer changed, a
+    module's mode switched) drops them all first."""
+
+    def __init__(self, state: ModelState, device: torch.device):
+        self.state = state
+        free = free_memory(device) or 0
+        self.budget = int(free * KEPT_GRAPHS_SHARE) // sharing_processes(device)
+        self.bytes = 0
+        self.graphs: list[tuple[list, tuple]] = []
+
+    @contextmanager
+    def measured(self) -> Iterator[Callable[[], int]]:
+        """Counts the bytes of the tensors autograd saves inside (a graph's memory, an
+        upper bound where saved tensors share storage); yields a reader of the count."""
+        count = 0
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal count
+            count += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            yield lambda: count
+
+    def fits(self, graph_bytes: int) -> bool:
+        """Whether one more graph of ``graph_bytes`` stays within the budget; counted if so."""
+        if self.bytes + graph_bytes > self.budget:
+            return False
+        self.bytes += graph_bytes
+        return True
+
+
 class HessianOperator(CurvatureOperator):
     """H of the mean loss over ``samples`` w.r.t. the parameters ``names``, at the model's
     current parameter values (so moving the model moves the operator).
@@ -541,6 +613,48 @@ class HessianOperator(CurvatureOperator):
         super().__init__(*args, **kwargs)
         self.batched: bool | None = None  # whether hvp_many can vmap; tried at its first call
         self.activation_size: int | None = None  # bytes of the largest, per sample
+        self.kept: KeptGraphs | None = None  # double backward's graphs at the current state
+
+    def hvp(self, vector: torch.Tensor) -> torch.Tensor:
+        """H @ vector, as :meth:`CurvatureOperator.hvp`; in double-backward mode each
+        batch's gradient graph is kept across products at the same parameter values
+        while it fits (:class:`KeptGraphs`), so that a product at a point after the
+        first is one backward pass of the kept graphs: the same operations on the same
+        tensors, so the same bits."""
+        if self.mode != "double_backward":
+            return super().hvp(vector)
+        vector = vector.to(self.device, self.torch_dtype)
+        tangents = list(self.split(vector).values())
+        total = torch.zeros(vector.numel(), dtype=self.torch_dtype, device=self.device)
+        if self.kept is None or not self.kept.state.holds(self.model):
+            self.kept = None  # freed before the budget is measured
+            self.kept = KeptGraphs(ModelState(self.model), self.device)
+        with product_context():
+            for index, batch in enumerate(self.batches()):
+                leaves, gradients, kept = self.gradient_graph(index, batch)
+                product = torch.autograd.grad(gradients, leaves, tangents, retain_graph=kept)
+                total += torch.cat([t.reshape(-1) for t in product])
+        self.hvps += 1
+        return total
+
+    def gradient_graph(self, index: int, batch) -> tuple[list, tuple, bool]:
+        """Batch ``index``'s selected parameters as leaves, its share of the gradient with
+        its graph (``create_graph``), and whether that graph is kept: taken from
+        :attr:`kept` (which :meth:`hvp` keeps at the model's current state) where it holds
+        it, else built, and kept while the graphs fit their budget."""
+        if index < len(self.kept.graphs):
+            return (*self.kept.graphs[index], True)
+        params, fixed = self.state()
+        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+        with torch.enable_grad(), self.kept.measured() as graph_bytes:
+            loss = self.batch_loss(leaves, fixed, *batch)
+            gradients = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+        leaves = list(leaves.values())
+        graph_bytes = graph_bytes() + sum(g.numel() * g.element_size() for g in gradients)
+        keep = index == len(self.kept.graphs) and self.kept.fits(graph_bytes)
+        if keep:
+            self.kept.graphs.append((leaves, gradients))
+        return leaves, gradients, keep
 
     def hvp_many(self, vectors: torch.Tensor, samples_per_pass: int | None = None) -> torch.Tensor:
         """H @ each row of ``vectors`` ((m, P), any dtype and device), as an (m, P) tensor on
