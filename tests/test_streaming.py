@@ -195,13 +195,20 @@ def test_auto_workers_read_in_process_unless_cores_are_spare(device, cores, thre
     assert auto_workers(torch.device(device), cores, threads) == workers
 
 
-@pytest.mark.parametrize("threads, workers", [(4, 0), (3, 1), (1, 2)])
-def test_auto_workers_see_the_threads_of_evaluation_threads(
-    experiment, threads, workers, monkeypatch, caplog
+@pytest.mark.parametrize(
+    "ranks, threads, workers, cores",
+    [(None, 4, 0, 4), (None, 3, 1, 4), (None, 1, 2, 4), ("2", 2, 0, 2), ("2", 1, 1, 2)],
+)
+def test_auto_workers_see_evaluation_threads_and_the_share_of_a_rank(
+    experiment, ranks, threads, workers, cores, monkeypatch, caplog
 ):
-    """Experiment.load applies evaluation.threads before it places the data: on 4 cores,
-    the loader gets the cores those threads leave (at most 2)."""
+    """Experiment.load applies evaluation.threads before it places the data: on a node
+    of 4 cores, the loader gets the cores those threads leave (at most 2); each of 2
+    unpinned MPI ranks counts its share of 2 cores (2 ranks x 2 threads: none spare)."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    if ranks:
+        monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", ranks)
     path = streamed_config(experiment, "threads", "always", "auto")
     before = torch.get_num_threads()
     try:
@@ -211,7 +218,8 @@ def test_auto_workers_see_the_threads_of_evaluation_threads(
         torch.set_num_threads(before)
     assert loaded.data.split("train").workers == loaded.data.split("test").workers == workers
     assert caplog.text.count(f"data.workers auto = {workers} (") == 1
-    assert f"cores 4, torch threads {threads}, spare {4 - threads or 'none'}" in caplog.text
+    spare = cores - threads or "none"
+    assert f"cores {cores}, torch threads {threads}, spare {spare}" in caplog.text
     assert loader_workers(3, torch.device("cpu")) == 3  # an integer as it is
 
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, default_collate
 from landscape.errors import UserError, describe
 from landscape.memory import free_memory, in_units
 from landscape.objectives import Objective
+from landscape.ranks import cpu_threads_per_rank, launched_size
 
 log = logging.getLogger(__name__)
 
@@ -265,11 +266,8 @@ def auto_workers(device: torch.device, cores: int, threads: int) -> int:
     held data): ResNet-20 0.80-0.86 through 2 workers, 0.88-0.93 read in process. A GPU
     computes on its own: every host core but the one driving it is spare.
 
-    MPI ranks on one node: each counts the cores its own affinity mask allows. Unpinned,
-    a rank without ``evaluation.threads`` still has torch's default here (every core:
-    the data are placed before :func:`landscape.workers.load_evaluator` lowers the
-    threads to the rank's share, and ranks x share = cores), so no spare either way;
-    pinned, its mask holds its share and its default threads fill it.
+    ``cores`` of a rank of an MPI run is its share of the node (:func:`loader_workers`),
+    so ranks x threads = cores leaves none spare: each rank reads in process.
     """
     if device.type != "cpu":
         return AUTO_WORKERS
@@ -278,13 +276,20 @@ def auto_workers(device: torch.device, cores: int, threads: int) -> int:
 
 def loader_workers(setting: int | str, device: torch.device) -> int:
     """``data.workers`` as a count of loader workers: an integer as it is; ``auto`` by
-    :func:`auto_workers` from the cores this process may use (its affinity mask) and
-    torch's threads now, said in the log. Called when the data are placed
-    (:meth:`TorchData.on`, from ``Experiment.load`` after it applied
-    ``evaluation.threads``), so the rule sees the run's thread count."""
+    :func:`auto_workers` from the cores this process may use and torch's threads now,
+    said in the log. Called when the data are placed (:meth:`TorchData.on`, from
+    ``Experiment.load`` after it applied ``evaluation.threads``), so the rule sees the
+    run's thread count.
+
+    The cores this process may use are its affinity mask, alone or as a pinned rank of
+    an MPI run; an unpinned rank shares its mask with the node's other ranks evenly
+    (:func:`cpu_threads_per_rank`, over the launched ranks: exact on one node, fewer
+    than the share across nodes, where reading in process is the safe side). A rank
+    without ``evaluation.threads`` still has torch's default here (its whole mask;
+    ``load_evaluator`` lowers it to the share later): none spare either way."""
     if setting != "auto":
         return setting
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cpu_threads_per_rank(max(1, launched_size()))
     threads = torch.get_num_threads()
     workers = auto_workers(device, cores, threads)
     if device.type != "cpu":
