@@ -13,10 +13,12 @@ CNN and ResNet-20. A point is one full pass (``evaluate``) over the training set
   whole message of samples in one call (docs/CONFIG.md);
 - ``streamed_in_process``: item by item with ``data.workers: 0``;
 - ``auto``: what a user gets by default, ``data.workers: auto``
-  (:func:`landscape.samples.auto_workers`: ``auto_workers`` loader workers, 0 where the
-  torch threads take every core this process may use). It is one of the kinds above
+  (:func:`landscape.samples.auto_workers`: loader workers on the cores the torch
+  threads leave, at most 2: none where 2 threads run on 2 cores; the
+  count is the result's ``auto_workers``). It is one of the kinds above
   (``streamed_in_process`` for 0, ``streamed`` for ``WORKERS``), measured once as that
-  kind, or ``streamed_auto`` of its own for another count; ``ratio_auto`` is its ratio.
+  kind, or ``streamed_auto`` of its own for another count; ``ratio_auto`` and
+  ``ratio_auto_of_best`` are its ratios.
 
 Each kind runs ``PASSES`` consecutive passes per block, as a grid run does (the workers
 read ahead across passes: at most one pass, so a block's head start is at most
@@ -155,6 +157,7 @@ def bench_stream() -> dict:
             "ratio_batched_reads": median["held"] / median["streamed_batched_reads"],
             "ratio_in_process": median["held"] / median["streamed_in_process"],
             "ratio_auto": median["held"] / median[auto_kind],
+            "ratio_auto_of_best": held / best[auto_kind],
             "serial_ceiling": held / (held + read),
             "overlap_ceiling": min(1.0, held / results["read_through_workers_s"]),
             "same_values": all(value == values["held"] for value in values.values()),
