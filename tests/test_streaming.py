@@ -19,6 +19,7 @@ from landscape.config import load_config
 from landscape.errors import UserError
 from landscape.experiment import Experiment
 from landscape.objectives import TokenCrossEntropy
+from landscape.ranks import SIZE_VARIABLES
 from landscape.samples import HeldSamples, StreamedSamples, auto_workers, loader_workers
 from landscape.store import SurfaceFile
 
@@ -43,6 +44,15 @@ def streamed_config(experiment, name: str, stream: str, workers: int = 2, **kwar
         "workers": workers,
     }
     return experiment(name=name, data=data, **JOBS)
+
+
+def alone_on_cores(monkeypatch, cores: int, node: int) -> None:
+    """This process started by no MPI launcher (a test under srun included), its affinity
+    mask ``cores`` of the ``node``'s cores."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(os, "cpu_count", lambda: node)
+    for name in (*SIZE_VARIABLES, "PMIX_RANK"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def run_all(config) -> dict[str, np.ndarray]:
@@ -89,7 +99,7 @@ def test_streamed_and_held_data_give_the_same_maps(
     config["evaluation"]["dtype"] = dtype
     streamed.write_text(yaml.safe_dump(config))
     if cores is not None:
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+        alone_on_cores(monkeypatch, cores, node=4)
     with caplog.at_level(logging.INFO, logger="landscape.samples"):
         found = run_all(streamed)
     assert said in caplog.text
@@ -185,8 +195,8 @@ def test_data_workers_default_to_auto_and_take_integers(experiment):
         ("cpu", 3, 2, 1),
         ("cpu", 4, 2, 2),
         ("cpu", 16, 1, 2),  # at most AUTO_WORKERS
-        ("cpu", 8, 8, 0),  # an unpinned MPI rank when its data are placed (torch's default)
-        ("cpu", 4, 4, 0),  # a pinned rank: its mask holds its share, its threads fill it
+        ("cpu", 4, 8, 0),  # an unpinned rank of 2 on 8 cores, torch's default threads
+        ("cpu", 4, 4, 0),  # the same with its share of threads, or a rank pinned to 4
         ("cuda", 2, 2, 2),  # the GPU computes: the host's cores read
         ("cuda", 1, 8, 2),
     ],
@@ -205,8 +215,7 @@ def test_auto_workers_see_evaluation_threads_and_the_share_of_a_rank(
     """Experiment.load applies evaluation.threads before it places the data: on a node
     of 4 cores, the loader gets the cores those threads leave (at most 2); each of 2
     unpinned MPI ranks counts its share of 2 cores (2 ranks x 2 threads: none spare)."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    alone_on_cores(monkeypatch, 4, node=4)
     if ranks:
         monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", ranks)
     path = streamed_config(experiment, "threads", "always", "auto")
