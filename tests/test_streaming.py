@@ -170,6 +170,7 @@ def test_a_sample_that_fails_mid_run_stops_with_one_line_and_keeps_finished_poin
         ),
         ({"name": "plugins:streamed", "workers": 2.5}, ["data.workers: expected int, got 2.5"]),
         ({"name": "plugins:streamed", "workers": True}, ["data.workers: expected int, got True"]),
+        ({"name": "plugins:streamed", "workers": None}, ["data.workers: expected int, got None"]),
         ({"name": "plugins:streamed", "prefetch": 0}, ["data.prefetch: must be >= 1 (got 0)"]),
         ({"name": "plugins:streamed", "stream": "yes"}, ["data.stream", "auto, always, never"]),
     ],

@@ -764,7 +764,7 @@ def _build(cls: type, data: dict, where: str) -> Any:
 def _convert(hint: Any, value: Any, path: str, metadata: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None:
+        if value is None and type(None) in typing.get_args(hint):
             return None
         # A value of one of the types is read as that type (int | str: 2 or auto); any
         # other as the first, whose error says what was expected.
