@@ -263,8 +263,8 @@ def auto_workers(device: torch.device, cores: int, threads: int) -> int:
     one they run (at SCHED_IDLE, :func:`lowest_priority`) only in the gaps of the
     compute's threads, so the reads are serial anyway: B (c + r + h), strictly more than
     reading in process. Measured on 2 cores with 2 threads (stream_bench, points/s of
-    held data, median of 11 runs on a shared machine): ResNet-20 0.78 through 2
-    workers, 0.86 read in process; small CNN 0.52, 0.68; MLP 0.08, 0.19. A GPU computes
+    held data, median of 14 runs on a shared machine): ResNet-20 0.80 through 2
+    workers, 0.88 read in process; small CNN 0.52, 0.66; MLP 0.08, 0.19. A GPU computes
     on its own: every host core but the one driving it is spare.
 
     ``cores`` of a rank of an MPI run is its share of the node (:func:`loader_workers`),
