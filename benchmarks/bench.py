@@ -377,7 +377,8 @@ def bench_cpu(folder: Path, results: dict) -> None:
     for model in ("mlp", "small_cnn", "resnet20"):
         print(
             f"{model:10s} streamed through {stream['workers']} workers / held: "
-            f"{stream[model]['ratio']:.2f}x the points/s (target >= 0.8)"
+            f"{stream[model]['ratio']:.2f}x the points/s (target >= 0.8); data.workers auto "
+            f"({stream['auto_workers']}): {stream[model]['ratio_auto']:.2f}x"
         )
 
 

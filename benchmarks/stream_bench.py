@@ -11,7 +11,14 @@ CNN and ResNet-20. A point is one full pass (``evaluate``) over the training set
   target, ``ratio = streamed points/s / held points/s >= 0.8``;
 - ``streamed_batched_reads``: the same through a Dataset whose ``__getitems__`` reads a
   whole message of samples in one call (docs/CONFIG.md);
-- ``streamed_in_process``: item by item with ``data.workers: 0``.
+- ``streamed_in_process``: item by item with ``data.workers: 0``;
+- ``auto``: what a user gets by default, ``data.workers: auto``
+  (:func:`landscape.samples.auto_workers`: loader workers on the cores the torch
+  threads leave, at most 2: none where 2 threads run on 2 cores; the
+  count is the result's ``auto_workers``). It is one of the kinds above
+  (``streamed_in_process`` for 0, ``streamed`` for ``WORKERS``), measured once as that
+  kind, or ``streamed_auto`` of its own for another count; ``ratio_auto`` and
+  ``ratio_auto_of_best`` are its ratios.
 
 Each kind runs ``PASSES`` consecutive passes per block, as a grid run does (the workers
 read ahead across passes: at most one pass, so a block's head start is at most
@@ -45,7 +52,7 @@ from landscape.data import load_dataset
 from landscape.evaluate import evaluate
 from landscape.models import build_model
 from landscape.objectives import CrossEntropy
-from landscape.samples import HeldSamples, Samples, StreamedSamples
+from landscape.samples import HeldSamples, Samples, StreamedSamples, loader_workers
 
 MODELS = ("mlp", "small_cnn", "resnet20")
 BATCH_SIZE = 128
@@ -102,12 +109,18 @@ def bench_stream() -> dict:
         "streamed_batched_reads": streamed(batched, WORKERS),
         "streamed_in_process": streamed(items, 0),
     }
+    auto = loader_workers("auto", device)
+    auto_kind = {0: "streamed_in_process", WORKERS: "streamed"}.get(auto, "streamed_auto")
+    if auto_kind not in kinds:
+        kinds[auto_kind] = streamed(items, auto)
     results = {
         "workers": WORKERS,
+        "auto_workers": auto,
         "case": f"digits ({len(items)} images), batch {BATCH_SIZE}, float32, CPU, "
-        f"{torch.get_num_threads()} threads, {WORKERS} loader workers at the lowest CPU "
-        f"priority, {kinds['streamed'].message_batches(BATCH_SIZE)} batches per worker "
-        f"message, blocks of {PASSES} passes, {REPEATS} alternating blocks per kind",
+        f"{torch.get_num_threads()} threads on {len(os.sched_getaffinity(0))} cores, "
+        f"{WORKERS} loader workers at the lowest CPU priority (data.workers auto: {auto}), "
+        f"{kinds['streamed'].message_batches(BATCH_SIZE)} batches per worker message, "
+        f"blocks of {PASSES} passes, {REPEATS} alternating blocks per kind",
         "load_before": os.getloadavg(),
     }
     reads = {
@@ -143,6 +156,8 @@ def bench_stream() -> dict:
             "ratio_of_best": held / best["streamed"],
             "ratio_batched_reads": median["held"] / median["streamed_batched_reads"],
             "ratio_in_process": median["held"] / median["streamed_in_process"],
+            "ratio_auto": median["held"] / median[auto_kind],
+            "ratio_auto_of_best": held / best[auto_kind],
             "serial_ceiling": held / (held + read),
             "overlap_ceiling": min(1.0, held / results["read_through_workers_s"]),
             "same_values": all(value == values["held"] for value in values.values()),

@@ -19,7 +19,8 @@ from landscape.config import load_config
 from landscape.errors import UserError
 from landscape.experiment import Experiment
 from landscape.objectives import TokenCrossEntropy
-from landscape.samples import HeldSamples, StreamedSamples
+from landscape.ranks import SIZE_VARIABLES
+from landscape.samples import HeldSamples, StreamedSamples, auto_workers, loader_workers
 from landscape.store import SurfaceFile
 
 CLUSTERS = {"num_classes": 3, "dim": 5, "train_per_class": 20, "test_per_class": 10}
@@ -45,6 +46,15 @@ def streamed_config(experiment, name: str, stream: str, workers: int = 2, **kwar
     return experiment(name=name, data=data, **JOBS)
 
 
+def alone_on_cores(monkeypatch, cores: int, node: int) -> None:
+    """This process started by no MPI launcher (a test under srun included), its affinity
+    mask ``cores`` of the ``node``'s cores."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(os, "cpu_count", lambda: node)
+    for name in (*SIZE_VARIABLES, "PMIX_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def run_all(config) -> dict[str, np.ndarray]:
     for verb in ("plan", "run", "hessian"):
         assert (
@@ -56,10 +66,27 @@ def run_all(config) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_streamed_and_held_data_give_the_same_maps(experiment, dtype, caplog):
-    """The loss, accuracy and Hessian maps of a Dataset streamed through 2 loader workers
-    equal those of the same samples held as tensors (the built-in data set), bit for bit:
-    the same batches in the same order, cast alike (the issue asks float64 to 1e-12)."""
+@pytest.mark.parametrize(
+    "workers, cores, said",
+    [
+        (2, None, "streams 60 samples through 2 loader workers"),
+        (
+            "auto",
+            1,
+            "data.workers auto = 0 (read in process): cores 1, torch threads 1, spare none",
+        ),
+        ("auto", 3, "data.workers auto = 2 (loader processes): cores 3, torch threads 1, spare 2"),
+    ],
+    ids=["2 workers", "auto, no spare core", "auto, 2 spare cores"],
+)
+def test_streamed_and_held_data_give_the_same_maps(
+    experiment, dtype, workers, cores, said, caplog, monkeypatch
+):
+    """The loss, accuracy and Hessian maps of a Dataset streamed through 2 loader workers,
+    or as ``data.workers: auto`` chooses (in process on a CPU whose cores the torch
+    threads take, workers where cores are spare: the run's evaluation.threads is 1), equal
+    those of the same samples held as tensors (the built-in data set), bit for bit: the
+    same batches in the same order, cast alike (the issue asks float64 to 1e-12)."""
     held = experiment(
         name="held",
         data={"name": "gaussian_clusters", "kwargs": CLUSTERS},
@@ -67,13 +94,15 @@ def test_streamed_and_held_data_give_the_same_maps(experiment, dtype, caplog):
         **JOBS,
     )
     expected = run_all(held)
-    streamed = streamed_config(experiment, "streamed", "always")
+    streamed = streamed_config(experiment, "streamed", "always", workers)
     config = yaml.safe_load(streamed.read_text())
     config["evaluation"]["dtype"] = dtype
     streamed.write_text(yaml.safe_dump(config))
+    if cores is not None:
+        alone_on_cores(monkeypatch, cores, node=4)
     with caplog.at_level(logging.INFO, logger="landscape.samples"):
         found = run_all(streamed)
-    assert "streams 60 samples through 2 loader workers" in caplog.text
+    assert said in caplog.text
     assert set(found) == set(expected)
     for name, values in expected.items():
         assert np.isfinite(values).sum() > 0, name
@@ -131,7 +160,17 @@ def test_a_sample_that_fails_mid_run_stops_with_one_line_and_keeps_finished_poin
             {"name": "plugins:streamed_pair_of_three"},
             ["streamed_pair_of_three returned a train dataset whose item 0 is not an (input, "],
         ),
-        ({"name": "plugins:streamed", "workers": -1}, ["data.workers: must be >= 0 (got -1)"]),
+        (
+            {"name": "plugins:streamed", "workers": -1},
+            ["data.workers: must be auto or an integer >= 0 (got -1); 0 reads in this process"],
+        ),
+        (
+            {"name": "plugins:streamed", "workers": "two"},
+            ["data.workers: must be auto or an integer >= 0 (got 'two')"],
+        ),
+        ({"name": "plugins:streamed", "workers": 2.5}, ["data.workers: expected int, got 2.5"]),
+        ({"name": "plugins:streamed", "workers": True}, ["data.workers: expected int, got True"]),
+        ({"name": "plugins:streamed", "workers": None}, ["data.workers: expected int, got None"]),
         ({"name": "plugins:streamed", "prefetch": 0}, ["data.prefetch: must be >= 1 (got 0)"]),
         ({"name": "plugins:streamed", "stream": "yes"}, ["data.stream", "auto, always, never"]),
     ],
@@ -140,6 +179,58 @@ def test_bad_streamed_data_is_one_line(experiment, data, fragments, capsys):
     path = experiment(name="bad")
     edit(path, lambda config: config.update(data=data))
     fails_with(capsys, ["plan", str(path)], *fragments)
+
+
+def test_data_workers_default_to_auto_and_take_integers(experiment):
+    path = streamed_config(experiment, "workers", "always")
+    assert load_config(path, ["data.workers=0"]).data.workers == 0
+    edit(path, lambda config: config["data"].pop("workers"))
+    assert load_config(path).data.workers == "auto"
+
+
+@pytest.mark.parametrize(
+    "device, cores, threads, workers",
+    [
+        ("cpu", 2, 2, 0),  # the threads take every core: read in process
+        ("cpu", 2, 4, 0),  # more threads than cores
+        ("cpu", 3, 2, 1),
+        ("cpu", 4, 2, 2),
+        ("cpu", 16, 1, 2),  # at most AUTO_WORKERS
+        ("cpu", 4, 8, 0),  # an unpinned rank of 2 on 8 cores, torch's default threads
+        ("cpu", 4, 4, 0),  # the same with its share of threads, or a rank pinned to 4
+        ("cuda", 2, 2, 2),  # the GPU computes: the host's cores read
+        ("cuda", 1, 8, 2),
+    ],
+)
+def test_auto_workers_read_in_process_unless_cores_are_spare(device, cores, threads, workers):
+    assert auto_workers(torch.device(device), cores, threads) == workers
+
+
+@pytest.mark.parametrize(
+    "ranks, threads, workers, cores",
+    [(None, 4, 0, 4), (None, 3, 1, 4), (None, 1, 2, 4), ("2", 2, 0, 2), ("2", 1, 1, 2)],
+)
+def test_auto_workers_see_evaluation_threads_and_the_share_of_a_rank(
+    experiment, ranks, threads, workers, cores, monkeypatch, caplog
+):
+    """Experiment.load applies evaluation.threads before it places the data: on a node
+    of 4 cores, the loader gets the cores those threads leave (at most 2); each of 2
+    unpinned MPI ranks counts its share of 2 cores (2 ranks x 2 threads: none spare)."""
+    alone_on_cores(monkeypatch, 4, node=4)
+    if ranks:
+        monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", ranks)
+    path = streamed_config(experiment, "threads", "always", "auto")
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="landscape.samples"):
+            loaded = Experiment.load(load_config(path, [f"evaluation.threads={threads}"]))
+    finally:
+        torch.set_num_threads(before)
+    assert loaded.data.split("train").workers == loaded.data.split("test").workers == workers
+    assert caplog.text.count(f"data.workers auto = {workers} (") == 1
+    spare = cores - threads or "none"
+    assert f"cores {cores}, torch threads {threads}, spare {spare}" in caplog.text
+    assert loader_workers(3, torch.device("cpu")) == 3  # an integer as it is
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

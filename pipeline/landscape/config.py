@@ -192,18 +192,23 @@ class DataConfig:
     """A built-in data set name or ``package.module:function``, with its keyword arguments.
     For a plug-in that returns ``torch.utils.data.Dataset`` objects (:mod:`landscape.samples`):
     ``stream`` (``auto``: held on the device when the set takes at most a quarter of its
-    free memory, streamed otherwise; ``always``; ``never``), the loader's ``workers`` and
-    the messages (one or more batches) each reads ahead (``prefetch``)."""
+    free memory, streamed otherwise; ``always``; ``never``), the loader's ``workers``
+    (``auto``: background processes only where the compute leaves cores to spare, see
+    :func:`landscape.samples.auto_workers`; 0 reads in this process) and the messages
+    (one or more batches) each reads ahead (``prefetch``)."""
 
     name: str = "digits"
     kwargs: dict = field(default_factory=dict)
     stream: str = choice("auto", ("auto", "always", "never"))
-    workers: int = 2
+    workers: int | str = "auto"
     prefetch: int = 2
 
     def check(self, where: str) -> None:
-        if self.workers < 0:
-            raise ConfigError(f"{where}.workers: must be >= 0 (got {self.workers}); 0 = no workers")
+        if self.workers != "auto" and (isinstance(self.workers, str) or self.workers < 0):
+            raise ConfigError(
+                f"{where}.workers: must be auto or an integer >= 0 (got {self.workers!r}); "
+                "0 reads in this process"
+            )
         if self.prefetch < 1:
             raise ConfigError(f"{where}.prefetch: must be >= 1 (got {self.prefetch})")
 
@@ -759,10 +764,13 @@ def _build(cls: type, data: dict, where: str) -> Any:
 def _convert(hint: Any, value: Any, path: str, metadata: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
+        if value is None and type(None) in typing.get_args(hint):
             return None
-        return _convert(options[0], value, path, metadata)
+        # A value of one of the types is read as that type (int | str: 2 or auto); any
+        # other as the first, whose error says what was expected.
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        fitting = [a for a in options if _is_a(value, a)]
+        return _convert((fitting or options)[0], value, path, metadata)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping of fields, got {value!r}")
@@ -778,7 +786,7 @@ def _convert(hint: Any, value: Any, path: str, metadata: Any) -> Any:
         return dict(value)
     if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         return _finite_float(value, path)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+    if not _is_a(value, hint):
         raise ConfigError(
             f"{path}: expected {hint.__name__}, got {value!r} ({type(value).__name__})"
         )
@@ -789,6 +797,12 @@ def _convert(hint: Any, value: Any, path: str, metadata: Any) -> Any:
     if metadata.get("path"):
         return _absolute_path(value, path, metadata["written_file"])
     return value
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the field type ``hint`` (YAML's true is no integer)."""
+    kind = typing.get_origin(hint) or hint
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
 
 
 def _absolute_path(value: str, path: str, written_file: bool) -> str:
