@@ -113,6 +113,10 @@ def operation_costs(experiment: Experiment, batch_size: int) -> dict:
     forward pass, the tool's gradient (:func:`full_gradient`) and an HVP in each mode of
     ``experiment``'s model at its initialization, in batches of ``batch_size``, interleaved
     (:func:`~benchmarks.warm_bench.interleaved_seconds`), and the HVP's ratios to both.
+    Repeated at one state, a double-backward HVP runs from its kept gradient graphs
+    (:class:`~landscape.curvature.operators.KeptGraphs`), as all but a point's first
+    product in Lanczos do; ``kept_graphs`` adds a point's first product (every graph
+    built) against the gradient, and the kept product against it.
 
     ``unfolded``: the gradient and the double-backward HVP with the batch norms left
     where they are (each frozen norm an affine map), the code before
@@ -138,6 +142,13 @@ def operation_costs(experiment: Experiment, batch_size: int) -> dict:
         f"hvp_{mode}": (lambda operator=operator: operator.hvp(vector))
         for mode, operator in operators.items()
     }
+    kept = operators["double_backward"]
+
+    def rebuilt():
+        kept.kept = None  # as a point's first product: every graph built again
+        kept.hvp(vector)
+
+    products["hvp_double_backward_first"] = rebuilt
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
@@ -165,6 +176,13 @@ def operation_costs(experiment: Experiment, batch_size: int) -> dict:
         },
         "hvp_over_gradient": {
             mode: timings[f"hvp_{mode}"] / timings["gradient"] for mode in operators
+        },
+        "kept_graphs": {
+            "batches_kept": len(kept.kept.graphs) if kept.kept else 0,
+            "kept_mib": (kept.kept.bytes if kept.kept else 0) / 2**20,
+            "first_hvp_over_gradient": timings["hvp_double_backward_first"] / timings["gradient"],
+            "kept_over_first": timings["hvp_double_backward"]
+            / timings["hvp_double_backward_first"],
         },
         "unfolded": {
             "hvp_over_forward": timings["hvp_double_backward_unfolded"] / timings["forward"],
