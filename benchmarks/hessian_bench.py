@@ -119,9 +119,10 @@ def operation_costs(experiment: Experiment, batch_size: int) -> dict:
     built) against the gradient, and the kept product against it.
 
     ``unfolded``: the gradient and the double-backward HVP with the batch norms left
-    where they are (each frozen norm an affine map), the code before
+    where they are (each frozen norm an affine map), as before
     :func:`~landscape.curvature.operators.fold_frozen_batch_norms`, for comparison in
-    the same run; the ratios are like for like (folded over folded)."""
+    the same run; the ratios are like for like (folded over folded, both HVPs from kept
+    graphs)."""
     samples = experiment.data.split("train")
     names = select_parameters(experiment.model, "all")
     model, objective = experiment.model, experiment.objective
@@ -145,7 +146,7 @@ def operation_costs(experiment: Experiment, batch_size: int) -> dict:
     kept = operators["double_backward"]
 
     def rebuilt():
-        kept.kept = None  # as a point's first product: every graph built again
+        kept.release()  # as a point's first product: every graph built again
         kept.hvp(vector)
 
     products["hvp_double_backward_first"] = rebuilt

@@ -151,7 +151,10 @@ def interleaved_seconds(
 
 def hvp_costs(folder: Path) -> dict:
     """Per model family: seconds of a full-data forward pass, gradient and HVP in each
-    mode (batch 128, float32, all 1437 training digits), and the HVP's ratios to both."""
+    mode (batch 128, float32, all 1437 training digits), and the HVP's ratios to both;
+    double backward as a point's first product (its graphs built: the like-for-like
+    comparison of the modes) and from kept graphs (``double_backward_kept``, every later
+    product at the point)."""
     families = {}
     for name, model in FAMILIES.items():
         spec = {
@@ -176,16 +179,22 @@ def hvp_costs(folder: Path) -> dict:
             for start in range(0, len(inputs), 128):
                 model(inputs[start : start + 128])
 
+        def first(operator=anyone, vector=vector):
+            operator.release()  # a point's first product: every graph built
+            operator.hvp(vector)
+
+        reverse = operators["forward_over_reverse"]
         products = {
-            mode: (lambda operator=operator, vector=vector: operator.hvp(vector))
-            for mode, operator in operators.items()
+            "forward_over_reverse": lambda op=reverse, vector=vector: op.hvp(vector),
+            "double_backward": first,
+            "double_backward_kept": lambda op=anyone, vector=vector: op.hvp(vector),
         }
         timings = interleaved_seconds({"forward": forward, "gradient": anyone.gradient, **products})
         families[name] = {
             "parameters": anyone.shape[0],
             "seconds": timings,
-            "hvp_over_gradient": {mode: timings[mode] / timings["gradient"] for mode in operators},
-            "hvp_over_forward": {mode: timings[mode] / timings["forward"] for mode in operators},
+            "hvp_over_gradient": {mode: timings[mode] / timings["gradient"] for mode in products},
+            "hvp_over_forward": {mode: timings[mode] / timings["forward"] for mode in products},
         }
     return families
 

@@ -68,6 +68,10 @@ def test_config_differences_names_each_changed_field_by_its_dotted_path():
     new = parse_config(TEXT, overrides=["grid.x.num=11", "maps=[train_loss]"]).to_dict()
     assert config_differences(old, new) == ["grid.x.num", "maps"]
     assert config_differences(old, copy.deepcopy(old)) == []
+    # How a streamed set is read changes nothing computed: a file planned with
+    # `workers: 2` (the default before auto) plans again from a config that omits it.
+    read = parse_config(TEXT, overrides=["data.workers=2", "data.prefetch=4"]).to_dict()
+    assert config_differences(read, old) == []
 
 
 def test_config_differences_counts_fields_only_one_side_has():

@@ -55,13 +55,30 @@ def vectors(size: int, count: int, dtype) -> list[torch.Tensor]:
     return [torch.randn(size, generator=generator, dtype=dtype) for _ in range(count)]
 
 
+def counting_losses(operator) -> list:
+    """Counts the operator's batch losses (the forward passes its products make)."""
+    calls = []
+    own = operator.batch_loss
+
+    def counted(*args):
+        calls.append(1)
+        return own(*args)
+
+    operator.batch_loss = counted
+    return calls
+
+
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
 def test_products_from_kept_graphs_are_the_rebuilt_ones_and_the_dense_hessians(dtype):
     model, inputs, targets = model_of(dtype)
     operator = operator_of(model, inputs, targets)
     first, second = vectors(operator.shape[0], 2, dtype)
-    products = [operator.hvp(first), operator.hvp(second)]
-    assert len(operator.kept.graphs) == 4, "every batch's graph fits"
+    forwards = counting_losses(operator)
+    products = [operator.hvp(first)]
+    assert len(forwards) == 4 and len(operator.kept.graphs) == 4, "every batch's graph fits"
+    assert operator.kept.complete
+    products.append(operator.hvp(second))
+    assert len(forwards) == 4, "a product from kept graphs makes no forward pass"
     dense = dense_hessian(operator)
     for vector, product in zip((first, second), products):
         torch.testing.assert_close(product, rebuilt(model, inputs, targets, vector), rtol=0, atol=0)
@@ -90,35 +107,60 @@ def test_a_moved_model_or_a_module_in_training_mode_drops_the_kept_graphs(dtype)
     assert_dense(dense_hessian(operator), vector, moved, dtype)
     plane.move_to(0.0)
     torch.testing.assert_close(operator.hvp(vector), at_origin, rtol=0, atol=0)
+    with torch.no_grad():
+        model.net[1].running_var.mul_(2.0)  # a buffer alone, in place
+    rescaled = operator.hvp(vector)
+    assert not torch.equal(rescaled, at_origin)
+    torch.testing.assert_close(rescaled, rebuilt(model, inputs, targets, vector), rtol=0, atol=0)
     model.net[1].train()  # the first BatchNorm: batch statistics from here on
     training = operator.hvp(vector)
     torch.testing.assert_close(training, rebuilt(model, inputs, targets, vector), rtol=0, atol=0)
-    assert not torch.equal(training, at_origin)
+    assert not torch.equal(training, rescaled)
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
-def test_graphs_are_kept_only_within_their_share_of_free_memory(dtype, monkeypatch):
-    """A budget for two and a half graphs keeps the first two; the others are built in
-    every product, which gives the same bits."""
+def test_a_reloaded_checkpoint_with_the_same_values_reuses_the_graphs_safely(dtype):
+    """Kept graphs saved the operator's copy of the state, not the model's tensors: a
+    load_state_dict writing the same values in place neither drops nor breaks them."""
     model, inputs, targets = model_of(dtype)
     operator = operator_of(model, inputs, targets)
     first, second = vectors(operator.shape[0], 2, dtype)
     operator.hvp(first)
-    one_graph = operator.kept.bytes / 4  # equal batches: equal graphs
-    free = 2.5 * one_graph / operators.KEPT_GRAPHS_SHARE
-    monkeypatch.setattr(operators, "free_memory", lambda device: int(free))
+    model.load_state_dict({name: t.clone() for name, t in model.state_dict().items()})
+    forwards = counting_losses(operator)
+    product = operator.hvp(second)
+    assert forwards == []
+    torch.testing.assert_close(product, rebuilt(model, inputs, targets, second), rtol=0, atol=0)
+    operator.release()
+    assert operator.kept is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
+def test_graphs_are_kept_only_within_their_share_of_free_memory(dtype, monkeypatch):
+    """A budget for the state's copy and two and a half graphs keeps the first two; the
+    others are built in every product, which gives the same bits."""
+    model, inputs, targets = model_of(dtype)
+    operator = operator_of(model, inputs, targets)
+    first, second = vectors(operator.shape[0], 2, dtype)
+    operator.hvp(first)
+    kept = operator.kept
+    assert kept.bytes == kept.state.bytes + sum(kept.sizes) and len(kept.sizes) == 4
+    room = kept.state.bytes + kept.sizes[0] + kept.sizes[1] + kept.sizes[2] / 2
+    free = room / operators.KEPT_GRAPHS_SHARE
+    monkeypatch.setattr(operators, "free_memory", lambda device: int(free) + 1)
     bounded = operator_of(model, inputs, targets)
     products = [bounded.hvp(first), bounded.hvp(second)]
-    assert len(bounded.kept.graphs) == 2 and bounded.kept.bytes == 2 * one_graph
+    assert len(bounded.kept.graphs) == len(bounded.kept.sizes) == 2
+    assert not bounded.kept.complete
     for vector, product in zip((first, second), products):
         torch.testing.assert_close(product, rebuilt(model, inputs, targets, vector), rtol=0, atol=0)
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "3")  # three ranks share this memory
     shared = operator_of(model, inputs, targets)
     shared.hvp(first)
-    assert shared.kept.graphs == [] and shared.kept.budget == int(free / 4) // 3
+    assert shared.kept.graphs == [] and shared.kept.budget == int(room) // 3
 
 
-def test_processes_sharing_a_device_are_the_nodes_ranks_over_its_gpus(monkeypatch):
+def test_processes_sharing_a_device_are_the_ranks_on_the_node(monkeypatch):
     for name in (*memory.LOCAL_SIZE_VARIABLES, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
@@ -127,8 +169,16 @@ def test_processes_sharing_a_device_are_the_nodes_ranks_over_its_gpus(monkeypatc
     assert memory.sharing_processes(cpu) == 1
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "8")  # no local size: all ranks, to be safe
     assert memory.sharing_processes(cpu) == 8
-    monkeypatch.setenv("MPI_LOCALNRANKS", "4")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert memory.sharing_processes(cpu) == 4 and memory.sharing_processes(cuda) == 2
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    assert memory.sharing_processes(cuda) == 1
+    monkeypatch.setenv("MPI_LOCALNRANKS", "4")  # ranks may share a GPU: no division by GPUs
+    assert memory.sharing_processes(cpu) == memory.sharing_processes(cuda) == 4
+
+
+def test_a_control_group_limit_bounds_free_host_memory(tmp_path, monkeypatch):
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text(f"{3 * 2**30}\n")
+    usage.write_text(f"{2**30}\n")
+    monkeypatch.setattr(memory, "CGROUP_FILES", ((str(limit), str(usage)),))
+    monkeypatch.setattr(memory, "host_available", lambda: 100 * 2**30)
+    assert memory.free_memory(torch.device("cpu")) == 2 * 2**30
+    limit.write_text("max\n")
+    assert memory.free_memory(torch.device("cpu")) == 100 * 2**30

@@ -198,8 +198,9 @@ def test_data_workers_default_to_auto_and_take_integers(experiment):
         ("cpu", 16, 1, 2),  # at most AUTO_WORKERS
         ("cpu", 4, 8, 0),  # an unpinned rank of 2 on 8 cores, torch's default threads
         ("cpu", 4, 4, 0),  # the same with its share of threads, or a rank pinned to 4
-        ("cuda", 2, 2, 2),  # the GPU computes: the host's cores read
-        ("cuda", 1, 8, 2),
+        ("cuda", 3, 2, 2),  # the GPU computes: the host's cores but one read
+        ("cuda", 2, 8, 1),
+        ("cuda", 1, 8, 0),  # the one core drives the GPU
     ],
 )
 def test_auto_workers_read_in_process_unless_cores_are_spare(device, cores, threads, workers):

@@ -338,7 +338,10 @@ class AnalysisEvaluator:
         analysis = CheckpointAnalysis(experiment, self.operators, self.settings)
         for quantity in self.settings.quantities:
             products, started = self.operators.products(), time.perf_counter()
-            values.update(QUANTITIES[quantity](analysis))
+            try:
+                values.update(QUANTITIES[quantity](analysis))
+            finally:
+                self.operators.hessian.release()  # its kept graphs: memory for the next
             if experiment.device.type == "cuda":
                 torch.cuda.synchronize(experiment.device)
             values[f"{quantity}_seconds"] = time.perf_counter() - started

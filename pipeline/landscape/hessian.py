@@ -117,9 +117,12 @@ class HessianEvaluator:
         ``start``."""
         self.plane.move_to(a, b)
         settings = self.settings
-        return extreme_eigenvalues(
-            self.operator, settings.method, start, settings.tolerance, settings.max_hvps
-        )
+        try:
+            return extreme_eigenvalues(
+                self.operator, settings.method, start, settings.tolerance, settings.max_hvps
+            )
+        finally:
+            self.operator.release()
 
 
 def point_values(found: Extremes) -> dict[str, float]:

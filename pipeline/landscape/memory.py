@@ -4,7 +4,6 @@ against."""
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -18,12 +17,23 @@ LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_
 
 def free_memory(device: torch.device) -> int | None:
     """Bytes a new tensor can take on ``device``: free GPU memory plus what PyTorch's
-    cache holds unused; on the CPU, the kernel's MemAvailable; None where unknown."""
+    cache holds unused; on the CPU, the kernel's MemAvailable, or less where this
+    process's control group (a SLURM ``--mem``, a container) allows less; None where
+    unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type != "cpu":
         return None
+    available = host_available()
+    allowed = cgroup_allowance()
+    if available is None or allowed is None:
+        return available if allowed is None else allowed
+    return min(available, allowed)
+
+
+def host_available() -> int | None:
+    """The kernel's MemAvailable (bytes), else free pages; None where unknown."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -37,16 +47,38 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
+# (limit, usage) files of this process's memory control group: cgroup v2, then v1.
+CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    (
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+    ),
+)
+
+
+def cgroup_allowance() -> int | None:
+    """Bytes this process's memory control group still allows (its limit less its
+    usage); None where it sets no limit or none can be read."""
+    for limit_file, usage_file in CGROUP_FILES:
+        try:
+            with open(limit_file) as limit, open(usage_file) as usage:
+                text, used = limit.read().strip(), int(usage.read())
+        except (OSError, ValueError):
+            continue
+        if text == "max" or int(text) >= 2**60:  # v2's and v1's "no limit"
+            return None
+        return max(0, int(text) - used)
+    return None
+
+
 def sharing_processes(device: torch.device) -> int:
-    """How many of this run's processes take memory from ``device``: the ranks on this
-    node (as their launcher announced them; all the run's ranks where it names none,
-    which errs on the safe side), over the node's GPUs for a GPU (each rank takes the GPU
-    of its node rank modulo the GPUs)."""
+    """How many of this run's processes may take memory from ``device`` at once: the
+    ranks on this node as their launcher announced them (all the run's ranks where it
+    names none), for a GPU too, since ranks may share one (``evaluation.device:
+    cuda:0``, or fewer GPUs than ranks): a share that errs on the safe side."""
     local = next((int(os.environ[n]) for n in LOCAL_SIZE_VARIABLES if n in os.environ), None)
-    ranks = max(1, local or launched_size())
-    if device.type == "cuda":
-        return math.ceil(ranks / max(1, torch.cuda.device_count()))
-    return ranks
+    return max(1, local or launched_size())
 
 
 def in_units(count: float) -> str:

@@ -9,7 +9,9 @@ pass needs from the data is :meth:`Samples.batches`. Two kinds serve them:
 - :class:`StreamedSamples`: a ``torch.utils.data.Dataset`` read through a ``DataLoader``
   with background workers, pinned host memory and prefetching, copied to the device
   batch by batch, for a set larger than device (or host) memory. Every pass reads the
-  whole set again: one pass per grid point, per gradient and per Hessian-vector product.
+  whole set again: one pass per grid point, per gradient and per Hessian-vector product
+  (but for the batches whose gradient graphs a double-backward product keeps,
+  :class:`landscape.curvature.operators.KeptGraphs`).
 
 Both serve the same batches in the same order, cast to the same dtype, so every number
 computed from them is the same, bit for bit: the floating-point operations are the same
@@ -252,8 +254,8 @@ AUTO_WORKERS = 2
 def auto_workers(device: torch.device, cores: int, threads: int) -> int:
     """Loader workers for ``data.workers: auto`` on ``device``, for a process that may use
     ``cores`` cores and computes on ``threads`` torch threads: ``min(AUTO_WORKERS, spare)``
-    with ``spare = cores - threads`` on a CPU (0: read in this process), AUTO_WORKERS on
-    any other device.
+    with ``spare = cores - threads`` on a CPU (0: read in this process), and with
+    ``spare = cores - 1`` on any other device (one core drives it).
 
     Why: a pass of B batches costs, per batch, the compute c and the read r of its
     samples. Read in this process, a pass takes B (c + r). A worker reads in another
@@ -270,9 +272,8 @@ def auto_workers(device: torch.device, cores: int, threads: int) -> int:
     ``cores`` of a rank of an MPI run is its share of the node (:func:`loader_workers`),
     so ranks x threads = cores leaves none spare: each rank reads in process.
     """
-    if device.type != "cpu":
-        return AUTO_WORKERS
-    return min(AUTO_WORKERS, max(0, cores - threads))
+    busy = threads if device.type == "cpu" else 1
+    return min(AUTO_WORKERS, max(0, cores - busy))
 
 
 def loader_workers(setting: int | str, device: torch.device) -> int:

@@ -526,60 +526,81 @@ class CurvatureOperator(MeanLoss, SymmetricOperator):
 
 
 class ModelState:
-    """What a model computes with: a copy of its parameters and buffers, and its modules'
-    training flags, compared by value. Not by tensor versions: the model may be moved
-    by writes into a flat vector its parameters' data are views of
+    """What a model computes with, copied: its parameters and buffers by name, and its
+    modules' training flags. Kept gradient graphs are built from this copy, never from
+    the model's own tensors, so that nothing the model does later (a move, a reload)
+    touches a tensor a kept graph saved. Compared by value, not by tensor versions: the
+    model may be moved by writes into a flat vector its parameters' data are views of
     (:meth:`landscape.parameters.FlatParameters.move_to`), which bump that vector's
-    version, not theirs. A copy costs one parameter vector; a comparison reads it once,
-    beside a product's passes over the data."""
+    version, not theirs. A copy costs one parameter vector (counted in the graphs'
+    budget); a comparison reads it once, with one host synchronization."""
 
     def __init__(self, model: nn.Module):
-        self.tensors = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+        self.tensors = {
+            name: t.detach().clone()
+            for name, t in (*model.named_parameters(), *model.named_buffers())
+        }
         self.training = [module.training for module in model.modules()]
+        self.bytes = sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def holds(self, model: nn.Module) -> bool:
-        """Whether ``model`` computes with exactly this state now."""
-        tensors = (*model.parameters(), *model.buffers())
-        return self.training == [module.training for module in model.modules()] and all(
-            kept.shape == now.shape and torch.equal(kept, now)
-            for kept, now in zip(self.tensors, tensors, strict=True)
-        )
+        """Whether ``model`` computes with exactly this state now (a NaN never does)."""
+        now = dict((*model.named_parameters(), *model.named_buffers()))
+        if (
+            self.training != [m.training for m in model.modules()]
+            or now.keys() != self.tensors.keys()
+        ):
+            return False
+        if any(t.shape != now[name].shape for name, t in self.tensors.items()):
+            return False
+        differ = [torch.ne(t, now[name]).any() for name, t in self.tensors.items()]
+        return not torch.stack(differ).any().item()
 
 
 class KeptGraphs:
-    """The gradient graphs of the first batches of a double-backward HVP at one parameter
-    state, kept for the next products there.
+    """The gradient graphs of the batches of a double-backward HVP at one parameter state,
+    kept for the next products there.
 
     A double-backward product H_b v is the backward pass of g_b . v through the graph of
     g_b = grad L_b, which the forward and the first backward pass build: 1 forward and 2
     backward passes' worth of work that do not depend on v. Kept, every product after a
-    point's first runs only the second backward: the demo ResNet-20 on 1,437 digits
-    (one batch, one thread) 0.67x the CPU time of a product that builds its graph, whose
-    graph holds 349 MiB (benchmarks/hessian_bench.py). Lanczos makes 10-17 products a
-    point, all at one state. Graphs are kept for batches 0, 1, ... while their saved
-    tensors (counted by ``saved_tensors_hooks`` while one is built, plus the gradient)
-    fit a budget of :data:`KEPT_GRAPHS_SHARE` of the device's free memory (measured
-    when the state's first graph is built) over the processes that share the device
-    (:func:`landscape.memory.sharing_processes`); later batches build theirs in every
-    product, as without keeping. A new state (the model moved, a buffer changed, a
-    module's mode switched) drops them all first."""
+    point's first runs only the second backward, the same operations on the same
+    tensors, so the same bits: on the demo ResNet-20 (1,437 digits in one batch of 2048,
+    one thread) 0.69x the CPU time of a product that builds its graph, whose graph holds
+    350 MiB (make bench, benchmarks/hessian_bench.py). Lanczos makes 10-17 products at a
+    point, all at one state. Graphs are kept for batches 0, 1, ... while the state's copy
+    and the graphs' saved tensors (each storage counted once a graph, the copy's not
+    again, by ``saved_tensors_hooks`` while the graph is built; plus the gradient) fit a budget of
+    :data:`KEPT_GRAPHS_SHARE` of the device's free memory (measured first) over the
+    processes that share the device (:func:`landscape.memory.sharing_processes`); later
+    batches build theirs in every product, as without keeping. Once every batch's graph
+    is kept (``complete``), a product reads no data at all. A new state (the model
+    moved, a buffer changed, a module's mode switched) drops them all first, and
+    :meth:`HessianOperator.release` drops them when a solve is done."""
 
-    def __init__(self, state: ModelState, device: torch.device):
-        self.state = state
+    def __init__(self, model: nn.Module, device: torch.device):
         free = free_memory(device) or 0
         self.budget = int(free * KEPT_GRAPHS_SHARE) // sharing_processes(device)
-        self.bytes = 0
+        self.state = ModelState(model)
+        self.bytes = self.state.bytes
         self.graphs: list[tuple[list, tuple]] = []
+        self.sizes: list[int] = []  # bytes counted for each kept graph
+        self.complete = False
+        self.copied = {t.untyped_storage().data_ptr() for t in self.state.tensors.values()}
 
     @contextmanager
     def measured(self) -> Iterator[Callable[[], int]]:
-        """Counts the bytes of the tensors autograd saves inside (a graph's memory, an
-        upper bound where saved tensors share storage); yields a reader of the count."""
-        count = 0
+        """Counts the bytes of the storages autograd saves inside, each once and the state
+        copy's not at all (a graph's memory; an upper bound where a saved view, a batch
+        of held data say, is smaller than its storage); yields a reader of the count."""
+        count, counted = 0, set(self.copied)
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             nonlocal count
-            count += tensor.numel() * tensor.element_size()
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in counted:
+                counted.add(storage.data_ptr())
+                count += storage.nbytes()
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -590,6 +611,7 @@ class KeptGraphs:
         if self.bytes + graph_bytes > self.budget:
             return False
         self.bytes += graph_bytes
+        self.sizes.append(graph_bytes)
         return True
 
 
@@ -620,7 +642,7 @@ class HessianOperator(CurvatureOperator):
         batch's gradient graph is kept across products at the same parameter values
         while it fits (:class:`KeptGraphs`), so that a product at a point after the
         first is one backward pass of the kept graphs: the same operations on the same
-        tensors, so the same bits."""
+        tensors, so the same bits. :meth:`release` frees them."""
         if self.mode != "double_backward":
             return super().hvp(vector)
         vector = vector.to(self.device, self.torch_dtype)
@@ -628,44 +650,64 @@ class HessianOperator(CurvatureOperator):
         total = torch.zeros(vector.numel(), dtype=self.torch_dtype, device=self.device)
         if self.kept is None or not self.kept.state.holds(self.model):
             self.kept = None  # freed before the budget is measured
-            self.kept = KeptGraphs(ModelState(self.model), self.device)
+            self.kept = KeptGraphs(self.model, self.device)
+        kept = self.kept
+        batches = [None] * len(kept.graphs) if kept.complete else self.batches()
         with product_context():
-            for index, batch in enumerate(self.batches()):
-                leaves, gradients, kept = self.gradient_graph(index, batch)
-                product = torch.autograd.grad(gradients, leaves, tangents, retain_graph=kept)
+            for index, batch in enumerate(batches):
+                if index < len(kept.graphs):
+                    (leaves, gradients), keep = kept.graphs[index], True
+                else:
+                    leaves, gradients, keep = self.kept_gradient_graph(kept, index, batch)
+                product = torch.autograd.grad(gradients, leaves, tangents, retain_graph=keep)
                 total += torch.cat([t.reshape(-1) for t in product])
+        kept.complete = kept.complete or len(kept.graphs) == index + 1
         self.hvps += 1
         return total
 
-    def gradient_graph(self, index: int, batch) -> tuple[list, tuple, bool]:
-        """Batch ``index``'s selected parameters as leaves, its share of the gradient with
-        its graph (``create_graph``), and whether that graph is kept: taken from
-        :attr:`kept` (which :meth:`hvp` keeps at the model's current state) where it holds
-        it, else built, and kept while the graphs fit their budget."""
-        if index < len(self.kept.graphs):
-            return (*self.kept.graphs[index], True)
-        params, fixed = self.state()
-        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
-        with torch.enable_grad(), self.kept.measured() as graph_bytes:
-            loss = self.batch_loss(leaves, fixed, *batch)
-            gradients = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
-        leaves = list(leaves.values())
-        graph_bytes = graph_bytes() + sum(g.numel() * g.element_size() for g in gradients)
-        keep = index == len(self.kept.graphs) and self.kept.fits(graph_bytes)
+    def kept_gradient_graph(self, kept: KeptGraphs, index: int, batch) -> tuple[list, tuple, bool]:
+        """Batch ``index``'s leaves and gradient with its graph, built from ``kept``'s copy
+        of the model's state, and whether it is kept (the next batch to keep, and within
+        the budget)."""
+        tensors = kept.state.tensors
+        params = {name: tensors[name] for name in self.names}
+        fixed = {name: t for name, t in tensors.items() if name not in params}
+        with kept.measured() as graph_bytes:
+            leaves, gradients = self.gradient_with_graph(params, fixed, batch)
+        size = graph_bytes() + sum(g.numel() * g.element_size() for g in gradients)
+        keep = index == len(kept.graphs) and kept.fits(size)
         if keep:
-            self.kept.graphs.append((leaves, gradients))
+            kept.graphs.append((leaves, gradients))
         return leaves, gradients, keep
+
+    def gradient_with_graph(self, params: dict, fixed: dict, batch) -> tuple[list, tuple]:
+        """The selected parameters as fresh leaves, and the batch's share of the gradient
+        with its graph (``create_graph``), which a double backward differentiates."""
+        leaves = [p.detach().requires_grad_(True) for p in params.values()]
+        with torch.enable_grad():
+            loss = self.batch_loss(dict(zip(params, leaves)), fixed, *batch)
+            return leaves, torch.autograd.grad(loss, leaves, create_graph=True)
+
+    def release(self) -> None:
+        """Frees the kept gradient graphs (at the end of a solve: the next point's state
+        differs anyway, and other work needs the memory)."""
+        self.kept = None
 
     def hvp_many(self, vectors: torch.Tensor, samples_per_pass: int | None = None) -> torch.Tensor:
         """H @ each row of ``vectors`` ((m, P), any dtype and device), as an (m, P) tensor on
-        the model's device in the model's dtype, in one pass over the data.
+        the model's device in the model's dtype.
 
-        Each batch's forward and backward pass is computed once and the m tangents are
-        batched: ``vmap`` over the tangents of jvp of grad (forward over reverse), or a
-        double backward with ``is_grads_batched``. A pass takes ``samples_per_pass``
-        samples, by default :meth:`samples_per_pass` (so that the m tangents of its
-        largest activation fill about PASS_BYTES). Same weighting as :meth:`hvp`, so the
-        rows equal m separate products up to rounding (the summation order differs:
+        Double backward: one :meth:`hvp` per row, all but the first from the kept
+        gradient graphs (:class:`KeptGraphs`), which costs less than batching the rows
+        through graphs built in the pass (one pass of 8 double-backward products took
+        1.08x the time of 8 products that each built their graphs, make bench; from kept
+        graphs a product takes 0.5-0.7x).
+
+        Forward over reverse: in one pass over the data, each batch's forward and backward
+        pass computed once and ``vmap`` over the m tangents of jvp of grad. A pass takes
+        ``samples_per_pass`` samples, by default :meth:`samples_per_pass` (so that the m
+        tangents of its largest activation fill about PASS_BYTES). Same weighting as
+        :meth:`hvp`, so the rows equal m separate products up to rounding (the order differs:
         float64 agrees to about 1e-15 relative, float32 to about 1e-6). Where ``vmap``
         cannot batch the model (an operation without a batching rule, found once on two
         samples and logged), it makes one :meth:`hvp` per row."""
@@ -675,16 +717,18 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(
                 f"hvp_many takes (m, {self.shape[0]}) vectors, not {tuple(vectors.shape)}"
             )
+        if self.mode == "double_backward" or count == 1:
+            return torch.stack([self.hvp(vector) for vector in vectors])
         if self.batched is None:
             self.batched = self.can_batch()
-        if not self.batched or count == 1:
+        if not self.batched:
             return torch.stack([self.hvp(vector) for vector in vectors])
         params, fixed = self.state()
         tangents = self.tangents(vectors)
         total = torch.zeros_like(vectors)
         with product_context():
             for batch in self.batches(samples_per_pass or self.samples_per_pass(count)):
-                product = self.batch_hvp_many(self.mode, params, fixed, tangents, batch)
+                product = self.batch_hvp_many(params, fixed, tangents, batch)
                 total += torch.cat([t.reshape(count, -1) for t in product], dim=1)
         self.hvps += count
         return total
@@ -733,7 +777,7 @@ class HessianOperator(CurvatureOperator):
         tangents = {name: t.to(self.device) for name, t in tangents.items()}
         try:
             with product_context():
-                self.batch_hvp_many(self.mode, params, fixed, tangents, probe)
+                self.batch_hvp_many(params, fixed, tangents, probe)
         except (RuntimeError, NotImplementedError) as exc:
             log.warning(
                 "Batched Hessian-vector products fail (%s): one product per vector instead",
@@ -752,37 +796,17 @@ class HessianOperator(CurvatureOperator):
             gradient = grad(lambda p: self.batch_loss(p, fixed, *batch))
             _, product = jvp(gradient, (params,), (tangents,))
             return [product[name] for name in self.names]
-        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
-        with torch.enable_grad():
-            loss = self.batch_loss(leaves, fixed, *batch)
-            gradients = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
-            return list(
-                torch.autograd.grad(
-                    gradients, list(leaves.values()), [tangents[name] for name in self.names]
-                )
-            )
+        leaves, gradients = self.gradient_with_graph(params, fixed, batch)
+        return list(torch.autograd.grad(gradients, leaves, [tangents[n] for n in self.names]))
 
     def batch_hvp_many(
-        self, mode: str, params: dict, fixed: dict, tangents: dict, batch
+        self, params: dict, fixed: dict, tangents: dict, batch
     ) -> list[torch.Tensor]:
-        """The batch's share of H t for m stacked tangents t ((m, *shape) each): the batch's
-        forward and backward once, the tangents batched."""
-        if mode == "forward_over_reverse":
-            gradient = grad(lambda p: self.batch_loss(p, fixed, *batch))
-            product = vmap(lambda t: jvp(gradient, (params,), (t,))[1])(tangents)
-            return [product[name] for name in self.names]
-        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
-        with torch.enable_grad():
-            loss = self.batch_loss(leaves, fixed, *batch)
-            gradients = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
-            return list(
-                torch.autograd.grad(
-                    gradients,
-                    list(leaves.values()),
-                    grad_outputs=[tangents[name] for name in self.names],
-                    is_grads_batched=True,
-                )
-            )
+        """The batch's share of H t for m stacked tangents t ((m, *shape) each), forward
+        over reverse: the batch's forward and backward once, ``vmap`` over the tangents."""
+        gradient = grad(lambda p: self.batch_loss(p, fixed, *batch))
+        product = vmap(lambda t: jvp(gradient, (params,), (t,))[1])(tangents)
+        return [product[name] for name in self.names]
 
 
 class GaussNewtonOperator(CurvatureOperator):

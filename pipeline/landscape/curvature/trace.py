@@ -58,8 +58,10 @@ from landscape.curvature.operators import HessianOperator
 from landscape.evaluate import evaluate
 from landscape.parameters import FlatParameters
 
-# Probes whose products share one pass over the data (HessianOperator.hvp_many): on the
-# demo ResNet-20 (weights, batch 2048, one thread) 8 cost 0.78x the CPU time of 8 products.
+# Probes handed to HessianOperator.hvp_many at once: forward over reverse shares one pass
+# over the data among them (demo ResNet-20, weights, batch 2048, one thread: 8 cost 0.78x
+# the CPU time of 8 products); double backward makes one product each from its kept
+# gradient graphs.
 PROBES_PER_PASS = 8
 # Torch functions whose gradient jumps somewhere (a kink): ReLU and its relatives, hard
 # clipping and shrinking, max pooling. ELU is smooth enough (C1) only with alpha = 1.
@@ -244,7 +246,7 @@ class TraceEstimator:
 
 def products(operator, vectors: torch.Tensor, per_pass: int) -> torch.Tensor:
     """H @ each row of (m, P) ``vectors``, float64 on the operator's device: ``per_pass``
-    rows share one pass over the data where the operator has ``hvp_many``
+    rows go to the operator's ``hvp_many`` where it has one
     (:meth:`~landscape.curvature.operators.HessianOperator.hvp_many`), else one ``hvp``
     each (in the operator's dtype)."""
     dtype = operator.torch_dtype
