@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import CROSS_ENTROPY, dense_hessian, hessian_operator, small_model
 
-from landscape import memory
+from landscape import memory, ranks
 from landscape.curvature import operators
 from landscape.parameters import DirectionPlane
 
@@ -161,16 +161,15 @@ def test_graphs_are_kept_only_within_their_share_of_free_memory(dtype, monkeypat
 
 
 def test_processes_sharing_a_device_are_the_ranks_on_the_node(monkeypatch):
-    for name in (*memory.LOCAL_SIZE_VARIABLES, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+    for name in (*ranks.LOCAL_SIZE_VARIABLES, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
     monkeypatch.delenv("PMIX_RANK", raising=False)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert memory.sharing_processes(cpu) == 1
+    assert ranks.launched_local_size() == 1
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "8")  # no local size: all ranks, to be safe
-    assert memory.sharing_processes(cpu) == 8
+    assert ranks.launched_local_size() == 8
     monkeypatch.setenv("MPI_LOCALNRANKS", "4")  # ranks may share a GPU: no division by GPUs
-    assert memory.sharing_processes(cpu) == memory.sharing_processes(cuda) == 4
+    assert ranks.launched_local_size() == 4
 
 
 def test_a_control_group_limit_bounds_free_host_memory(tmp_path, monkeypatch):

@@ -8,12 +8,6 @@ import os
 
 import torch
 
-from landscape.ranks import launched_size
-
-# The ranks a launcher started on this node: Open MPI, MPICH (Hydra), srun with
-# --ntasks-per-node.
-LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE")
-
 
 def free_memory(device: torch.device) -> int | None:
     """Bytes a new tensor can take on ``device``: free GPU memory plus what PyTorch's
@@ -70,15 +64,6 @@ def cgroup_allowance() -> int | None:
             return None
         return max(0, int(text) - used)
     return None
-
-
-def sharing_processes(device: torch.device) -> int:
-    """How many of this run's processes may take memory from ``device`` at once: the
-    ranks on this node as their launcher announced them (all the run's ranks where it
-    names none), for a GPU too, since ranks may share one (``evaluation.device:
-    cuda:0``, or fewer GPUs than ranks): a share that errs on the safe side."""
-    local = next((int(os.environ[n]) for n in LOCAL_SIZE_VARIABLES if n in os.environ), None)
-    return max(1, local or launched_size())
 
 
 def in_units(count: float) -> str:

@@ -38,6 +38,9 @@ WAIT_POLL_SECONDS = 0.05
 # Set by a launcher in every rank it starts (Open MPI, MPICH/PMI-2, PMIx, srun).
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
 SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+# The ranks a launcher started on this node: Open MPI, MPICH (Hydra), srun with
+# --ntasks-per-node.
+LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE")
 
 
 def launcher_rank() -> str | None:
@@ -53,6 +56,14 @@ def launched_size() -> int:
         if name in os.environ:
             return int(os.environ[name])
     return 1 if "PMIX_RANK" in os.environ else 0
+
+
+def launched_local_size() -> int:
+    """How many ranks the launcher started on this node, before MPI starts; all the
+    ranks it started where it names no local count (more than the node's: the safe side
+    for a share of the node), and 1 outside a launcher."""
+    local = next((int(os.environ[n]) for n in LOCAL_SIZE_VARIABLES if n in os.environ), None)
+    return max(1, local or launched_size())
 
 
 def configure_logging(verbose: bool = False) -> None:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, default_collate
 from landscape.errors import UserError, describe
 from landscape.memory import free_memory, in_units
 from landscape.objectives import Objective
-from landscape.ranks import cpu_threads_per_rank, launched_size
+from landscape.ranks import cpu_threads_per_rank, launched_local_size
 
 log = logging.getLogger(__name__)
 
@@ -285,17 +285,16 @@ def loader_workers(setting: int | str, device: torch.device) -> int:
 
     The cores this process may use are its affinity mask, alone or as a pinned rank of
     an MPI run; an unpinned rank shares its mask with the node's other ranks evenly
-    (:func:`cpu_threads_per_rank`, over the launched ranks: exact on one node, fewer
-    than the share across nodes, where reading in process is the safe side). A rank
+    (:func:`cpu_threads_per_rank` over :func:`~landscape.ranks.launched_local_size`). A rank
     without ``evaluation.threads`` still has torch's default here (its whole mask;
     ``load_evaluator`` lowers it to the share later): none spare either way."""
     if setting != "auto":
         return setting
-    cores = cpu_threads_per_rank(max(1, launched_size()))
+    cores = cpu_threads_per_rank(launched_local_size())
     threads = torch.get_num_threads()
     workers = auto_workers(device, cores, threads)
     if device.type != "cpu":
-        why = f"{device} computes, the host's cores read"
+        why = f"{device} computes, one of {cores} host cores drives it"
     else:
         spare = max(0, cores - threads)
         why = f"cores {cores}, torch threads {threads}, spare {spare or 'none'}"

@@ -52,9 +52,10 @@ from torch.overrides import TorchFunctionMode
 
 from landscape.curvature import AUTOMATIC_HVP_MODE, HVP_MODES, PARAMETER_SELECTIONS
 from landscape.errors import Interrupted, UserError, describe
-from landscape.memory import free_memory, sharing_processes
+from landscape.memory import free_memory
 from landscape.objectives import Objective
 from landscape.precision import ieee_float32
+from landscape.ranks import launched_local_size
 from landscape.samples import Samples
 
 log = logging.getLogger(__name__)
@@ -508,15 +509,18 @@ class CurvatureOperator(MeanLoss, SymmetricOperator):
         """M @ vector (any dtype and device), as a flat tensor on the model's device, in the
         model's dtype."""
         vector = vector.to(self.device, self.torch_dtype)
-        params, fixed = self.state()
-        tangents = self.split(vector)
         total = torch.zeros(vector.numel(), dtype=self.torch_dtype, device=self.device)
         with product_context():
-            for batch in self.batches():
-                product = self.batch_product(self.mode, params, fixed, tangents, batch)
+            for product in self.batch_products(self.split(vector)):
                 total += torch.cat([t.reshape(-1) for t in product])
         self.hvps += 1
         return total
+
+    def batch_products(self, tangents: dict) -> Iterator[list[torch.Tensor]]:
+        """M_b @ tangents for each batch b in order (:meth:`batch_product`)."""
+        params, fixed = self.state()
+        for batch in self.batches():
+            yield self.batch_product(self.mode, params, fixed, tangents, batch)
 
     def batch_product(
         self, mode: str, params: dict, fixed: dict, tangents: dict, batch
@@ -570,17 +574,18 @@ class KeptGraphs:
     350 MiB (make bench, benchmarks/hessian_bench.py). Lanczos makes 10-17 products at a
     point, all at one state. Graphs are kept for batches 0, 1, ... while the state's copy
     and the graphs' saved tensors (each storage counted once a graph, the copy's not
-    again, by ``saved_tensors_hooks`` while the graph is built; plus the gradient) fit a budget of
-    :data:`KEPT_GRAPHS_SHARE` of the device's free memory (measured first) over the
-    processes that share the device (:func:`landscape.memory.sharing_processes`); later
-    batches build theirs in every product, as without keeping. Once every batch's graph
-    is kept (``complete``), a product reads no data at all. A new state (the model
-    moved, a buffer changed, a module's mode switched) drops them all first, and
+    again, by ``saved_tensors_hooks`` while the graph is built; plus the gradient) fit a
+    budget of :data:`KEPT_GRAPHS_SHARE` of the device's free memory (measured first)
+    over the node's ranks, which may share the device
+    (:func:`landscape.ranks.launched_local_size`); later batches build theirs in every
+    product, as without keeping. Once every batch's graph is kept (``complete``), a
+    product reads no data at all. A new state (the model moved, a buffer changed, a
+    module's mode switched) drops them all first, and
     :meth:`HessianOperator.release` drops them when a solve is done."""
 
     def __init__(self, model: nn.Module, device: torch.device):
         free = free_memory(device) or 0
-        self.budget = int(free * KEPT_GRAPHS_SHARE) // sharing_processes(device)
+        self.budget = int(free * KEPT_GRAPHS_SHARE) // launched_local_size()
         self.state = ModelState(model)
         self.bytes = self.state.bytes
         self.graphs: list[tuple[list, tuple]] = []
@@ -637,33 +642,28 @@ class HessianOperator(CurvatureOperator):
         self.activation_size: int | None = None  # bytes of the largest, per sample
         self.kept: KeptGraphs | None = None  # double backward's graphs at the current state
 
-    def hvp(self, vector: torch.Tensor) -> torch.Tensor:
-        """H @ vector, as :meth:`CurvatureOperator.hvp`; in double-backward mode each
-        batch's gradient graph is kept across products at the same parameter values
-        while it fits (:class:`KeptGraphs`), so that a product at a point after the
-        first is one backward pass of the kept graphs: the same operations on the same
-        tensors, so the same bits. :meth:`release` frees them."""
+    def batch_products(self, tangents: dict) -> Iterator[list[torch.Tensor]]:
+        """H_b @ tangents for each batch b, as :meth:`CurvatureOperator.batch_products`; in
+        double-backward mode each batch's gradient graph is kept across products at the
+        same parameter values while it fits (:class:`KeptGraphs`), so that a product at a
+        point after the first is one backward pass of the kept graphs: the same
+        operations on the same tensors, so the same bits. :meth:`release` frees them."""
         if self.mode != "double_backward":
-            return super().hvp(vector)
-        vector = vector.to(self.device, self.torch_dtype)
-        tangents = list(self.split(vector).values())
-        total = torch.zeros(vector.numel(), dtype=self.torch_dtype, device=self.device)
+            yield from super().batch_products(tangents)
+            return
         if self.kept is None or not self.kept.state.holds(self.model):
             self.kept = None  # freed before the budget is measured
             self.kept = KeptGraphs(self.model, self.device)
-        kept = self.kept
+        kept, outputs = self.kept, [tangents[name] for name in self.names]
         batches = [None] * len(kept.graphs) if kept.complete else self.batches()
-        with product_context():
-            for index, batch in enumerate(batches):
-                if index < len(kept.graphs):
-                    (leaves, gradients), keep = kept.graphs[index], True
-                else:
-                    leaves, gradients, keep = self.kept_gradient_graph(kept, index, batch)
-                product = torch.autograd.grad(gradients, leaves, tangents, retain_graph=keep)
-                total += torch.cat([t.reshape(-1) for t in product])
-        kept.complete = kept.complete or len(kept.graphs) == index + 1
-        self.hvps += 1
-        return total
+        count = 0
+        for count, batch in enumerate(batches, 1):
+            if count <= len(kept.graphs):
+                (leaves, gradients), keep = kept.graphs[count - 1], True
+            else:
+                leaves, gradients, keep = self.kept_gradient_graph(kept, count - 1, batch)
+            yield list(torch.autograd.grad(gradients, leaves, outputs, retain_graph=keep))
+        kept.complete = len(kept.graphs) == count  # only after a whole pass
 
     def kept_gradient_graph(self, kept: KeptGraphs, index: int, batch) -> tuple[list, tuple, bool]:
         """Batch ``index``'s leaves and gradient with its graph, built from ``kept``'s copy
